@@ -1,0 +1,116 @@
+"""Regenerate data_examples/: shapes drawn with PIL, short clips written with PyAV, and data.json.
+
+    python data_examples/make_examples.py
+
+Deterministic; the committed files are this script's output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw
+
+HERE = Path(__file__).parent
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 70, 220), "yellow": (240, 200, 20)}
+
+
+def shape_image(shape: str, color: str, size=(96, 72), background=(250, 250, 250)) -> Image.Image:
+    img = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    box = (w * 0.25, h * 0.2, w * 0.75, h * 0.8)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:
+        draw.polygon([(w * 0.5, h * 0.15), (w * 0.2, h * 0.85), (w * 0.8, h * 0.85)], fill=COLORS[color])
+    return img
+
+
+def ball_video(path: Path, color: str, direction: str, frames: int = 16, fps: int = 8, size=(64, 48)) -> None:
+    w, h = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "28"}
+        for i in range(frames):
+            img = Image.new("RGB", size, (245, 245, 245))
+            t = i / (frames - 1)
+            x = 8 + (w - 16) * (t if direction == "right" else 1 - t)
+            ImageDraw.Draw(img).ellipse((x - 7, h / 2 - 7, x + 7, h / 2 + 7), fill=COLORS[color])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(img), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def main() -> None:
+    images = HERE / "images"
+    videos = HERE / "videos"
+    images.mkdir(exist_ok=True)
+    videos.mkdir(exist_ok=True)
+    for shape, color in [("circle", "red"), ("square", "blue"), ("triangle", "green"), ("circle", "yellow")]:
+        shape_image(shape, color).save(images / f"{color}_{shape}.png")
+    # A JPEG stored sideways with an EXIF orientation tag (6: rotate 90 degrees clockwise to view).
+    upright = shape_image("triangle", "red", size=(72, 96))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(images / "red_triangle_rotated.jpg", exif=exif, quality=90)
+    ball_video(videos / "ball_right.mp4", "yellow", "right")
+    ball_video(videos / "ball_left.mp4", "blue", "left")
+
+    records = [
+        {"id": "single_red_circle", "image": "images/red_circle.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat shape is in the picture?"},
+            {"from": "gpt", "value": "A red circle."}]},
+        {"id": "single_blue_square", "image": "images/blue_square.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat shape is in the picture?"},
+            {"from": "gpt", "value": "A blue square."}]},
+        {"id": "single_green_triangle", "image": "images/green_triangle.png", "conversations": [
+            {"from": "human", "value": "What color is the shape? <image>"},
+            {"from": "gpt", "value": "The triangle is green."}]},
+        {"id": "exif_rotated", "image": "images/red_triangle_rotated.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat shape is in the picture?"},
+            {"from": "gpt", "value": "A red triangle."}]},
+        {"id": "two_images", "image": ["images/red_circle.png", "images/yellow_circle.png"], "conversations": [
+            {"from": "human", "value": "Image 1: <image>\nImage 2: <image>\nWhat do the two images share?"},
+            {"from": "gpt", "value": "Both show a circle; the first is red and the second is yellow."}]},
+        {"id": "video_ball_right", "video": "videos/ball_right.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nWhere does the ball move?"},
+            {"from": "gpt", "value": "The yellow ball moves from the left to the right."}]},
+        {"id": "video_ball_left", "video": "videos/ball_left.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nWhere does the ball move?"},
+            {"from": "gpt", "value": "The blue ball moves from the right to the left."}]},
+        {"id": "image_and_video", "image": "images/yellow_circle.png", "video": "videos/ball_right.mp4",
+         "conversations": [
+            {"from": "human", "value": "<image>\nIs the ball in this video <video> the same color as this circle?"},
+            {"from": "gpt", "value": "Yes, both are yellow."}]},
+        {"id": "text_only", "conversations": [
+            {"from": "human", "value": "How many sides does a triangle have?"},
+            {"from": "gpt", "value": "Three."}]},
+        {"id": "multi_turn", "image": "images/blue_square.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat shape is this?"},
+            {"from": "gpt", "value": "A square."},
+            {"from": "human", "value": "And what color is it?"},
+            {"from": "gpt", "value": "It is blue."}]},
+        {"id": "system_prompt", "image": "images/green_triangle.png", "conversations": [
+            {"from": "system", "value": "Answer with one word."},
+            {"from": "human", "value": "<image>\nName the shape."},
+            {"from": "gpt", "value": "Triangle."}]},
+        {"id": "text_multi_turn", "conversations": [
+            {"from": "system", "value": "You are a geometry tutor."},
+            {"from": "human", "value": "What is a square?"},
+            {"from": "gpt", "value": "A shape with four equal sides and four right angles."},
+            {"from": "human", "value": "And a circle?"},
+            {"from": "gpt", "value": "All points at the same distance from the center."}]},
+    ]
+    (HERE / "data.json").write_text(json.dumps(records, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The data side: records -> media -> conversation -> dataset -> collator."""

@@ -1,0 +1,117 @@
+"""The embedded tiny Qwen-VL model: the real architecture at toy sizes, random weights, a real processor.
+
+Nothing can be downloaded on CI, so tests, the quickstart and the benchmarks run on a model this module
+builds: ``build_tiny_model(out_dir, family)`` writes a folder that ``from_pretrained`` loads offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vlmtune.families import FAMILIES, Family
+from vlmtune.families.base import SPECIAL_TOKENS
+
+TINY_VOCAB_SIZE = 1024
+DEFAULT_FAMILY = "qwen2_vl"
+
+# Pixel budgets of the tiny processor, in tokens (one token = one merged 2x2 patch group).
+TINY_IMAGE_TOKENS = (4, 64)
+TINY_VIDEO_TOKENS = (4, 16)
+TINY_VIDEO_FPS = 2.0
+TINY_VIDEO_MAX_FRAMES = 8
+
+_CORPUS = """
+A photo of a red circle on a white background. A blue square next to a green triangle.
+The cat sits on the mat and looks at the camera. Two dogs run across a field of grass.
+What is in this image? Describe the picture in one sentence. How many objects are there?
+There are three shapes: a circle, a square and a triangle. The video shows a ball moving
+from the left to the right. What color is the ball? The ball is yellow. Compare the two
+images. The first image is brighter than the second one. Answer the question briefly.
+You are a helpful assistant. The user asks, the assistant answers, the system sets the rules.
+Please read the text in the image. The sign says stop.
+Numbers 0 1 2 3 4 5 6 7 8 9 10 100 2024 3.14 seconds minutes left right up down.
+The quick brown fox jumps over the lazy dog. Hello, world! Yes. No. Maybe; perhaps?
+"""
+
+
+def _train_tokenizer(seed: int):
+    """Byte-level BPE in Qwen2's pre-tokenization, trained on a fixed corpus (deterministic)."""
+    from transformers import Qwen2Tokenizer
+
+    base = Qwen2Tokenizer()
+    corpus = [line.strip() for line in _CORPUS.strip().splitlines()] * 4
+    tokenizer = base.train_new_from_iterator(
+        corpus, vocab_size=TINY_VOCAB_SIZE - len(SPECIAL_TOKENS), new_special_tokens=list(SPECIAL_TOKENS)
+    )
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer
+
+
+def _processor(family: Family, tokenizer):
+    import transformers
+
+    f2 = family.factor**2
+    image_processor = getattr(transformers, family.image_processor_class)(
+        patch_size=family.patch_size,
+        min_pixels=TINY_IMAGE_TOKENS[0] * f2,
+        max_pixels=TINY_IMAGE_TOKENS[1] * f2,
+    )
+    video_processor = getattr(transformers, family.video_processor_class)(
+        patch_size=family.patch_size,
+        size={"shortest_edge": TINY_VIDEO_TOKENS[0] * f2, "longest_edge": TINY_VIDEO_TOKENS[1] * f2},
+        fps=TINY_VIDEO_FPS,
+        max_frames=TINY_VIDEO_MAX_FRAMES,
+        cap_pixels_per_frame=True,
+    )
+    processor_cls = getattr(transformers, family.processor_class)
+    return processor_cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=family.chat_template,
+    )
+
+
+def tiny_config(family: Family, tokenizer):
+    """The family's config at tiny sizes, with token ids from the tiny tokenizer."""
+    from transformers import AutoConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
+        ("image_token_id", "<|image_pad|>"),
+        ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"),
+    ]}
+    kwargs = json.loads(json.dumps(family.tiny_config))
+    kwargs["text_config"].update(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return AutoConfig.for_model(family.model_type, **kwargs, **ids)
+
+
+def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0) -> Path:
+    """Write a tiny ``family`` model folder (weights, config, processor, chat template) to ``out_dir``."""
+    from transformers import GenerationConfig
+
+    fam = FAMILIES[family]
+    out = Path(out_dir)
+    tokenizer = _train_tokenizer(seed)
+    config = tiny_config(fam, tokenizer)
+    torch.manual_seed(seed)
+    model = fam.model_cls()(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    _processor(fam, tokenizer).save_pretrained(out)
+    return out
