@@ -115,3 +115,23 @@ def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: in
     model.save_pretrained(out)
     _processor(fam, tokenizer).save_pretrained(out)
     return out
+
+
+def tiny_model_path(family: str = DEFAULT_FAMILY) -> Path:
+    """Folder of the embedded tiny model, built on first use (cached under ``$VLMTUNE_CACHE``)."""
+    import os
+
+    import transformers
+
+    root = Path(os.environ.get("VLMTUNE_CACHE", Path.home() / ".cache" / "vlmtune"))
+    path = root / f"tiny-{family}-tf{transformers.__version__}"
+    if not (path / "config.json").is_file():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        build_tiny_model(tmp, family)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process built it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path

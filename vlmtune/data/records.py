@@ -148,7 +148,8 @@ def _parse_record(index: int, raw, folders: tuple[Path | None, Path | None], all
 
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
-        problems.append(Problem("warning", f"unknown key(s) {unknown} ignored (known: {sorted(KNOWN_KEYS)})", index, rid))
+        message = f"unknown key(s) {unknown} ignored (known: {sorted(KNOWN_KEYS)})"
+        problems.append(Problem("warning", message, index, rid))
     images = _as_list(raw.get("image"), "image", err)
     videos = _as_list(raw.get("video"), "video", err)
 

@@ -1,0 +1,99 @@
+"""``vlmtune train | check-data | tiny-model | merge | predict | estimate-memory``: parse, call, report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+USAGE = """usage: vlmtune COMMAND [options]
+
+commands:
+  train            fine-tune a Qwen-VL model (vlmtune train --help; a YAML config may come first)
+  check-data       validate a data file and summarise it
+  merge            merge LoRA adapters and trained parts into a standalone model folder
+  predict          generate replies with a model (and adapters) for images, videos or a data file
+  estimate-memory  estimate GPU memory per device for a training setup
+  tiny-model       write the embedded tiny model (random weights) to a folder
+"""
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(format="[vlmtune] %(message)s", level=logging.WARNING)
+    logging.getLogger("vlmtune").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def _user_errors():
+    from vlmtune.config import ConfigError
+    from vlmtune.data.media import MediaError
+    from vlmtune.data.records import DataError
+
+    return (ConfigError, DataError, MediaError, FileNotFoundError)
+
+
+def cmd_train(argv: list[str]) -> int:
+    from vlmtune.config import parse_train_args
+    from vlmtune.train import train
+
+    train(*parse_train_args(argv))
+    return 0
+
+
+def cmd_check_data(argv: list[str]) -> int:
+    from vlmtune.data import media
+    from vlmtune.data.check import check_data
+    from vlmtune.model.load import load_family, load_processor, resolve_model_path
+
+    parser = argparse.ArgumentParser(prog="vlmtune check-data", description="Validate a LLaVA-style data file.")
+    parser.add_argument("data_path")
+    parser.add_argument("--image_folder", help="folder of relative image paths (default: the data file's)")
+    parser.add_argument("--video_folder", help="folder of relative video paths (default: image_folder)")
+    parser.add_argument("--model", help="model whose tokenizer and pixel budgets measure lengths "
+                        "(default: the embedded tiny model)")
+    parser.add_argument("--max_seq_length", type=int, default=4096)
+    parser.add_argument("--deep", action="store_true", help="decode every image and video (slower)")
+    parser.add_argument("--allow_urls", action="store_true")
+    args = parser.parse_args(argv)
+    model_path = resolve_model_path(args.model)
+    family = load_family(model_path)
+    processor = load_processor(model_path)
+    budget = media.budget_from_processor(processor, family.factor)
+    result = check_data(args.data_path, processor, family, budget, image_folder=args.image_folder,
+                        video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
+                        max_seq_length=args.max_seq_length)
+    print(result.summary())
+    return 1 if result.errors else 0
+
+
+def cmd_tiny_model(argv: list[str]) -> int:
+    from vlmtune.tiny import build_tiny_model
+
+    parser = argparse.ArgumentParser(prog="vlmtune tiny-model", description="Write the embedded tiny model.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_model(args.out_dir, args.family, args.seed))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "check-data": cmd_check_data, "tiny-model": cmd_tiny_model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    _setup_logging()
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except _user_errors() as exc:
+        print(f"vlmtune {argv[0]}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Argument dataclasses (model, data, modes, training), YAML + CLI parsing and cross-checks.
+
+Every field has help text; ``vlmtune train --help`` prints them. A YAML file gives defaults that command-line
+flags override: ``vlmtune train config.yaml --learning_rate 1e-4``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+from transformers import TrainingArguments as HfTrainingArguments
+
+
+class ConfigError(ValueError):
+    """Contradictory or impossible settings, found before the model loads."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub name or folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model. Empty: the embedded "
+                  "tiny model (built on first use, random weights), for trying the pipeline on CPU."},
+    )
+    tiny_family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = field(
+        default="qwen2_vl", metadata={"help": "Family of the embedded tiny model, when no model is given."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel: flash_attention_2, sdpa or eager. Default: flash_attention_2 when "
+                  "flash-attn imports and CUDA is present, else sdpa."},
+    )
+    use_liger: bool = field(
+        default=True,
+        metadata={"help": "Liger fused kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy) on CUDA. "
+                  "Switched off, with one log line, where they cannot run."},
+    )
+    bits: Literal[4, 8, 16] = field(default=16, metadata={"help": "4 or 8: QLoRA through bitsandbytes (CUDA)."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(default=None, metadata={"help": "Training data: LLaVA-style JSON array or JSONL."})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder that relative image paths start from (default: the data file's)."}
+    )
+    video_folder: str | None = field(
+        default=None, metadata={"help": "Folder that relative video paths start from (default: image_folder)."}
+    )
+    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same format."})
+    val_ratio: float = field(
+        default=0.0, metadata={"help": "Fraction of the training records held out for evaluation (seeded)."}
+    )
+    max_seq_length: int = field(
+        default=4096, metadata={"help": "Longest sequence in tokens, vision tokens included."}
+    )
+    strict_length: bool = field(
+        default=False,
+        metadata={"help": "Stop with an error when a record is over max_seq_length (default: skip it, reported)."},
+    )
+    label_mode: Literal["assistant", "last_assistant", "all"] = field(
+        default="assistant",
+        metadata={"help": "What trains: every assistant reply, the last one only, or all text (prompts too)."},
+    )
+    image_min_pixels: int | None = field(default=None, metadata={"help": "Min pixels per image (default: the "
+                                                                 "processor's)."})
+    image_max_pixels: int | None = field(default=None, metadata={"help": "Max pixels per image (default: the "
+                                                                 "processor's)."})
+    image_resized_width: int | None = field(default=None, metadata={"help": "Resize every image to this width."})
+    image_resized_height: int | None = field(default=None, metadata={"help": "Resize every image to this height."})
+    video_min_pixels: int | None = field(default=None, metadata={"help": "Min pixels per video frame."})
+    video_max_pixels: int | None = field(default=None, metadata={"help": "Max pixels per video frame."})
+    fps: float | None = field(default=None, metadata={"help": "Frames sampled per second of video (e.g. 1.0)."})
+    nframes: int | None = field(default=None, metadata={"help": "Frames sampled per video (instead of fps)."})
+    video_min_frames: int | None = field(default=None, metadata={"help": "Fewest frames sampled per video."})
+    video_max_frames: int | None = field(default=None, metadata={"help": "Most frames sampled per video."})
+    allow_urls: bool = field(default=False, metadata={"help": "Accept http(s) URLs as media (fetched when read)."})
+    deep_check: bool = field(
+        default=False, metadata={"help": "Decode every image and video before training, not only the headers."}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack several records into one row up to max_seq_length, with no attention across them."},
+    )
+
+    def __post_init__(self):
+        if self.fps is not None and self.nframes is not None:
+            raise ConfigError("--fps and --nframes are two ways to sample video frames: give one of them")
+        if not 0 <= self.val_ratio < 1:
+            raise ConfigError(f"--val_ratio must be in [0, 1), got {self.val_ratio}")
+        if (self.image_resized_width is None) != (self.image_resized_height is None):
+            raise ConfigError("--image_resized_width and --image_resized_height go together")
+
+    def budget_overrides(self) -> dict:
+        """The media budget fields the user set (None: the processor's default)."""
+        return dict(
+            image_min_pixels=self.image_min_pixels,
+            image_max_pixels=self.image_max_pixels,
+            image_resized_height=self.image_resized_height,
+            image_resized_width=self.image_resized_width,
+            video_min_pixels=self.video_min_pixels,
+            video_max_pixels=self.video_max_pixels,
+            fps=self.fps,
+            nframes=self.nframes,
+            video_min_frames=self.video_min_frames,
+            video_max_frames=self.video_max_frames,
+        )
+
+
+@dataclass
+class ModeArguments:
+    mode: Literal["full", "lora", "lora_vision"] = field(
+        default="lora",
+        metadata={"help": "Preset of what trains. full: LLM + merger full, vision frozen. lora: LoRA on the LLM, the "
+                  "rest frozen. lora_vision: LoRA on the LLM and the vision tower, merger full. Flags below adjust."},
+    )
+    freeze_vision_tower: bool | None = field(
+        default=None, metadata={"help": "True: vision tower frozen. False: vision tower trained fully."}
+    )
+    freeze_merger: bool | None = field(default=None, metadata={"help": "True: merger frozen. False: merger trained."})
+    freeze_llm: bool | None = field(default=None, metadata={"help": "True: language model frozen."})
+    lora_enable: bool | None = field(default=None, metadata={"help": "LoRA on the language model (False: full)."})
+    vision_lora: bool | None = field(default=None, metadata={"help": "LoRA on the vision tower."})
+    unfreeze_topk_llm: int = field(default=0, metadata={"help": "Train the last N LLM layers fully (beside LoRA)."})
+    unfreeze_topk_vision: int = field(
+        default=0, metadata={"help": "Train the last N vision blocks fully (beside LoRA or a frozen tower)."}
+    )
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated module name suffixes to put LoRA on (e.g. q_proj,v_proj,qkv). Default: "
+                  "every linear layer of the parts in LoRA mode; never lm_head or embeddings unless named."},
+    )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA)."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling."})
+
+
+@dataclass
+class TrainingArguments(HfTrainingArguments):
+    """``transformers.TrainingArguments`` plus the learning rates per part and length grouping."""
+
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints and the result go."})
+    vision_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower."})
+    merger_lr: float | None = field(default=None, metadata={"help": "Learning rate of the merger."})
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Batch records of similar length (text + vision tokens) to cut padding."}
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (vision tensors)."})
+    dataloader_pin_memory: bool = field(default=True, metadata={"help": "Pinned host memory for faster copies."})
+
+    def __post_init__(self):
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
+        if self.gradient_checkpointing_kwargs is None:
+            # Non-reentrant: LoRA inside a frozen vision tower still gets gradients.
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, ModeArguments, TrainingArguments)
+
+
+def parse_train_args(argv: list[str] | None = None, prog: str = "vlmtune train"):
+    """(model, data, mode, training) arguments from an optional YAML file (first argument) and flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog=prog)
+    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
+        argv = yaml_to_argv(Path(argv.pop(0))) + argv
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def yaml_to_argv(path: Path) -> list[str]:
+    """A flat YAML mapping as command-line flags, so flags given after it override it."""
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value")
+    argv: list[str] = []
+    for key, value in values.items():
+        if isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, dict):
+            import json
+
+            argv += [f"--{key}", json.dumps(value)]
+        elif value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv

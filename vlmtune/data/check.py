@@ -1,0 +1,74 @@
+"""``vlmtune check-data``: validate a data file and summarise it, as the trainer does before it starts."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from vlmtune.data import media
+from vlmtune.data.conversation import Conversation
+from vlmtune.data.dataset import record_lengths
+from vlmtune.data.records import Problem, Record, read_records
+from vlmtune.families import Family
+
+
+@dataclass
+class CheckResult:
+    file: str
+    records: list[Record]
+    problems: list[Problem]
+    lengths: list[int]
+    max_seq_length: int | None
+    seconds: float
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "error"]
+
+    def summary(self) -> str:
+        shapes = Counter(r.shape for r in self.records)
+        n_images = sum(len(r.images) for r in self.records)
+        n_videos = sum(len(r.videos) for r in self.records)
+        lines = [
+            f"{self.file}: {len(self.records):,} valid records ({len(self.errors)} error(s), "
+            f"{len(self.problems) - len(self.errors)} warning(s)) in {self.seconds:.1f}s",
+            "  shapes: " + ", ".join(f"{k} {v:,}" for k, v in sorted(shapes.items())),
+            f"  media: {n_images:,} images, {n_videos:,} videos",
+        ]
+        if self.lengths:
+            ordered = sorted(self.lengths)
+            p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+            lines.append(f"  tokens (vision included): min {ordered[0]:,}, median {int(statistics.median(ordered)):,}, "
+                         f"p95 {p95:,}, max {ordered[-1]:,}")
+            if self.max_seq_length:
+                over = [r.id for r, n in zip(self.records, self.lengths) if n > self.max_seq_length]
+                shown = ", ".join(map(repr, over[:10])) + (" ..." if len(over) > 10 else "")
+                ids = f" (ids {shown})" if over else ""
+                lines.append(f"  over {self.max_seq_length:,} tokens: {len(over):,}{ids}")
+        for p in self.problems:
+            lines.append(f"{p.level.upper()}: {p.format(self.file)}")
+        return "\n".join(lines)
+
+
+def check_data(
+    data_path: str,
+    processor,
+    family: Family,
+    budget: media.MediaBudget,
+    *,
+    image_folder: str | None = None,
+    video_folder: str | None = None,
+    allow_urls: bool = False,
+    deep: bool = False,
+    max_seq_length: int | None = None,
+) -> CheckResult:
+    """Validate every record, then measure token lengths (text + vision) of the valid ones."""
+    start = time.perf_counter()
+    records, problems = read_records(
+        data_path, image_folder, video_folder, allow_urls=allow_urls, deep=deep,
+        min_image_side=family.factor, budget=budget,
+    )
+    lengths = record_lengths(records, Conversation(processor), budget, family) if records else []
+    return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start)

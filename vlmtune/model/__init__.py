@@ -1,0 +1,1 @@
+"""Model side: loading (dtype, attention, quantization, Liger) and training modes."""

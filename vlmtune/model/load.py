@@ -1,0 +1,111 @@
+"""Load a Qwen-VL model and its processor: dtype, attention kernel, quantization and Liger."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from vlmtune.families import Family, family_for
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_path(model_name_or_path: str | None, tiny_family: str = "qwen2_vl") -> str:
+    """The model to load: the user's, or the embedded tiny model (built on first use)."""
+    if model_name_or_path:
+        return model_name_or_path
+    from vlmtune.tiny import tiny_model_path
+
+    path = str(tiny_model_path(tiny_family))
+    logger.info("no model given: using the embedded tiny %s model at %s (random weights)", tiny_family, path)
+    return path
+
+
+def load_family(model_path: str) -> Family:
+    """The family named by the model's config (never guessed from the path)."""
+    from transformers import AutoConfig
+
+    return family_for(AutoConfig.from_pretrained(model_path))
+
+
+def load_processor(model_path: str):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model_path)
+
+
+def choose_attention(requested: str | None) -> str:
+    """flash_attention_2 when it can run, else sdpa; an explicit request is kept as given."""
+    if requested:
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def liger_unavailable_reason(family: Family) -> str | None:
+    """Why Liger cannot be applied here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (Liger's Triton kernels need one)"
+    try:
+        module = importlib.import_module("liger_kernel.transformers")
+        getattr(module, family.liger_patch)
+    except ImportError as exc:
+        return f"liger-kernel is not importable here ({exc}); pip install 'vlmtune[gpu]'"
+    except AttributeError:
+        return f"the installed liger-kernel has no {family.liger_patch}"
+    return None
+
+
+def apply_liger(family: Family, model) -> bool:
+    """Patch the model with the family's Liger kernels when possible; one log line either way."""
+    reason = liger_unavailable_reason(family)
+    if reason:
+        logger.info("Liger kernels off: %s", reason)
+        return False
+    patch = getattr(importlib.import_module("liger_kernel.transformers"), family.liger_patch)
+    patch(model=model)
+    logger.info("Liger kernels on (%s)", family.liger_patch)
+    return True
+
+
+def torch_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+
+
+def load_model(
+    model_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str | None = None,
+    bits: int = 16,
+    use_liger: bool = False,
+):
+    """(model, family) for training; quantized to 4/8 bits through bitsandbytes when asked."""
+    family = load_family(model_path)
+    kwargs = {"dtype": dtype, "attn_implementation": choose_attention(attn_implementation)}
+    if bits in (4, 8):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=bits == 4,
+            load_in_8bit=bits == 8,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=["visual", "lm_head"],
+        )
+    model = family.model_cls().from_pretrained(model_path, **kwargs)
+    logger.info("loaded %s (%s) from %s: dtype %s, attention %s", family.model_class, family.model_type,
+                Path(model_path).name or model_path, dtype, kwargs["attn_implementation"])
+    if use_liger:
+        apply_liger(family, model)
+    if bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, family

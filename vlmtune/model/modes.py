@@ -1,0 +1,233 @@
+"""What trains: one table of policies (frozen / lora / full) for vision tower, merger and language model.
+
+The presets ``full``, ``lora`` and ``lora_vision`` are rows of that table and the freeze / LoRA flags adjust
+single cells. The same table puts LoRA on the right modules, keeps the right parameters trainable after PEFT
+wraps the model, builds the optimizer's parameter groups and decides what is saved beside the adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from vlmtune.config import ConfigError, ModeArguments
+from vlmtune.families import Family
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("vision", "merger", "llm")
+POLICIES = ("frozen", "lora", "full")
+PEFT_PREFIX = "base_model.model."
+_NO_LORA_BY_DEFAULT = ("lm_head", "embed_tokens")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """The policy of each part, plus how many top layers / blocks train fully beside it."""
+
+    vision: str
+    merger: str
+    llm: str
+    topk_llm: int = 0
+    topk_vision: int = 0
+
+    def policy(self, part: str) -> str:
+        return getattr(self, part)
+
+    @property
+    def uses_lora(self) -> bool:
+        return "lora" in (self.vision, self.merger, self.llm)
+
+    def describe(self) -> str:
+        extra = "".join(f", top {n} {what} full" for n, what in ((self.topk_llm, "LLM layers"),
+                                                              (self.topk_vision, "vision blocks")) if n)
+        return f"vision {self.vision}, merger {self.merger}, llm {self.llm}{extra}"
+
+
+PRESETS = {
+    "full": TrainPlan(vision="frozen", merger="full", llm="full"),
+    "lora": TrainPlan(vision="frozen", merger="frozen", llm="lora"),
+    "lora_vision": TrainPlan(vision="lora", merger="full", llm="lora"),
+}
+
+
+def plan_from_args(args: ModeArguments) -> TrainPlan:
+    """The preset's row with each given flag applied; contradictory flags raise ``ConfigError``."""
+    if args.mode not in PRESETS:
+        raise ConfigError(f"--mode must be one of {sorted(PRESETS)}, got {args.mode!r}")
+    plan = PRESETS[args.mode]
+    if args.vision_lora and args.freeze_vision_tower is False:
+        raise ConfigError("--vision_lora True with --freeze_vision_tower False: the vision tower is either LoRA-tuned "
+                          "or trained fully; drop one of the two")
+    if args.lora_enable and args.freeze_llm:
+        raise ConfigError("--lora_enable True with --freeze_llm True: LoRA on a frozen language model; drop one")
+    if args.freeze_vision_tower is not None:
+        plan = replace(plan, vision="frozen" if args.freeze_vision_tower else "full")
+    if args.vision_lora is not None:
+        off = "frozen" if plan.vision == "lora" else plan.vision
+        plan = replace(plan, vision="lora" if args.vision_lora else off)
+    if args.freeze_merger is not None:
+        plan = replace(plan, merger="frozen" if args.freeze_merger else "full")
+    if args.lora_enable is not None:
+        plan = replace(plan, llm="lora" if args.lora_enable else ("full" if plan.llm == "lora" else plan.llm))
+    if args.freeze_llm is not None:
+        plan = replace(plan, llm="frozen" if args.freeze_llm else ("full" if plan.llm == "frozen" else plan.llm))
+    if args.unfreeze_topk_llm and plan.llm == "full":
+        raise ConfigError("--unfreeze_topk_llm has no effect: the whole language model already trains fully")
+    if args.unfreeze_topk_vision and plan.vision == "full":
+        raise ConfigError("--unfreeze_topk_vision has no effect: the whole vision tower already trains fully")
+    plan = replace(plan, topk_llm=args.unfreeze_topk_llm, topk_vision=args.unfreeze_topk_vision)
+    if not plan.uses_lora and (args.use_dora or args.use_rslora or args.lora_target):
+        raise ConfigError("--use_dora / --use_rslora / --lora_target are set but no part uses LoRA")
+    if plan.policy("vision") == plan.policy("merger") == plan.policy("llm") == "frozen" and not (
+        plan.topk_llm or plan.topk_vision
+    ):
+        raise ConfigError("nothing would train: every part is frozen")
+    return plan
+
+
+def part_of(name: str, family: Family) -> str:
+    """'vision', 'merger' or 'llm' for a module or parameter name (PEFT's prefix ignored)."""
+    name = name.removeprefix(PEFT_PREFIX)
+    if any(name == m or name.startswith(m + ".") for m in family.mergers):
+        return "merger"
+    if name.startswith(family.vision + "."):
+        return "vision"
+    return "llm"
+
+
+def _topk_prefixes(model: nn.Module, family: Family, plan: TrainPlan) -> tuple[str, ...]:
+    """Name prefixes of the top LLM layers and vision blocks that train fully."""
+    prefixes = []
+    if plan.topk_llm:
+        n = model.config.text_config.num_hidden_layers
+        prefixes += [f"{family.language_model}.layers.{i}." for i in range(max(0, n - plan.topk_llm), n)]
+    if plan.topk_vision:
+        n = model.config.vision_config.depth
+        prefixes += [f"{family.vision}.blocks.{i}." for i in range(max(0, n - plan.topk_vision), n)]
+    return tuple(prefixes)
+
+
+def lora_targets(model: nn.Module, family: Family, plan: TrainPlan, lora_target: str | None = None) -> list[str]:
+    """Full names of the linear layers that get LoRA."""
+    wanted = [s.strip() for s in lora_target.split(",") if s.strip()] if lora_target else None
+    topk = _topk_prefixes(model, family, plan)
+    targets = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or plan.policy(part_of(name, family)) != "lora":
+            continue
+        if name.startswith(topk) or (name + ".").startswith(topk):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if wanted is not None:
+            if leaf in wanted or name in wanted:
+                targets.append(name)
+        elif leaf not in _NO_LORA_BY_DEFAULT:
+            targets.append(name)
+    if wanted is not None:
+        leaves = {t.rsplit(".", 1)[-1] for t in targets} | set(targets)
+        missing = [w for w in wanted if w not in leaves]
+        if missing:
+            raise ConfigError(f"--lora_target {missing} match no linear layer in the parts set to LoRA")
+    return targets
+
+
+def apply_plan(model: nn.Module, family: Family, plan: TrainPlan, args: ModeArguments) -> nn.Module:
+    """Freeze, add LoRA and unfreeze per the plan; returns the model (a ``PeftModel`` when LoRA is used)."""
+    model.requires_grad_(False)
+    if plan.uses_lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=args.lora_dropout,
+            target_modules=lora_targets(model, family, plan, args.lora_target),
+            use_dora=args.use_dora,
+            use_rslora=args.use_rslora,
+        )
+        model = get_peft_model(model, config)
+    base = model.get_base_model() if plan.uses_lora else model
+    topk = _topk_prefixes(base, family, plan)
+    for name, param in base.named_parameters():
+        if ".lora_" in name:
+            continue
+        if plan.policy(part_of(name, family)) == "full" or name.startswith(topk):
+            param.requires_grad_(True)
+    return model
+
+
+def is_lora_name(name: str) -> bool:
+    return ".lora_" in name or ".lora_magnitude_vector" in name
+
+
+def non_lora_trainable_names(model: nn.Module) -> list[str]:
+    """Names (PEFT prefix and ``base_layer`` removed) of trainable parameters that are not LoRA's."""
+    return [
+        clean_name(n) for n, p in model.named_parameters() if p.requires_grad and not is_lora_name(n)
+    ]
+
+
+def clean_name(name: str) -> str:
+    """The base model's own name of a parameter seen through PEFT."""
+    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def trainable_report(model: nn.Module, family: Family) -> str:
+    """A table of trainable parameters per part: count and percent of the part."""
+    totals = dict.fromkeys(PARTS, 0)
+    trainable = dict.fromkeys(PARTS, 0)
+    for name, param in model.named_parameters():
+        part = part_of(name, family)
+        n = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+        totals[part] += n
+        if param.requires_grad:
+            trainable[part] += n
+    rows = [f"{'part':<8}{'trainable':>14}{'total':>16}{'%':>8}"]
+    for part in PARTS:
+        pct = 100 * trainable[part] / totals[part] if totals[part] else 0.0
+        rows.append(f"{part:<8}{trainable[part]:>14,}{totals[part]:>16,}{pct:>8.2f}")
+    all_t, all_n = sum(trainable.values()), sum(totals.values())
+    rows.append(f"{'all':<8}{all_t:>14,}{all_n:>16,}{100 * all_t / max(all_n, 1):>8.2f}")
+    return "\n".join(rows)
+
+
+_NO_DECAY = re.compile(r"(bias|norm|ln_q|layernorm)", re.IGNORECASE)
+
+
+def parameter_groups(
+    model: nn.Module, family: Family, learning_rate: float, weight_decay: float,
+    vision_lr: float | None = None, merger_lr: float | None = None,
+) -> list[dict]:
+    """Optimizer groups: one learning rate per part, no weight decay on biases and norms."""
+    lrs = {"vision": vision_lr or learning_rate, "merger": merger_lr or learning_rate, "llm": learning_rate}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = part_of(name, family)
+        decay = param.ndim >= 2 and not _NO_DECAY.search(clean_name(name).rsplit(".", 2)[-2])
+        group = groups.setdefault((part, decay), {
+            "name": f"{part}{'' if decay else '/no_decay'}", "params": [], "lr": lrs[part],
+            "weight_decay": weight_decay if decay else 0.0,
+        })
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+__all__ = [
+    "PRESETS", "TrainPlan", "apply_plan", "clean_name", "non_lora_trainable_names", "parameter_groups",
+    "part_of", "plan_from_args", "trainable_report", "torch",
+]
