@@ -15,6 +15,10 @@ from vlmtune.families import FAMILIES, Family
 from vlmtune.families.base import SPECIAL_TOKENS
 
 TINY_VOCAB_SIZE = 1024
+TINY_TEXT_INIT_STD = 0.1
+"""Larger than transformers' 0.02: with a 64-wide hidden state, 0.02 leaves the frozen lm_head too weak to
+express a peaked distribution, so LoRA-only runs could not fit the examples the way a pretrained model does."""
+TINY_SPEC_VERSION = 2  # bump when the tiny model changes, so cached copies are rebuilt
 DEFAULT_FAMILY = "qwen2_vl"
 
 # Pixel budgets of the tiny processor, in tokens (one token = one merged 2x2 patch group).
@@ -92,6 +96,7 @@ def tiny_config(family: Family, tokenizer):
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=TINY_TEXT_INIT_STD,
     )
     return AutoConfig.for_model(family.model_type, **kwargs, **ids)
 
@@ -124,7 +129,7 @@ def tiny_model_path(family: str = DEFAULT_FAMILY) -> Path:
     import transformers
 
     root = Path(os.environ.get("VLMTUNE_CACHE", Path.home() / ".cache" / "vlmtune"))
-    path = root / f"tiny-{family}-tf{transformers.__version__}"
+    path = root / f"tiny-{family}-v{TINY_SPEC_VERSION}-tf{transformers.__version__}"
     if not (path / "config.json").is_file():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         build_tiny_model(tmp, family)
