@@ -20,7 +20,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from vlmtune.config import ConfigError, DataArguments, ModeArguments, ModelArguments, TrainingArguments
-from vlmtune.data import media
+from vlmtune.data import media, packing
 from vlmtune.data.check import check_data
 from vlmtune.data.collator import Collator, vision_fillers
 from vlmtune.data.conversation import Conversation
@@ -64,8 +64,9 @@ class VisionLanguageTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._samples_seen = getattr(self, "_samples_seen", 0) + inputs["input_ids"].shape[0]
-        self._tokens_seen = getattr(self, "_tokens_seen", 0) + int(inputs["attention_mask"].sum())
+        pad_id = getattr(self.data_collator, "pad_token_id", None)  # packed batches carry no attention_mask
+        self._samples_seen = getattr(self, "_samples_seen", 0) + packing.count_samples(inputs, pad_id)
+        self._tokens_seen = getattr(self, "_tokens_seen", 0) + packing.count_tokens(inputs, pad_id)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -169,6 +170,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
         raise ConfigError("no training record is left after the length filter; raise --max_seq_length")
 
     logger.info("device: %s", f"CUDA x{torch.cuda.device_count()}" if torch.cuda.is_available() else "CPU")
+    if train_args.deepspeed:
+        # ZeRO-3 partitions weights while from_pretrained builds the model; DeepSpeed's communication layer must
+        # know the world size by then (on CPU, accelerate's set-up does not initialise it for us).
+        import deepspeed
+
+        _ = train_args.device  # torch.distributed first
+        deepspeed.init_distributed()
     model, family = load_model(
         model_path, dtype=torch_dtype(train_args.bf16, train_args.fp16),
         attn_implementation=model_args.attn_implementation, bits=model_args.bits, use_liger=model_args.use_liger,
@@ -178,10 +186,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     logger.info("training plan: %s\n%s", plan.describe(), modes.trainable_report(model, family))
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    collator = Collator(
-        processor.tokenizer.pad_token_id,
-        fillers=vision_fillers(processor, family.factor) if distributed else None,
-    )
+    fillers = vision_fillers(processor, family.factor) if distributed else None
+    if data_args.packing:  # several records per row, attention kept inside each record (vlmtune/data/packing.py)
+        train_set, eval_set, collator = packing.packed_data(
+            train_set, eval_set, model, processor.tokenizer.pad_token_id, data_args.max_seq_length, fillers)
+        logger.info("packing: %d records in %d rows (%.1f%% full), %s", len(train_set.dataset), len(train_set),
+                    100 * train_set.fill_fraction(), "padding-free" if collator.padding_free else "block mask")
+    else:
+        collator = Collator(processor.tokenizer.pad_token_id, fillers=fillers)
     run_info = {
         "base_model": model_path, "model_type": family.model_type, "plan": plan.describe(),
         "lora": plan.uses_lora, "dtype": str(torch_dtype(train_args.bf16, train_args.fp16)).removeprefix("torch."),

@@ -11,7 +11,6 @@ import logging
 import re
 from dataclasses import dataclass, replace
 
-import torch
 from torch import nn
 
 from vlmtune.config import ConfigError, ModeArguments
@@ -165,13 +164,6 @@ def is_lora_name(name: str) -> bool:
     return ".lora_" in name or ".lora_magnitude_vector" in name
 
 
-def non_lora_trainable_names(model: nn.Module) -> list[str]:
-    """Names (PEFT prefix and ``base_layer`` removed) of trainable parameters that are not LoRA's."""
-    return [
-        clean_name(n) for n, p in model.named_parameters() if p.requires_grad and not is_lora_name(n)
-    ]
-
-
 def clean_name(name: str) -> str:
     """The base model's own name of a parameter seen through PEFT."""
     return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
@@ -210,24 +202,12 @@ def parameter_groups(
         if not param.requires_grad:
             continue
         part = part_of(name, family)
-        decay = param.ndim >= 2 and not _NO_DECAY.search(clean_name(name).rsplit(".", 2)[-2])
+        ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the real shape in ds_shape
+        decay = ndim >= 2 and not _NO_DECAY.search(clean_name(name).rsplit(".", 2)[-2])
         group = groups.setdefault((part, decay), {
             "name": f"{part}{'' if decay else '/no_decay'}", "params": [], "lr": lrs[part],
             "weight_decay": weight_decay if decay else 0.0,
         })
         group["params"].append(param)
-    return list(groups.values())
-
-
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def trainable_names(model: nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-__all__ = [
-    "PRESETS", "TrainPlan", "apply_plan", "clean_name", "non_lora_trainable_names", "parameter_groups",
-    "part_of", "plan_from_args", "trainable_report", "torch",
-]
+    # The language model's groups first: Trainer logs the first group's rate as `learning_rate`.
+    return sorted(groups.values(), key=lambda g: (PARTS[::-1].index(g["name"].split("/")[0]), g["name"]))
