@@ -7,8 +7,11 @@ header alone, so lengths are known before any pixel is decoded.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,10 @@ from qwen_vl_utils import vision_process as qvu
 # EXIF orientations that rotate by 90 or 270 degrees, so width and height swap.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
+URL_PREFIXES = ("http://", "https://")
+FILE_PREFIX = "file://"
+# PNG chunks that can carry an EXIF orientation (eXIf, raw EXIF or XMP in text chunks).
+_PNG_METADATA_CHUNKS = {b"eXIf", b"tEXt", b"zTXt", b"iTXt"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,8 @@ class MediaBudget:
         if self.nframes:
             ele["nframes"] = self.nframes
         else:
-            ele.update(fps=self.fps, min_frames=self.video_min_frames, max_frames=self.video_max_frames)
+            fps = float(self.fps) if self.fps else qvu.FPS
+            ele.update(fps=fps, min_frames=self.video_min_frames, max_frames=self.video_max_frames)
         return ele
 
 
@@ -66,15 +74,88 @@ class MediaError(ValueError):
     """A media file that cannot be used, with a message fit for the user."""
 
 
+# ---------------------------------------------------------------- files and URLs
+
+
+def is_url(path: str | Path) -> bool:
+    return str(path).startswith(URL_PREFIXES)
+
+
+def media_cache_dir() -> Path:
+    """Where downloaded media are kept (``$VLMTUNE_CACHE/media``), so a URL is fetched once."""
+    return Path(os.environ.get("VLMTUNE_CACHE", Path.home() / ".cache" / "vlmtune")) / "media"
+
+
+def local_path(path: str | Path) -> str:
+    """A path that can be opened: ``file://`` stripped; a URL downloaded once into ``media_cache_dir()``."""
+    path = str(path)
+    if path.startswith(FILE_PREFIX):
+        return path[len(FILE_PREFIX):]
+    if not is_url(path):
+        return path
+    suffix = Path(path.split("?", 1)[0].split("#", 1)[0]).suffix[:10]
+    target = media_cache_dir() / (hashlib.sha256(path.encode()).hexdigest()[:32] + suffix)
+    if target.is_file():
+        return str(target)
+    import requests
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")
+    try:
+        with requests.get(path, stream=True, timeout=60) as response:
+            response.raise_for_status()
+            with open(tmp, "wb") as f:
+                for chunk in response.iter_content(1 << 20):
+                    f.write(chunk)
+        os.replace(tmp, target)
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise MediaError(f"cannot download {path}: {exc}") from None
+    return str(target)
+
+
 # ---------------------------------------------------------------- images
+
+
+def _png_metadata_after_pixels(fp) -> bool:
+    """Whether a PNG has a metadata chunk after its first IDAT (PIL reads those only on a full decode).
+
+    Walks the chunk headers and seeks over their data, so no pixel is decoded."""
+    fp.seek(8)
+    seen_pixels = False
+    while True:
+        header = fp.read(8)
+        if len(header) < 8:
+            return False
+        length, kind = struct.unpack(">I4s", header)
+        if kind == b"IEND":
+            return False
+        if kind == b"IDAT":
+            seen_pixels = True
+        elif seen_pixels and kind in _PNG_METADATA_CHUNKS:
+            return True
+        fp.seek(length + 4, os.SEEK_CUR)  # data and CRC
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an opened image, from its header where PIL would otherwise decode it."""
+    if img.format == "PNG" and "exif" not in img.info and not _png_metadata_after_pixels(img.fp):
+        # PIL's PNG getexif() decodes the whole image to reach chunks after the pixels; there are none,
+        # and what the header holds is already in img.info.
+        exif = Image.Image.getexif(img)
+    else:
+        exif = img.getexif()
+    return exif.get(_EXIF_ORIENTATION_TAG, 1)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) after EXIF orientation, read from the header only."""
     try:
-        with Image.open(path) as img:
+        with Image.open(local_path(path)) as img:
             width, height = img.size
-            orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
+            orientation = _orientation(img)
+    except MediaError:
+        raise
     except FileNotFoundError:
         raise MediaError(f"image file not found: {path}") from None
     except Exception as exc:  # PIL raises many types for bad files
@@ -85,9 +166,13 @@ def image_size(path: str | Path) -> tuple[int, int]:
 def load_image(path: str | Path, budget: MediaBudget) -> Image.Image:
     """Decode an image, apply EXIF orientation, convert to RGB and resize it under the budget."""
     try:
-        with Image.open(path) as img:
+        with Image.open(local_path(path)) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
+    except MediaError:
+        raise
+    except FileNotFoundError:
+        raise MediaError(f"image file not found: {path}") from None
     except Exception as exc:
         raise MediaError(f"unreadable image {path}: {exc}") from None
     return qvu.fetch_image(budget.image_element(img), image_patch_size=budget.factor // 2)
@@ -121,32 +206,63 @@ def video_backend() -> str:
     raise MediaError("no video reader is installed: pip install 'vlmtune[video]' (decord, or PyAV)")
 
 
-def video_info(path: str | Path) -> VideoInfo:
-    """Frame count, fps and size from the container header (no frame is decoded)."""
-    if not Path(path).is_file():
-        raise MediaError(f"video file not found: {path}")
-    try:
-        if video_backend() == "decord":
-            import decord
-
-            vr = decord.VideoReader(str(path))
-            height, width = vr[0].shape[:2] if len(vr) else (0, 0)
-            info = VideoInfo(len(vr), float(vr.get_avg_fps()), width, height)
+def _pyav_header(container) -> VideoInfo:
+    """What PyAV reads from an opened container's header; the PyAV reader samples from the same numbers."""
+    stream = container.streams.video[0]
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    frames = stream.frames
+    if not frames and fps:  # containers without a frame count (e.g. some WebM / MKV): estimate from duration
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
         else:
+            seconds = (container.duration or 0) / 1_000_000
+        frames = round(seconds * fps)
+    return VideoInfo(int(frames), fps, stream.codec_context.width, stream.codec_context.height)
+
+
+def video_info(path: str | Path) -> VideoInfo:
+    """Frame count, fps and size from the container header (no frame is decoded).
+
+    Frame count and fps come from the reader that will decode the video (decord when installed, so the
+    sampled frames are the ones its reader picks); the frame size from PyAV's header when it is installed."""
+    try:
+        local = local_path(path)
+        if not Path(local).is_file():
+            raise MediaError(f"video file not found: {path}")
+        backend = video_backend()
+        size = None
+        if backend == "pyav" or importlib.util.find_spec("av") is not None:
             import av
 
-            with av.open(str(path)) as container:
-                stream = container.streams.video[0]
-                fps = float(stream.average_rate or stream.guessed_rate or 0)
-                frames = stream.frames or int(float(stream.duration * stream.time_base) * fps if stream.duration else 0)
-                info = VideoInfo(frames, fps, stream.codec_context.width, stream.codec_context.height)
+            with av.open(local) as container:
+                info = _pyav_header(container)
+            size = (info.width, info.height)
+        if backend == "decord":
+            import decord
+
+            vr = decord.VideoReader(local)
+            if size is None or not all(size):
+                height, width = vr[0].shape[:2]
+                size = (width, height)
+            info = VideoInfo(len(vr), float(vr.get_avg_fps()), *size)
     except MediaError:
         raise
     except Exception as exc:
         raise MediaError(f"unreadable video {path}: {exc}") from None
     if info.frames < qvu.FRAME_FACTOR or info.fps <= 0:
-        raise MediaError(f"video {path} has {info.frames} frames at {info.fps:g} fps; at least 2 frames are needed")
+        raise MediaError(f"video {path} has {info.frames} frame(s) at {info.fps:g} fps; at least "
+                         f"{qvu.FRAME_FACTOR} frames are needed: drop the record")
+    if min(info.width, info.height) <= 0:
+        raise MediaError(f"video {path} has no frame size in its header ({info.width}x{info.height})")
     return info
+
+
+def _first_error(exc: BaseException) -> BaseException:
+    """The error that started a chain: qwen-vl-utils hides a reader's error behind its broken torchvision
+    fallback (``torchvision.io.read_video`` is gone), whose own error names nothing useful."""
+    while exc.__context__ is not None:
+        exc = exc.__context__
+    return exc
 
 
 def sampled_frame_indices(info: VideoInfo, budget: MediaBudget) -> list[int]:
@@ -181,21 +297,39 @@ def video_tokens(info: VideoInfo, budget: MediaBudget) -> int:
 
 
 def _read_video_pyav(ele: dict):
-    """A qwen-vl-utils reader backend on PyAV, returning what its decord reader returns."""
+    """A qwen-vl-utils reader backend on PyAV, returning what its decord reader returns.
+
+    Frames are decoded in one pass and only the sampled ones are converted to RGB and kept, so memory
+    holds ``nframes`` frames, not the whole video. The frame count is the header's (as ``video_info``
+    reads it), so the sampled indices match the token count computed before decoding."""
     import av
     import numpy as np
 
-    path = ele["video"]
+    path = local_path(ele["video"])
     with av.open(path) as container:
+        header = _pyav_header(container)
         stream = container.streams.video[0]
-        video_fps = float(stream.average_rate or stream.guessed_rate)
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-    total = len(frames)
-    start, end, total_in_range = qvu.calculate_video_frame_range(ele, total, video_fps)
-    nframes = qvu.smart_nframes(ele, total_frames=total_in_range, video_fps=video_fps)
-    idx = torch.linspace(start, end, nframes).round().long().tolist()
-    video = torch.from_numpy(np.stack([frames[i] for i in idx])).permute(0, 3, 1, 2)
-    metadata = dict(fps=video_fps, frames_indices=idx, total_num_frames=total, video_backend="pyav")
+        stream.thread_type = "AUTO"
+        total, video_fps = header.frames, header.fps
+        start, end, total_in_range = qvu.calculate_video_frame_range(ele, total, video_fps)
+        nframes = qvu.smart_nframes(ele, total_frames=total_in_range, video_fps=video_fps)
+        idx = torch.linspace(start, end, nframes).round().long().tolist()
+        wanted = set(idx)
+        kept: dict[int, np.ndarray] = {}
+        last = None
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                kept[i] = frame.to_ndarray(format="rgb24")
+            last = frame
+            if i >= idx[-1]:
+                break
+        if not kept and last is None:
+            raise ValueError(f"no frame could be decoded from {path}")
+        if len(kept) < len(wanted):  # the header counted more frames than the stream holds
+            fill = kept[max(kept)] if kept else last.to_ndarray(format="rgb24")
+            kept.update({i: fill for i in wanted if i not in kept})
+    video = torch.from_numpy(np.stack([kept[i] for i in idx])).permute(0, 3, 1, 2)
+    metadata = dict(fps=video_fps, frames_indices=idx, total_num_frames=total_in_range, video_backend="pyav")
     return video, metadata, nframes / max(total_in_range, 1e-6) * video_fps
 
 
@@ -208,11 +342,16 @@ def load_video(path: str | Path, budget: MediaBudget) -> tuple[torch.Tensor, dic
         qvu.FORCE_QWENVL_VIDEO_READER = video_backend()
         qvu.get_video_reader_backend.cache_clear()
     try:
+        local = local_path(path)
+        if not Path(local).is_file():
+            raise MediaError(f"video file not found: {path}")
         video, metadata = qvu.fetch_video(
-            budget.video_element(str(path)), image_patch_size=budget.factor // 2, return_video_metadata=True
+            budget.video_element(local), image_patch_size=budget.factor // 2, return_video_metadata=True
         )
+    except MediaError:
+        raise
     except Exception as exc:
-        raise MediaError(f"unreadable video {path}: {exc}") from None
+        raise MediaError(f"unreadable video {path}: {_first_error(exc)}") from None
     return video, metadata
 
 
