@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ VIDEO_PLACEHOLDER = "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 KNOWN_KEYS = {"id", "image", "video", "conversations"}
 MAX_ASPECT_RATIO = 200  # the processors' limit
-URL_PREFIXES = ("http://", "https://")
+URL_PREFIXES = media.URL_PREFIXES
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 @dataclass
@@ -85,80 +87,105 @@ class DataError(ValueError):
         super().__init__(f"{len(errors)} error(s) in {file}:\n  " + "\n  ".join(lines))
 
 
+class _InvalidLine:
+    """Stands in the raw list for a JSON line that did not parse, so later records keep their index."""
+
+
 def _parse_file(path: Path) -> tuple[list, list[Problem]]:
-    """Raw JSON values of the file (array or JSON lines), or the problems that stop parsing."""
+    """Raw JSON values of the file (array or JSON lines), and the problems found while parsing."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        return [], [Problem("error", "data file not found")]
+        return [], [Problem("error", "data file not found; check the path")]
     except (OSError, UnicodeDecodeError) as exc:
         return [], [Problem("error", f"cannot read the data file: {exc}")]
-    if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
-        raw, problems = [], []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                raw.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                problems.append(Problem("error", f"line {lineno}, column {exc.colno}: invalid JSON: {exc.msg}"))
-        return raw, problems
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return [], [Problem("error", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")]
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        return [], [Problem("error", f"expected a JSON array of records, got {type(data).__name__}")]
-    return data, []
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            # Several JSON objects one per line in a .json file: JSON lines under another name.
+            if not (exc.msg == "Extra data" and text.lstrip().startswith("{")):
+                return [], [Problem("error", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
+                                             "fix the file (a JSON array of records, or one record per line)")]
+        else:
+            if isinstance(data, dict) and "conversations" in data:
+                return [data], []  # a single record (one-line JSON lines file)
+            if not isinstance(data, list):
+                got = f"an object with keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
+                return [], [Problem("error", f"the top level must be a JSON array of records ([{{...}}, ...]) or "
+                                             f"one record per line (JSON lines), got {got}")]
+            return data, []
+    raw: list = []
+    problems: list[Problem] = []
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
+        if not line.strip():
+            continue
+        try:
+            raw.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            problems.append(Problem("error", f"line {lineno}, column {exc.colno}: invalid JSON: {exc.msg}; "
+                                             "fix or remove the line", len(raw)))
+            raw.append(_InvalidLine())
+    return raw, problems
 
 
-def _as_list(value, key: str, err) -> list[str]:
+def _as_list(value, key: str, err) -> list[str] | None:
+    """The file names of an ``image`` / ``video`` field, or None (and an error) when its type is wrong."""
     if value is None:
         return []
     values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+    if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
         err(f"'{key}' must be a file name or a list of file names, got {json.dumps(value)[:80]}")
-        return []
+        return None
     return values
 
 
-def _resolve(name: str, folder: Path | None, allow_urls: bool, kind: str, err) -> str | None:
-    if name.startswith(URL_PREFIXES):
-        if not allow_urls:
-            err(f"{kind} {name!r} is a URL; download it, or pass --allow_urls to fetch it during training")
-            return None
-        return name
-    path = Path(name)
-    if not path.is_absolute():
-        path = (folder or Path(".")) / path
-    return str(path)
+class _Resolver:
+    """Media names -> paths (relative to a folder, or absolute), memoised: datasets repeat file names."""
+
+    def __init__(self, folder: Path, allow_urls: bool, kind: str):
+        self.folder = str(folder)
+        self.allow_urls = allow_urls
+        self.kind = kind
+        self.cache: dict[str, str] = {}
+
+    def __call__(self, name: str, err) -> str | None:
+        if name.startswith(URL_PREFIXES):
+            if not self.allow_urls:
+                err(f"{self.kind} {name!r} is a URL; download it, or pass --allow_urls to fetch it")
+                return None
+            return name
+        path = self.cache.get(name)
+        if path is None:
+            local = name[len(media.FILE_PREFIX):] if name.startswith(media.FILE_PREFIX) else name
+            path = self.cache[name] = os.path.join(self.folder, os.path.expanduser(local))
+        return path
 
 
-def _parse_record(index: int, raw, folders: tuple[Path | None, Path | None], allow_urls: bool):
+def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver]):
     """One raw value -> (Record or None, problems)."""
     problems: list[Problem] = []
     if not isinstance(raw, dict):
-        return None, [Problem("error", f"a record must be a JSON object, got {type(raw).__name__}", index)]
+        return None, [Problem("error", f"a record must be a JSON object, got {type(raw).__name__}: "
+                                       f"{json.dumps(raw)[:60]}", index)]
     rid = str(raw["id"]) if raw.get("id") is not None else None
 
     def err(msg: str) -> None:
         problems.append(Problem("error", msg, index, rid))
 
-    unknown = sorted(set(raw) - KNOWN_KEYS)
-    if unknown:
-        message = f"unknown key(s) {unknown} ignored (known: {sorted(KNOWN_KEYS)})"
-        problems.append(Problem("warning", message, index, rid))
     images = _as_list(raw.get("image"), "image", err)
     videos = _as_list(raw.get("video"), "video", err)
 
     turns = raw.get("conversations")
     if not isinstance(turns, list) or not turns:
-        err("'conversations' is missing or empty; add a list of {\"from\": ..., \"value\": ...} turns")
+        state = "missing" if "conversations" not in raw else "empty" if turns in ([], None, "") else (
+            f"a {type(turns).__name__}, not a list")
+        err(f"'conversations' is {state}; give a list of {{\"from\": \"human\"|\"gpt\", \"value\": ...}} turns")
         return None, problems
 
     messages: list[Message] = []
+    names: list[str] = []
+    placeholders: Counter[str] = Counter()
     for t, turn in enumerate(turns):
         if not isinstance(turn, dict):
             err(f"turn {t} must be an object with 'from' and 'value', got {type(turn).__name__}")
@@ -167,78 +194,139 @@ def _parse_record(index: int, raw, folders: tuple[Path | None, Path | None], all
         value = turn.get("value", turn.get("content"))
         role = ROLES.get(role_name) if isinstance(role_name, str) else None
         if role is None:
-            err(f"turn {t}: unknown role {role_name!r} (use 'system', 'human' or 'gpt')")
+            err(f"turn {t}: unknown role {role_name!r}; use 'system', 'human' or 'gpt'")
             continue
         if not isinstance(value, str):
-            err(f"turn {t} ({role_name}): 'value' must be a string, got {type(value).__name__}")
+            err(f"turn {t} ({role_name}): 'value' must be a string, got {type(value).__name__}; "
+                "write the text, with <image> / <video> where the media go")
             continue
-        reserved = [tok for tok in SPECIAL_TOKENS if tok in value]
+        reserved = [tok for tok in SPECIAL_TOKENS if tok in value] if "<|" in value else None
         if reserved:
-            err(f"turn {t} ({role_name}): text contains the reserved token(s) {reserved}; use <image> / <video>")
+            err(f"turn {t} ({role_name}): text contains the reserved token(s) {reserved}; remove them "
+                "(write <image> / <video> where the media go)")
         if role == "assistant" and not value.strip():
-            err(f"turn {t} (gpt): empty assistant reply")
-        if role != "user" and (IMAGE_PLACEHOLDER in value or VIDEO_PLACEHOLDER in value):
-            err(f"turn {t} ({role_name}): <image>/<video> placeholders belong in the user's turns")
+            err(f"turn {t} ({role_name}): empty assistant reply; write the answer or drop the turn")
+        if "<" in value:
+            found = {p: value.count(p) for p in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)}
+            placeholders.update(found)
+            if role != "user" and any(found.values()):
+                err(f"turn {t} ({role_name}): <image> / <video> placeholders belong in the human turns; move them")
         messages.append(Message(role, value))
+        names.append(role_name)
 
     if len(messages) == len(turns):
         roles = [m.role for m in messages]
         body = roles[1:] if roles[0] == "system" else roles
         expected = ["user", "assistant"] * (len(body) // 2 + 1)
         if not body or body != expected[: len(body)] or body[-1] != "assistant":
-            err(f"roles out of order: {roles}; after an optional system turn, human and gpt alternate, "
+            err(f"roles out of order: {names}; after an optional system turn, human and gpt alternate, "
                 "starting with human and ending with gpt")
 
     for kind, placeholder, files in (("image", IMAGE_PLACEHOLDER, images), ("video", VIDEO_PLACEHOLDER, videos)):
-        n = sum(m.text.count(placeholder) for m in messages)
+        if files is None:  # the field itself is wrong: already reported
+            continue
+        n = placeholders[placeholder]
         if n != len(files):
             err(f"{n} {placeholder} placeholder(s) but {len(files)} {kind}(s); "
                 f"put one {placeholder} in the text where each {kind} goes")
 
-    image_paths = [_resolve(f, folders[0], allow_urls, "image", err) for f in images]
-    video_paths = [_resolve(f, folders[1], allow_urls, "video", err) for f in videos]
-    if any(p.level == "error" for p in problems):
+    image_paths = [resolvers[0](f, err) for f in images or []]
+    video_paths = [resolvers[1](f, err) for f in videos or []]
+    if problems:  # only errors so far
         return None, problems
     record = Record(index, rid if rid is not None else str(index), messages, image_paths, video_paths)
     return record, problems
 
 
-def _check_media(record: Record, min_side: int, deep: bool, budget: media.MediaBudget | None) -> list[Problem]:
-    """Header checks (existence, size, frame count); ``deep`` decodes too. Fills the record's sizes."""
-    problems = []
+def _advice(exc: media.MediaError, path: str, folder_flag: str) -> str:
+    if media.is_url(path) or os.path.exists(path):
+        return f"{exc}; replace the file or drop the record"
+    return f"{exc}; check the name and {folder_flag} (relative paths are resolved against it)"
 
-    def err(msg: str) -> None:
-        problems.append(Problem("error", msg, record.index, record.id))
 
-    for path in record.images:
-        if path.startswith(URL_PREFIXES):
-            continue
-        try:
-            width, height = media.image_size(path)
-        except media.MediaError as exc:
-            err(str(exc))
-            continue
-        record.image_sizes.append((width, height))
+def _probe_image(path: str, min_side: int, deep: bool, budget: media.MediaBudget | None):
+    """(width, height) of an image, or the message of what is wrong with it."""
+    try:
+        width, height = media.image_size(path)
         if min(width, height) < min_side:
-            err(f"image {path} is {width}x{height} px; the processor needs at least {min_side} px a side: "
-                "upscale it or drop the record")
-        elif max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            err(f"image {path} is {width}x{height} px, an aspect ratio over {MAX_ASPECT_RATIO}; crop it")
-        elif deep:
+            return (f"image {path} is {width}x{height} px; the processor needs at least {min_side} px a side: "
+                    "upscale it or drop the record")
+        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            return (f"image {path} is {width}x{height} px, an aspect ratio over {MAX_ASPECT_RATIO}: crop or pad "
+                    "it, or drop the record")
+        if deep:
+            media.load_image(path, budget or media.MediaBudget())
+    except media.MediaError as exc:
+        return _advice(exc, path, "--image_folder")
+    return width, height
+
+
+def _probe_video(path: str, deep: bool, budget: media.MediaBudget | None):
+    """The ``VideoInfo`` of a video, or the message of what is wrong with it."""
+    try:
+        info = media.video_info(path)
+        if max(info.width, info.height) / min(info.width, info.height) > MAX_ASPECT_RATIO:
+            return (f"video {path} is {info.width}x{info.height} px, an aspect ratio over {MAX_ASPECT_RATIO}: "
+                    "crop it or drop the record")
+        if budget is not None:
             try:
-                media.load_image(path, budget or media.MediaBudget())
-            except media.MediaError as exc:
-                err(str(exc))
-    for path in record.videos:
-        if path.startswith(URL_PREFIXES):
+                media.video_grid(info, budget)
+            except ValueError as exc:
+                sampling = f"nframes={budget.nframes}" if budget.nframes else f"fps={budget.fps:g}"
+                return (f"video {path} ({info.frames} frames at {info.fps:g} fps) cannot be sampled with "
+                        f"{sampling}: {exc}; lower --nframes or drop the record")
+        if deep:
+            media.load_video(path, budget or media.MediaBudget())
+    except media.MediaError as exc:
+        return _advice(exc, path, "--video_folder")
+    return info
+
+
+def _check_media(records: list[Record], min_side: int, deep: bool, budget: media.MediaBudget | None,
+                 workers: int) -> list[Problem]:
+    """Header checks (existence, size, frame count) of every distinct file once, then per record; ``deep``
+    decodes too. Fills the records' ``image_sizes`` and ``video_infos``."""
+    images = list(dict.fromkeys(p for r in records for p in r.images))
+    videos = list(dict.fromkeys(p for r in records for p in r.videos))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        image_results = dict(zip(images, pool.map(lambda p: _probe_image(p, min_side, deep, budget), images)))
+        video_results = dict(zip(videos, pool.map(lambda p: _probe_video(p, deep, budget), videos)))
+    problems = []
+    for record in records:
+        record.image_sizes = [image_results[p] for p in record.images]
+        record.video_infos = [video_results[p] for p in record.videos]
+        for result in (*record.image_sizes, *record.video_infos):
+            if isinstance(result, str):
+                problems.append(Problem("error", result, record.index, record.id))
+    return problems
+
+
+def _collection_warnings(raw: list) -> list[Problem]:
+    """Duplicate ids and unknown keys, one warning each (not one per record: a dataset repeats them)."""
+    ids: dict[str, list[int]] = {}
+    unknown: dict[str, list[int]] = {}
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
             continue
-        try:
-            info = media.video_info(path)
-            record.video_infos.append(info)
-            if deep:
-                media.load_video(path, budget or media.MediaBudget())
-        except media.MediaError as exc:
-            err(str(exc))
+        if item.get("id") is not None:
+            ids.setdefault(str(item["id"]), []).append(index)
+        for key in item.keys() - KNOWN_KEYS:
+            unknown.setdefault(key, []).append(index)
+
+    def shown(indices: list[int]) -> str:
+        return ", ".join(map(str, indices[:10])) + (f" and {len(indices) - 10:,} more" if len(indices) > 10 else "")
+
+    problems = []
+    for rid, indices in ids.items():
+        if len(indices) > 1:
+            problems.append(Problem("warning", f"duplicate id: records {shown(indices)} all use it; give each "
+                                               "record its own id, so that reports name one record",
+                                    indices[1], rid))
+    for key, indices in sorted(unknown.items()):
+        first = raw[indices[0]].get("id")
+        problems.append(Problem("warning", f"unknown key {key!r} ignored (in {len(indices):,} record(s): "
+                                           f"{shown(indices)}); known keys: {sorted(KNOWN_KEYS)}",
+                                indices[0], None if first is None else str(first)))
     return problems
 
 
@@ -254,32 +342,33 @@ def read_records(
     budget: media.MediaBudget | None = None,
     workers: int = 16,
 ) -> tuple[list[Record], list[Problem]]:
-    """Parse and validate a data file: (valid records, every problem found)."""
+    """Parse and validate a data file: (valid records, every problem found, sorted by record).
+
+    Records with errors are left out; the others are returned, so a caller may report and go on.
+    With ``check_media`` each distinct media file is checked once from its header (existence, size, aspect
+    ratio, frame count, and frame sampling under ``budget``); ``deep`` decodes every file, in parallel.
+    """
     path = Path(path)
     raw, problems = _parse_file(path)
-    if problems:
-        return [], problems
     if not raw:
-        return [], [Problem("error", "the data file holds no records")]
+        return [], problems or [Problem("error", "the data file holds no records; add a JSON array of records")]
     image_folder = Path(image_folder) if image_folder else path.parent
-    folders = (image_folder, Path(video_folder) if video_folder else image_folder)
+    video_folder = Path(video_folder) if video_folder else image_folder
+    resolvers = (_Resolver(image_folder, allow_urls, "image"), _Resolver(video_folder, allow_urls, "video"))
 
     records: list[Record] = []
     for index, item in enumerate(raw):
-        record, found = _parse_record(index, item, folders, allow_urls)
+        if isinstance(item, _InvalidLine):
+            continue
+        record, found = _parse_record(index, item, resolvers)
         problems += found
         if record is not None:
             records.append(record)
+    problems += _collection_warnings(raw)
 
-    for rid, count in Counter(r.id for r in records if raw[r.index].get("id") is not None).items():
-        if count > 1:
-            indices = [r.index for r in records if r.id == rid]
-            problems.append(Problem("warning", f"id {rid!r} is used by {count} records: {indices}"))
-
-    if check_media:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for found in pool.map(lambda r: _check_media(r, min_image_side, deep, budget), records):
-                problems += found
+    if check_media and records:
+        problems += _check_media(records, min_image_side, deep, budget, workers)
+    problems.sort(key=lambda p: -1 if p.index is None else p.index)
     bad = {p.index for p in problems if p.level == "error"}
     return [r for r in records if r.index not in bad], problems
 
