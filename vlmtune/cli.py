@@ -79,7 +79,20 @@ def cmd_tiny_model(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "check-data": cmd_check_data, "tiny-model": cmd_tiny_model}
+def cmd_merge(argv: list[str]) -> int:
+    from vlmtune.merge import main
+
+    return main(argv)
+
+
+def cmd_predict(argv: list[str]) -> int:
+    from vlmtune.predict import main
+
+    return main(argv)
+
+
+COMMANDS = {"train": cmd_train, "check-data": cmd_check_data, "tiny-model": cmd_tiny_model, "merge": cmd_merge,
+            "predict": cmd_predict}
 
 
 def main(argv: list[str] | None = None) -> int:

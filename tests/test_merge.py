@@ -1,0 +1,281 @@
+"""``vlmtune merge``: merged logits equal base + adapters, strict restores, dtype kept, file set, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA_JSON
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vlmtune.cli import main as cli
+from vlmtune.config import ConfigError
+from vlmtune.data.collator import Collator
+from vlmtune.merge import MergeError, file_set, merge
+from vlmtune.train import NON_LORA_FILE, RUN_FILE
+
+TRAIN_FLAGS = [
+    "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--lora_rank", "4",
+    "--lora_alpha", "8", "--lora_dropout", "0", "--report_to", "none", "--use_cpu", "--save_strategy", "no",
+    "--disable_tqdm", "true", "--seed", "0",
+]
+
+
+def train_run(out: Path, mode: str, family: str, *extra: str) -> Path:
+    """A tiny training run in this process (a couple of steps at a high learning rate, so weights move)."""
+    from vlmtune.config import parse_train_args
+    from vlmtune.train import train
+
+    return train(*parse_train_args(["--data_path", str(DATA_JSON), "--mode", mode, "--tiny_family", family,
+                                    "--output_dir", str(out), *TRAIN_FLAGS, *extra]))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("merge-runs")
+    made = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            mode, family, *extra = {
+                "lora": ("lora", "qwen2_vl"),
+                "lora_vision": ("lora_vision", "qwen2_vl"),
+                "qwen3_lora_vision": ("lora_vision", "qwen3_vl"),
+                "qwen2_5_bf16": ("lora_vision", "qwen2_5_vl", "--bf16"),
+                "full": ("full", "qwen2_vl", "--max_steps", "1"),
+            }[name]
+            made[name] = train_run(root / name, mode, family, *extra)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def merged(runs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("merged")
+    done = {}
+
+    def get(name: str):
+        if name not in done:
+            done[name] = merge(runs(name), root / name)
+        return done[name]
+
+    return get
+
+
+def batch_of(pipeline, family: str):
+    p = pipeline(family)
+    items = [p.dataset[i] for i, r in enumerate(p.dataset.records)
+             if r.id in ("two_images", "video_ball_right", "image_and_video", "text_only")]
+    batch = Collator(p.processor.tokenizer.pad_token_id)(items)
+    batch.pop("labels")
+    return batch
+
+
+@torch.no_grad()
+def real_logits(model, batch):
+    dtype = next(model.parameters()).dtype
+    inputs = {k: (v.to(dtype) if k.startswith("pixel_values") else v) for k, v in batch.items()}
+    return model(**inputs).logits[batch["attention_mask"].bool()].float()
+
+
+def base_plus_adapters(base_dir: Path, run_dir: Path, dtype=torch.float32):
+    """Base + adapters + saved trainables, built with PEFT and load_state_dict, independently of vlmtune.merge."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(base_dir, dtype=dtype)
+    model = PeftModel.from_pretrained(base, run_dir).eval()
+    if (run_dir / NON_LORA_FILE).is_file():
+        result = model.get_base_model().load_state_dict(load_file(run_dir / NON_LORA_FILE), strict=False)
+        assert result.unexpected_keys == []
+    return model
+
+
+@pytest.mark.parametrize("name,family", [("lora", "qwen2_vl"), ("lora_vision", "qwen2_vl"),
+                                         ("qwen3_lora_vision", "qwen3_vl")])
+def test_merged_logits_equal_base_plus_adapters(runs, merged, pipeline, tiny_model_dir, name, family):
+    from transformers import AutoModelForImageTextToText
+
+    result = merged(name)
+    assert result.diffs["merged"] < 1e-4 and result.diffs["reloaded"] < 1e-4
+    batch = batch_of(pipeline, family)
+    expected = real_logits(base_plus_adapters(tiny_model_dir(family), runs(name)), batch)
+    got = real_logits(AutoModelForImageTextToText.from_pretrained(result.output_dir).eval(), batch)
+    base = real_logits(AutoModelForImageTextToText.from_pretrained(tiny_model_dir(family)).eval(), batch)
+    assert (expected - base).abs().max() > 1e-2  # training moved the model: the comparison below means something
+    assert (got - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["lora_vision", "qwen3_lora_vision"])
+def test_trained_merger_lands_in_the_merged_weights(runs, merged, tiny_model_dir, name):
+    """The merger trained fully: its saved tensors, not the base's, are in the merged folder (in-memory names
+    of Qwen2-VL differ from the file's, so compare through a loaded model)."""
+    from transformers import AutoModelForImageTextToText
+
+    saved = load_file(runs(name) / NON_LORA_FILE)
+    assert any(".merger." in k for k in saved)
+    model = AutoModelForImageTextToText.from_pretrained(merged(name).output_dir)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir(json.loads(
+        (runs(name) / RUN_FILE).read_text())["model_type"]))
+    params, base_params = dict(model.named_parameters()), dict(base.named_parameters())
+    for key, value in saved.items():
+        assert torch.equal(params[key], value), key
+        assert not torch.equal(base_params[key], value), key
+
+
+def test_merged_folder_has_the_base_folders_files_and_loads_offline(merged, tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    result = merged("lora_vision")
+    assert file_set(result.output_dir) == file_set(tiny_model_dir("qwen2_vl"))
+    assert result.same_files_as_base is True
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2VLForConditionalGeneration"]
+    model = AutoModelForImageTextToText.from_pretrained(result.output_dir, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(result.output_dir, local_files_only=True)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert processor.chat_template and type(processor).__name__ == "Qwen2VLProcessor"
+    assert model.generation_config.eos_token_id is not None
+    assert not list(result.output_dir.parent.glob(".*tmp*"))
+
+
+def _dtypes(folder: Path) -> set[str]:
+    found = set()
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            found |= {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    return found
+
+
+def test_bf16_in_bf16_out(runs, merged):
+    assert json.loads((runs("qwen2_5_bf16") / RUN_FILE).read_text())["dtype"] == "bfloat16"
+    result = merged("qwen2_5_bf16")
+    assert result.dtype == "bfloat16"
+    assert json.loads((result.output_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    assert _dtypes(result.output_dir) == {"BF16"}
+    assert result.diffs["reloaded"] <= result.tolerance
+
+
+def test_dtype_flag_overrides_the_training_dtype(runs, tmp_path):
+    result = merge(runs("lora"), tmp_path / "out", dtype="bfloat16")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert _dtypes(tmp_path / "out") == {"BF16"}
+    assert result.diffs["merged"] <= result.tolerance
+
+
+def _broken_run(run: Path, tmp_path: Path, edit) -> Path:
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    tensors = load_file(broken / NON_LORA_FILE)
+    save_file(edit(dict(tensors)), broken / NON_LORA_FILE)
+    return broken
+
+
+def test_renamed_trainable_stops_the_merge_naming_the_key(runs, tmp_path, capsys):
+    def rename(tensors):
+        tensors["model.visual.merger.mlp.zero.weight"] = tensors.pop("model.visual.merger.mlp.0.weight")
+        return tensors
+
+    broken = _broken_run(runs("lora_vision"), tmp_path, rename)
+    out = tmp_path / "out"
+    assert cli(["merge", str(broken), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "model.visual.merger.mlp.zero.weight" in err  # the unknown key
+    assert "model.visual.merger.mlp.0.weight" in err  # and the one it leaves untrained
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("vlmtune merge: error:")
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_missing_or_reshaped_trainables_stop_the_merge(runs, tmp_path):
+    dropped = _broken_run(runs("lora_vision"), tmp_path, lambda t: {k: v for k, v in t.items()
+                                                                    if k != "model.visual.merger.ln_q.bias"})
+    with pytest.raises(MergeError, match=r"model\.visual\.merger\.ln_q\.bias"):
+        merge(dropped, tmp_path / "out")
+    shutil.rmtree(dropped)
+    reshaped = _broken_run(runs("lora_vision"), tmp_path, lambda t: {
+        **t, "model.visual.merger.ln_q.bias": torch.zeros(3)})
+    with pytest.raises(MergeError, match=r"shape mismatch.*model\.visual\.merger\.ln_q\.bias"):
+        merge(reshaped, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_refused_without_force_and_replaced_with_it(runs, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="--force"):
+        merge(runs("lora"), out)
+    assert file_set(out) == {"keep.txt"}
+    merge(runs("lora"), out, force=True)
+    assert "keep.txt" not in file_set(out) and "model.safetensors" in file_set(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or old folder left behind
+
+
+def test_a_failed_write_leaves_no_output_and_the_old_folder_untouched(runs, tmp_path, monkeypatch):
+    import vlmtune.merge as merge_module
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(merge_module, "_copy_other_files", fail)  # after the weights are written
+    with pytest.raises(OSError, match="disk full"):
+        merge(runs("lora"), tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    with pytest.raises(OSError, match="disk full"):
+        merge(runs("lora"), old, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"] and file_set(old) == {"keep.txt"}
+
+
+def test_verification_above_tolerance_writes_nothing(runs, tmp_path):
+    with pytest.raises(MergeError, match="differ from base\\+adapters"):
+        merge(runs("lora"), tmp_path / "out", dtype="bfloat16", atol=1e-6)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_run_is_reported_standalone(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(["merge", str(runs("full")), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "full fine-tune" in printed and "already a standalone model" in printed
+    assert not out.exists()
+    result = merge(runs("full"))
+    assert result.standalone and result.output_dir is None and result.samples == 4
+
+
+def test_user_mistakes_are_one_line_errors(runs, tmp_path, capsys):
+    assert cli(["merge", str(tmp_path / "nope"), str(tmp_path / "out")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+    no_run_file = tmp_path / "run"
+    shutil.copytree(runs("lora"), no_run_file)
+    (no_run_file / RUN_FILE).unlink()
+    assert cli(["merge", str(no_run_file), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "--base_model" in err and err.count("\n") == 1
+
+    (tmp_path / "empty").mkdir()
+    assert cli(["merge", str(tmp_path / "empty"), str(tmp_path / "out")]) == 1
+    assert "neither LoRA adapters" in capsys.readouterr().err
+
+    assert cli(["merge", str(runs("lora")), str(runs("lora")), "--force"]) == 1
+    assert "is (or contains) the input" in capsys.readouterr().err
+    assert (runs("lora") / "adapter_model.safetensors").is_file()
+
+
+def test_base_model_flag_stands_in_for_a_missing_run_file(runs, tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    shutil.copytree(runs("lora"), run)
+    (run / RUN_FILE).unlink()
+    result = merge(run, tmp_path / "out", base_model=str(tiny_model_dir("qwen2_vl")))
+    assert result.diffs["reloaded"] < 1e-4
+    with pytest.raises(MergeError, match="qwen2_5_vl"):
+        merge(runs("lora"), tmp_path / "other", base_model=str(tiny_model_dir("qwen2_5_vl")))

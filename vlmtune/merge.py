@@ -1,0 +1,524 @@
+"""``vlmtune merge``: LoRA adapters + saved non-LoRA trainables -> a standalone, verified model folder.
+
+A training output (or checkpoint) holds PEFT adapter files, ``non_lora_trainables.safetensors`` (parameters that
+trained fully beside LoRA, e.g. the merger, under the base model's in-memory names) and ``vlmtune_run.json``
+(base model, family, plan, dtype). Merging:
+
+1. loads the base model in the training dtype and puts the adapters on it, strictly: adapter weights that match
+   no LoRA layer, LoRA layers without weights, and non-LoRA trainables that are unknown, reshaped or missing
+   (per the run's plan) all stop the merge with their names;
+2. computes logits of base + adapters on a batch of real records (data_examples/ or the user's data);
+3. merges with PEFT's ``merge_and_unload``, casts to the output dtype and compares logits again;
+4. writes the model and processor into a temporary folder beside the output, copies the base folder's other
+   files (license, legacy preprocessor configs, ...), reloads the folder with ``AutoModelForImageTextToText``
+   and compares logits a third time, then renames the folder into place.
+
+A difference above tolerance, or any error, leaves no output behind. A full fine-tune's output already is a
+standalone model: merge says so and only checks that it loads and gives finite logits.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from vlmtune.config import ConfigError
+from vlmtune.families import Family, family_for
+from vlmtune.model import modes
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+"""Absolute tolerance on logits, scaled by max(1, largest |logit|) for half precision (see ``tolerance``)."""
+DEFAULT_VERIFY_SAMPLES = 4
+_WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.msgpack|\.h5|\.ckpt|\.gguf)$|\.index\.json$")
+_PLAN = re.compile(
+    r"vision (?P<vision>\w+), merger (?P<merger>\w+), llm (?P<llm>\w+)"
+    r"(?:, top (?P<topk_llm>\d+) LLM layers full)?(?:, top (?P<topk_vision>\d+) vision blocks full)?$"
+)
+
+
+class MergeError(ConfigError):
+    """The merge cannot be done or did not verify; nothing was written."""
+
+
+@dataclass
+class RunInfo:
+    """What a training output folder holds."""
+
+    folder: Path
+    info: dict
+    has_adapter: bool
+    has_model: bool
+
+    @property
+    def run_dtype(self) -> torch.dtype | None:
+        name = self.info.get("dtype")
+        return DTYPES.get(name) if name else None
+
+
+@dataclass
+class MergeResult:
+    """What ``merge`` did: the folder written (None when the input already was standalone) and the checks."""
+
+    output_dir: Path | None
+    standalone: bool
+    dtype: str
+    diffs: dict[str, float] = field(default_factory=dict)
+    """max |logits difference| per check: ``merged`` (in memory) and ``reloaded`` (from the written folder)."""
+    tolerance: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+    same_files_as_base: bool | None = None
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def read_run(folder: str | Path) -> RunInfo:
+    """Inspect a training output or checkpoint folder; user mistakes raise ``ConfigError``."""
+    from vlmtune.train import RUN_FILE
+
+    path = Path(folder)
+    if not path.exists():
+        raise ConfigError(f"run folder {path} does not exist; give a training output or checkpoint folder")
+    if not path.is_dir():
+        raise ConfigError(f"{path} is a file; give the training output or checkpoint folder that holds it")
+    info: dict = {}
+    run_file = path / RUN_FILE
+    if run_file.is_file():
+        try:
+            info = json.loads(run_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{run_file}: invalid JSON ({exc.msg} at line {exc.lineno}); fix or delete it and "
+                              "pass --base_model") from None
+    has_adapter = (path / ADAPTER_CONFIG).is_file()
+    has_model = (path / "config.json").is_file()
+    if not has_adapter and not has_model:
+        raise ConfigError(f"{path} holds neither LoRA adapters ({ADAPTER_CONFIG}) nor a model (config.json); "
+                          "give a training output or checkpoint-N folder")
+    return RunInfo(path, info, has_adapter, has_model)
+
+
+def base_model_of(run: RunInfo, base_model: str | None) -> str:
+    """The base model: ``--base_model`` if given, else the one ``vlmtune_run.json`` names; checked to exist."""
+    from vlmtune.train import RUN_FILE
+
+    base = base_model or run.info.get("base_model")
+    if not base:
+        hint = ""
+        adapter_config = run.folder / ADAPTER_CONFIG
+        if adapter_config.is_file():
+            named = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+            hint = f" (its {ADAPTER_CONFIG} names {named!r})" if named else ""
+        raise ConfigError(f"{run.folder} has no {RUN_FILE} saying which base model it was trained on{hint}: "
+                          "pass --base_model")
+    if not Path(base).is_dir():
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(base)
+        except OSError:
+            raise ConfigError(f"base model {base!r} is not a folder here and cannot be loaded (offline?); "
+                              "pass --base_model with the local folder of the model the run trained") from None
+    return str(base)
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None or name == "":
+        return None
+    key = name.removeprefix("torch.")
+    key = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}.get(
+        key, key)
+    if key not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def plan_of(info: dict) -> modes.TrainPlan | None:
+    """The training plan recorded in ``vlmtune_run.json`` (None when absent or unreadable)."""
+    match = _PLAN.match(str(info.get("plan", "")))
+    if not match or any(match[p] not in modes.POLICIES for p in modes.PARTS):
+        return None
+    return modes.TrainPlan(vision=match["vision"], merger=match["merger"], llm=match["llm"],
+                           topk_llm=int(match["topk_llm"] or 0), topk_vision=int(match["topk_vision"] or 0))
+
+
+def expected_trainables(model: torch.nn.Module, family: Family, plan: modes.TrainPlan) -> set[str]:
+    """Names of the parameters the plan trains fully (what training saved beside the adapters)."""
+    topk = modes._topk_prefixes(model, family, plan)
+    return {
+        modes.clean_name(name) for name, _ in model.named_parameters()
+        if not modes.is_lora_name(name)
+        and (plan.policy(modes.part_of(name, family)) == "full" or (topk and name.startswith(topk)))
+    }
+
+
+def check_output_dir(output_dir: str | Path, force: bool, protected: list[str | Path]) -> Path:
+    """The output folder, refused when it holds files (unless ``force``) or when it is one of the inputs."""
+    out = Path(output_dir)
+    resolved = out.resolve()
+    for other in protected:
+        other_path = Path(other).resolve()
+        if resolved == other_path or other_path.is_relative_to(resolved):
+            raise ConfigError(f"output folder {out} is (or contains) the input {other}; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"output folder {out} already exists and is not empty; pass --force to replace it")
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_model_with_adapters(
+    run: RunInfo, base_model: str, dtype: torch.dtype, device: str | torch.device = "cpu",
+):
+    """(PeftModel with the run's adapters and non-LoRA trainables restored, family), strictly.
+
+    Raises ``MergeError`` naming the keys when an adapter weight or a saved trainable does not match the base
+    model, or when a trainable the run's plan trained is missing from ``non_lora_trainables.safetensors``.
+    """
+    from peft import PeftConfig, PeftModel
+
+    from vlmtune.model.load import load_family, load_model
+    from vlmtune.train import NON_LORA_FILE, load_non_lora_trainables
+
+    family = load_family(base_model)
+    recorded = run.info.get("model_type")
+    if recorded and recorded != family.model_type:
+        raise MergeError(f"{run.folder} was trained on a {recorded} model but the base model {base_model} is "
+                         f"{family.model_type}; pass the right --base_model")
+    model, family = load_model(base_model, dtype=dtype, attn_implementation="sdpa")
+    model.to(device).eval()
+
+    peft_config = PeftConfig.from_pretrained(str(run.folder))
+    peft_config.inference_mode = True
+    try:
+        peft_model = PeftModel(model, peft_config)
+    except ValueError as exc:  # target modules not in this base model
+        raise MergeError(f"the adapters in {run.folder} do not fit the base model {base_model}: {exc}") from None
+    result = peft_model.load_adapter(str(run.folder), "default", torch_device=str(device))
+    unexpected = [k for k in result.unexpected_keys if ".lora_" in k or "lora_magnitude" in k]
+    if result.missing_keys or unexpected:
+        raise MergeError(f"the adapters in {run.folder} do not match the base model {base_model}: "
+                         f"missing {sorted(result.missing_keys)[:10]}, unexpected {sorted(unexpected)[:10]}")
+    peft_model.eval()
+
+    base = peft_model.get_base_model()
+    trainables_file = run.folder / NON_LORA_FILE
+    saved: dict[str, torch.Tensor] = load_file(str(trainables_file)) if trainables_file.is_file() else {}
+    plan = plan_of(run.info)
+    missing: list[str] = []
+    if plan is None:
+        logger.warning("%s records no readable training plan: cannot check that every fully trained part was "
+                       "saved; restoring the %d tensors of %s as they are", run.folder, len(saved), NON_LORA_FILE)
+    else:
+        missing = sorted(expected_trainables(base, family, plan) - set(saved))
+    where = trainables_file if trainables_file.is_file() else f"{trainables_file} (absent)"
+    lacks = (f"the run trained {len(missing)} parameter(s) fully ({plan.describe()}) that it lacks: {missing[:10]}"
+             if missing else "")
+    if saved:
+        try:
+            load_non_lora_trainables(base, saved)
+        except (KeyError, ValueError) as exc:
+            message = exc.args[0] if exc.args else str(exc)
+            raise MergeError(f"{where}: {message}{'; ' + lacks if lacks else ''}; it does not fit the base model "
+                             f"{base_model}, nothing merged") from None
+    if missing:
+        raise MergeError(f"{where}: {lacks}; nothing merged")
+    logger.info("loaded %s + adapters from %s (%d LoRA layers, %d non-LoRA tensors restored)", base_model,
+                run.folder, sum(1 for n, _ in base.named_modules() if n.endswith(".lora_A")), len(saved))
+    return peft_model, family
+
+
+# ---------------------------------------------------------------- verification batch
+
+
+def default_data_path() -> Path:
+    """data_examples/data.json of the source tree (present in a clone / editable install)."""
+    return Path(__file__).resolve().parents[1] / "data_examples" / "data.json"
+
+
+def verification_batch(processor, family: Family, data_path: str | Path | None = None,
+                       image_folder: str | None = None, video_folder: str | None = None,
+                       samples: int = DEFAULT_VERIFY_SAMPLES) -> tuple[dict[str, torch.Tensor], int]:
+    """(batch, number of records): up to ``samples`` records of the data file, one of each shape first
+    (image, video, multi-image, ...), encoded by the project's dataset and collator."""
+    from vlmtune.data import media
+    from vlmtune.data.collator import Collator
+    from vlmtune.data.conversation import Conversation
+    from vlmtune.data.dataset import VisionLanguageDataset
+    from vlmtune.data.records import load_records
+
+    if data_path is None:
+        data_path = default_data_path()
+        if not data_path.is_file():
+            raise ConfigError("no data to verify the merge on (data_examples/ is not beside the package): "
+                              "pass --data_path with a few records of your data")
+    budget = media.budget_from_processor(processor, family.factor)
+    records = load_records(data_path, image_folder, video_folder, budget=budget, min_image_side=family.factor)
+    preferred = ("image+video", "video", "multi_image", "image", "text")
+    chosen, shapes = [], set()
+    for shape in preferred:
+        for record in records:
+            if record.shape == shape and shape not in shapes:
+                chosen.append(record)
+                shapes.add(shape)
+    chosen += [r for r in records if r not in chosen]
+    chosen = sorted(chosen[: max(1, samples)], key=lambda r: r.index)
+    dataset = VisionLanguageDataset(chosen, processor, family, budget, Conversation(processor))
+    batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    batch.pop("labels", None)
+    return batch, len(dataset)
+
+
+@torch.no_grad()
+def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Float32 logits of the real (unpadded) tokens, on the CPU."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(dtype)
+    logits = model(**inputs, use_cache=False).logits
+    return logits[batch["attention_mask"].bool().to(device)].float().cpu()
+
+
+def tolerance(dtype: torch.dtype, reference: torch.Tensor, atol: float | None) -> float:
+    """``atol`` if given; else the dtype's default, scaled by the logits' magnitude in half precision
+    (one rounding of a logit of size L costs about L * 2**-8 in bfloat16)."""
+    if atol is not None:
+        return atol
+    base = DEFAULT_ATOL[dtype]
+    if dtype == torch.float32:
+        return base
+    return base * max(1.0, float(reference.abs().max()))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _default_shard_size(base_model: str, base_dtype: torch.dtype, dtype: torch.dtype) -> str | int:
+    """The base folder's largest shard (scaled to the output dtype), so the output is sharded like the base."""
+    base = Path(base_model)
+    shards = sorted(base.glob("model-*-of-*.safetensors")) if base.is_dir() else []
+    if not shards:
+        return "50GB"
+    largest = max(s.stat().st_size for s in shards)
+    scale = torch.empty(0, dtype=dtype).element_size() / torch.empty(0, dtype=base_dtype).element_size()
+    return int(largest * scale)
+
+
+def _copy_other_files(base_model: str, out: Path) -> list[str]:
+    """Copy the base folder's non-weight files the save did not write (license, legacy configs, ...)."""
+    base = Path(base_model)
+    copied = []
+    if not base.is_dir():
+        return copied
+    for src in sorted(base.iterdir()):
+        if src.name.startswith(".") or not src.is_file() or _WEIGHT_FILE.search(src.name):
+            continue
+        if not (out / src.name).exists():
+            shutil.copy2(src, out / src.name)
+            copied.append(src.name)
+    return copied
+
+
+def file_set(folder: str | Path) -> set[str]:
+    """Names of the visible files of a folder."""
+    return {p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` (allowed by --force) is removed last."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def verify_standalone(run: RunInfo, data_path=None, image_folder=None, video_folder=None,
+                      samples: int = DEFAULT_VERIFY_SAMPLES, device: str | None = None) -> MergeResult:
+    """A full fine-tune's output: check that it loads as it is and gives finite logits."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    start = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForImageTextToText.from_pretrained(str(run.folder), dtype="auto").to(device).eval()
+    family = family_for(model.config)
+    processor = AutoProcessor.from_pretrained(str(run.folder))
+    batch, n = verification_batch(processor, family, data_path, image_folder, video_folder, samples)
+    logits = logits_of(model, batch)
+    if not torch.isfinite(logits).all():
+        raise MergeError(f"{run.folder} loads but gives non-finite logits on {n} records: the weights are broken")
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    logger.info("%s is a full fine-tune's output, already a standalone %s model (%s): nothing to merge; it "
+                "loads with AutoModelForImageTextToText and gives finite logits on %d records", run.folder,
+                family.model_class, dtype_name(dtype), n)
+    return MergeResult(None, True, dtype_name(dtype), samples=n, seconds=time.perf_counter() - start)
+
+
+def merge(
+    run_dir: str | Path,
+    output_dir: str | Path | None = None,
+    *,
+    base_model: str | None = None,
+    dtype: str | None = None,
+    atol: float | None = None,
+    data_path: str | Path | None = None,
+    image_folder: str | None = None,
+    video_folder: str | None = None,
+    samples: int = DEFAULT_VERIFY_SAMPLES,
+    force: bool = False,
+    device: str | None = None,
+    max_shard_size: str | int | None = None,
+) -> MergeResult:
+    """Merge a training output's adapters and trainables into a standalone folder at ``output_dir``."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    start = time.perf_counter()
+    run = read_run(run_dir)
+    if not run.has_adapter:
+        return verify_standalone(run, data_path, image_folder, video_folder, samples, device)
+    if output_dir is None:
+        raise ConfigError("give the output folder for the merged model (--output_dir)")
+    base = base_model_of(run, base_model)
+    out = check_output_dir(output_dir, force, [run.folder, base] if Path(base).exists() else [run.folder])
+    base_dtype = getattr(AutoConfig.from_pretrained(base), "dtype", None) or torch.float32
+    if isinstance(base_dtype, str):
+        base_dtype = DTYPES.get(base_dtype, torch.float32)
+    work_dtype = run.run_dtype or base_dtype
+    out_dtype = parse_dtype(dtype) or work_dtype
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    model, family = load_model_with_adapters(run, base, work_dtype, device)
+    processor = AutoProcessor.from_pretrained(base)
+    batch, n = verification_batch(processor, family, data_path, image_folder, video_folder, samples)
+    reference = logits_of(model, batch)
+    worst = out_dtype if DEFAULT_ATOL[out_dtype] > DEFAULT_ATOL[work_dtype] else work_dtype
+    tol = tolerance(worst, reference, atol)
+
+    merged = model.merge_and_unload(safe_merge=True)
+    del model
+    if out_dtype != work_dtype:
+        merged.to(out_dtype)
+    diffs = {"merged": float((logits_of(merged, batch) - reference).abs().max())}
+    logger.info("verify: max |logits diff| merged vs base+adapters = %.3g on %d records, %d tokens (tolerance "
+                "%.3g, %s)", diffs["merged"], n, reference.shape[0], tol, dtype_name(out_dtype))
+    if not diffs["merged"] <= tol:
+        raise MergeError(f"the merged model's logits differ from base+adapters by {diffs['merged']:.3g} (tolerance "
+                         f"{tol:.3g}); nothing written. Check the adapters, or raise --atol if the dtype explains it")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shard_size = max_shard_size or _default_shard_size(base, base_dtype, out_dtype)
+        merged.save_pretrained(tmp, max_shard_size=shard_size)
+        processor.save_pretrained(tmp)
+        copied = _copy_other_files(base, tmp)
+        if copied:
+            logger.info("copied from the base folder: %s", ", ".join(copied))
+        del merged
+        gc.collect()
+
+        reloaded, info = AutoModelForImageTextToText.from_pretrained(str(tmp), dtype="auto",
+                                                                     output_loading_info=True)
+        problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys",
+                                                                    "mismatched_keys")}
+        if problems:
+            raise MergeError(f"the written folder does not load cleanly: {problems}")
+        if type(reloaded).__name__ != family.model_class:
+            raise MergeError(f"the written folder loads as {type(reloaded).__name__}, not {family.model_class}")
+        saved_dtype = next(p.dtype for p in reloaded.parameters() if p.is_floating_point())
+        if saved_dtype != out_dtype:
+            raise MergeError(f"the written folder loads as {dtype_name(saved_dtype)}, not {dtype_name(out_dtype)}")
+        diffs["reloaded"] = float((logits_of(reloaded.to(device).eval(), batch) - reference).abs().max())
+        del reloaded
+        AutoProcessor.from_pretrained(str(tmp))
+        logger.info("verify: max |logits diff| reloaded folder vs base+adapters = %.3g", diffs["reloaded"])
+        if not diffs["reloaded"] <= tol:
+            raise MergeError(f"the written model's logits differ from base+adapters by {diffs['reloaded']:.3g} "
+                             f"(tolerance {tol:.3g}); nothing written")
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    same = file_set(out) == file_set(base) if Path(base).is_dir() else None
+    if same is False:
+        logger.warning("the merged folder's files differ from the base folder's: only in merged %s, only in base %s",
+                       sorted(file_set(out) - file_set(base)), sorted(file_set(base) - file_set(out)))
+    seconds = time.perf_counter() - start
+    logger.info("merged %s into %s (%s, %s) in %.1fs", run.folder, out, family.model_class, dtype_name(out_dtype),
+                seconds)
+    return MergeResult(out, False, dtype_name(out_dtype), diffs, tol, n, seconds, same)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vlmtune merge RUN_DIR OUTPUT_DIR [options]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="vlmtune merge",
+        description="Merge LoRA adapters and the trained non-LoRA parts of a training run into a standalone model "
+                    "folder (loadable by transformers and vLLM), verified on real records before it is written.",
+    )
+    parser.add_argument("run_dir", help="training output or checkpoint-N folder")
+    parser.add_argument("output_dir", nargs="?", help="folder to write the merged model to (default: RUN_DIR-merged)")
+    parser.add_argument("--base_model", help="base model folder (default: the one vlmtune_run.json names)")
+    parser.add_argument("--dtype", help="dtype of the merged weights: bfloat16, float16 or float32 "
+                        "(default: the training dtype)")
+    parser.add_argument("--atol", type=float, help="largest max |logits difference| accepted (default: 1e-3 in "
+                        "float32; in bf16 / fp16 5e-2 / 1e-2 times max(1, largest |logit|))")
+    parser.add_argument("--data_path", help="records to verify on (default: data_examples/data.json)")
+    parser.add_argument("--image_folder", help="folder of relative image paths (default: the data file's)")
+    parser.add_argument("--video_folder", help="folder of relative video paths (default: image_folder)")
+    parser.add_argument("--samples", type=int, default=DEFAULT_VERIFY_SAMPLES,
+                        help="records in the verification batch (one of each shape first)")
+    parser.add_argument("--device", help="device for merging and verification (default: cuda if present, else cpu)")
+    parser.add_argument("--max_shard_size", help="largest safetensors shard, e.g. 4GB (default: the base "
+                        "folder's largest shard, so the files match)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    args = parser.parse_args(argv)
+    output_dir = args.output_dir or str(Path(args.run_dir.rstrip("/")).as_posix()) + "-merged"
+    result = merge(args.run_dir, output_dir, base_model=args.base_model, dtype=args.dtype, atol=args.atol,
+                   data_path=args.data_path, image_folder=args.image_folder, video_folder=args.video_folder,
+                   samples=args.samples, force=args.force, device=args.device, max_shard_size=args.max_shard_size)
+    if result.standalone:
+        print(f"{args.run_dir} is a full fine-tune: already a standalone model ({result.dtype}); nothing merged. "
+              f"Load it directly with AutoModelForImageTextToText / vLLM.")
+    else:
+        diffs = ", ".join(f"{k} {v:.3g}" for k, v in result.diffs.items())
+        print(f"merged model: {result.output_dir} ({result.dtype}; max |logits diff| {diffs}, tolerance "
+              f"{result.tolerance:.3g}; {result.seconds:.1f}s)")
+    return 0
