@@ -223,7 +223,7 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver]):
                 "starting with human and ending with gpt")
 
     for kind, placeholder, files in (("image", IMAGE_PLACEHOLDER, images), ("video", VIDEO_PLACEHOLDER, videos)):
-        if files is None:  # the field itself is wrong: already reported
+        if files is None or len(messages) < len(turns):  # a wrong field or a skipped turn: counts would mislead
             continue
         n = placeholders[placeholder]
         if n != len(files):
