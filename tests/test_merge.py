@@ -279,3 +279,35 @@ def test_base_model_flag_stands_in_for_a_missing_run_file(runs, tmp_path, tiny_m
     assert result.diffs["reloaded"] < 1e-4
     with pytest.raises(MergeError, match="qwen2_5_vl"):
         merge(runs("lora"), tmp_path / "other", base_model=str(tiny_model_dir("qwen2_5_vl")))
+
+
+def test_a_sharded_base_gives_the_same_shards_and_extra_files(runs, tmp_path, tiny_model_dir):
+    """A released model is sharded and carries files the processor does not write (a license): the merged
+    folder has the same shard files, the same index keys per shard, and the extra files."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    base = tmp_path / "base"
+    AutoModelForImageTextToText.from_pretrained(tiny_model_dir("qwen2_vl")).save_pretrained(base,
+                                                                                             max_shard_size="300KB")
+    AutoProcessor.from_pretrained(tiny_model_dir("qwen2_vl")).save_pretrained(base)
+    (base / "LICENSE").write_text("license text")
+    result = merge(runs("lora"), tmp_path / "out", base_model=str(base))
+    assert len(list(base.glob("model-*-of-*.safetensors"))) > 1
+    assert file_set(result.output_dir) == file_set(base)
+    index = "model.safetensors.index.json"
+    assert (json.loads((result.output_dir / index).read_text())["weight_map"]
+            == json.loads((base / index).read_text())["weight_map"])
+    assert (result.output_dir / "LICENSE").read_text() == "license text"
+    assert result.diffs["reloaded"] < 1e-4
+
+
+def test_an_adapter_weight_that_fits_no_layer_stops_the_merge(runs, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(runs("lora"), broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if ".layers.0." in k and "lora_A" in k)
+    tensors[key.replace(".layers.0.", ".layers.7.")] = tensors.pop(key)
+    save_file(tensors, broken / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MergeError, match=r"do not match.*layers\.7\."):
+        merge(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

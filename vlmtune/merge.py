@@ -432,9 +432,12 @@ def merge(
     del model
     if out_dtype != work_dtype:
         merged.to(out_dtype)
-    diffs = {"merged": float((logits_of(merged, batch) - reference).abs().max())}
+    merged_logits = logits_of(merged, batch)
+    diffs = {"merged": float((merged_logits - reference).abs().max())}
+    agree = float((merged_logits.argmax(-1) == reference.argmax(-1)).float().mean())
     logger.info("verify: max |logits diff| merged vs base+adapters = %.3g on %d records, %d tokens (tolerance "
-                "%.3g, %s)", diffs["merged"], n, reference.shape[0], tol, dtype_name(out_dtype))
+                "%.3g, %s; largest |logit| %.3g; same top token at %.1f%% of positions)", diffs["merged"], n,
+                reference.shape[0], tol, dtype_name(out_dtype), float(reference.abs().max()), 100 * agree)
     if not diffs["merged"] <= tol:
         raise MergeError(f"the merged model's logits differ from base+adapters by {diffs['merged']:.3g} (tolerance "
                          f"{tol:.3g}); nothing written. Check the adapters, or raise --atol if the dtype explains it")
@@ -495,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dir", help="training output or checkpoint-N folder")
     parser.add_argument("output_dir", nargs="?", help="folder to write the merged model to (default: RUN_DIR-merged)")
+    parser.add_argument("--output_dir", dest="output_flag", metavar="OUTPUT_DIR", help="the same, as a flag")
     parser.add_argument("--base_model", help="base model folder (default: the one vlmtune_run.json names)")
     parser.add_argument("--dtype", help="dtype of the merged weights: bfloat16, float16 or float32 "
                         "(default: the training dtype)")
@@ -510,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                         "folder's largest shard, so the files match)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     args = parser.parse_args(argv)
-    output_dir = args.output_dir or str(Path(args.run_dir.rstrip("/")).as_posix()) + "-merged"
+    if args.output_dir and args.output_flag and args.output_dir != args.output_flag:
+        parser.error("the output folder is given twice, differently")
+    output_dir = args.output_dir or args.output_flag or args.run_dir.rstrip("/") + "-merged"
     result = merge(args.run_dir, output_dir, base_model=args.base_model, dtype=args.dtype, atol=args.atol,
                    data_path=args.data_path, image_folder=args.image_folder, video_folder=args.video_folder,
                    samples=args.samples, force=args.force, device=args.device, max_shard_size=args.max_shard_size)
