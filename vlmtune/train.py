@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Trainer
+from transformers import Trainer, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from vlmtune.config import ConfigError, DataArguments, ModeArguments, ModelArguments, TrainingArguments
@@ -182,6 +182,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
         attn_implementation=model_args.attn_implementation, bits=model_args.bits, use_liger=model_args.use_liger,
     )
     model.config.use_cache = False
+    set_seed(train_args.seed)  # LoRA's initial weights are drawn here, before the Trainer seeds anything
     model = modes.apply_plan(model, family, plan, mode_args)
     logger.info("training plan: %s\n%s", plan.describe(), modes.trainable_report(model, family))
 

@@ -1,0 +1,148 @@
+"""End-to-end training on CPU: the four scripts, resume, checkpoint size, DeepSpeed, early errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import DATA_JSON, EXAMPLES, ROOT
+
+PYTHON = sys.executable
+
+
+def run(cmd: list[str], timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    result = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def history(output_dir: Path, key: str = "loss") -> dict[int, float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {entry["step"]: entry[key] for entry in state["log_history"] if key in entry}
+
+
+def cli(*args: str) -> list[str]:
+    return [PYTHON, "-m", "vlmtune.cli", "train", "--data_path", str(DATA_JSON), "--image_folder", str(EXAMPLES),
+            "--use_cpu", "True", "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1", *args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["finetune_lora_vision.sh", "finetune_lora.sh", "finetune.sh",
+                                    "finetune_video.sh"])
+def test_each_script_runs_as_is_on_cpu_and_halves_the_loss(script, tmp_path):
+    result = run(["bash", f"scripts/{script}", "--disable_tqdm", "True"], OUTPUT_DIR=str(tmp_path / "out"))
+    assert "[launch] device: CPU" in result.stdout
+    losses = list(history(tmp_path / "out").values())
+    assert len(losses) >= 20
+    first, last = losses[0], sum(losses[-3:]) / 3
+    assert last < first / 2, (script, first, last)
+    assert (tmp_path / "out" / "vlmtune_run.json").is_file()
+
+
+KILLER = """
+import os, sys
+from vlmtune import train as T
+save = T.VisionLanguageTrainer._save_checkpoint
+def save_then_die(self, model, trial):
+    save(self, model, trial)
+    os._exit(17)  # the process dies right after its first checkpoint, without any clean-up
+T.VisionLanguageTrainer._save_checkpoint = save_then_die
+from vlmtune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """An uninterrupted 8-step LoRA run, and the same run killed after step 4 and resumed."""
+    root = tmp_path_factory.mktemp("resume")
+    args = ["--mode", "lora", "--lora_rank", "8", "--lora_dropout", "0.1", "--max_steps", "8", "--save_steps", "4",
+            "--per_device_train_batch_size", "2", "--learning_rate", "5e-3", "--seed", "7"]
+    run(cli(*args, "--output_dir", str(root / "full")))
+    killed = subprocess.run([PYTHON, "-c", KILLER, "train", *cli(*args, "--output_dir", str(root / "killed"))[4:]],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    assert (root / "killed" / "checkpoint-4").is_dir() and not (root / "killed" / "checkpoint-8").exists()
+    run(cli(*args, "--output_dir", str(root / "killed"), "--resume_from_checkpoint", str(root / "killed" /
+                                                                                        "checkpoint-4")))
+    return root
+
+
+def test_resumed_run_has_the_losses_of_an_uninterrupted_run(lora_runs):
+    full, resumed = history(lora_runs / "full"), history(lora_runs / "killed")
+    assert sorted(full) == list(range(1, 9))
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
+
+
+def test_lora_checkpoint_is_under_a_tenth_of_the_model(lora_runs, tiny_model_dir):
+    model_bytes = sum(f.stat().st_size for f in Path(tiny_model_dir()).glob("*.safetensors"))
+    saved = lora_runs / "full" / "checkpoint-8"
+    weights = sum(f.stat().st_size for f in saved.glob("*.safetensors"))
+    assert (saved / "adapter_model.safetensors").is_file()
+    assert not (saved / "model.safetensors").exists()
+    assert weights < 0.10 * model_bytes, (weights, model_bytes)
+
+
+def deepspeed_cmd(nproc: int, port: int, *args: str) -> list[str]:
+    train_args = cli(*args)[3:]  # drop "python -m vlmtune.cli"
+    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+            "-m", "vlmtune.cli", *train_args]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("config", "port"), [("zero2.json", 29611), ("zero3.json", 29612)])
+def test_deepspeed_trains_our_parameter_groups(config, port, tmp_path):
+    """The DeepSpeed JSONs carry no optimizer block, so the engine's optimizer holds our groups and rates."""
+    out = tmp_path / "out"
+    run(deepspeed_cmd(1, port, "--mode", "lora_vision", "--deepspeed", f"scripts/{config}", "--max_steps", "2",
+                      "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--vision_lr", "1e-3",
+                      "--merger_lr", "2e-3", "--lr_scheduler_type", "constant", "--output_dir", str(out),
+                      "--save_strategy", "no"))
+    for key, value in {"lr/llm": 3e-3, "lr/vision": 1e-3, "lr/merger": 2e-3, "lr/merger/no_decay": 2e-3}.items():
+        rates = list(history(out, key).values())
+        assert rates and rates == pytest.approx([value] * len(rates)), key
+    assert history(out, "learning_rate")[1] == pytest.approx(3e-3)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "non_lora_trainables.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_with_text_only_on_one_rank_finishes(tmp_path):
+    """Sequential sampling deals batches round-robin: rank 0 gets only text, rank 1 images and videos.
+    Without the collator's vision fillers the ranks would wait on each other's ZeRO-3 gathers forever."""
+    raw = {r["id"]: r for r in json.loads(DATA_JSON.read_text())}
+    order = ["text_only", "single_red_circle", "text_multi_turn", "image_and_video",
+             "text_only", "video_ball_left", "text_multi_turn", "two_images"]
+    data = [dict(raw[k], id=f"{k}_{i}") for i, k in enumerate(order)]
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    out = tmp_path / "out"
+    cmd = deepspeed_cmd(2, 29613, "--mode", "lora_vision", "--deepspeed", "scripts/zero3.json", "--max_steps", "4",
+                        "--per_device_train_batch_size", "1", "--train_sampling_strategy", "sequential",
+                        "--output_dir", str(out), "--save_strategy", "no")
+    cmd[cmd.index(str(DATA_JSON))] = str(tmp_path / "data.json")
+    run(cmd, timeout=420)
+    assert sorted(history(out)) == [1, 2, 3, 4]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--mode", "lora", "--vision_lora", "True", "--freeze_vision_tower", "False"], "vision_lora"),
+    (["--bits", "4"], "needs a CUDA device"),
+    (["--mode", "full", "--unfreeze_topk_llm", "1"], "already trains fully"),
+])
+def test_bad_flag_combinations_stop_before_the_model_loads(args, message, capsys, tmp_path):
+    from vlmtune.cli import main
+
+    code = main(["train", "--data_path", str(DATA_JSON), "--output_dir", str(tmp_path), "--use_cpu", "True", *args])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
