@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import FAMILIES
 from transformers import AutoModelForImageTextToText
 
-from conftest import FAMILIES
 from vlmtune.config import ConfigError, ModeArguments
 from vlmtune.families import FAMILIES as FAMILY_TABLE
 from vlmtune.model import modes
