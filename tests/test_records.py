@@ -88,6 +88,13 @@ def test_json_lines_in_a_json_file_with_unicode_line_separators(tmp_path):
     assert records[0].messages[1].text == "A red\u2028circle."
 
 
+def test_a_json_array_in_a_jsonl_file_and_the_examples_deep(tmp_path):
+    path = write(tmp_path, (EXAMPLES / "data.json").read_text(), "data.jsonl")
+    records, found = read_records(path, EXAMPLES, deep=True)
+    assert found == [] and len(records) == 12
+    assert records[0].images == [str(EXAMPLES / RED_CIRCLE)]
+
+
 @pytest.mark.parametrize("top, got", [
     ({"data": [good("a")]}, "an object with keys ['data']"),
     (42, "int"),

@@ -99,7 +99,7 @@ def _parse_file(path: Path) -> tuple[list, list[Problem]]:
         return [], [Problem("error", "data file not found; check the path")]
     except (OSError, UnicodeDecodeError) as exc:
         return [], [Problem("error", f"cannot read the data file: {exc}")]
-    if path.suffix.lower() not in JSONL_SUFFIXES:
+    if path.suffix.lower() not in JSONL_SUFFIXES or text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -158,7 +158,7 @@ class _Resolver:
         path = self.cache.get(name)
         if path is None:
             local = name[len(media.FILE_PREFIX):] if name.startswith(media.FILE_PREFIX) else name
-            path = self.cache[name] = os.path.join(self.folder, os.path.expanduser(local))
+            path = self.cache[name] = os.path.normpath(os.path.join(self.folder, os.path.expanduser(local)))
         return path
 
 
