@@ -235,5 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     record = prompt_record(args.prompt, args.image, args.video, args.system)
     fill_media_info(record, predictor.family)
-    print(predictor.reply(record))
+    reply = predictor.reply(record)
+    if not reply:
+        logger.warning("the reply is empty: the model ended its turn at once (or wrote only special tokens)")
+    print(reply)
     return 0
