@@ -252,6 +252,16 @@ def test_image_too_small_or_too_elongated(tmp_path, size, expected):
     only_error(write(tmp_path, [record]), 0, "x", expected, image_folder=tmp_path)
 
 
+def test_a_fixed_resize_accepts_small_and_elongated_images(tmp_path):
+    Image.new("RGB", (20, 100), "red").save(tmp_path / "small.png")
+    Image.new("RGB", (30, 6100), "red").save(tmp_path / "long.png")
+    path = write(tmp_path, [{"id": n, "image": f"{n}.png", "conversations": turns()} for n in ("small", "long")])
+    fixed = media.MediaBudget(image_resized_height=56, image_resized_width=56)
+    records, found = read_records(path, tmp_path, budget=fixed, deep=True)
+    assert found == [] and [r.image_sizes for r in records] == [[(20, 100)], [(30, 6100)]]
+    assert len(problems(path, image_folder=tmp_path)) == 2  # without it, both are errors
+
+
 def test_min_image_side_follows_the_family_factor(tmp_path):
     Image.new("RGB", (30, 30), "red").save(tmp_path / "small.png")
     path = write(tmp_path, [{"id": "x", "image": "small.png", "conversations": turns()}])

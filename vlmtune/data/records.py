@@ -248,10 +248,12 @@ def _probe_image(path: str, min_side: int, deep: bool, budget: media.MediaBudget
     """(width, height) of an image, or the message of what is wrong with it."""
     try:
         width, height = media.image_size(path)
-        if min(width, height) < min_side:
+        # under a fixed size every image is resized to it: its own size and shape do not matter
+        fixed = budget is not None and budget.image_resized_height and budget.image_resized_width
+        if not fixed and min(width, height) < min_side:
             return (f"image {path} is {width}x{height} px; the processor needs at least {min_side} px a side: "
                     "upscale it or drop the record")
-        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        if not fixed and max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
             return (f"image {path} is {width}x{height} px, an aspect ratio over {MAX_ASPECT_RATIO}: crop or pad "
                     "it, or drop the record")
         if deep:
