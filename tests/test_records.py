@@ -330,6 +330,15 @@ def test_duplicate_ids_and_unknown_keys_are_warnings(tmp_path):
     assert messages[1].startswith(f"{path}: record 2 (id 'a'): duplicate id: records 0, 2 all use it")
 
 
+def test_plural_media_keys_get_a_hint(tmp_path):
+    record = {"id": "x", "images": [RED_CIRCLE], "conversations": turns()}
+    path = write(tmp_path, [record])
+    only_error(path, 0, "x", "1 <image> placeholder(s) but 0 image(s)")
+    warning, = problems(path, level="warning")
+    assert warning.startswith(f"{path}: record 0 (id 'x'): unknown key 'images' ignored")
+    assert warning.endswith("did you mean 'image'?")
+
+
 def test_every_problem_is_reported_at_once_and_valid_records_are_returned(tmp_path):
     bad_role = good("bad_role")
     bad_role["conversations"][0]["from"] = "robot"

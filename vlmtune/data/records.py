@@ -326,8 +326,9 @@ def _collection_warnings(raw: list) -> list[Problem]:
                                     indices[1], rid))
     for key, indices in sorted(unknown.items()):
         first = raw[indices[0]].get("id")
+        hint = f"; did you mean {key[:-1]!r}?" if key in ("images", "videos") else ""
         problems.append(Problem("warning", f"unknown key {key!r} ignored (in {len(indices):,} record(s): "
-                                           f"{shown(indices)}); known keys: {sorted(KNOWN_KEYS)}",
+                                           f"{shown(indices)}); known keys: {sorted(KNOWN_KEYS)}{hint}",
                                 indices[0], None if first is None else str(first)))
     return problems
 
