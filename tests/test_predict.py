@@ -23,14 +23,14 @@ MAX_NEW = 6
 
 @pytest.fixture(scope="module")
 def run_and_merged(tmp_path_factory, tiny_model_dir):
-    """A tiny lora_vision run (two steps, weights moved) and its merged folder."""
+    """A tiny lora_vision run (one step at a high rate, weights moved) and its merged folder."""
     from vlmtune.config import parse_train_args
     from vlmtune.train import train
 
     root = tmp_path_factory.mktemp("predict")
     run = train(*parse_train_args([
         "--data_path", str(DATA_JSON), "--mode", "lora_vision", "--tiny_family", "qwen2_vl", "--output_dir",
-        str(root / "run"), "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+        str(root / "run"), "--max_steps", "1", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
         "--lora_rank", "4", "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true",
     ]))
     merged = merge(run, root / "merged").output_dir
