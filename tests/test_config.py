@@ -1,0 +1,55 @@
+"""Configuration: YAML file + flags, cross-checks, and the evaluation split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DATA_JSON
+
+from vlmtune.config import ConfigError, DataArguments, parse_train_args
+
+
+def test_yaml_gives_defaults_and_flags_override_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "data_path: data.json\nmode: lora_vision\nlora_rank: 16\nlearning_rate: 0.0002\nvision_lr: 0.00002\n"
+        "fps: 1.0\ngroup_by_length: true\nuse_cpu: true\noutput_dir: out\n"
+    )
+    model, data, mode, train = parse_train_args([str(config), "--lora_rank", "32", "--output_dir", "elsewhere"])
+    assert (data.data_path, data.fps) == ("data.json", 1.0)
+    assert (mode.mode, mode.lora_rank) == ("lora_vision", 32)
+    assert train.learning_rate == pytest.approx(2e-4) and train.vision_lr == pytest.approx(2e-5)
+    assert train.output_dir == "elsewhere"
+    assert train.train_sampling_strategy == "group_by_length"
+    assert train.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert model.model_name_or_path is None
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"fps": 1.0, "nframes": 8}, "give one of them"),
+    ({"val_ratio": 1.5}, "val_ratio"),
+    ({"image_resized_width": 224}, "go together"),
+])
+def test_data_arguments_cross_checks(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        DataArguments(**kwargs)
+
+
+def test_budget_overrides_cover_every_media_flag():
+    fields = {"image_min_pixels", "image_max_pixels", "image_resized_height", "image_resized_width",
+              "video_min_pixels", "video_max_pixels", "fps", "nframes", "video_min_frames", "video_max_frames"}
+    assert set(DataArguments().budget_overrides()) == fields
+
+
+def test_val_ratio_holds_out_records_and_reports_eval_loss(tmp_path):
+    from vlmtune.train import train
+
+    out = tmp_path / "out"
+    args = parse_train_args(["--data_path", str(DATA_JSON), "--val_ratio", "0.25", "--output_dir", str(out),
+                             "--max_steps", "2", "--use_cpu", "True", "--report_to", "none", "--save_strategy", "no",
+                             "--disable_tqdm", "True"])
+    train(*args)
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
+    assert len(evals) == 1 and evals[0] > 0
