@@ -204,6 +204,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
         processing_class=processor, family=family, run_info=run_info,
     )
     trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    if eval_set is not None and train_args.eval_strategy == "no":  # an eval split always reports, at least at the end
+        trainer.log_metrics("eval", trainer.evaluate())
     trainer.save_model(train_args.output_dir)
     trainer.save_state()
     logger.info("saved to %s", train_args.output_dir)
