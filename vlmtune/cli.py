@@ -91,8 +91,14 @@ def cmd_predict(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_estimate_memory(argv: list[str]) -> int:
+    from vlmtune.memory import main
+
+    return main(argv)
+
+
 COMMANDS = {"train": cmd_train, "check-data": cmd_check_data, "tiny-model": cmd_tiny_model, "merge": cmd_merge,
-            "predict": cmd_predict}
+            "predict": cmd_predict, "estimate-memory": cmd_estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,596 @@
+"""Estimate the memory one GPU needs to fine-tune a Qwen-VL model, item by item.
+
+Parameter counts are exact: the model is built on the ``meta`` device from its config (no weights are allocated)
+and the package's own modes table (``modes.lora_targets``, ``modes.part_of``) says what trains. Everything else is
+a formula over those counts and the shapes, written from what transformers 5.22, PEFT and torch do in a step:
+
+* weights: the load dtype (bf16 for ``--bf16``, fp32 for AMP or fp32); with ``--bits 4|8`` the language model's
+  linear layers are bitsandbytes nf4 / int8 and every other weight is upcast to fp32 by PEFT's
+  ``prepare_model_for_kbit_training`` (what ``vlmtune train`` calls). LoRA adapters are fp32 (PEFT's default).
+* gradients: one per trainable parameter, in its dtype. ZeRO-2/3 divide them by the number of GPUs.
+* optimizer states: torch AdamW keeps two states in the parameter's dtype; DeepSpeed keeps fp32 master weights and
+  two fp32 states (12 bytes per parameter, 8 when the parameters are already fp32), divided over GPUs from ZeRO-1,
+  moved to the CPU with offload.
+* activations: what autograd saves per token in a decoder layer (see ``_layer_bytes``), times layers and tokens;
+  with gradient checkpointing only each layer's input plus one layer recomputed during backward.
+* vision tokens: how many the pixel budgets give, and what the vision tower and merger save for backward when
+  they train (nothing but their output when frozen).
+* logits: the model-dtype logits, the fp32 log-probabilities cross-entropy keeps and one fp32 gradient of the same
+  size; Liger's fused linear cross-entropy never materialises them: one chunk of ``ceil(T / ceil(V / H))`` rows
+  (rounded up to a power of two), the input's gradient, and lm_head's gradient when it trains.
+
+The peak is an upper bound: weights + optimizer states + gradients + the larger of (activations + vision + logits)
+and the optimizer step's temporaries, as if every gradient already existed while every activation is still held.
+Not counted: the CUDA context and kernels (about 0.5-1 GB per process), allocator fragmentation, NCCL buffers.
+``torch.cuda.max_memory_allocated`` measures the same tensor memory this estimates.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmtune.config import ConfigError
+
+GB = 1e9
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+"""bitsandbytes nf4 with double quantization: 4 bits, an 8-bit absmax per 64 weights, an fp32 scale per 256 absmaxes."""
+LAYER_NORM_UPCAST = 4
+"""Qwen RMSNorm upcasts its input to fp32 and keeps that copy for backward."""
+
+_QWEN2_VISION = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4}
+_QWEN25_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                  "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112, "tokens_per_second": 2}
+_QWEN3_VISION_SMALL = {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
+                       "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]}
+
+
+def _text(hidden, intermediate, layers, heads, kv_heads, vocab, tied, **extra):
+    return {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+            "tie_word_embeddings": tied, **extra}
+
+
+KNOWN_MODELS: dict[str, tuple[str, dict, dict]] = {
+    "Qwen2-VL-2B": ("qwen2_vl", _text(1536, 8960, 28, 12, 2, 151936, True), {**_QWEN2_VISION, "hidden_size": 1536}),
+    "Qwen2-VL-7B": ("qwen2_vl", _text(3584, 18944, 28, 28, 4, 152064, False), {**_QWEN2_VISION, "hidden_size": 3584}),
+    "Qwen2.5-VL-3B": ("qwen2_5_vl", _text(2048, 11008, 36, 16, 2, 151936, True),
+                      {**_QWEN25_VISION, "out_hidden_size": 2048}),
+    "Qwen2.5-VL-7B": ("qwen2_5_vl", _text(3584, 18944, 28, 28, 4, 152064, False),
+                      {**_QWEN25_VISION, "out_hidden_size": 3584}),
+    "Qwen2.5-VL-32B": ("qwen2_5_vl", _text(5120, 27648, 64, 40, 8, 152064, False),
+                       {**_QWEN25_VISION, "out_hidden_size": 5120}),
+    "Qwen2.5-VL-72B": ("qwen2_5_vl", _text(8192, 29568, 80, 64, 8, 152064, False),
+                       {**_QWEN25_VISION, "out_hidden_size": 8192}),
+    "Qwen3-VL-2B": ("qwen3_vl", _text(2048, 6144, 28, 16, 8, 151936, True, head_dim=128),
+                    {**_QWEN3_VISION_SMALL, "out_hidden_size": 2048}),
+    "Qwen3-VL-4B": ("qwen3_vl", _text(2560, 9728, 36, 32, 8, 151936, True, head_dim=128),
+                    {**_QWEN3_VISION_SMALL, "out_hidden_size": 2560}),
+    "Qwen3-VL-8B": ("qwen3_vl", _text(4096, 12288, 36, 32, 8, 151936, False, head_dim=128),
+                    {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "patch_size": 16,
+                     "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24],
+                     "out_hidden_size": 4096}),
+}
+"""Published shapes (the models' config.json) of the checkpoints the estimator knows without a hub."""
+
+PUBLISHED_PARAMS_B = {"Qwen2-VL-2B": 2.21, "Qwen2-VL-7B": 8.29, "Qwen2.5-VL-3B": 3.75, "Qwen2.5-VL-7B": 8.29,
+                      "Qwen2.5-VL-32B": 33.5, "Qwen2.5-VL-72B": 73.4, "Qwen3-VL-2B": 2.13, "Qwen3-VL-4B": 4.44,
+                      "Qwen3-VL-8B": 8.77}
+"""Parameter counts (billions) on the models' hub pages, to check the table above against."""
+
+RULE_OF_THUMB_7B_GB = {"full, fp32 weights + AMP": 120, "full, pure bf16": 60, "LoRA (bf16)": 16,
+                       "QLoRA 8-bit": 10, "QLoRA 4-bit": 6}
+"""The common rule-of-thumb table for a 7B model (e.g. LLaMA-Factory's README), in GB."""
+
+PRECISIONS = ("bf16", "amp", "fp32")
+
+
+# ------------------------------------------------------------------ the model
+
+
+def known_model_key(name: str) -> str | None:
+    """The KNOWN_MODELS key for a hub name such as ``Qwen/Qwen2.5-VL-7B-Instruct`` (None if unknown)."""
+    base = name.rsplit("/", 1)[-1].lower()
+    base = re.sub(r"-(instruct|thinking|base|awq|gptq.*|fp8)$", "", base)
+    for key in KNOWN_MODELS:
+        if base == key.lower():
+            return key
+    return None
+
+
+def load_config(model: str | None):
+    """A model config from ``tiny[:family]`` (or None), a local folder / config.json, or a known hub name."""
+    from transformers import AutoConfig
+
+    if not model or model == "tiny" or model.startswith("tiny:"):
+        from vlmtune.tiny import DEFAULT_FAMILY, tiny_model_path
+
+        family = model.split(":", 1)[1] if model and ":" in model else DEFAULT_FAMILY
+        return AutoConfig.from_pretrained(tiny_model_path(family))
+    path = Path(model)
+    if path.is_file() and path.name.endswith(".json"):
+        path = path.parent
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path}: no config.json in this folder")
+        return AutoConfig.from_pretrained(path)
+    key = known_model_key(model)
+    if key is None:
+        raise ConfigError(f"unknown model {model!r}: give a local folder with config.json, 'tiny[:family]', or one "
+                          f"of the built-in shapes: {', '.join(KNOWN_MODELS)}")
+    model_type, text, vision = KNOWN_MODELS[key]
+    return AutoConfig.for_model(model_type, text_config=dict(text), vision_config=dict(vision),
+                                tie_word_embeddings=text["tie_word_embeddings"])
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the formulas need, read from a model built on the meta device (exact counts, no weights)."""
+
+    model_type: str
+    params: int
+    by_part: dict[str, int]
+    quantizable: int
+    """Weights of the language model's linear layers (what bitsandbytes quantizes; lm_head and visual skipped)."""
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    vision_depth: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_factor: int
+    """Pixel side of one vision token (patch size x spatial merge)."""
+    deepstack: int
+    largest_layer: int
+    trainable: dict[str, int] = field(default_factory=dict)
+    """mode -> non-LoRA trainable parameters."""
+    lora_dims: dict[str, int] = field(default_factory=dict)
+    """mode -> sum of (in + out features) over the LoRA'd linears: LoRA parameters = rank x this."""
+    lora_layer: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """mode -> (sum of input features, count) of LoRA'd linears in one decoder layer."""
+    lora_block: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """mode -> the same in one vision block."""
+
+    def lora(self, mode: str, rank: int) -> int:
+        return rank * self.lora_dims[mode]
+
+
+def model_shape(config, lora_target: str | None = None) -> ModelShape:
+    """Exact parameter counts and shapes of a config, with trainables per mode from the package's modes table."""
+    from vlmtune.families import family_for
+    from vlmtune.model import modes
+
+    family = family_for(config)
+    with torch.device("meta"):
+        model = family.model_cls()._from_config(config)
+    by_part = dict.fromkeys(modes.PARTS, 0)
+    for name, p in model.named_parameters():
+        by_part[modes.part_of(name, family)] += p.numel()
+    quantizable = sum(m.weight.numel() for n, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and n.startswith(family.language_model + "."))
+    text, vision = config.text_config, config.vision_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    layer0 = f"{family.language_model}.layers.0."
+    block0 = f"{family.vision}.blocks.0."
+    layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(layer0))
+    embed = model.get_input_embeddings().weight.numel()
+    trainable, lora_dims, lora_layer, lora_block = {}, {}, {}, {}
+    linears = dict(model.named_modules())
+    for mode, plan in modes.PRESETS.items():
+        targets = modes.lora_targets(model, family, plan, lora_target) if plan.uses_lora else []
+        lora_dims[mode] = sum(linears[t].in_features + linears[t].out_features for t in targets)
+        for out, prefix in ((lora_layer, layer0), (lora_block, block0)):
+            ins = [linears[t].in_features for t in targets if t.startswith(prefix)]
+            out[mode] = (sum(ins), len(ins))
+        trainable[mode] = sum(p.numel() for n, p in model.named_parameters()
+                              if plan.policy(modes.part_of(n, family)) == "full")
+    return ModelShape(
+        model_type=config.model_type, params=sum(p.numel() for p in model.parameters()), by_part=by_part,
+        quantizable=quantizable, hidden=text.hidden_size, intermediate=text.intermediate_size,
+        layers=text.num_hidden_layers, heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
+        head_dim=head_dim, vocab=text.vocab_size, vision_depth=vision.depth,
+        vision_hidden=getattr(vision, "embed_dim", None) or vision.hidden_size,
+        vision_intermediate=getattr(vision, "intermediate_size", None)
+        or int(vision.embed_dim * getattr(vision, "mlp_ratio", 4)),
+        vision_factor=vision.patch_size * vision.spatial_merge_size,
+        deepstack=len(getattr(vision, "deepstack_visual_indexes", None) or []),
+        largest_layer=max(layer_params, embed), trainable=trainable, lora_dims=lora_dims, lora_layer=lora_layer,
+        lora_block=lora_block,
+    )
+
+
+# ------------------------------------------------------------------ the setup
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training configuration, per GPU."""
+
+    mode: str = "lora"
+    precision: str = "bf16"
+    """bf16: weights, gradients and AdamW states in bf16 (``vlmtune train --bf16``). amp: fp32 weights with bf16
+    autocast. fp32: everything fp32."""
+    bits: int = 16
+    zero: int = 0
+    offload: str = "none"
+    """none, optimizer (ZeRO optimizer states on the CPU) or all (optimizer states and parameters, ZeRO-3)."""
+    gpus: int = 1
+    batch_size: int = 1
+    seq_len: int = 1024
+    """Text tokens per sample (vision tokens come from the pixel budgets and are added)."""
+    images: int = 1
+    image_pixels: int = 448 * 448
+    videos: int = 0
+    video_frames: int = 16
+    video_pixels: int = 360 * 420
+    gradient_checkpointing: bool = False
+    liger: bool = False
+    lora_rank: int = 64
+    lora_dropout: float = 0.05
+    attn: str = "sdpa"
+    optim: str = "adamw_torch_fused"
+    device: str = "cuda"
+    """cuda, or cpu (torch's CPU dropout keeps an fp32 mask): only the LoRA dropout term depends on it."""
+    """The Trainer's optimizer: adamw_torch_fused (its default on torch >= 2.8) or adamw_torch (foreach)."""
+    packing: bool = False
+
+    def check(self) -> None:
+        if self.mode not in ("full", "lora", "lora_vision"):
+            raise ConfigError(f"--mode must be full, lora or lora_vision, got {self.mode!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.bits not in (4, 8, 16):
+            raise ConfigError(f"--bits must be 4, 8 or 16, got {self.bits}")
+        if self.bits < 16 and self.mode == "full":
+            raise ConfigError("--bits 4/8 (QLoRA) trains LoRA adapters: use --mode lora or lora_vision")
+        if self.bits < 16 and self.zero == 3:
+            raise ConfigError("--bits 4/8 with ZeRO-3 is not supported by bitsandbytes + DeepSpeed here")
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero must be 0 (no DeepSpeed), 1, 2 or 3, got {self.zero}")
+        if self.offload not in ("none", "optimizer", "all"):
+            raise ConfigError(f"--offload must be none, optimizer or all, got {self.offload!r}")
+        if self.offload != "none" and self.zero == 0:
+            raise ConfigError("--offload needs DeepSpeed: give --zero 2 or 3")
+        if self.offload == "all" and self.zero != 3:
+            raise ConfigError("--offload all (parameters too) needs --zero 3")
+        if self.gpus < 1 or self.batch_size < 1 or self.seq_len < 1:
+            raise ConfigError("--gpus, --batch_size and --seq_len must be positive")
+        if self.optim not in ("adamw_torch_fused", "adamw_torch"):
+            raise ConfigError(f"--optim must be adamw_torch_fused or adamw_torch, got {self.optim!r}")
+        if self.attn not in ("sdpa", "flash_attention_2", "eager"):
+            raise ConfigError(f"--attn must be sdpa, flash_attention_2 or eager, got {self.attn!r}")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    bytes: float
+    detail: str
+
+
+@dataclass
+class Estimate:
+    """Rows of one estimate; ``peak`` combines them (see the module doc)."""
+
+    model: str
+    setup: Setup
+    shape: ModelShape
+    rows: dict[str, Row]
+    alternatives: dict[str, float]
+    notes: list[str]
+
+    def bytes(self, name: str) -> float:
+        return self.rows[name].bytes
+
+    @property
+    def peak(self) -> float:
+        b = self.bytes
+        held = b("weights") + b("lora adapters") + b("optimizer states") + b("gradients")
+        return held + max(b("optimizer step temporaries"), b("activations") + b("vision") + b("logits + loss")
+                          + b("attention mask"))
+
+    def table(self) -> str:
+        s = self.setup
+        unit, scale = ("GB", GB) if self.peak >= 0.1 * GB else ("MB", 1e6)
+        head = (f"{self.model} ({self.shape.model_type}, {_count(self.shape.params)} params): mode {s.mode}, "
+                f"{s.precision}{f', {s.bits}-bit base' if s.bits < 16 else ''}, "
+                f"{'ZeRO-' + str(s.zero) if s.zero else 'no DeepSpeed'}"
+                f"{', offload ' + s.offload if s.offload != 'none' else ''}, {s.gpus} GPU(s), batch {s.batch_size}, "
+                f"{s.seq_len} text tokens + {vision_tokens(self.shape, s)} vision tokens per sample, "
+                f"{s.attn}{', gradient checkpointing' if s.gradient_checkpointing else ''}"
+                f"{', Liger' if s.liger else ''}{', packing' if s.packing else ''}")
+        lines = [head, f"{'per GPU':<28}{unit:>9}  detail"]
+        for row in self.rows.values():
+            lines.append(f"{row.name:<28}{row.bytes / scale:>9.2f}  {row.detail}")
+        lines.append(f"{'peak (upper bound)':<28}{self.peak / scale:>9.2f}  weights + optimizer + gradients + "
+                     "max(step temporaries, activations + vision + logits + mask)")
+        lines.append("alternatives: " + ", ".join(f"{k} {v / scale:.2f} {unit}" for k, v in self.alternatives.items()))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,.0f}"
+
+
+def vision_tokens(shape: ModelShape, setup: Setup) -> int:
+    """Vision tokens per sample: pixels / (patch x merge)^2 per image, and per pair of frames for videos."""
+    per_token = shape.vision_factor**2
+    image = setup.images * max(setup.image_pixels // per_token, 4) if setup.images else 0
+    video = setup.videos * math.ceil(setup.video_frames / 2) * max(setup.video_pixels // per_token, 4)
+    return image + video
+
+
+def _dtype_bytes(setup: Setup) -> tuple[int, int]:
+    """(bytes per weight of the loaded model, bytes per activation)."""
+    return {"bf16": (2, 2), "amp": (4, 2), "fp32": (4, 4)}[setup.precision]
+
+
+def _layer_bytes(shape: ModelShape, a: int, base_trains: bool, kv_expanded: bool, lora: tuple[int, int],
+                 setup: Setup) -> float:
+    """Bytes autograd keeps per token in one decoder layer (HF Qwen2 / Qwen3 text layer, sdpa or flash).
+
+    Always: both RMSNorms' fp32 upcast input (Qwen3: also q_norm's and k_norm's), q and k after RoPE and v (k and
+    v at every head when sdpa gets a mask and repeats the KV heads), the attention output, and the MLP's gate,
+    SiLU(gate) and up. When the layer's own
+    weights train (full): the norms' normalised copies and outputs, o_proj's and down_proj's inputs (a frozen
+    linear keeps no input). Each LoRA'd linear adds its own (see ``_lora_bytes``).
+    """
+    h, q = shape.hidden, shape.heads * shape.head_dim
+    kv = q if kv_expanded else shape.kv_heads * shape.head_dim
+    always = 2 * LAYER_NORM_UPCAST * h + a * (q + 2 * kv + q) + 3 * a * shape.intermediate
+    trained = a * (4 * h + q + shape.intermediate) if base_trains else 0
+    if shape.model_type == "qwen3_vl":  # q_norm / k_norm: RMSNorms per head on q and k
+        qk = q + shape.kv_heads * shape.head_dim
+        always += LAYER_NORM_UPCAST * qk
+        trained += a * qk if base_trains else 0
+    return always + trained + _lora_bytes(lora, a, setup)
+
+
+def _lora_bytes(lora: tuple[int, int], a: int, setup: Setup) -> float:
+    """Per token, for LoRA'd linears with these (summed input features, count): the dropout mask (bool on CUDA,
+    the input's dtype in torch's CPU dropout), the dropped input lora_A keeps (the autocast copy when activations are
+    16-bit), and lora_A's rank-r output that lora_B keeps. Without dropout lora_A keeps its input as is."""
+    inputs, count = lora
+    if not count:
+        return 0.0
+    mask = (1 if setup.device == "cuda" else 4) if setup.lora_dropout > 0 else 0
+    return (mask + a) * inputs + a * setup.lora_rank * count
+
+
+def _vision_block_bytes(shape: ModelShape, a: int, base_trains: bool, lora: tuple[int, int], setup: Setup) -> float:
+    """Bytes autograd keeps per patch in one vision block when the tower trains: the norms' inputs (fp32 upcast
+    for Qwen2.5-VL's RMSNorm), q, k, v and the attention output, the MLP activation's inputs (QuickGELU: x and
+    sigmoid; SwiGLU: gate, SiLU, up; GELU: x) and, when the block's own weights train, the linears' inputs."""
+    d, m = shape.vision_hidden, shape.vision_intermediate
+    norm_in = LAYER_NORM_UPCAST if shape.model_type == "qwen2_5_vl" else a
+    mlp = {"qwen2_vl": 2, "qwen2_5_vl": 3}.get(shape.model_type, 1) * a * m
+    trained = a * (4 * d + m) if base_trains else 0
+    return 2 * norm_in * d + 4 * a * d + mlp + trained + _lora_bytes(lora, a, setup)
+
+
+def estimate(model: str | None, setup: Setup, shape: ModelShape | None = None) -> Estimate:
+    """The itemised per-GPU estimate for ``model`` (see ``load_config``) under ``setup``."""
+    setup.check()
+    if shape is None:
+        shape = model_shape(load_config(model))
+    p, a = _dtype_bytes(setup)
+    n = setup.gpus
+    notes: list[str] = []
+    plan_trainable = shape.trainable[setup.mode]
+    lora = shape.lora(setup.mode, setup.lora_rank)
+    quantized = setup.bits < 16
+    rows: dict[str, Row] = {}
+
+    # weights
+    if quantized:
+        per_q = NF4_BYTES if setup.bits == 4 else 1.0
+        other = shape.params - shape.quantizable
+        weights = shape.quantizable * per_q + other * 4
+        detail = (f"{_count(shape.quantizable)} LLM linear weights at {per_q:.3f} B + {_count(other)} others "
+                  "(vision, embeddings, lm_head, norms) upcast to fp32 by prepare_model_for_kbit_training")
+        notes.append("QLoRA: PEFT's prepare_model_for_kbit_training upcasts every non-quantized weight to fp32; "
+                     f"here that is {other * 4 / GB:.1f} GB of the weights")
+    else:
+        weights = shape.params * p
+        detail = f"{_count(shape.params)} params x {p} B"
+    if setup.zero == 3:
+        gathered = shape.largest_layer * (4 if quantized else p)
+        resident = 0 if setup.offload == "all" else weights / n
+        weights = resident + gathered
+        detail += f", ZeRO-3: /{n} GPUs" + (" (offloaded)" if setup.offload == "all" else "") + " + 1 gathered layer"
+    rows["weights"] = Row("weights", weights, detail)
+    rows["lora adapters"] = Row("lora adapters", lora * 4 / (n if setup.zero == 3 else 1),
+                                f"{_count(lora)} LoRA params x 4 B (fp32 adapters)" if lora else "no LoRA")
+
+    # gradients and optimizer
+    train_bytes = 4 if quantized else p  # non-LoRA trainables share the weights' dtype
+    grads = plan_trainable * train_bytes + lora * 4
+    grad_detail = f"{_count(plan_trainable + lora)} trainable params"
+    if setup.zero >= 2:
+        grads /= n
+        grad_detail += f", ZeRO-{setup.zero}: /{n}"
+    rows["gradients"] = Row("gradients", grads, grad_detail)
+    if setup.zero == 0:
+        states = 2 * (plan_trainable * train_bytes + lora * 4)
+        opt_detail = "AdamW exp_avg + exp_avg_sq in each parameter's dtype"
+        if setup.optim == "adamw_torch":
+            temporaries = plan_trainable * train_bytes + lora * 4
+            temp_detail = "foreach AdamW: one state-sized temporary (sqrt of exp_avg_sq)"
+        else:
+            temporaries, temp_detail = 0.0, "fused AdamW updates each tensor in place"
+    else:
+        master = lambda nbytes: 12 if nbytes < 4 else 8  # noqa: E731 - fp32 master copy unless already fp32
+        states = (plan_trainable * master(train_bytes) + lora * 8) / n
+        opt_detail = f"DeepSpeed: fp32 master + 2 fp32 Adam states, ZeRO-{setup.zero}: /{n}"
+        if setup.offload != "none":
+            notes.append(f"offloaded optimizer states need {states * n / GB:.1f} GB of CPU RAM per node "
+                         "(shared by its GPUs)")
+            states, opt_detail = 0.0, "offloaded to CPU"
+        temporaries, temp_detail = 0.0, "DeepSpeed's Adam updates in place"
+    rows["optimizer states"] = Row("optimizer states", states, opt_detail)
+    rows["optimizer step temporaries"] = Row("optimizer step temporaries", temporaries, temp_detail)
+
+    # activations
+    v_tokens = vision_tokens(shape, setup)
+    seq = setup.seq_len + v_tokens
+    tokens = setup.batch_size * seq
+    kv_expanded = setup.attn in ("sdpa", "eager") and (setup.batch_size > 1 or setup.packing)
+    llm_trains = setup.mode == "full"
+    per_layer = _layer_bytes(shape, a, llm_trains, kv_expanded, shape.lora_layer[setup.mode], setup)
+    head = (LAYER_NORM_UPCAST + a + (a if llm_trains else 0)) * shape.hidden  # final norm + lm_head input
+    full_acts = tokens * (shape.layers * per_layer + head)
+    checkpointed = tokens * (shape.layers * a * shape.hidden + per_layer + head)
+    if setup.attn == "eager":
+        eager = setup.batch_size * shape.heads * seq * seq * a * 2 * shape.layers  # probabilities + dropout input
+        full_acts += eager
+        checkpointed += eager / shape.layers
+        notes.append("eager attention keeps heads x seq^2 probabilities per layer; use sdpa or flash_attention_2")
+    acts = checkpointed if setup.gradient_checkpointing else full_acts
+    rows["activations"] = Row(
+        "activations", acts,
+        f"{tokens:,} tokens x {shape.layers} layers x {per_layer / 1e3:.1f} kB"
+        + (" (checkpointed: layer inputs + 1 layer)" if setup.gradient_checkpointing else "")
+        + (", KV heads repeated for sdpa" if kv_expanded else ""))
+
+    # vision
+    patches = 4 * v_tokens * setup.batch_size
+    vision_trains = setup.mode == "lora_vision"
+    merger_trains = setup.mode in ("full", "lora_vision")
+    merger = v_tokens * setup.batch_size * 4 * shape.vision_hidden * (LAYER_NORM_UPCAST + 3 * a)
+    merger *= 1 + shape.deepstack
+    if vision_trains:
+        block = _vision_block_bytes(shape, a, False, shape.lora_block[setup.mode], setup)
+        tower = patches * (shape.vision_depth * block if not setup.gradient_checkpointing
+                           else shape.vision_depth * a * shape.vision_hidden + block)
+        vision_detail = f"tower trains: {patches:,} patches x {shape.vision_depth} blocks + merger"
+    else:
+        tower = 0.0
+        vision_detail = "tower frozen: nothing kept" + (" but the merger's activations" if merger_trains else "")
+    vision = tower + (merger if merger_trains else 0.0) + v_tokens * setup.batch_size * shape.hidden * a
+    rows["vision"] = Row("vision", vision, f"{v_tokens:,} vision tokens per sample; {vision_detail}")
+
+    # logits
+    plain_logits = tokens * shape.vocab * (a + 4 + 4)
+    inc = math.ceil(shape.vocab / shape.hidden)
+    chunk = 2 ** math.ceil(math.log2(max(math.ceil(tokens / inc), 1)))
+    liger_logits = a * chunk * shape.vocab + a * tokens * shape.hidden  # one logits chunk + the input's gradient
+    if setup.mode == "full":
+        liger_logits += p * shape.vocab * shape.hidden  # lm_head's gradient, computed during the forward
+    logits = liger_logits if setup.liger else plain_logits
+    rows["logits + loss"] = Row(
+        "logits + loss", logits,
+        f"Liger fused CE: chunks of {chunk:,} rows" if setup.liger
+        else f"{tokens:,} x {shape.vocab:,} logits: model dtype + fp32 log-probs + fp32 gradient")
+    mask = setup.batch_size * seq * seq if setup.attn in ("sdpa", "eager") and (
+        setup.batch_size > 1 or setup.packing) else 0
+    rows["attention mask"] = Row("attention mask", mask, "4-D bool mask built once per step" if mask
+                                 else "none (flash-attn, or one unpadded row)")
+
+    alternatives = {
+        "activations without checkpointing": full_acts, "activations with checkpointing": checkpointed,
+        "logits without Liger": plain_logits, "logits with Liger": liger_logits,
+    }
+    return Estimate(model or "tiny", setup, shape, rows, alternatives, notes)
+
+
+def rule_of_thumb(model: str = "Qwen2.5-VL-7B", **overrides) -> list[tuple[str, float, Estimate, str]]:
+    """The five rule-of-thumb rows for ``model``: (name, rule-of-thumb GB, estimate, why they differ)."""
+    shape = model_shape(load_config(model))
+    base = Setup(**{"batch_size": 1, "seq_len": 512, "images": 1, "image_pixels": 448 * 448,
+                    "gradient_checkpointing": True, **overrides})
+    setups = {
+        "full, fp32 weights + AMP": replace(base, mode="full", precision="amp"),
+        "full, pure bf16": replace(base, mode="full", precision="bf16"),
+        "LoRA (bf16)": replace(base, mode="lora", precision="bf16"),
+        "QLoRA 8-bit": replace(base, mode="lora", precision="bf16", bits=8),
+        "QLoRA 4-bit": replace(base, mode="lora", precision="bf16", bits=4),
+    }
+    params_b = shape.params / 1e9
+    out = []
+    for name, setup in setups.items():
+        est = estimate(model, setup, shape)
+        rule = RULE_OF_THUMB_7B_GB[name]
+        why = [f"{params_b:.2f}B params, not 7B (vision tower {shape.by_part['vision'] / 1e9:.2f}B, embeddings "
+               "and lm_head)"]
+        if setup.mode == "full":
+            why.append(f"vlmtune's full preset keeps the vision tower frozen ({shape.trainable['full'] / 1e9:.2f}B "
+                       "trained)")
+        if setup.mode != "full":
+            lora_gb = sum(est.bytes(k) for k in ("lora adapters", "gradients", "optimizer states")) / GB
+            why.append(f"LoRA rank {setup.lora_rank} on every linear: {_count(shape.lora(setup.mode, setup.lora_rank))}"
+                       f" fp32 adapter params, {lora_gb:.1f} GB with gradients and AdamW")
+        if setup.bits < 16:
+            why.append(f"non-quantized weights upcast to fp32 (+{(shape.params - shape.quantizable) * 2 / GB:.1f} "
+                       "GB vs bf16)")
+        why.append(f"activations + logits {(est.bytes('activations') + est.bytes('vision')) / GB:.1f} + "
+                   f"{est.bytes('logits + loss') / GB:.1f} GB at {setup.seq_len} text + "
+                   f"{vision_tokens(shape, setup)} vision tokens")
+        out.append((name, rule, est, "; ".join(w for w in why if w)))
+    return out
+
+
+def rule_of_thumb_table(model: str = "Qwen2.5-VL-7B", **overrides) -> str:
+    rows = rule_of_thumb(model, **overrides)
+    lines = [f"{model}: estimate vs the 7B rule of thumb (batch 1, gradient checkpointing, sdpa, no Liger)",
+             f"{'setup':<28}{'rule GB':>8}{'est. GB':>9}{'static':>8}  why they differ"]
+    for name, rule, est, why in rows:
+        static = sum(est.bytes(k) for k in ("weights", "lora adapters", "gradients", "optimizer states"))
+        lines.append(f"{name:<28}{rule:>8}{est.peak / GB:>9.1f}{static / GB:>8.1f}  {why}")
+    lines.append("static = weights + adapters + gradients + optimizer states; est. = peak upper bound")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vlmtune estimate-memory``: print the itemised estimate (and, with --rule-of-thumb, the 7B comparison)."""
+    import argparse
+
+    d = Setup()
+    parser = argparse.ArgumentParser(
+        prog="vlmtune estimate-memory",
+        description="Estimate GPU memory per device for a fine-tuning setup (tensor memory, GB = 1e9 bytes).")
+    parser.add_argument("model", nargs="?", default="tiny",
+                        help=f"hub name with a built-in shape ({', '.join(KNOWN_MODELS)}; org prefix and -Instruct "
+                        "are fine), a local folder with config.json, or tiny[:family] (default: tiny)")
+    parser.add_argument("--mode", default=d.mode, choices=["full", "lora", "lora_vision"])
+    parser.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                        help="bf16: weights, gradients and AdamW states in bf16 (what --bf16 trains in); amp: fp32 "
+                        "weights with bf16 autocast; fp32")
+    parser.add_argument("--bits", type=int, default=d.bits, choices=[4, 8, 16], help="4 or 8: QLoRA")
+    parser.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (0: none)")
+    parser.add_argument("--offload", default=d.offload, choices=["none", "optimizer", "all"])
+    parser.add_argument("--gpus", type=int, default=d.gpus)
+    parser.add_argument("--batch_size", type=int, default=d.batch_size, help="per GPU")
+    parser.add_argument("--seq_len", type=int, default=d.seq_len, help="text tokens per sample")
+    parser.add_argument("--images", type=int, default=d.images, help="images per sample")
+    parser.add_argument("--image_pixels", type=int, default=d.image_pixels, help="pixels per image after resizing")
+    parser.add_argument("--videos", type=int, default=d.videos, help="videos per sample")
+    parser.add_argument("--video_frames", type=int, default=d.video_frames, help="sampled frames per video")
+    parser.add_argument("--video_pixels", type=int, default=d.video_pixels, help="pixels per frame after resizing")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--liger", action="store_true", help="Liger's fused linear cross-entropy")
+    parser.add_argument("--lora_rank", type=int, default=d.lora_rank)
+    parser.add_argument("--lora_dropout", type=float, default=d.lora_dropout)
+    parser.add_argument("--attn", default=d.attn, choices=["sdpa", "flash_attention_2", "eager"])
+    parser.add_argument("--optim", default=d.optim, choices=["adamw_torch_fused", "adamw_torch"])
+    parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--device", default=d.device, choices=["cuda", "cpu"],
+                        help="cpu: torch's CPU dropout keeps an fp32 mask (only the LoRA term changes)")
+    parser.add_argument("--rule-of-thumb", dest="rule_of_thumb", action="store_true",
+                        help="also print the five rule-of-thumb setups for this model (meant for a 7B model)")
+    args = vars(parser.parse_args(argv))
+    model, rule = args.pop("model"), args.pop("rule_of_thumb")
+    print(estimate(model, Setup(**args)).table())
+    if rule:
+        print()
+        print(rule_of_thumb_table(model))
+    return 0
