@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from vlmtune import cache_root
 from vlmtune.families import FAMILIES, Family
 from vlmtune.families.base import SPECIAL_TOKENS
 
@@ -128,8 +129,7 @@ def tiny_model_path(family: str = DEFAULT_FAMILY) -> Path:
 
     import transformers
 
-    root = Path(os.environ.get("VLMTUNE_CACHE", Path.home() / ".cache" / "vlmtune"))
-    path = root / f"tiny-{family}-v{TINY_SPEC_VERSION}-tf{transformers.__version__}"
+    path = cache_root() / f"tiny-{family}-v{TINY_SPEC_VERSION}-tf{transformers.__version__}"
     if not (path / "config.json").is_file():
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         build_tiny_model(tmp, family)

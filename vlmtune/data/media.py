@@ -19,6 +19,8 @@ import torch
 from PIL import Image, ImageOps
 from qwen_vl_utils import vision_process as qvu
 
+from vlmtune import cache_root
+
 # EXIF orientations that rotate by 90 or 270 degrees, so width and height swap.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -83,7 +85,7 @@ def is_url(path: str | Path) -> bool:
 
 def media_cache_dir() -> Path:
     """Where downloaded media are kept (``$VLMTUNE_CACHE/media``), so a URL is fetched once."""
-    return Path(os.environ.get("VLMTUNE_CACHE", Path.home() / ".cache" / "vlmtune")) / "media"
+    return cache_root() / "media"
 
 
 def local_path(path: str | Path) -> str:
