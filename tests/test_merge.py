@@ -311,3 +311,13 @@ def test_an_adapter_weight_that_fits_no_layer_stops_the_merge(runs, tmp_path):
     with pytest.raises(MergeError, match=r"do not match.*layers\.7\."):
         merge(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_merged_processor_serves_with_the_training_pixel_budgets(tmp_path):
+    """Budgets set for training are written into the processor that the merged folder ships."""
+    run = train_run(tmp_path / "run", "lora", "qwen2_vl", "--image_max_pixels", str(32 * 28 * 28), "--fps", "1.0")
+    merge(run, tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "processor_config.json").read_text())
+    assert config["image_processor"]["size"]["longest_edge"] == 32 * 28 * 28
+    assert config["video_processor"]["fps"] == 1.0
+    assert json.loads((run / RUN_FILE).read_text())["budget"] == {"image_max_pixels": 32 * 28 * 28, "fps": 1.0}

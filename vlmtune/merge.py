@@ -44,12 +44,6 @@ DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 """Absolute tolerance on logits, scaled by max(1, largest |logit|) for half precision (see ``tolerance``)."""
 DEFAULT_VERIFY_SAMPLES = 4
 _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.msgpack|\.h5|\.ckpt|\.gguf)$|\.index\.json$")
-_PLAN = re.compile(
-    r"vision (?P<vision>\w+), merger (?P<merger>\w+), llm (?P<llm>\w+)"
-    r"(?:, top (?P<topk_llm>\d+) LLM layers full)?(?:, top (?P<topk_vision>\d+) vision blocks full)?$"
-)
-
-
 class MergeError(ConfigError):
     """The merge cannot be done or did not verify; nothing was written."""
 
@@ -153,21 +147,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def plan_of(info: dict) -> modes.TrainPlan | None:
     """The training plan recorded in ``vlmtune_run.json`` (None when absent or unreadable)."""
-    match = _PLAN.match(str(info.get("plan", "")))
-    if not match or any(match[p] not in modes.POLICIES for p in modes.PARTS):
+    try:
+        return modes.TrainPlan(**info["plan"])
+    except (KeyError, TypeError):
         return None
-    return modes.TrainPlan(vision=match["vision"], merger=match["merger"], llm=match["llm"],
-                           topk_llm=int(match["topk_llm"] or 0), topk_vision=int(match["topk_vision"] or 0))
-
-
-def expected_trainables(model: torch.nn.Module, family: Family, plan: modes.TrainPlan) -> set[str]:
-    """Names of the parameters the plan trains fully (what training saved beside the adapters)."""
-    topk = modes._topk_prefixes(model, family, plan)
-    return {
-        modes.clean_name(name) for name, _ in model.named_parameters()
-        if not modes.is_lora_name(name)
-        and (plan.policy(modes.part_of(name, family)) == "full" or (topk and name.startswith(topk)))
-    }
 
 
 def check_output_dir(output_dir: str | Path, force: bool, protected: list[str | Path]) -> Path:
@@ -231,7 +214,7 @@ def load_model_with_adapters(
         logger.warning("%s records no readable training plan: cannot check that every fully trained part was "
                        "saved; restoring the %d tensors of %s as they are", run.folder, len(saved), NON_LORA_FILE)
     else:
-        missing = sorted(expected_trainables(base, family, plan) - set(saved))
+        missing = sorted(modes.fully_trained_names(base, family, plan) - set(saved))
     where = trainables_file if trainables_file.is_file() else f"{trainables_file} (absent)"
     lacks = (f"the run trained {len(missing)} parameter(s) fully ({plan.describe()}) that it lacks: {missing[:10]}"
              if missing else "")
@@ -422,7 +405,9 @@ def merge(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     model, family = load_model_with_adapters(run, base, work_dtype, device)
-    processor = AutoProcessor.from_pretrained(base)
+    # The run's processor carries the training pixel budgets; the base's is the fallback.
+    processor = AutoProcessor.from_pretrained(str(run.folder) if (run.folder / "processor_config.json").is_file()
+                                              else base)
     batch, n = verification_batch(processor, family, data_path, image_folder, video_folder, samples)
     reference = logits_of(model, batch)
     worst = out_dtype if DEFAULT_ATOL[out_dtype] > DEFAULT_ATOL[work_dtype] else work_dtype

@@ -7,6 +7,7 @@ without decoding media, saving just what trains, and per-group learning rates an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -165,6 +166,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     family = load_family(model_path)
     processor = load_processor(model_path)
     budget = media.budget_from_processor(processor, family.factor, **data_args.budget_overrides())
+    media.set_processor_budget(processor, budget)  # saved with every checkpoint: serving uses the same budgets
     train_set, eval_set = build_datasets(data_args, processor, family, budget, train_args.seed)
     if len(train_set) == 0:
         raise ConfigError("no training record is left after the length filter; raise --max_seq_length")
@@ -196,7 +198,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     else:
         collator = Collator(processor.tokenizer.pad_token_id, fillers=fillers)
     run_info = {
-        "base_model": model_path, "model_type": family.model_type, "plan": plan.describe(),
+        "base_model": model_path, "model_type": family.model_type, "plan": dataclasses.asdict(plan),
+        "budget": {k: v for k, v in data_args.budget_overrides().items() if v is not None},
         "lora": plan.uses_lora, "dtype": str(torch_dtype(train_args.bf16, train_args.fp16)).removeprefix("torch."),
     }
     trainer = VisionLanguageTrainer(

@@ -375,3 +375,15 @@ def budget_from_processor(processor, factor: int, **overrides) -> MediaBudget:
     )
     values.update({k: v for k, v in overrides.items() if v is not None})
     return MediaBudget(**values)
+
+
+def set_processor_budget(processor, budget: MediaBudget) -> None:
+    """Write the budget into the processor, so a saved folder serves with the budgets it was trained with
+    (transformers and vLLM read them from ``processor_config.json``)."""
+    processor.image_processor.size = {"shortest_edge": budget.image_min_pixels, "longest_edge": budget.image_max_pixels}
+    video = getattr(processor, "video_processor", None)
+    if video is not None:
+        video.size = {"shortest_edge": budget.video_min_pixels, "longest_edge": budget.video_max_pixels}
+        video.min_frames, video.max_frames = budget.video_min_frames, budget.video_max_frames
+        if budget.fps:
+            video.fps = budget.fps

@@ -151,13 +151,20 @@ def apply_plan(model: nn.Module, family: Family, plan: TrainPlan, args: ModeArgu
         )
         model = get_peft_model(model, config)
     base = model.get_base_model() if plan.uses_lora else model
-    topk = _topk_prefixes(base, family, plan)
+    full = fully_trained_names(base, family, plan)
     for name, param in base.named_parameters():
-        if ".lora_" in name:
-            continue
-        if plan.policy(part_of(name, family)) == "full" or name.startswith(topk):
+        if clean_name(name) in full and not is_lora_name(name):
             param.requires_grad_(True)
     return model
+
+
+def fully_trained_names(model: nn.Module, family: Family, plan: TrainPlan) -> set[str]:
+    """Base-model names of the parameters the plan trains fully (saved beside the adapters in LoRA runs)."""
+    topk = _topk_prefixes(model, family, plan)
+    return {
+        clean_name(name) for name, _ in model.named_parameters()
+        if not is_lora_name(name) and (plan.policy(part_of(name, family)) == "full" or name.startswith(topk))
+    }
 
 
 def is_lora_name(name: str) -> bool:
