@@ -6,6 +6,7 @@ builds: ``build_tiny_model(out_dir, family)`` writes a folder that ``from_pretra
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -81,6 +82,20 @@ def _processor(family: Family, tokenizer):
     )
 
 
+@contextlib.contextmanager
+def _whole_weights():
+    """Build with whole weights even inside a ZeRO-3 run: transformers would otherwise partition the new
+    model through the run's DeepSpeed config, and save_pretrained would write empty shards."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def tiny_config(family: Family, tokenizer):
     """The family's config at tiny sizes, with token ids from the tiny tokenizer."""
     from transformers import AutoConfig
@@ -111,7 +126,8 @@ def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: in
     tokenizer = _train_tokenizer(seed)
     config = tiny_config(fam, tokenizer)
     torch.manual_seed(seed)
-    model = fam.model_cls()(config).eval()
+    with _whole_weights():
+        model = fam.model_cls()(config).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
         pad_token_id=tokenizer.pad_token_id,
