@@ -19,6 +19,18 @@ ASSISTANT_HEADER = f"{IM_START}assistant\n"
 """Text that opens every assistant turn in the ChatML templates of all three families."""
 
 
+TINY_TEXT_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+}
+"""The tiny language model every family's embedded test model starts from (M-RoPE sections sum to head_dim/2)."""
+
+
 def chatml_template(default_system: str | None) -> str:
     """A ChatML chat template in the Qwen-VL form (content as a string or a list of typed parts).
 

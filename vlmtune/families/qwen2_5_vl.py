@@ -1,6 +1,6 @@
 """Qwen2.5-VL: Qwen2-VL plus window attention in the vision tower and absolute time in M-RoPE."""
 
-from vlmtune.families.base import Family, chatml_template
+from vlmtune.families.base import TINY_TEXT_CONFIG, Family, chatml_template
 
 QWEN2_5_VL = Family(
     model_type="qwen2_5_vl",
@@ -12,15 +12,7 @@ QWEN2_5_VL = Family(
     chat_template=chatml_template("You are a helpful assistant."),
     uses_second_per_grid_ts=True,
     tiny_config={
-        "text_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-        },
+        "text_config": TINY_TEXT_CONFIG,
         "vision_config": {
             "depth": 2,
             "hidden_size": 32,

@@ -1,6 +1,6 @@
 """Qwen2-VL."""
 
-from vlmtune.families.base import Family, chatml_template
+from vlmtune.families.base import TINY_TEXT_CONFIG, Family, chatml_template
 
 QWEN2_VL = Family(
     model_type="qwen2_vl",
@@ -11,15 +11,7 @@ QWEN2_VL = Family(
     liger_patch="apply_liger_kernel_to_qwen2_vl",
     chat_template=chatml_template("You are a helpful assistant."),
     tiny_config={
-        "text_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
-        },
+        "text_config": TINY_TEXT_CONFIG,
         "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2},
     },
 )

@@ -1,6 +1,6 @@
 """Qwen3-VL: patch 16, DeepStack mergers, interleaved M-RoPE and text timestamps for video frames."""
 
-from vlmtune.families.base import Family, chatml_template
+from vlmtune.families.base import TINY_TEXT_CONFIG, Family, chatml_template
 
 QWEN3_VL = Family(
     model_type="qwen3_vl",
@@ -15,13 +15,8 @@ QWEN3_VL = Family(
     mergers=("model.visual.merger", "model.visual.deepstack_merger_list"),
     tiny_config={
         "text_config": {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            **TINY_TEXT_CONFIG,
             "head_dim": 16,
-            "max_position_embeddings": 4096,
             "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
         },
         "vision_config": {
