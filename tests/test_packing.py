@@ -220,3 +220,32 @@ def test_padding_fraction_on_the_repeated_examples(pipeline, family):
     assert packed_padding < 0.05
     assert grouped < 0.15
     assert plain > 0.15  # the examples do need grouping or packing
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_train_with_packing_grouping_and_an_eval_split(tmp_path, caplog):
+    """``vlmtune train --packing`` end to end: packs for training and evaluation, length grouping over packs, and
+    the logged records/s counting records (not rows)."""
+    import json
+
+    from conftest import DATA_JSON
+
+    from vlmtune.config import parse_train_args
+    from vlmtune.train import train
+
+    out = tmp_path / "out"
+    args = parse_train_args(["--data_path", str(DATA_JSON), "--packing", "True", "--group_by_length", "True",
+                             "--max_seq_length", "256", "--val_ratio", "0.25", "--eval_strategy", "steps",
+                             "--eval_steps", "2", "--per_device_train_batch_size", "1", "--max_steps", "2",
+                             "--logging_steps", "1", "--output_dir", str(out), "--use_cpu", "True",
+                             "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True"])
+    with caplog.at_level("INFO", logger="vlmtune"):
+        train(*args)
+    assert "packing: 9 records in" in caplog.text and "block mask" in caplog.text
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
+    assert evals and all(0 < e < 20 for e in evals)
+    rates = [(e["samples_per_s"], e["tokens_per_s"]) for e in state["log_history"] if "samples_per_s" in e]
+    assert rates and all(45 <= tokens / samples <= 113 for samples, tokens in rates)  # records 45-113 tokens; rows ~250

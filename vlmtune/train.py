@@ -64,6 +64,12 @@ class VisionLanguageTrainer(Trainer):
             return LengthGroupedSampler(size, lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)
 
+    def _get_eval_sampler(self, eval_dataset):
+        # The Trainer would infer eval lengths by reading every item (decoding all media), and cannot for packs.
+        if self.args.group_by_length and hasattr(eval_dataset, "lengths"):
+            return LengthGroupedSampler(self.args.eval_batch_size, lengths=eval_dataset.lengths)
+        return super()._get_eval_sampler(eval_dataset)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         pad_id = getattr(self.data_collator, "pad_token_id", None)  # packed batches carry no attention_mask
         self._samples_seen = getattr(self, "_samples_seen", 0) + packing.count_samples(inputs, pad_id)
