@@ -132,6 +132,29 @@ def test_without_restarted_positions_the_losses_differ(pipeline):
     assert abs(float(good - bad)) > 1e-3 * abs(float(good))
 
 
+def test_zero3_fillers_in_a_packed_batch_change_neither_loss_nor_gradients(pipeline):
+    """A packed batch with no image or video gets the inert filler image and video as segments of their own (the
+    vision tower runs on every rank); the loss and the language model's gradients stay those without fillers."""
+    from vlmtune.data.collator import vision_fillers
+
+    p = pipeline("qwen2_5_vl")
+    model = p.model()
+    packing.prepare_model(model)
+    text = [it for it, r in zip(items(p), p.dataset.records) if r.shape == "text"]
+    pad_id = p.processor.tokenizer.pad_token_id
+    plain = PackedCollator(pad_id, RopeIndex(model.config))([text])
+    filled = PackedCollator(pad_id, RopeIndex(model.config), fillers=vision_fillers(p.processor, p.family.factor))(
+        [text])
+    assert "pixel_values" in filled and "pixel_values_videos" in filled and "pixel_values" not in plain
+    assert packing.count_samples(filled, pad_id) == len(text) + 2  # the fillers are segments of their own
+    loss_plain, _, grads_plain = summed_loss_and_grads(model, plain)
+    loss_filled, _, grads_filled = summed_loss_and_grads(model, filled)
+    torch.testing.assert_close(loss_filled, loss_plain, rtol=1e-5, atol=0)
+    kept = {name for name in grads_plain if "embed_tokens" not in name}  # fillers' ids: zero embedding rows
+    assert_grads_close({n: grads_filled[n] for n in kept}, {n: grads_plain[n] for n in kept})
+    assert all(float(g.abs().max()) == 0 for n, g in grads_filled.items() if ".visual." in n)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_positions_restart_per_record_and_match_the_model(pipeline, family):
     p = pipeline(family)
