@@ -31,6 +31,8 @@ launch() {
     local accum=$((GLOBAL_BATCH_SIZE / (BATCH_PER_DEVICE * world)))
     [ "$accum" -ge 1 ] || accum=1
 
+    # Workers decode media ahead of the GPU (each item's media once); on CPU they would compete with training.
+    local workers=$([ "$HAS_CUDA" = 1 ] && echo 4 || echo 1)
     local precision=()
     if [ "$HAS_CUDA" = 1 ]; then
         precision=(--bf16 True)
@@ -46,7 +48,8 @@ launch() {
         --per_device_train_batch_size "$BATCH_PER_DEVICE" --gradient_accumulation_steps "$accum"
         --max_seq_length "$MAX_SEQ_LENGTH" --save_steps "$SAVE_STEPS" --logging_steps "$LOGGING_STEPS"
         --report_to "${REPORT_TO:-none}" --weight_decay 0.0 --warmup_steps 0.03 --lr_scheduler_type cosine
-        --dataloader_num_workers "${NUM_WORKERS:-2}" --save_total_limit 2
+        --dataloader_num_workers "${NUM_WORKERS:-$workers}" --dataloader_persistent_workers True
+        --dataloader_prefetch_factor 2 --save_total_limit 2
         "${precision[@]}"
     )
     local knob flag

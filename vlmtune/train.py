@@ -29,7 +29,14 @@ from vlmtune.data.dataset import VisionLanguageDataset
 from vlmtune.data.records import DataError, load_records
 from vlmtune.families import Family
 from vlmtune.model import modes
-from vlmtune.model.load import load_family, load_model, load_processor, resolve_model_path, torch_dtype
+from vlmtune.model.load import (
+    disable_kv_cache,
+    load_family,
+    load_model,
+    load_processor,
+    resolve_model_path,
+    torch_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +196,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
         model_path, dtype=torch_dtype(train_args.bf16, train_args.fp16),
         attn_implementation=model_args.attn_implementation, bits=model_args.bits, use_liger=model_args.use_liger,
     )
-    model.config.use_cache = False
+    disable_kv_cache(model)
     set_seed(train_args.seed)  # LoRA's initial weights are drawn here, before the Trainer seeds anything
     model = modes.apply_plan(model, family, plan, mode_args)
     logger.info("training plan: %s\n%s", plan.describe(), modes.trainable_report(model, family))

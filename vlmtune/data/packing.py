@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 from vlmtune.config import ConfigError
 from vlmtune.data.collator import MODALITY_KEY, VISION_KEYS
 from vlmtune.data.conversation import IGNORE_INDEX
+from vlmtune.model.load import disable_kv_cache
 
 BLOCK_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations that get an exact block-diagonal mask built from the restarting positions."""
@@ -271,16 +272,12 @@ def _real_tokens(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> to
 def prepare_model(model) -> str:
     """Make a loaded model ready for packed batches; returns its layout ('padding_free' or 'block_mask').
 
-    Refuses attention implementations that cannot keep records apart, and turns the KV cache off in every
-    sub-config: in transformers 5.22 the language model reads ``use_cache`` from ``text_config`` (not from the
-    top config), and a cache, even an empty one, stops the mask builder from seeing the packed boundaries, so
-    records would silently attend to each other.
+    Refuses attention implementations that cannot keep records apart, and turns the KV cache off: a cache,
+    even an empty one, stops the mask builder from seeing the packed boundaries, so records would silently
+    attend to each other.
     """
-    config = model.config
-    layout = packing_layout(getattr(config, "_attn_implementation", None))
-    for sub in (config, *(getattr(config, k, None) for k in ("text_config", "vision_config"))):
-        if sub is not None and hasattr(sub, "use_cache"):
-            sub.use_cache = False
+    layout = packing_layout(getattr(model.config, "_attn_implementation", None))
+    disable_kv_cache(model)
     return layout
 
 

@@ -73,6 +73,16 @@ def apply_liger(family: Family, model) -> bool:
     return True
 
 
+def disable_kv_cache(model) -> None:
+    """No KV cache while training. In transformers 5.22 the language model reads ``use_cache`` from
+    ``text_config``, not the top config; a cache, even an empty one, also hides packed-record boundaries
+    from the attention-mask builder."""
+    config = model.config
+    for sub in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if sub is not None and hasattr(sub, "use_cache"):
+            sub.use_cache = False
+
+
 def torch_dtype(bf16: bool, fp16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
 
