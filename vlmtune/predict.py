@@ -25,7 +25,7 @@ from vlmtune.config import ConfigError, DataArguments
 from vlmtune.data import media
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import Conversation, chat_messages
-from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Record
+from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Record, check_media_files
 from vlmtune.families import Family
 
 logger = logging.getLogger(__name__)
@@ -56,16 +56,6 @@ def prompt_record(prompt: str, images: list[str] | None = None, videos: list[str
                           f"placeholder(s) but {len(images)} --image and {len(videos)} --video were given")
     messages = ([Message("system", system)] if system else []) + [Message("user", prompt)]
     return Record(0, record_id, messages, [str(p) for p in images], [str(p) for p in videos])
-
-
-def fill_media_info(record: Record, family: Family) -> None:
-    """Read the headers of the record's media (sizes, frame counts), as validation does for data files."""
-    record.image_sizes = [media.image_size(path) for path in record.images]
-    for path, (width, height) in zip(record.images, record.image_sizes):
-        if min(width, height) < family.factor:
-            raise media.MediaError(f"image {path} is {width}x{height} px; the processor needs at least "
-                                   f"{family.factor} px a side: upscale it")
-    record.video_infos = [media.video_info(path) for path in record.videos]
 
 
 def prompt_of(record: Record) -> Record:
@@ -234,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                          video_folder=args.video_folder, limit=args.limit)
         return 0
     record = prompt_record(args.prompt, args.image, args.video, args.system)
-    fill_media_info(record, predictor.family)
+    problems = check_media_files([record], predictor.family.factor, deep=False, budget=predictor.budget)
+    if problems:  # the same header checks as for a data file
+        raise media.MediaError("; ".join(p.message for p in problems))
     reply = predictor.reply(record)
     if not reply:
         logger.warning("the reply is empty: the model ended its turn at once (or wrote only special tokens)")

@@ -284,8 +284,8 @@ def _probe_video(path: str, deep: bool, budget: media.MediaBudget | None):
     return info
 
 
-def _check_media(records: list[Record], min_side: int, deep: bool, budget: media.MediaBudget | None,
-                 workers: int) -> list[Problem]:
+def check_media_files(records: list[Record], min_side: int, deep: bool, budget: media.MediaBudget | None,
+                      workers: int = 16) -> list[Problem]:
     """Header checks (existence, size, frame count) of every distinct file once, then per record; ``deep``
     decodes too. Fills the records' ``image_sizes`` and ``video_infos``."""
     images = list(dict.fromkeys(p for r in records for p in r.images))
@@ -370,7 +370,7 @@ def read_records(
     problems += _collection_warnings(raw)
 
     if check_media and records:
-        problems += _check_media(records, min_image_side, deep, budget, workers)
+        problems += check_media_files(records, min_image_side, deep, budget, workers)
     problems.sort(key=lambda p: -1 if p.index is None else p.index)
     bad = {p.index for p in problems if p.level == "error"}
     return [r for r in records if r.index not in bad], problems
