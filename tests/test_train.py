@@ -97,9 +97,11 @@ def deepspeed_cmd(nproc: int, port: int, *args: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("config", "port"), [("zero2.json", 29611), ("zero3.json", 29612)])
+@pytest.mark.parametrize(("config", "port"), [("zero2.json", 29611), ("zero3.json", 29612),
+                                              ("zero2_offload.json", 29614), ("zero3_offload.json", 29615)])
 def test_deepspeed_trains_our_parameter_groups(config, port, tmp_path):
-    """The DeepSpeed JSONs carry no optimizer block, so the engine's optimizer holds our groups and rates."""
+    """The DeepSpeed JSONs carry no optimizer block, so the engine's optimizer holds our groups and rates.
+    The offload configs run DeepSpeed's CPU Adam (built on first use, about a minute, then cached)."""
     out = tmp_path / "out"
     run(deepspeed_cmd(1, port, "--mode", "lora_vision", "--deepspeed", f"scripts/{config}", "--max_steps", "2",
                       "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--vision_lr", "1e-3",
