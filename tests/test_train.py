@@ -114,27 +114,56 @@ def test_deepspeed_trains_our_parameter_groups(config, port, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "non_lora_trainables.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_zero3_two_processes_with_text_only_on_one_rank_finishes(tmp_path):
-    """Sequential sampling deals batches round-robin: rank 0 gets only text, rank 1 images and videos.
-    Without the collator's vision fillers the ranks would wait on each other's ZeRO-3 gathers forever."""
+def mixed_ranks_command(tmp_path: Path, port: int, launcher: list[str] | None = None) -> list[str]:
+    """A 2-process ZeRO-3 run in which rank 0 gets only text and rank 1 images and videos: sequential
+    sampling deals the batches round-robin over [text, image, text, image+video, text, video, ...]."""
     raw = {r["id"]: r for r in json.loads(DATA_JSON.read_text())}
     order = ["text_only", "single_red_circle", "text_multi_turn", "image_and_video",
              "text_only", "video_ball_left", "text_multi_turn", "two_images"]
     data = [dict(raw[k], id=f"{k}_{i}") for i, k in enumerate(order)]
     (tmp_path / "data.json").write_text(json.dumps(data))
-    out = tmp_path / "out"
-    cmd = deepspeed_cmd(2, 29613, "--mode", "lora_vision", "--deepspeed", "scripts/zero3.json", "--max_steps", "4",
+    cmd = deepspeed_cmd(2, port, "--mode", "lora_vision", "--deepspeed", "scripts/zero3.json", "--max_steps", "4",
                         "--per_device_train_batch_size", "1", "--train_sampling_strategy", "sequential",
-                        "--output_dir", str(out), "--save_strategy", "no")
+                        "--output_dir", str(tmp_path / "out"), "--save_strategy", "no")
     cmd[cmd.index(str(DATA_JSON))] = str(tmp_path / "data.json")
-    run(cmd, timeout=420)
+    if launcher:
+        cmd[cmd.index("-m", cmd.index("--master_port")):cmd.index("vlmtune.cli") + 1] = launcher
+    return cmd
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_with_text_only_on_one_rank_finishes(tmp_path):
+    out = tmp_path / "out"
+    run(mixed_ranks_command(tmp_path, 29613), timeout=420)
     assert sorted(history(out)) == [1, 2, 3, 4]
     # What ZeRO-3 saved (gathered, not partitioned) merges into a verified standalone model.
     from vlmtune.merge import merge
 
     result = merge(out, tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").is_file() and result.diffs["merged"] < 1e-3
+
+
+NO_FILLERS = """
+import sys
+import vlmtune.train as T
+T.vision_fillers = lambda *args, **kwargs: None
+from vlmtune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_zero3_mixed_ranks_break_without_the_vision_fillers(tmp_path):
+    """Control for the test above: the same run without fillers dies (or hangs) at its first step."""
+    script = tmp_path / "no_fillers.py"
+    script.write_text(NO_FILLERS)
+    try:
+        result = subprocess.run(mixed_ranks_command(tmp_path, 29616, [str(script)]), cwd=ROOT, capture_output=True,
+                                text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        return  # hung: what the fillers prevent
+    assert result.returncode != 0
+    assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [
