@@ -52,6 +52,7 @@ class VisionLanguageTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.family = family
         self.run_info = run_info
+        self._tokens_seen = self._samples_seen = 0  # real (non-padding) tokens and records, for the rates
         self._last_log = (time.perf_counter(), 0, 0)  # time, tokens seen, samples seen
 
     def create_optimizer(self, model=None):
@@ -79,16 +80,15 @@ class VisionLanguageTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         pad_id = getattr(self.data_collator, "pad_token_id", None)  # packed batches carry no attention_mask
-        self._samples_seen = getattr(self, "_samples_seen", 0) + packing.count_samples(inputs, pad_id)
-        self._tokens_seen = getattr(self, "_tokens_seen", 0) + packing.count_tokens(inputs, pad_id)
+        self._samples_seen += packing.count_samples(inputs, pad_id)
+        self._tokens_seen += packing.count_tokens(inputs, pad_id)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 logs[f"lr/{group.get('name', 'group')}"] = group["lr"]
-            now = time.perf_counter()
-            tokens, samples = getattr(self, "_tokens_seen", 0), getattr(self, "_samples_seen", 0)
+            now, tokens, samples = time.perf_counter(), self._tokens_seen, self._samples_seen
             elapsed = max(now - self._last_log[0], 1e-9)
             logs["tokens_per_s"] = round((tokens - self._last_log[1]) / elapsed, 1)
             logs["samples_per_s"] = round((samples - self._last_log[2]) / elapsed, 3)
