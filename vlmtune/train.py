@@ -161,11 +161,18 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
         n_eval = max(1, int(len(records) * data_args.val_ratio))
         eval_records, records = shuffled[:n_eval], sorted(shuffled[n_eval:], key=lambda r: r.index)
 
-    def make(recs):
-        return VisionLanguageDataset(recs, processor, family, budget, conversation, data_args.max_seq_length,
-                                     data_args.strict_length)
+    measured = {r.index: n for r, n in zip(result.records, result.lengths)}
 
-    return make(records), (make(eval_records) if eval_records else None)
+    def make(recs, lengths=None):
+        return VisionLanguageDataset(recs, processor, family, budget, conversation, data_args.max_seq_length,
+                                     data_args.strict_length, lengths)
+
+    train_set = make(records, [measured[r.index] for r in records])
+    if not eval_records:
+        return train_set, None
+    # A held-out split was measured with the training file; a separate eval file is measured now.
+    held_out = None if data_args.eval_data_path else [measured[r.index] for r in eval_records]
+    return train_set, make(eval_records, held_out)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,

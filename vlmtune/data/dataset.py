@@ -75,12 +75,14 @@ class VisionLanguageDataset(Dataset):
         conversation: Conversation,
         max_seq_length: int | None = None,
         strict_length: bool = False,
+        lengths: list[int] | None = None,
     ):
         self.processor = processor
         self.family = family
         self.budget = budget
         self.conversation = conversation
-        lengths = record_lengths(records, conversation, budget, family)
+        if lengths is None:  # the data check usually measured them already
+            lengths = record_lengths(records, conversation, budget, family)
         over = [(r.index, r.id, n) for r, n in zip(records, lengths) if max_seq_length and n > max_seq_length]
         self.length_report = LengthReport(len(records), over, max_seq_length)
         if over and strict_length:
