@@ -42,11 +42,12 @@ def test_budget_overrides_cover_every_media_flag():
     assert set(DataArguments().budget_overrides()) == fields
 
 
-def test_val_ratio_holds_out_records_and_reports_eval_loss(tmp_path):
+@pytest.mark.parametrize("split", [["--val_ratio", "0.25"], ["--eval_data_path", str(DATA_JSON)]])
+def test_an_eval_split_reports_eval_loss(tmp_path, split):
     from vlmtune.train import train
 
     out = tmp_path / "out"
-    args = parse_train_args(["--data_path", str(DATA_JSON), "--val_ratio", "0.25", "--output_dir", str(out),
+    args = parse_train_args(["--data_path", str(DATA_JSON), *split, "--output_dir", str(out),
                              "--max_steps", "2", "--use_cpu", "True", "--report_to", "none", "--save_strategy", "no",
                              "--disable_tqdm", "True"])
     train(*args)
