@@ -42,6 +42,9 @@ class LengthReport:
 
 def _vision_token_counts(record: Record, budget: media.MediaBudget, family: Family, processor) -> int:
     """Tokens the processor adds beyond the one pad per placeholder in the template text."""
+    if len(record.image_sizes) != len(record.images) or len(record.video_infos) != len(record.videos):
+        raise ValueError(f"record {record.index} (id {record.id!r}): media headers were not read; "
+                         "load the records with check_media=True")
     extra = sum(media.image_tokens(w, h, budget) - 1 for w, h in record.image_sizes)
     tokenizer = processor.tokenizer
     for info in record.video_infos:
