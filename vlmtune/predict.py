@@ -78,10 +78,6 @@ class Predictor:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
 
-    def prompt_text(self, record: Record) -> str:
-        """The chat-template text the model continues (one pad token per image / video)."""
-        return self.conversation.text(record)
-
     @torch.no_grad()
     def reply(self, record: Record) -> str:
         from vlmtune.data.dataset import VisionLanguageDataset
