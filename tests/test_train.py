@@ -133,9 +133,12 @@ def mixed_ranks_command(tmp_path: Path, port: int, launcher: list[str] | None = 
 
 @pytest.mark.slow
 def test_zero3_two_processes_with_text_only_on_one_rank_finishes(tmp_path):
+    """Also starts from an empty cache: both ranks ask for the embedded model at once, inside the job."""
     out = tmp_path / "out"
-    run(mixed_ranks_command(tmp_path, 29613), timeout=420)
+    run(mixed_ranks_command(tmp_path, 29613), timeout=420, VLMTUNE_CACHE=str(tmp_path / "cache"))
     assert sorted(history(out)) == [1, 2, 3, 4]
+    (tiny,) = (tmp_path / "cache").glob("tiny-qwen2_vl-*[0-9]")  # one folder, no leftover build folders
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in tiny.iterdir()}
     # What ZeRO-3 saved (gathered, not partitioned) merges into a verified standalone model.
     from vlmtune.merge import merge
 

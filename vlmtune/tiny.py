@@ -134,25 +134,35 @@ def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: in
         do_sample=False,
     )
     out.mkdir(parents=True, exist_ok=True)
+    # A cache file, not a checkpoint: whichever process builds it writes it. Inside a torchrun job
+    # transformers would write weights from global rank 0 only, leaving other builders a folder without them.
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process
     model.save_pretrained(out)
     _processor(fam, tokenizer).save_pretrained(out)
     return out
 
 
 def tiny_model_path(family: str = DEFAULT_FAMILY) -> Path:
-    """Folder of the embedded tiny model, built on first use (cached under ``$VLMTUNE_CACHE``)."""
+    """Folder of the embedded tiny model, built on first use (cached under ``$VLMTUNE_CACHE``).
+
+    Every process of a job may ask at once: one builds under a file lock while the others wait, and the
+    folder appears complete or not at all (built aside, then renamed).
+    """
+    import fcntl
     import os
+    import shutil
 
     import transformers
 
     path = cache_root() / f"tiny-{family}-v{TINY_SPEC_VERSION}-tf{transformers.__version__}"
-    if not (path / "config.json").is_file():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_tiny_model(tmp, family)
-        try:
+    if (path / "model.safetensors").is_file():  # the folder is renamed into place only once complete
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "model.safetensors").is_file():
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete folder left by an older version
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            build_tiny_model(tmp, family)
             tmp.rename(path)
-        except OSError:  # another process built it first
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
