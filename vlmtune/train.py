@@ -232,4 +232,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     trainer.save_model(train_args.output_dir)
     trainer.save_state()
     logger.info("saved to %s", train_args.output_dir)
+    if torch.distributed.is_initialized():
+        # Leave together and take the process groups down: a rank that exits with them alive can abort in
+        # their destructors ("terminate called without an active exception"), failing a finished run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return Path(train_args.output_dir)
