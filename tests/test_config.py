@@ -36,6 +36,25 @@ def test_data_arguments_cross_checks(kwargs, message):
         DataArguments(**kwargs)
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--vison_lr", "1e-5"], "unknown option(s): --vison_lr (did you mean --vision_lr?)"),
+    (["--bogus_flag", "1"], "unknown option(s): --bogus_flag; `vlmtune train --help`"),
+    (["--output_dir", "out", "stray"], "unexpected argument(s): stray"),
+    (["--eval_strategy", "steps", "--load_best_model_at_end", "True", "--save_strategy", "epoch"], "load_best_model"),
+])
+def test_unknown_flags_and_rejected_settings_are_one_line_errors(argv, message, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        parse_train_args(["--data_path", "d.json", "--output_dir", str(tmp_path), *argv])
+    assert message in str(error.value)
+
+
+def test_an_unknown_key_in_the_yaml_file_is_named(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data_path: d.json\noutput_dir: {tmp_path}\nlearning_rat: 0.001\n")
+    with pytest.raises(ConfigError, match="--learning_rat "):
+        parse_train_args([str(config)])
+
+
 def test_budget_overrides_cover_every_media_flag():
     fields = {"image_min_pixels", "image_max_pixels", "image_resized_height", "image_resized_width",
               "video_min_pixels", "video_max_pixels", "fps", "nframes", "video_min_frames", "video_max_frames"}

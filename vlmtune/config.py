@@ -170,10 +170,29 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, ModeArguments, TrainingArgume
 def parse_train_args(argv: list[str] | None = None, prog: str = "vlmtune train"):
     """(model, data, mode, training) arguments from an optional YAML file (first argument) and flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog=prog)
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog=prog, allow_abbrev=False)  # a typo never means another flag
     if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
         argv = yaml_to_argv(Path(argv.pop(0))) + argv
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as exc:  # transformers' own checks of the arguments (e.g. an unknown scheduler name)
+        raise ConfigError(str(exc)) from None
+    if unknown:
+        raise ConfigError(_unknown_flags_message(parser, unknown))
+    return tuple(parsed)
+
+
+def _unknown_flags_message(parser: HfArgumentParser, unknown: list[str]) -> str:
+    import difflib
+
+    known = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
+    parts = []
+    for flag in (u for u in unknown if u.startswith("-")):
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
+        parts.append(f"{flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+    if not parts:
+        return f"unexpected argument(s): {' '.join(unknown)}; every value follows its --flag"
+    return f"unknown option(s): {', '.join(parts)}; `vlmtune train --help` lists them"
 
 
 def yaml_to_argv(path: Path) -> list[str]:
