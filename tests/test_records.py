@@ -6,6 +6,8 @@ import functools
 import http.server
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -393,6 +395,21 @@ def test_check_data_cli_exits_1_and_prints_every_problem(tmp_path, capsys):
     assert f"{path}: 1 valid records (2 error(s), 0 warning(s))" in out
     assert f"ERROR: {path}: record 1 (id 'b'): image file not found" in out
     assert f"ERROR: {path}: record 2 (id 'c'): turn 1 (gpt): empty assistant reply" in out
+
+
+def test_train_stops_on_bad_data_naming_each_problem_once(tmp_path):
+    """The trainer runs the same check first: one line per problem, before any model loads, no traceback."""
+    bad = {"id": "b", "image": "images/gone.png", "conversations": turns()}
+    late = {"id": "c", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gtp", "value": "Yo"}]}
+    path = write(tmp_path, [good("a"), bad, late])
+    result = subprocess.run([sys.executable, "-m", "vlmtune.cli", "train", "--data_path", str(path), "--image_folder",
+                             str(EXAMPLES), "--output_dir", str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.count(f"{path}: record 1 (id 'b'): image file not found") == 1
+    assert result.stderr.count(f"{path}: record 2 (id 'c'): turn 1: unknown role 'gtp'") == 1
+    assert f"vlmtune train: error: 2 error(s) in {path}" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
 def test_check_data_cli_exits_0_and_summarises_the_examples(capsys):

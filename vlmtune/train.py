@@ -144,7 +144,7 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
         video_folder=data_args.video_folder, allow_urls=data_args.allow_urls, deep=data_args.deep_check,
         max_seq_length=data_args.max_seq_length,
     )
-    logger.info("data check\n%s", result.summary())
+    logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
     if result.errors:
         raise DataError(result.file, result.problems)
     conversation = Conversation(processor, data_args.label_mode)

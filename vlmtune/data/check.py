@@ -27,14 +27,14 @@ class CheckResult:
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.level == "error"]
 
-    def summary(self) -> str:
+    def summary(self, with_problems: bool = True) -> str:
         shapes = Counter(r.shape for r in self.records)
         n_images = sum(len(r.images) for r in self.records)
         n_videos = sum(len(r.videos) for r in self.records)
         lines = [
             f"{self.file}: {len(self.records):,} valid records ({len(self.errors)} error(s), "
             f"{len(self.problems) - len(self.errors)} warning(s)) in {self.seconds:.1f}s",
-            "  shapes: " + ", ".join(f"{k} {v:,}" for k, v in sorted(shapes.items())),
+            "  shapes: " + (", ".join(f"{k} {v:,}" for k, v in sorted(shapes.items())) or "none"),
             f"  media: {n_images:,} images, {n_videos:,} videos",
         ]
         if self.lengths:
@@ -47,7 +47,7 @@ class CheckResult:
                 shown = ", ".join(map(repr, over[:10])) + (" ..." if len(over) > 10 else "")
                 ids = f" (ids {shown})" if over else ""
                 lines.append(f"  over {self.max_seq_length:,} tokens: {len(over):,}{ids}")
-        for p in self.problems:
+        for p in self.problems if with_problems else []:
             lines.append(f"{p.level.upper()}: {p.format(self.file)}")
         return "\n".join(lines)
 
