@@ -230,6 +230,25 @@ def test_truncated_image_passes_the_header_check_and_fails_the_deep_one(tmp_path
     only_error(path, 0, "x", f"unreadable image {tmp_path / 'cut.png'}", image_folder=tmp_path, deep=True)
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_file_that_breaks_only_when_decoded_stops_training_in_one_line(tmp_path, workers):
+    """What the header check lets through fails at its first read, named, with the cure; from a DataLoader
+    worker too, whose exception would otherwise carry the worker's whole traceback."""
+    Image.effect_noise((200, 200), 60).convert("RGB").save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    path = write(tmp_path, [{"id": "x", "image": "cut.png", "conversations": turns()}])
+    result = subprocess.run([sys.executable, "-m", "vlmtune.cli", "train", "--data_path", str(path), "--image_folder",
+                             str(tmp_path), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+                             "--dataloader_num_workers", workers], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line.lower()]
+    assert errors == [f"vlmtune train: error: {path}: record 0 (id 'x'): unreadable image {tmp_path / 'cut.png'}: "
+                      "image file is truncated; `vlmtune check-data --deep` (or --deep_check True) decodes every "
+                      "file and lists all such records"]
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("content", [b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8, b"not a video"])
 def test_unreadable_video(tmp_path, content):
     (tmp_path / "clip.mp4").write_bytes(content)

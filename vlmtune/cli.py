@@ -27,10 +27,11 @@ def _setup_logging() -> None:
 
 def _user_errors():
     from vlmtune.config import ConfigError
+    from vlmtune.data.dataset import RecordError
     from vlmtune.data.media import MediaError
     from vlmtune.data.records import DataError
 
-    return (ConfigError, DataError, MediaError, FileNotFoundError)
+    return (ConfigError, DataError, MediaError, RecordError, FileNotFoundError)
 
 
 def cmd_train(argv: list[str]) -> int:

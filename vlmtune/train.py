@@ -163,16 +163,16 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
 
     measured = {r.index: n for r, n in zip(result.records, result.lengths)}
 
-    def make(recs, lengths=None):
+    def make(recs, lengths=None, source=data_args.data_path):
         return VisionLanguageDataset(recs, processor, family, budget, conversation, data_args.max_seq_length,
-                                     data_args.strict_length, lengths)
+                                     data_args.strict_length, lengths, source)
 
     train_set = make(records, [measured[r.index] for r in records])
     if not eval_records:
         return train_set, None
     # A held-out split was measured with the training file; a separate eval file is measured now.
     held_out = None if data_args.eval_data_path else [measured[r.index] for r in eval_records]
-    return train_set, make(eval_records, held_out)
+    return train_set, make(eval_records, held_out, data_args.eval_data_path or data_args.data_path)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,

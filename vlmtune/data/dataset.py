@@ -22,7 +22,17 @@ logger = logging.getLogger(__name__)
 
 
 class RecordError(RuntimeError):
-    """A record that failed while being turned into model inputs."""
+    """A record that failed while being turned into model inputs (a file that only breaks when decoded).
+
+    A DataLoader worker's exception comes back rebuilt from its whole traceback text; this keeps only the
+    sentence that says which record and what went wrong, so the user reads one line.
+    """
+
+    def __init__(self, message: str):
+        marker = f"{RecordError.__module__}.RecordError: "
+        if marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 @dataclass
@@ -79,7 +89,9 @@ class VisionLanguageDataset(Dataset):
         max_seq_length: int | None = None,
         strict_length: bool = False,
         lengths: list[int] | None = None,
+        source: str | None = None,
     ):
+        self.source = source  # the data file, for error messages
         self.processor = processor
         self.family = family
         self.budget = budget
@@ -105,7 +117,9 @@ class VisionLanguageDataset(Dataset):
         try:
             return self.encode(record)
         except Exception as exc:
-            raise RecordError(f"record {record.index} (id {record.id!r}): {exc}") from exc
+            where = f"{self.source}: " if self.source else ""
+            hint = "`vlmtune check-data --deep` (or --deep_check True) decodes every file and lists all such records"
+            raise RecordError(f"{where}record {record.index} (id {record.id!r}): {exc}; {hint}") from exc
 
     def encode(self, record: Record) -> dict[str, torch.Tensor]:
         """Decode the record's media and run the processor on the rendered conversation."""
