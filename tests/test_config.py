@@ -73,3 +73,13 @@ def test_an_eval_split_reports_eval_loss(tmp_path, split):
     state = json.loads((out / "trainer_state.json").read_text())
     evals = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
     assert len(evals) == 1 and evals[0] > 0
+
+
+def test_memory_is_pinned_only_where_a_cuda_device_can_use_it(tmp_path):
+    import torch
+
+    *_, train = parse_train_args(["--data_path", "d.json", "--output_dir", str(tmp_path)])
+    assert train.dataloader_pin_memory is torch.cuda.is_available()
+    *_, train = parse_train_args(["--data_path", "d.json", "--output_dir", str(tmp_path),
+                                  "--dataloader_pin_memory", "False"])
+    assert train.dataloader_pin_memory is False

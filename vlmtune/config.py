@@ -153,7 +153,9 @@ class TrainingArguments(HfTrainingArguments):
         default=False, metadata={"help": "Batch records of similar length (text + vision tokens) to cut padding."}
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (vision tensors)."})
-    dataloader_pin_memory: bool = field(default=True, metadata={"help": "Pinned host memory for faster copies."})
+    dataloader_pin_memory: bool = field(
+        default=True, metadata={"help": "Pinned host memory for faster copies to a CUDA device (off without one)."}
+    )
 
     def __post_init__(self):
         if self.group_by_length:
@@ -161,6 +163,10 @@ class TrainingArguments(HfTrainingArguments):
         if self.gradient_checkpointing_kwargs is None:
             # Non-reentrant: LoRA inside a frozen vision tower still gets gradients.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        if self.dataloader_pin_memory:  # pinning means nothing without a CUDA device; torch warns on every loader
+            import torch
+
+            self.dataloader_pin_memory = torch.cuda.is_available()
         super().__post_init__()
 
 
