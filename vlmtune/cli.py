@@ -34,6 +34,14 @@ def _user_errors():
     return (ConfigError, DataError, MediaError, RecordError, FileNotFoundError)
 
 
+def _close_progress_bars() -> None:
+    """End a progress bar the error interrupted, so the error starts on a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()
+
+
 def cmd_train(argv: list[str]) -> int:
     from vlmtune.config import parse_train_args
     from vlmtune.train import train
@@ -111,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except _user_errors() as exc:
+        _close_progress_bars()
         print(f"vlmtune {argv[0]}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -117,9 +117,11 @@ class VisionLanguageDataset(Dataset):
         try:
             return self.encode(record)
         except Exception as exc:
-            where = f"{self.source}: " if self.source else ""
-            hint = "`vlmtune check-data --deep` (or --deep_check True) decodes every file and lists all such records"
-            raise RecordError(f"{where}record {record.index} (id {record.id!r}): {exc}; {hint}") from exc
+            message = f"record {record.index} (id {record.id!r}): {exc}"
+            if self.source:  # a data file: name it, and say how to find every such record before training
+                message = (f"{self.source}: {message}; `vlmtune check-data --deep` (or --deep_check True) decodes "
+                           "every file and lists all such records")
+            raise RecordError(message) from exc
 
     def encode(self, record: Record) -> dict[str, torch.Tensor]:
         """Decode the record's media and run the processor on the rendered conversation."""
