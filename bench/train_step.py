@@ -446,10 +446,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lora_vision, packing + Liger + flash-attn vs padded sdpa: "
                   f"{target['tokens_per_s'] / reference['tokens_per_s']:.2f}x tokens/s at "
                   f"{target['peak_memory'] / reference['peak_memory']:.2f}x peak memory (target >= 1.8x at <= 0.6x)")
-        report["models"][model_name] = {"label": label, "records": len(data), "results": results}
+        report["models"][model_name] = {"label": label, "records": len(data), "results": results,
+                                        "settings": report["settings"]}
+    ran = {name: entry for name, entry in report["models"].items() if "results" in entry}
+    if not ran:
+        print("\nnothing ran: no results written")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{device_label(device)}-{report['date']}.json"
-    path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    if path.exists():  # an earlier run of the day on this device: keep its models, replace those run again
+        ran = {**json.loads(path.read_text()).get("models", {}), **ran}
+    path.write_text(json.dumps({**report, "models": ran}, indent=1, default=str) + "\n")
     print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0
 
