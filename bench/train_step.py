@@ -98,6 +98,9 @@ CONFIGS = [
     Config("liger", liger=True),
     Config("lora_vision + packing + liger + flash-attn", mode="lora_vision", data="packed",
            attn="flash_attention_2", liger=True),
+    # Where flash-attn is not installed (it builds from source only), the best that SDPA gives:
+    Config("lora_vision + grouping + liger", mode="lora_vision", data="grouped", liger=True),
+    Config("lora_vision + packing + liger", mode="lora_vision", data="packed", liger=True),
 ]
 
 
@@ -439,13 +442,13 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({**asdict(config), "status": f"error: out of memory ({str(exc)[:80]})"})
             print(f"  {config.name}: {results[-1]['status']}", flush=True)
         print(table(results, device))
-        target = next((r for r in results if r["name"].startswith("lora_vision + packing") and r["status"] == "ok"),
-                      None)
         reference = next((r for r in results if r["name"] == "lora_vision" and r["status"] == "ok"), None)
-        if target and reference:
-            print(f"lora_vision, packing + Liger + flash-attn vs padded sdpa: "
-                  f"{target['tokens_per_s'] / reference['tokens_per_s']:.2f}x tokens/s at "
-                  f"{target['peak_memory'] / reference['peak_memory']:.2f}x peak memory (target >= 1.8x at <= 0.6x)")
+        for target in [r for r in results if r["name"].startswith("lora_vision + ") and r["status"] == "ok"]:
+            if reference:
+                print(f"{target['name']} vs lora_vision padded sdpa: "
+                      f"{target['tokens_per_s'] / reference['tokens_per_s']:.2f}x tokens/s at "
+                      f"{target['peak_memory'] / reference['peak_memory']:.2f}x peak memory "
+                      "(target with flash-attn: >= 1.8x at <= 0.6x)")
         report["models"][model_name] = {"label": label, "records": len(data), "results": results,
                                         "settings": report["settings"]}
     ran = {name: entry for name, entry in report["models"].items() if "results" in entry}
