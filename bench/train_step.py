@@ -428,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
               f"(data_examples x{args.repeat}), batch {args.batch_size}, {args.steps} timed steps after "
               f"{args.warmup} warm-up")
         results = []
+        report["models"][model_name] = {"label": label, "records": len(data), "results": results,
+                                        "settings": report["settings"]}
         for config in configs:
             if real and config.mode == "full":
                 est = memory.estimate(model_name, memory.Setup(mode="full", batch_size=args.batch_size)).peak
@@ -440,7 +442,11 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(run_config(model_name, model_path, processor, data, config, args, device))
             except torch.cuda.OutOfMemoryError as exc:
                 results.append({**asdict(config), "status": f"error: out of memory ({str(exc)[:80]})"})
-            print(f"  {config.name}: {results[-1]['status']}", flush=True)
+            row = results[-1]
+            figures = (f" ({row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_memory'] / 1e6:,.0f} MB)"
+                       if row["status"] == "ok" else "")
+            print(f"  {config.name}: {row['status']}{figures}", flush=True)
+            write_report(report, args.out, device)  # after each one: a run cut short keeps what it measured
         print(table(results, device))
         reference = next((r for r in results if r["name"] == "lora_vision" and r["status"] == "ok"), None)
         for target in [r for r in results if r["name"].startswith("lora_vision + ") and r["status"] == "ok"]:
@@ -449,19 +455,24 @@ def main(argv: list[str] | None = None) -> int:
                       f"{target['tokens_per_s'] / reference['tokens_per_s']:.2f}x tokens/s at "
                       f"{target['peak_memory'] / reference['peak_memory']:.2f}x peak memory "
                       "(target with flash-attn: >= 1.8x at <= 0.6x)")
-        report["models"][model_name] = {"label": label, "records": len(data), "results": results,
-                                        "settings": report["settings"]}
-    ran = {name: entry for name, entry in report["models"].items() if "results" in entry}
+    path = write_report(report, args.out, device)
+    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}" if path
+          else "\nnothing ran: no results written")
+    return 0
+
+
+def write_report(report: dict, out_dir: Path, device: str) -> Path | None:
+    """Write the models measured so far to ``<device>-<date>.json``, keeping other models an earlier run of the
+    day wrote there; nothing when no model ran."""
+    ran = {name: entry for name, entry in report["models"].items() if entry.get("results")}
     if not ran:
-        print("\nnothing ran: no results written")
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{device_label(device)}-{report['date']}.json"
-    if path.exists():  # an earlier run of the day on this device: keep its models, replace those run again
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{device_label(device)}-{report['date']}.json"
+    if path.exists():
         ran = {**json.loads(path.read_text()).get("models", {}), **ran}
     path.write_text(json.dumps({**report, "models": ran}, indent=1, default=str) + "\n")
-    print(f"\nwrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
-    return 0
+    return path
 
 
 if __name__ == "__main__":
