@@ -12,13 +12,32 @@ from conftest import FAMILIES, cuda
 
 from vlmtune.data.collator import Collator
 from vlmtune.families import FAMILIES as FAMILY_TABLE
-from vlmtune.model.load import apply_liger, choose_attention, liger_unavailable_reason, load_model
+from vlmtune.model.load import (
+    apply_liger,
+    choose_attention,
+    liger_unavailable_reason,
+    load_model,
+    quantization_skip_modules,
+)
 
 
 def test_attention_defaults_to_sdpa_without_flash_attn_and_keeps_an_explicit_choice():
     if not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
         assert choose_attention(None) == "sdpa"
     assert choose_attention("eager") == "eager"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qlora_quantizes_the_language_model_only(tiny_model_dir, family):
+    """Checked with transformers' own matcher, on every Linear of the real module tree (no GPU needed)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    model, fam = load_model(str(tiny_model_dir(family)))
+    skip = quantization_skip_modules(fam)
+    linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    converted = {name for name in linears if should_convert_module(name, skip)}
+    assert converted == {n for n in linears if n.startswith(fam.language_model + ".")}
+    assert any(n.startswith(fam.vision + ".") for n in linears) and "lm_head" in linears
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")

@@ -172,6 +172,8 @@ def test_zero3_mixed_ranks_break_without_the_vision_fillers(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--mode", "lora", "--vision_lora", "True", "--freeze_vision_tower", "False"], "vision_lora"),
     (["--bits", "4"], "needs a CUDA device"),
+    (["--bits", "4", "--mode", "full"], "quantizes the language model"),
+    (["--bits", "8", "--unfreeze_topk_llm", "2"], "quantizes the language model"),
     (["--mode", "full", "--unfreeze_topk_llm", "1"], "already trains fully"),
 ])
 def test_bad_flag_combinations_stop_before_the_model_loads(args, message, capsys, tmp_path):

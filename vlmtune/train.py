@@ -130,7 +130,11 @@ def load_non_lora_trainables(model: torch.nn.Module, tensors: dict[str, torch.Te
             params[key].copy_(value.to(params[key].dtype))
 
 
-def _check_environment(model_args: ModelArguments, train_args: TrainingArguments) -> None:
+def _check_environment(model_args: ModelArguments, train_args: TrainingArguments, plan: modes.TrainPlan) -> None:
+    if model_args.bits in (4, 8) and (plan.llm == "full" or plan.topk_llm):
+        raise ConfigError(f"--bits {model_args.bits} quantizes the language model, whose weights then cannot train "
+                          "fully (--mode full, --lora_enable False or --unfreeze_topk_llm); QLoRA trains LoRA on it: "
+                          "use --mode lora or lora_vision")
     if model_args.bits in (4, 8) and not torch.cuda.is_available():
         raise ConfigError(f"--bits {model_args.bits} (QLoRA through bitsandbytes) needs a CUDA device; none is here")
     if train_args.fp16 and not torch.cuda.is_available():
@@ -179,7 +183,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
           train_args: TrainingArguments) -> Path:
     """Run one training job; returns the output folder."""
     plan = modes.plan_from_args(mode_args)  # contradictions stop here, before anything loads
-    _check_environment(model_args, train_args)
+    _check_environment(model_args, train_args, plan)
     if not data_args.data_path:
         raise ConfigError("--data_path is required (a LLaVA-style JSON or JSONL file)")
     model_path = resolve_model_path(model_args.model_name_or_path, model_args.tiny_family)

@@ -87,6 +87,13 @@ def torch_dtype(bf16: bool, fp16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
 
 
+def quantization_skip_modules(family: Family) -> list[str]:
+    """What QLoRA leaves unquantized: the vision tower (merger included) and the output head. Full module paths:
+    transformers matches a pattern at the start or the end of a module's name, so a bare "visual" would miss
+    "model.visual.blocks.0.attn.qkv" and quantize the whole vision side."""
+    return [family.vision, family.lm_head]
+
+
 def load_model(
     model_path: str,
     *,
@@ -107,7 +114,7 @@ def load_model(
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            llm_int8_skip_modules=["visual", "lm_head"],
+            llm_int8_skip_modules=quantization_skip_modules(family),
         )
     model = family.model_cls().from_pretrained(model_path, **kwargs)
     logger.info("loaded %s (%s) from %s: dtype %s, attention %s", family.model_class, family.model_type,
