@@ -28,8 +28,18 @@ launch() {
     fi
     local nnodes=${NNODES:-1}
     local world=$((nproc * nnodes))
+    if [ -n "${HOSTFILE:-}" ]; then  # DeepSpeed's format: "host slots=N" per line, '#' comments
+        [ -f "$HOSTFILE" ] || { echo "[launch] HOSTFILE $HOSTFILE does not exist" >&2; exit 1; }
+        read -r nnodes world < <(awk '$1 !~ /^#/ && match($0, /slots=[0-9]+/) {
+            n++; w += substr($0, RSTART + 6, RLENGTH - 6) } END { print n + 0, w + 0 }' "$HOSTFILE")
+        [ "$world" -gt 0 ] || { echo "[launch] HOSTFILE $HOSTFILE has no 'host slots=N' line" >&2; exit 1; }
+    fi
     local accum=$((GLOBAL_BATCH_SIZE / (BATCH_PER_DEVICE * world)))
     [ "$accum" -ge 1 ] || accum=1
+    if [ $((accum * BATCH_PER_DEVICE * world)) -ne "$GLOBAL_BATCH_SIZE" ]; then
+        echo "[launch] note: GLOBAL_BATCH_SIZE $GLOBAL_BATCH_SIZE is not BATCH_PER_DEVICE $BATCH_PER_DEVICE x $world" \
+             "device(s) x a whole number of accumulation steps; the global batch is $((accum * BATCH_PER_DEVICE * world))"
+    fi
 
     # Workers decode media ahead of the GPU (each item's media once); on CPU they would compete with training.
     local workers=$([ "$HAS_CUDA" = 1 ] && echo 4 || echo 1)
@@ -39,7 +49,8 @@ launch() {
         echo "[launch] device: ${world} CUDA device(s) on ${nnodes} node(s), bf16"
     else
         precision=(--use_cpu True)
-        echo "[launch] device: CPU (no CUDA found): fp32, DeepSpeed ${DEEPSPEED:+on through gloo}${DEEPSPEED:-off}"
+        echo "[launch] device: CPU (no CUDA found): fp32, DeepSpeed" \
+             "$([ -n "${DEEPSPEED:-}" ] && echo "on through gloo ($DEEPSPEED)" || echo off)"
     fi
 
     local args=(
@@ -48,10 +59,12 @@ launch() {
         --per_device_train_batch_size "$BATCH_PER_DEVICE" --gradient_accumulation_steps "$accum"
         --max_seq_length "$MAX_SEQ_LENGTH" --save_steps "$SAVE_STEPS" --logging_steps "$LOGGING_STEPS"
         --report_to "${REPORT_TO:-none}" --weight_decay 0.0 --warmup_steps 0.03 --lr_scheduler_type cosine
-        --dataloader_num_workers "${NUM_WORKERS:-$workers}" --dataloader_persistent_workers True
-        --dataloader_prefetch_factor 2 --save_total_limit 2
+        --dataloader_num_workers "${NUM_WORKERS:-$workers}" --save_total_limit 2
         "${precision[@]}"
     )
+    if [ "${NUM_WORKERS:-$workers}" -gt 0 ]; then  # torch refuses these options without worker processes
+        args+=(--dataloader_persistent_workers True --dataloader_prefetch_factor 2)
+    fi
     local knob flag
     for knob in MODEL_NAME:model_name_or_path VIDEO_FOLDER:video_folder DEEPSPEED:deepspeed \
                 IMAGE_MIN_PIXELS:image_min_pixels IMAGE_MAX_PIXELS:image_max_pixels \
@@ -62,8 +75,8 @@ launch() {
     if [ "${GRADIENT_CHECKPOINTING:-1}" = 1 ]; then args+=(--gradient_checkpointing True); fi
 
     if [ -n "${HOSTFILE:-}" ]; then
-        exec deepspeed --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
-            -m vlmtune.cli train "${args[@]}" "$@"
+        exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
+            --module vlmtune.cli train "${args[@]}" "$@"
     elif [ "$world" -gt 1 ] || [ -n "${DEEPSPEED:-}" ]; then
         exec "$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" \
             --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" \

@@ -44,6 +44,36 @@ def test_each_script_runs_as_is_on_cpu_and_halves_the_loss(script, tmp_path):
     assert (tmp_path / "out" / "vlmtune_run.json").is_file()
 
 
+FAKE_PYTHON = """#!/bin/bash
+# Answers launch.sh's own questions with the real interpreter; writes the launch command instead of running it.
+if [ "$1" = -c ]; then exec {python} "$@"; fi
+printf '%s\\n' "$@" > {out}
+"""
+
+
+@pytest.mark.parametrize(("env", "pairs", "absent"), [
+    # A hostfile of 2 nodes x 4 slots is 8 devices: 64 / (4 x 8) = 2 accumulation steps.
+    ({"HOSTFILE": "hosts", "GLOBAL_BATCH_SIZE": "64", "BATCH_PER_DEVICE": "4"},
+     [("-m", "deepspeed.launcher.runner"), ("--module", "vlmtune.cli"), ("--gradient_accumulation_steps", "2")], []),
+    ({"NUM_DEVICES": "2", "NNODES": "2", "NODE_RANK": "1", "GLOBAL_BATCH_SIZE": "64", "BATCH_PER_DEVICE": "4"},
+     [("-m", "torch.distributed.run"), ("--nnodes", "2"), ("--node_rank", "1"), ("--nproc_per_node", "2"),
+      ("--gradient_accumulation_steps", "4")], []),
+    ({"NUM_WORKERS": "0"}, [("--dataloader_num_workers", "0")], ["--dataloader_prefetch_factor"]),
+])
+def test_launcher_builds_the_command_a_cluster_needs(env, pairs, absent, tmp_path):
+    """launch.sh's device arithmetic and command line, checked without launching anything."""
+    (tmp_path / "hosts").write_text("# two nodes\nnode-a slots=4\nnode-b slots=4\n")
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.format(python=PYTHON, out=tmp_path / "argv"))
+    fake.chmod(0o755)
+    env = {k: str(tmp_path / v) if k == "HOSTFILE" else v for k, v in env.items()}
+    run(["bash", "scripts/finetune_lora.sh"], PYTHON=str(fake), **env)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    adjacent = set(zip(argv, argv[1:]))
+    assert [p for p in pairs if p not in adjacent] == [], argv
+    assert [flag for flag in absent if flag in argv] == [], argv
+
+
 KILLER = """
 import os, sys
 from vlmtune import train as T
