@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from vlmtune.config import ConfigError
 from vlmtune.families import Family, family_for
 from vlmtune.model import modes
+from vlmtune.model.load import saved_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -397,9 +398,7 @@ def merge(
         raise ConfigError("give the output folder for the merged model (--output_dir)")
     base = base_model_of(run, base_model)
     out = check_output_dir(output_dir, force, [run.folder, base] if Path(base).exists() else [run.folder])
-    base_dtype = getattr(AutoConfig.from_pretrained(base), "dtype", None) or torch.float32
-    if isinstance(base_dtype, str):
-        base_dtype = DTYPES.get(base_dtype, torch.float32)
+    base_dtype = saved_dtype(AutoConfig.from_pretrained(base)) or torch.float32
     work_dtype = run.run_dtype or base_dtype
     out_dtype = parse_dtype(dtype) or work_dtype
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -448,9 +447,9 @@ def merge(
             raise MergeError(f"the written folder does not load cleanly: {problems}")
         if type(reloaded).__name__ != family.model_class:
             raise MergeError(f"the written folder loads as {type(reloaded).__name__}, not {family.model_class}")
-        saved_dtype = next(p.dtype for p in reloaded.parameters() if p.is_floating_point())
-        if saved_dtype != out_dtype:
-            raise MergeError(f"the written folder loads as {dtype_name(saved_dtype)}, not {dtype_name(out_dtype)}")
+        reloaded_dtype = next(p.dtype for p in reloaded.parameters() if p.is_floating_point())
+        if reloaded_dtype != out_dtype:
+            raise MergeError(f"the written folder loads as {dtype_name(reloaded_dtype)}, not {dtype_name(out_dtype)}")
         diffs["reloaded"] = float((logits_of(reloaded.to(device).eval(), batch) - reference).abs().max())
         del reloaded
         AutoProcessor.from_pretrained(str(tmp))

@@ -105,7 +105,7 @@ def load_predictor(model: str | None, adapter: str | None = None, *, dtype: str 
     from transformers import AutoConfig, AutoProcessor
 
     from vlmtune import merge
-    from vlmtune.model.load import load_model
+    from vlmtune.model.load import load_model, saved_dtype
 
     if not model and not adapter:
         raise ConfigError("give --model (a model folder, or a training output with adapters)")
@@ -134,10 +134,7 @@ def load_predictor(model: str | None, adapter: str | None = None, *, dtype: str 
         except OSError:
             what = "is not a model folder (no config.json)" if Path(model).is_dir() else "does not exist"
             raise ConfigError(f"--model {model} {what}; give a model folder or a training output") from None
-        config_dtype = getattr(config, "dtype", None)
-        if isinstance(config_dtype, str):
-            config_dtype = merge.DTYPES.get(config_dtype)
-        loaded, family = load_model(model, dtype=merge.parse_dtype(dtype) or config_dtype or torch.float32)
+        loaded, family = load_model(model, dtype=merge.parse_dtype(dtype) or saved_dtype(config) or torch.float32)
         processor = AutoProcessor.from_pretrained(model)
     loaded.to(device).eval()
     overrides.update({k: v for k, v in (budget_overrides or {}).items() if v is not None})

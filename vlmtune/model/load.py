@@ -38,13 +38,26 @@ def load_processor(model_path: str):
     return AutoProcessor.from_pretrained(model_path)
 
 
-def choose_attention(requested: str | None) -> str:
-    """flash_attention_2 when it can run, else sdpa; an explicit request is kept as given."""
+def choose_attention(requested: str | None, dtype: torch.dtype | None = None) -> str:
+    """flash_attention_2 when it can run (CUDA, flash-attn installed, half precision), else sdpa; an explicit
+    request is kept as given. flash-attn has no fp32 kernels: an fp32 model on it fails at its first forward."""
     if requested:
         return requested
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+    half = dtype in (torch.bfloat16, torch.float16)
+    if half and torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def saved_dtype(config) -> torch.dtype | None:
+    """The dtype a model folder's weights were saved in. Qwen3-VL folders record it in ``text_config`` only."""
+    for sub in (config, config.get_text_config()):
+        dtype = getattr(sub, "dtype", None)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    return None
 
 
 def liger_unavailable_reason(family: Family) -> str | None:
@@ -104,7 +117,7 @@ def load_model(
 ):
     """(model, family) for training; quantized to 4/8 bits through bitsandbytes when asked."""
     family = load_family(model_path)
-    kwargs = {"dtype": dtype, "attn_implementation": choose_attention(attn_implementation)}
+    kwargs = {"dtype": dtype, "attn_implementation": choose_attention(attn_implementation, dtype)}
     if bits in (4, 8):
         from transformers import BitsAndBytesConfig
 
