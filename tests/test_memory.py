@@ -57,16 +57,20 @@ def test_weights_gradients_and_optimizer_terms_by_hand(tiny_shape):
     assert lora.bytes("optimizer step temporaries") == 0  # fused AdamW, the Trainer's default
     assert est(mode="lora", optim="adamw_torch").bytes("optimizer step temporaries") == LORA_LLM * 4
 
-    full = est(mode="full", precision="bf16")
-    assert full.bytes("weights") == PARAMS * 2
-    assert full.bytes("gradients") == (MERGER + LLM) * 2
-    assert full.bytes("optimizer states") == (MERGER + LLM) * 2 * 2
+    pure = est(mode="full", precision="pure_bf16")
+    assert pure.bytes("weights") == PARAMS * 2
+    assert pure.bytes("gradients") == (MERGER + LLM) * 2
+    assert pure.bytes("optimizer states") == (MERGER + LLM) * 2 * 2
+    full = est(mode="full", precision="bf16")  # --bf16: what trains keeps fp32 masters, the rest stays bf16
+    assert full.bytes("weights") == VISION * 2 + (MERGER + LLM) * 4
+    assert full.bytes("gradients") == (MERGER + LLM) * 4
+    assert full.bytes("optimizer states") == (MERGER + LLM) * 4 * 2
     amp = est(mode="full", precision="amp")
     assert amp.bytes("weights") + amp.bytes("gradients") + amp.bytes("optimizer states") == (
         PARAMS * 4 + (MERGER + LLM) * (4 + 8))
 
     vision = est(mode="lora_vision", precision="bf16")
-    assert vision.bytes("gradients") == MERGER * 2 + (LORA_LLM + LORA_VISION) * 4
+    assert vision.bytes("gradients") == MERGER * 4 + (LORA_LLM + LORA_VISION) * 4
 
     qlora = est(mode="lora", bits=4)
     assert qlora.bytes("weights") == pytest.approx(QUANTIZABLE * memory.NF4_BYTES + (PARAMS - QUANTIZABLE) * 4)

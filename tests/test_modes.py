@@ -199,3 +199,39 @@ def test_vision_lora_gets_gradients_under_gradient_checkpointing(build, pipeline
     vision_b = [(n, q.grad) for n, q in model.named_parameters() if ".visual.blocks." in n and "lora_B" in n]
     assert vision_b and all(g is not None and float(g.abs().sum()) > 0 for _, g in vision_b)
     assert torch.isfinite(torch.stack([g.abs().sum() for _, g in vision_b])).all()
+
+
+def _moved_after_small_steps(model, batch, steps: int = 3, lr: float = 1e-5) -> float:
+    """Share of the merger's trained weights that moved after a few AdamW steps, forward in bf16 autocast."""
+    merger = [p for n, p in model.named_parameters() if ".merger." in n and p.requires_grad and p.ndim == 2]
+    before = [p.detach().clone() for p in merger]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    moved = sum(int((p.detach() != b).sum()) for p, b in zip(merger, before))
+    return moved / sum(b.numel() for b in before)
+
+
+def test_trained_parts_keep_fp32_masters_in_a_bf16_run(tiny_model_dir, pipeline):
+    """At lr 1e-5, AdamW's updates to bf16 weights mostly round away; with fp32 masters every weight moves.
+    The frozen parts stay in bf16 (no extra memory) and LoRA stays fp32 as PEFT keeps it."""
+    from vlmtune.data.collator import Collator
+
+    p = pipeline("qwen2_vl")
+    batch = Collator(p.processor.tokenizer.pad_token_id)([p.dataset[i] for i in range(4)])
+    shares = {}
+    for upcast in (False, True):
+        model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir(), dtype=torch.bfloat16)
+        args = ModeArguments(mode="lora_vision", lora_rank=4)
+        model = modes.apply_plan(model, FAMILY_TABLE["qwen2_vl"], modes.plan_from_args(args), args)
+        if upcast:
+            trained = sum(q.numel() for q in model.parameters() if q.requires_grad and q.dtype == torch.bfloat16)
+            assert modes.fp32_master_weights(model) == trained > 0
+            assert {q.dtype for q in model.parameters() if q.requires_grad} == {torch.float32}
+            assert {q.dtype for q in model.parameters() if not q.requires_grad} == {torch.bfloat16}
+        shares[upcast] = _moved_after_small_steps(model.train(), batch)
+    assert shares[True] > 0.9 and shares[False] < 0.5, shares

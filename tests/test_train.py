@@ -111,6 +111,27 @@ def test_resumed_run_has_the_losses_of_an_uninterrupted_run(lora_runs):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
 
 
+@pytest.mark.parametrize("pure", [False, True])
+def test_a_bf16_full_run_trains_fp32_masters_and_writes_a_bf16_model(tmp_path, pure):
+    """Checkpoints keep the fp32 masters of what trains (a resume continues exactly); the final folder is
+    the model in the dtype it was trained and loaded in. --pure_bf16 keeps everything in bf16."""
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    result = run(cli("--mode", "full", "--bf16", "True", "--max_steps", "2", "--save_steps", "1",
+                     "--learning_rate", "1e-5", "--output_dir", str(out), "--pure_bf16", str(pure)))
+    assert ("fp32 master weights for " in result.stderr) is not pure
+
+    def dtypes(folder: Path) -> dict[str, str]:
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    final, checkpoint = dtypes(out), dtypes(out / "checkpoint-1")
+    assert set(final.values()) == {"BF16"}
+    assert {v for k, v in checkpoint.items() if k.startswith("visual.blocks.")} == {"BF16"}  # frozen: as loaded
+    assert {v for k, v in checkpoint.items() if k.startswith("model.layers.")} == {"BF16" if pure else "F32"}
+
+
 def test_lora_checkpoint_is_under_a_tenth_of_the_model(lora_runs, tiny_model_dir):
     model_bytes = sum(f.stat().st_size for f in Path(tiny_model_dir()).glob("*.safetensors"))
     saved = lora_runs / "full" / "checkpoint-8"

@@ -152,6 +152,11 @@ class TrainingArguments(HfTrainingArguments):
     group_by_length: bool = field(
         default=False, metadata={"help": "Batch records of similar length (text + vision tokens) to cut padding."}
     )
+    pure_bf16: bool = field(
+        default=False,
+        metadata={"help": "With --bf16 and no DeepSpeed: keep trained weights, gradients and AdamW states in bf16 "
+                  "too (half their memory; updates below bf16's resolution are lost). Default: fp32 masters."},
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (vision tensors)."})
     dataloader_pin_memory: bool = field(
         default=True, metadata={"help": "Pinned host memory for faster copies to a CUDA device (off without one)."}

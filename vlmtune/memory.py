@@ -87,7 +87,7 @@ RULE_OF_THUMB_7B_GB = {"full, fp32 weights + AMP": 120, "full, pure bf16": 60, "
                        "QLoRA 8-bit": 10, "QLoRA 4-bit": 6}
 """The common rule-of-thumb table for a 7B model (e.g. LLaMA-Factory's README), in GB."""
 
-PRECISIONS = ("bf16", "amp", "fp32")
+PRECISIONS = ("bf16", "pure_bf16", "amp", "fp32")
 
 
 # ------------------------------------------------------------------ the model
@@ -332,7 +332,7 @@ def vision_tokens(shape: ModelShape, setup: Setup) -> int:
 
 def _dtype_bytes(setup: Setup) -> tuple[int, int]:
     """(bytes per weight of the loaded model, bytes per activation)."""
-    return {"bf16": (2, 2), "amp": (4, 2), "fp32": (4, 4)}[setup.precision]
+    return {"bf16": (2, 2), "pure_bf16": (2, 2), "amp": (4, 2), "fp32": (4, 4)}[setup.precision]
 
 
 def _layer_bytes(shape: ModelShape, a: int, base_trains: bool, kv_expanded: bool, lora: tuple[int, int],
@@ -389,6 +389,9 @@ def estimate(model: str | None, setup: Setup, shape: ModelShape | None = None) -
     plan_trainable = shape.trainable[setup.mode]
     lora = shape.lora(setup.mode, setup.lora_rank)
     quantized = setup.bits < 16
+    # vlmtune's --bf16 without DeepSpeed keeps what trains in fp32 (modes.fp32_master_weights); DeepSpeed keeps
+    # fp32 masters in its optimizer instead, and --pure_bf16 keeps everything in bf16.
+    fp32_masters = setup.precision == "bf16" and setup.zero == 0 and not quantized
     rows: dict[str, Row] = {}
 
     # weights
@@ -400,6 +403,9 @@ def estimate(model: str | None, setup: Setup, shape: ModelShape | None = None) -
                   "(vision, embeddings, lm_head, norms) upcast to fp32 by prepare_model_for_kbit_training")
         notes.append("QLoRA: PEFT's prepare_model_for_kbit_training upcasts every non-quantized weight to fp32; "
                      f"here that is {other * 4 / GB:.1f} GB of the weights")
+    elif fp32_masters:
+        weights = (shape.params - plan_trainable) * p + plan_trainable * 4
+        detail = f"{_count(shape.params - plan_trainable)} params x {p} B + {_count(plan_trainable)} trained x 4 B"
     else:
         weights = shape.params * p
         detail = f"{_count(shape.params)} params x {p} B"
@@ -413,7 +419,7 @@ def estimate(model: str | None, setup: Setup, shape: ModelShape | None = None) -
                                 f"{_count(lora)} LoRA params x 4 B (fp32 adapters)" if lora else "no LoRA")
 
     # gradients and optimizer
-    train_bytes = 4 if quantized else p  # non-LoRA trainables share the weights' dtype
+    train_bytes = 4 if quantized or fp32_masters else p  # non-LoRA trainables: fp32, or the weights' dtype
     grads = plan_trainable * train_bytes + lora * 4
     grad_detail = f"{_count(plan_trainable + lora)} trainable params"
     if setup.zero >= 2:
@@ -510,7 +516,7 @@ def rule_of_thumb(model: str = "Qwen2.5-VL-7B", **overrides) -> list[tuple[str, 
                     "gradient_checkpointing": True, **overrides})
     setups = {
         "full, fp32 weights + AMP": replace(base, mode="full", precision="amp"),
-        "full, pure bf16": replace(base, mode="full", precision="bf16"),
+        "full, pure bf16": replace(base, mode="full", precision="pure_bf16"),
         "LoRA (bf16)": replace(base, mode="lora", precision="bf16"),
         "QLoRA 8-bit": replace(base, mode="lora", precision="bf16", bits=8),
         "QLoRA 4-bit": replace(base, mode="lora", precision="bf16", bits=4),
@@ -563,8 +569,9 @@ def main(argv: list[str] | None = None) -> int:
                         "are fine), a local folder with config.json, or tiny[:family] (default: tiny)")
     parser.add_argument("--mode", default=d.mode, choices=["full", "lora", "lora_vision"])
     parser.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                        help="bf16: weights, gradients and AdamW states in bf16 (what --bf16 trains in); amp: fp32 "
-                        "weights with bf16 autocast; fp32")
+                        help="bf16: what --bf16 trains in: frozen weights in bf16, trained ones with fp32 gradients "
+                        "and AdamW states (fp32 masters; DeepSpeed keeps them in its optimizer); pure_bf16: all in "
+                        "bf16 (--pure_bf16); amp: fp32 weights with bf16 autocast; fp32")
     parser.add_argument("--bits", type=int, default=d.bits, choices=[4, 8, 16], help="4 or 8: QLoRA")
     parser.add_argument("--zero", type=int, default=d.zero, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (0: none)")
     parser.add_argument("--offload", default=d.offload, choices=["none", "optimizer", "all"])

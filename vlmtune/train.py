@@ -95,6 +95,13 @@ class VisionLanguageTrainer(Trainer):
             self._last_log = (now, tokens, samples)
         super().log(logs, start_time)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not _internal_call and not self.run_info.get("lora") and not self.is_deepspeed_enabled:
+            # The end of a full run: its folder is the model, so the fp32 masters go back to the training dtype.
+            # (Checkpoints keep them in fp32, so a resumed run continues exactly.)
+            modes.cast_trained(self.model, getattr(torch, self.run_info["dtype"]))
+        super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
@@ -203,14 +210,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
 
         _ = train_args.device  # torch.distributed first
         deepspeed.init_distributed()
+    dtype = torch_dtype(train_args.bf16, train_args.fp16)
     model, family = load_model(
-        model_path, dtype=torch_dtype(train_args.bf16, train_args.fp16),
+        model_path, dtype=dtype,
         attn_implementation=model_args.attn_implementation, bits=model_args.bits, use_liger=model_args.use_liger,
     )
     disable_kv_cache(model)
     set_seed(train_args.seed)  # LoRA's initial weights are drawn here, before the Trainer seeds anything
     model = modes.apply_plan(model, family, plan, mode_args)
     logger.info("training plan: %s\n%s", plan.describe(), modes.trainable_report(model, family))
+    if not (train_args.deepspeed or train_args.pure_bf16) and (upcast := modes.fp32_master_weights(model)):
+        logger.info("fp32 master weights for %s trained parameters (the forward runs in %s through autocast)",
+                    f"{upcast:,}", str(dtype).removeprefix("torch."))
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     fillers = vision_fillers(processor, family.factor) if distributed else None
@@ -224,7 +235,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     run_info = {
         "base_model": model_path, "model_type": family.model_type, "plan": dataclasses.asdict(plan),
         "budget": {k: v for k, v in data_args.budget_overrides().items() if v is not None},
-        "lora": plan.uses_lora, "dtype": str(torch_dtype(train_args.bf16, train_args.fp16)).removeprefix("torch."),
+        "lora": plan.uses_lora, "dtype": str(dtype).removeprefix("torch."),
     }
     trainer = VisionLanguageTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,

@@ -11,6 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 from vlmtune.config import ConfigError, ModeArguments
@@ -156,6 +157,26 @@ def apply_plan(model: nn.Module, family: Family, plan: TrainPlan, args: ModeArgu
         if clean_name(name) in full and not is_lora_name(name):
             param.requires_grad_(True)
     return model
+
+
+def fp32_master_weights(model: nn.Module) -> int:
+    """Keep every trained half-precision parameter in fp32 (the forward still runs in bf16 / fp16 through the
+    Trainer's autocast); returns how many elements were upcast. In bf16, AdamW's small updates round away (at
+    lr 1e-5 most weights never move) and fp16's grad scaler refuses fp16 gradients. For runs without DeepSpeed,
+    which keeps fp32 masters of its own. PEFT already keeps LoRA weights in fp32."""
+    upcast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
+            upcast += param.numel()
+    return upcast
+
+
+def cast_trained(model: nn.Module, dtype: torch.dtype) -> None:
+    """Trained floating parameters back to ``dtype`` (the end of a run whose masters were fp32)."""
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def fully_trained_names(model: nn.Module, family: Family, plan: TrainPlan) -> set[str]:
