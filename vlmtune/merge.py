@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from vlmtune.config import ConfigError
 from vlmtune.families import Family, family_for
 from vlmtune.model import modes
-from vlmtune.model.load import saved_dtype
+from vlmtune.model.load import dtype_name, saved_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +140,6 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if key not in DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def plan_of(info: dict) -> modes.TrainPlan | None:

@@ -31,6 +31,7 @@ from vlmtune.families import Family
 from vlmtune.model import modes
 from vlmtune.model.load import (
     disable_kv_cache,
+    dtype_name,
     load_family,
     load_model,
     load_processor,
@@ -221,7 +222,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     logger.info("training plan: %s\n%s", plan.describe(), modes.trainable_report(model, family))
     if not (train_args.deepspeed or train_args.pure_bf16) and (upcast := modes.fp32_master_weights(model)):
         logger.info("fp32 master weights for %s trained parameters (the forward runs in %s through autocast)",
-                    f"{upcast:,}", str(dtype).removeprefix("torch."))
+                    f"{upcast:,}", dtype_name(dtype))
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     fillers = vision_fillers(processor, family.factor) if distributed else None
@@ -235,7 +236,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     run_info = {
         "base_model": model_path, "model_type": family.model_type, "plan": dataclasses.asdict(plan),
         "budget": {k: v for k, v in data_args.budget_overrides().items() if v is not None},
-        "lora": plan.uses_lora, "dtype": str(dtype).removeprefix("torch."),
+        "lora": plan.uses_lora, "dtype": dtype_name(dtype),
     }
     trainer = VisionLanguageTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,

@@ -49,6 +49,10 @@ def choose_attention(requested: str | None, dtype: torch.dtype | None = None) ->
     return "sdpa"
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def saved_dtype(config) -> torch.dtype | None:
     """The dtype a model folder's weights were saved in. Qwen3-VL folders record it in ``text_config`` only."""
     for sub in (config, config.get_text_config()):
