@@ -63,7 +63,7 @@ def test_budget_overrides_cover_every_media_flag():
 
 @pytest.mark.parametrize("split", [["--val_ratio", "0.25"], ["--eval_data_path", str(DATA_JSON)]])
 def test_an_eval_split_reports_eval_loss(tmp_path, split):
-    from vlmtune.train import train
+    from vlmtune.stages.sft import train
 
     out = tmp_path / "out"
     args = parse_train_args(["--data_path", str(DATA_JSON), *split, "--output_dir", str(out),

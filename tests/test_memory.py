@@ -4,10 +4,11 @@ tiny-model CPU step, against the published parameter counts, and against the 7B 
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, ROOT
 
 from vlmtune import memory
 from vlmtune.cli import main as cli_main
@@ -15,6 +16,14 @@ from vlmtune.config import ConfigError, ModeArguments
 from vlmtune.data.collator import Collator
 from vlmtune.model import modes
 from vlmtune.model.load import load_family
+
+sys.path.insert(0, str(ROOT / "bench"))
+import memory_rule_of_thumb as rule_of_thumb  # noqa: E402  (the README table's bench script)
+
+PUBLISHED_PARAMS_B = {"Qwen2-VL-2B": 2.21, "Qwen2-VL-7B": 8.29, "Qwen2.5-VL-3B": 3.75, "Qwen2.5-VL-7B": 8.29,
+                      "Qwen2.5-VL-32B": 33.5, "Qwen2.5-VL-72B": 73.4, "Qwen3-VL-2B": 2.13, "Qwen3-VL-4B": 4.44,
+                      "Qwen3-VL-8B": 8.77}
+"""Parameter counts (billions) on the models' hub pages, to check the built-in shapes against."""
 
 # Tiny Qwen2-VL, by hand (vlmtune/families/qwen2_vl.py): text hidden 64, MLP 128, 2 layers, 4 heads of 16, 2 KV heads,
 # vocabulary 565, untied lm_head; vision embed 32, MLP 64, 2 blocks, patch 14, merger to 64.
@@ -173,7 +182,7 @@ def test_estimate_matches_a_measured_tiny_training_step(pipeline, family):
 
 
 def test_built_in_shapes_match_the_published_parameter_counts():
-    for name, published in memory.PUBLISHED_PARAMS_B.items():
+    for name, published in PUBLISHED_PARAMS_B.items():
         shape = memory.model_shape(memory.load_config(f"Qwen/{name}-Instruct"))
         assert shape.params / 1e9 == pytest.approx(published, rel=0.005), name
 
@@ -181,8 +190,9 @@ def test_built_in_shapes_match_the_published_parameter_counts():
 def test_7b_rows_agree_in_magnitude_with_the_rule_of_thumb():
     """Static memory (weights + adapters + gradients + optimizer states) of the two full rows within 10% of the rule
     (120 and 60 GB); every peak within 3x of its row; the QLoRA rows say why they are higher."""
-    rows = {name: (rule, est, why) for name, rule, est, why in memory.rule_of_thumb("Qwen/Qwen2.5-VL-7B-Instruct")}
-    assert list(rows) == list(memory.RULE_OF_THUMB_7B_GB)
+    table = rule_of_thumb.rule_of_thumb("Qwen/Qwen2.5-VL-7B-Instruct")
+    rows = {name: (rule, est, why) for name, rule, est, why in table}
+    assert list(rows) == list(rule_of_thumb.RULE_OF_THUMB_7B_GB)
     for name, (rule, est, why) in rows.items():
         static = sum(est.bytes(k) for k in ("weights", "lora adapters", "gradients", "optimizer states"))
         if name.startswith("full"):
@@ -190,7 +200,7 @@ def test_7b_rows_agree_in_magnitude_with_the_rule_of_thumb():
         assert rule / 3 < est.peak / memory.GB < rule * 3, name
         assert "8.29B params, not 7B" in why
     assert "upcast to fp32" in rows["QLoRA 4-bit"][2]
-    ordered = [rows[name][1].peak for name in memory.RULE_OF_THUMB_7B_GB]
+    ordered = [rows[name][1].peak for name in rule_of_thumb.RULE_OF_THUMB_7B_GB]
     assert ordered == sorted(ordered, reverse=True)
 
 

@@ -16,7 +16,7 @@ from vlmtune.cli import main as cli
 from vlmtune.config import ConfigError
 from vlmtune.data.collator import Collator
 from vlmtune.merge import MergeError, file_set, merge
-from vlmtune.train import NON_LORA_FILE, RUN_FILE
+from vlmtune.run import NON_LORA_FILE, RUN_FILE
 
 TRAIN_FLAGS = [
     "--max_steps", "1", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--lora_rank", "4",
@@ -28,7 +28,7 @@ TRAIN_FLAGS = [
 def train_run(out: Path, mode: str, family: str, *extra: str) -> Path:
     """A tiny training run in this process (one step at a high learning rate, so weights move)."""
     from vlmtune.config import parse_train_args
-    from vlmtune.train import train
+    from vlmtune.stages.sft import train
 
     return train(*parse_train_args(["--data_path", str(DATA_JSON), "--mode", mode, "--tiny_family", family,
                                     "--output_dir", str(out), *TRAIN_FLAGS, *extra]))

@@ -256,7 +256,7 @@ def test_train_with_packing_grouping_and_an_eval_split(tmp_path, caplog):
     from conftest import DATA_JSON
 
     from vlmtune.config import parse_train_args
-    from vlmtune.train import train
+    from vlmtune.stages.sft import train
 
     out = tmp_path / "out"
     args = parse_train_args(["--data_path", str(DATA_JSON), "--packing", "True", "--group_by_length", "True",

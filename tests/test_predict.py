@@ -25,7 +25,7 @@ MAX_NEW = 6
 def run_and_merged(tmp_path_factory, tiny_model_dir):
     """A tiny lora_vision run (one step at a high rate, weights moved) and its merged folder."""
     from vlmtune.config import parse_train_args
-    from vlmtune.train import train
+    from vlmtune.stages.sft import train
 
     root = tmp_path_factory.mktemp("predict")
     run = train(*parse_train_args([

@@ -76,7 +76,7 @@ def test_launcher_builds_the_command_a_cluster_needs(env, pairs, absent, tmp_pat
 
 KILLER = """
 import os, sys
-from vlmtune import train as T
+from vlmtune.stages import common as T
 save = T.VisionLanguageTrainer._save_checkpoint
 def save_then_die(self, model, trial):
     save(self, model, trial)
@@ -199,7 +199,7 @@ def test_zero3_two_processes_with_text_only_on_one_rank_finishes(tmp_path):
 
 NO_FILLERS = """
 import sys
-import vlmtune.train as T
+import vlmtune.stages.sft as T
 T.vision_fillers = lambda *args, **kwargs: None
 from vlmtune.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -44,7 +44,7 @@ def _close_progress_bars() -> None:
 
 def cmd_train(argv: list[str]) -> int:
     from vlmtune.config import parse_train_args
-    from vlmtune.train import train
+    from vlmtune.stages.sft import train
 
     train(*parse_train_args(argv))
     return 0

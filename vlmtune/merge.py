@@ -20,7 +20,6 @@ standalone model: merge says so and only checks that it loads and gives finite l
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import re
@@ -30,38 +29,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from vlmtune.config import ConfigError
+from vlmtune.data import media
 from vlmtune.families import Family, family_for
-from vlmtune.model import modes
-from vlmtune.model.load import dtype_name, saved_dtype
+from vlmtune.model.load import dtype_name, parse_dtype, saved_dtype
+from vlmtune.run import (
+    MergeError,
+    RunInfo,
+    base_model_of,
+    load_model_with_adapters,
+    load_run_processor,
+    read_run,
+    run_budget,
+)
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 """Absolute tolerance on logits, scaled by max(1, largest |logit|) for half precision (see ``tolerance``)."""
 DEFAULT_VERIFY_SAMPLES = 4
 _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.msgpack|\.h5|\.ckpt|\.gguf)$|\.index\.json$")
-class MergeError(ConfigError):
-    """The merge cannot be done or did not verify; nothing was written."""
-
-
-@dataclass
-class RunInfo:
-    """What a training output folder holds."""
-
-    folder: Path
-    info: dict
-    has_adapter: bool
-    has_model: bool
-
-    @property
-    def run_dtype(self) -> torch.dtype | None:
-        name = self.info.get("dtype")
-        return DTYPES.get(name) if name else None
 
 
 @dataclass
@@ -82,74 +70,6 @@ class MergeResult:
 # ---------------------------------------------------------------- inputs
 
 
-def read_run(folder: str | Path) -> RunInfo:
-    """Inspect a training output or checkpoint folder; user mistakes raise ``ConfigError``."""
-    from vlmtune.train import RUN_FILE
-
-    path = Path(folder)
-    if not path.exists():
-        raise ConfigError(f"run folder {path} does not exist; give a training output or checkpoint folder")
-    if not path.is_dir():
-        raise ConfigError(f"{path} is a file; give the training output or checkpoint folder that holds it")
-    info: dict = {}
-    run_file = path / RUN_FILE
-    if run_file.is_file():
-        try:
-            info = json.loads(run_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{run_file}: invalid JSON ({exc.msg} at line {exc.lineno}); fix or delete it and "
-                              "pass --base_model") from None
-    has_adapter = (path / ADAPTER_CONFIG).is_file()
-    has_model = (path / "config.json").is_file()
-    if not has_adapter and not has_model:
-        raise ConfigError(f"{path} holds neither LoRA adapters ({ADAPTER_CONFIG}) nor a model (config.json); "
-                          "give a training output or checkpoint-N folder")
-    return RunInfo(path, info, has_adapter, has_model)
-
-
-def base_model_of(run: RunInfo, base_model: str | None) -> str:
-    """The base model: ``--base_model`` if given, else the one ``vlmtune_run.json`` names; checked to exist."""
-    from vlmtune.train import RUN_FILE
-
-    base = base_model or run.info.get("base_model")
-    if not base:
-        hint = ""
-        adapter_config = run.folder / ADAPTER_CONFIG
-        if adapter_config.is_file():
-            named = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-            hint = f" (its {ADAPTER_CONFIG} names {named!r})" if named else ""
-        raise ConfigError(f"{run.folder} has no {RUN_FILE} saying which base model it was trained on{hint}: "
-                          "pass --base_model")
-    if not Path(base).is_dir():
-        from transformers import AutoConfig
-
-        try:
-            AutoConfig.from_pretrained(base)
-        except OSError:
-            raise ConfigError(f"base model {base!r} is not a folder here and cannot be loaded (offline?); "
-                              "pass --base_model with the local folder of the model the run trained") from None
-    return str(base)
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None or name == "":
-        return None
-    key = name.removeprefix("torch.")
-    key = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}.get(
-        key, key)
-    if key not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[key]
-
-
-def plan_of(info: dict) -> modes.TrainPlan | None:
-    """The training plan recorded in ``vlmtune_run.json`` (None when absent or unreadable)."""
-    try:
-        return modes.TrainPlan(**info["plan"])
-    except (KeyError, TypeError):
-        return None
-
-
 def check_output_dir(output_dir: str | Path, force: bool, protected: list[str | Path]) -> Path:
     """The output folder, refused when it holds files (unless ``force``) or when it is one of the inputs."""
     out = Path(output_dir)
@@ -168,67 +88,6 @@ def check_output_dir(output_dir: str | Path, force: bool, protected: list[str | 
 # ---------------------------------------------------------------- loading
 
 
-def load_model_with_adapters(
-    run: RunInfo, base_model: str, dtype: torch.dtype, device: str | torch.device = "cpu",
-):
-    """(PeftModel with the run's adapters and non-LoRA trainables restored, family), strictly.
-
-    Raises ``MergeError`` naming the keys when an adapter weight or a saved trainable does not match the base
-    model, or when a trainable the run's plan trained is missing from ``non_lora_trainables.safetensors``.
-    """
-    from peft import PeftConfig, PeftModel
-
-    from vlmtune.model.load import load_family, load_model
-    from vlmtune.train import NON_LORA_FILE, load_non_lora_trainables
-
-    family = load_family(base_model)
-    recorded = run.info.get("model_type")
-    if recorded and recorded != family.model_type:
-        raise MergeError(f"{run.folder} was trained on a {recorded} model but the base model {base_model} is "
-                         f"{family.model_type}; pass the right --base_model")
-    model, family = load_model(base_model, dtype=dtype, attn_implementation="sdpa")
-    model.to(device).eval()
-
-    peft_config = PeftConfig.from_pretrained(str(run.folder))
-    peft_config.inference_mode = True
-    try:
-        peft_model = PeftModel(model, peft_config)
-    except ValueError as exc:  # target modules not in this base model
-        raise MergeError(f"the adapters in {run.folder} do not fit the base model {base_model}: {exc}") from None
-    result = peft_model.load_adapter(str(run.folder), "default", torch_device=str(device))
-    unexpected = [k for k in result.unexpected_keys if ".lora_" in k or "lora_magnitude" in k]
-    if result.missing_keys or unexpected:
-        raise MergeError(f"the adapters in {run.folder} do not match the base model {base_model}: "
-                         f"missing {sorted(result.missing_keys)[:10]}, unexpected {sorted(unexpected)[:10]}")
-    peft_model.eval()
-
-    base = peft_model.get_base_model()
-    trainables_file = run.folder / NON_LORA_FILE
-    saved: dict[str, torch.Tensor] = load_file(str(trainables_file)) if trainables_file.is_file() else {}
-    plan = plan_of(run.info)
-    missing: list[str] = []
-    if plan is None:
-        logger.warning("%s records no readable training plan: cannot check that every fully trained part was "
-                       "saved; restoring the %d tensors of %s as they are", run.folder, len(saved), NON_LORA_FILE)
-    else:
-        missing = sorted(modes.fully_trained_names(base, family, plan) - set(saved))
-    where = trainables_file if trainables_file.is_file() else f"{trainables_file} (absent)"
-    lacks = (f"the run trained {len(missing)} parameter(s) fully ({plan.describe()}) that it lacks: {missing[:10]}"
-             if missing else "")
-    if saved:
-        try:
-            load_non_lora_trainables(base, saved)
-        except (KeyError, ValueError) as exc:
-            message = exc.args[0] if exc.args else str(exc)
-            raise MergeError(f"{where}: {message}{'; ' + lacks if lacks else ''}; it does not fit the base model "
-                             f"{base_model}, nothing merged") from None
-    if missing:
-        raise MergeError(f"{where}: {lacks}; nothing merged")
-    logger.info("loaded %s + adapters from %s (%d LoRA layers, %d non-LoRA tensors restored)", base_model,
-                run.folder, sum(1 for n, _ in base.named_modules() if n.endswith(".lora_A")), len(saved))
-    return peft_model, family
-
-
 # ---------------------------------------------------------------- verification batch
 
 
@@ -237,12 +96,11 @@ def default_data_path() -> Path:
     return Path(__file__).resolve().parents[1] / "data_examples" / "data.json"
 
 
-def verification_batch(processor, family: Family, data_path: str | Path | None = None,
+def verification_batch(processor, family: Family, budget: media.MediaBudget, data_path: str | Path | None = None,
                        image_folder: str | None = None, video_folder: str | None = None,
                        samples: int = DEFAULT_VERIFY_SAMPLES) -> tuple[dict[str, torch.Tensor], int]:
     """(batch, number of records): up to ``samples`` records of the data file, one of each shape first
     (image, video, multi-image, ...), encoded by the project's dataset and collator."""
-    from vlmtune.data import media
     from vlmtune.data.collator import Collator
     from vlmtune.data.conversation import Conversation
     from vlmtune.data.dataset import VisionLanguageDataset
@@ -253,7 +111,6 @@ def verification_batch(processor, family: Family, data_path: str | Path | None =
         if not data_path.is_file():
             raise ConfigError("no data to verify the merge on (data_examples/ is not beside the package): "
                               "pass --data_path with a few records of your data")
-    budget = media.budget_from_processor(processor, family.factor)
     records = load_records(data_path, image_folder, video_folder, budget=budget, min_image_side=family.factor)
     preferred = ("image+video", "video", "multi_image", "image", "text")
     chosen, shapes = [], set()
@@ -350,14 +207,15 @@ def _replace_folder(tmp: Path, out: Path) -> None:
 def verify_standalone(run: RunInfo, data_path=None, image_folder=None, video_folder=None,
                       samples: int = DEFAULT_VERIFY_SAMPLES, device: str | None = None) -> MergeResult:
     """A full fine-tune's output: check that it loads as it is and gives finite logits."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     start = time.perf_counter()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForImageTextToText.from_pretrained(str(run.folder), dtype="auto").to(device).eval()
     family = family_for(model.config)
-    processor = AutoProcessor.from_pretrained(str(run.folder))
-    batch, n = verification_batch(processor, family, data_path, image_folder, video_folder, samples)
+    processor = load_run_processor(run, str(run.folder))
+    budget = run_budget(run, processor, family)
+    batch, n = verification_batch(processor, family, budget, data_path, image_folder, video_folder, samples)
     logits = logits_of(model, batch)
     if not torch.isfinite(logits).all():
         raise MergeError(f"{run.folder} loads but gives non-finite logits on {n} records: the weights are broken")
@@ -400,10 +258,9 @@ def merge(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     model, family = load_model_with_adapters(run, base, work_dtype, device)
-    # The run's processor carries the training pixel budgets; the base's is the fallback.
-    processor = AutoProcessor.from_pretrained(str(run.folder) if (run.folder / "processor_config.json").is_file()
-                                              else base)
-    batch, n = verification_batch(processor, family, data_path, image_folder, video_folder, samples)
+    processor = load_run_processor(run, base)
+    budget = run_budget(run, processor, family)
+    batch, n = verification_batch(processor, family, budget, data_path, image_folder, video_folder, samples)
     reference = logits_of(model, batch)
     worst = out_dtype if DEFAULT_ATOL[out_dtype] > DEFAULT_ATOL[work_dtype] else work_dtype
     tol = tolerance(worst, reference, atol)

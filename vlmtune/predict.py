@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from vlmtune import run
 from vlmtune.config import ConfigError, DataArguments
 from vlmtune.data import media
 from vlmtune.data.collator import Collator
@@ -102,44 +103,9 @@ def load_predictor(model: str | None, adapter: str | None = None, *, dtype: str 
                    device: str | None = None, budget_overrides: dict | None = None,
                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0) -> Predictor:
     """Load a standalone model, or a base model with a run's adapters (merged in memory), for generation."""
-    from transformers import AutoConfig, AutoProcessor
-
-    from vlmtune import merge
-    from vlmtune.model.load import load_model, saved_dtype
-
-    if not model and not adapter:
-        raise ConfigError("give --model (a model folder, or a training output with adapters)")
-    if model and not adapter:
-        path = Path(model)
-        if (path / merge.ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
-            model, adapter = None, model  # a training output: its run file names the base model
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    overrides: dict = {}
-    if adapter:
-        run = merge.read_run(adapter)
-        if not run.has_adapter:
-            raise ConfigError(f"{adapter} holds no LoRA adapters ({merge.ADAPTER_CONFIG}); it is a full model: "
-                              "pass it as --model")
-        base = merge.base_model_of(run, model)
-        work_dtype = merge.parse_dtype(dtype) or run.run_dtype or torch.float32
-        peft_model, family = merge.load_model_with_adapters(run, base, work_dtype, device)
-        loaded = peft_model.merge_and_unload()
-        processor = AutoProcessor.from_pretrained(base)
-        overrides.update(run.info.get("budget") or {})
-        logger.info("predicting with %s + adapters from %s (merged in memory, %s)", base, adapter,
-                    merge.dtype_name(work_dtype))
-    else:
-        try:
-            config = AutoConfig.from_pretrained(model)
-        except OSError:
-            what = "is not a model folder (no config.json)" if Path(model).is_dir() else "does not exist"
-            raise ConfigError(f"--model {model} {what}; give a model folder or a training output") from None
-        loaded, family = load_model(model, dtype=merge.parse_dtype(dtype) or saved_dtype(config) or torch.float32)
-        processor = AutoProcessor.from_pretrained(model)
-    loaded.to(device).eval()
-    overrides.update({k: v for k, v in (budget_overrides or {}).items() if v is not None})
-    budget = media.budget_from_processor(processor, family.factor, **overrides)
-    return Predictor(loaded, processor, family, budget, max_new_tokens, temperature)
+    loaded = run.load_for_inference(model, adapter, dtype=dtype, device=device, budget_overrides=budget_overrides)
+    logger.info("predicting with %s", loaded.source)
+    return Predictor(loaded.model, loaded.processor, loaded.family, loaded.budget, max_new_tokens, temperature)
 
 
 def predict_file(predictor: Predictor, data_path: str, output, *, image_folder: str | None = None,

@@ -29,6 +29,75 @@ TINY_VIDEO_TOKENS = (4, 16)
 TINY_VIDEO_FPS = 2.0
 TINY_VIDEO_MAX_FRAMES = 8
 
+TINY_TEXT_CONFIG = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+}
+"""The tiny language model every family's embedded test model starts from (M-RoPE sections sum to head_dim/2)."""
+
+
+def chatml_template(default_system: str | None) -> str:
+    """A ChatML chat template in the Qwen-VL form (content as a string or a list of typed parts).
+
+    Used for the embedded tiny model; real checkpoints bring their own template.
+    """
+    system = ""
+    if default_system:
+        system = (
+            "{%- if messages[0]['role'] != 'system' -%}"
+            "{{ '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' }}"
+            "{%- endif -%}"
+        )
+    return (
+        system + "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+        "{%- elif part['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{{ '<|im_end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    )
+
+
+TINY_CONFIGS: dict[str, dict] = {
+    "qwen2_vl": {
+        "text_config": TINY_TEXT_CONFIG,
+        "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2},
+    },
+    "qwen2_5_vl": {
+        "text_config": TINY_TEXT_CONFIG,
+        "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+                          "out_hidden_size": 64, "fullatt_block_indexes": [1], "window_size": 56},
+    },
+    "qwen3_vl": {
+        "text_config": {
+            **TINY_TEXT_CONFIG,
+            "head_dim": 16,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        },
+        "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
+                          "out_hidden_size": 64, "patch_size": 16, "deepstack_visual_indexes": [0],
+                          "num_position_embeddings": 64},
+    },
+}
+"""Config kwargs (without vocabulary and token ids) of each family's embedded tiny model."""
+
+TINY_TEMPLATES: dict[str, str] = {
+    "qwen2_vl": chatml_template("You are a helpful assistant."),
+    "qwen2_5_vl": chatml_template("You are a helpful assistant."),
+    "qwen3_vl": chatml_template(None),
+}
+"""The chat template of each tiny model (ChatML as the family's checkpoints render it)."""
+
 _CORPUS = """
 A photo of a red circle on a white background. A blue square next to a green triangle.
 The cat sits on the mat and looks at the camera. Two dogs run across a field of grass.
@@ -78,7 +147,7 @@ def _processor(family: Family, tokenizer):
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=family.chat_template,
+        chat_template=TINY_TEMPLATES[family.model_type],
     )
 
 
@@ -106,7 +175,7 @@ def tiny_config(family: Family, tokenizer):
         ("vision_start_token_id", "<|vision_start|>"),
         ("vision_end_token_id", "<|vision_end|>"),
     ]}
-    kwargs = json.loads(json.dumps(family.tiny_config))
+    kwargs = json.loads(json.dumps(TINY_CONFIGS[family.model_type]))
     kwargs["text_config"].update(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),

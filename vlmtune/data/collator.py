@@ -43,6 +43,10 @@ def vision_fillers(processor, factor: int) -> dict[str, dict[str, torch.Tensor]]
 class Collator:
     """Items -> batch. Mixed batches (text-only, image, video, both) are fine.
 
+    The one batch-assembly core: a batch is a list of rows, each row a list of items whose per-token tensors are
+    joined (``join``), padded on the right to the longest row, with every item's vision tensors concatenated in
+    order. Here each row is one item; ``packing.PackedCollator`` puts several records in a row.
+
     ``fillers`` (from ``vision_fillers``): add an inert image / video to batches that lack one, so the vision
     tower runs on every rank for every batch (needed for ZeRO-3 and DDP with a trainable vision part).
     """
@@ -54,20 +58,28 @@ class Collator:
         self.fillers = fillers or {}
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        items = list(items)
+        return self.assemble([[item] for item in items])
+
+    def join(self, row: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The per-token tensors of one row: its items' tensors, concatenated."""
+        return {key: torch.cat([it[key] for it in row]) for key in SEQUENCE_KEYS if key in row[0]}
+
+    def assemble(self, rows: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        rows = [list(row) for row in rows]
         for kind, filler in self.fillers.items():
-            if not any(MODALITY_KEY[kind] in it for it in items):
-                items[-1] = _append(items[-1], filler)
-        longest = max(len(item["input_ids"]) for item in items)
+            if not any(MODALITY_KEY[kind] in it for row in rows for it in row):
+                rows[-1].append(filler)  # after the last row's own tokens: mask 0, label -100
+        joined = [self.join(row) for row in rows]
+        longest = max(len(r["input_ids"]) for r in joined)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {}
-        for key, value in SEQUENCE_KEYS.items():
-            if key not in items[0]:
-                continue
-            pad = self.pad_token_id if value is None else value
-            rows = [torch.nn.functional.pad(it[key], (0, longest - len(it[key])), value=pad) for it in items]
-            batch[key] = torch.stack(rows)
+        batch = {key: _pad([r[key] for r in joined], longest, self.pad_token_id if value is None else value)
+                 for key, value in SEQUENCE_KEYS.items() if key in joined[0]}
+        if "position_ids" in joined[0]:  # (4, n) per row -> (4, B, L); the padding is a segment of its own
+            batch["position_ids"] = torch.stack([
+                torch.cat([r["position_ids"], torch.arange(longest - r["position_ids"].shape[1]).expand(4, -1)], 1)
+                for r in joined], dim=1)
+        items = [it for row in rows for it in row]
         for key in VISION_KEYS:
             parts = [it[key] for it in items if key in it]
             if parts:
@@ -75,9 +87,5 @@ class Collator:
         return batch
 
 
-def _append(item: dict[str, torch.Tensor], filler: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The item with the filler's tokens after its own and the filler's vision tensors after its own."""
-    out = dict(item)
-    for key, value in filler.items():
-        out[key] = torch.cat([item[key], value]) if key in item else value
-    return out
+def _pad(rows: list[torch.Tensor], length: int, value: int) -> torch.Tensor:
+    return torch.stack([torch.nn.functional.pad(row, (0, length - len(row)), value=value) for row in rows])

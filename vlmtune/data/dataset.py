@@ -58,10 +58,10 @@ def _vision_token_counts(record: Record, budget: media.MediaBudget, family: Fami
     extra = sum(media.image_tokens(w, h, budget) - 1 for w, h in record.image_sizes)
     tokenizer = processor.tokenizer
     for info in record.video_infos:
-        indices, gh, gw = media.video_grid(info, budget)
-        groups = -(-len(indices) // 2)
-        extra += groups * gh * gw - 1
+        extra += media.video_tokens(info, budget) - 1
         if family.video_timestamps:  # Qwen3-VL: "<t seconds><|vision_start|>pads<|vision_end|>" per group
+            indices = media.sampled_frame_indices(info, budget)
+            groups = -(-len(indices) // media.qvu.FRAME_FACTOR)
             stamps = processor._calculate_timestamps(indices, info.fps, processor.video_processor.temporal_patch_size)
             extra += sum(len(tokenizer.encode(f"<{t:.1f} seconds>", add_special_tokens=False)) + 2
                          for t in stamps[:groups])

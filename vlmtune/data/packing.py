@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlmtune.config import ConfigError
-from vlmtune.data.collator import MODALITY_KEY, VISION_KEYS
+from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.model.load import disable_kv_cache
 
@@ -185,7 +185,7 @@ def packing_layout(attn_implementation: str | None) -> str:
     )
 
 
-class PackedCollator:
+class PackedCollator(Collator):
     """Packs -> batch: ``input_ids``, ``labels``, ``mm_token_type_ids``, ``position_ids`` (4, B, L), vision tensors.
 
     No ``attention_mask``: record boundaries are carried by the restarting text positions (see the module doc).
@@ -195,48 +195,26 @@ class PackedCollator:
 
     def __init__(self, pad_token_id: int, rope_index: RopeIndex, padding_free: bool = False,
                  fillers: dict[str, dict[str, torch.Tensor]] | None = None):
-        self.pad_token_id = pad_token_id
+        super().__init__(pad_token_id, fillers=fillers)
         self.rope_index = rope_index
         self.padding_free = padding_free
-        self.fillers = fillers or {}
 
     def __call__(self, packs: list) -> dict[str, torch.Tensor]:
-        packs = [list(p) if isinstance(p, (list, tuple)) else [p] for p in packs]
-        for kind, filler in self.fillers.items():
-            if not any(MODALITY_KEY[kind] in it for pack in packs for it in pack):
-                packs[-1] = packs[-1] + [filler]
+        rows = [list(p) if isinstance(p, (list, tuple)) else [p] for p in packs]
         if self.padding_free:
-            packs = [[it for pack in packs for it in pack]]
-        rows = [self._row(pack) for pack in packs]
-        longest = max(len(r["input_ids"]) for r in rows)
-        batch = {}
-        pad_values = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "mm_token_type_ids": 0}
-        for key, value in pad_values.items():
-            batch[key] = torch.stack([torch.nn.functional.pad(r[key], (0, longest - len(r[key])), value=value)
-                                      for r in rows])
-        positions = []
-        for r in rows:
-            pad = torch.arange(longest - r["position_ids"].shape[1]).expand(4, -1)  # a segment of its own
-            positions.append(torch.cat([r["position_ids"], pad], dim=1))
-        batch["position_ids"] = torch.stack(positions, dim=1)
-        items = [it for pack in packs for it in pack]
-        for key in VISION_KEYS:
-            parts = [it[key] for it in items if key in it]
-            if parts:
-                batch[key] = torch.cat(parts)
-        return batch
+            rows = [[it for row in rows for it in row]]
+        return self.assemble(rows)
 
-    def _row(self, pack: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        ids, labels, types, positions = [], [], [], []
-        for item in pack:
-            n = len(item["input_ids"])
-            ids.append(item["input_ids"])
+    def join(self, row: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        labels = []
+        for item in row:
             label = item["labels"].clone()
             label[0] = IGNORE_INDEX  # the previous record's last token must not learn to predict this one
             labels.append(label)
-            types.append(item["mm_token_type_ids"])
-            positions.append(torch.cat([torch.arange(n)[None], self.rope_index(item).to(torch.long)]))
-        return {"input_ids": torch.cat(ids), "labels": torch.cat(labels), "mm_token_type_ids": torch.cat(types),
+        positions = [torch.cat([torch.arange(len(it["input_ids"]))[None], self.rope_index(it).to(torch.long)])
+                     for it in row]
+        return {"input_ids": torch.cat([it["input_ids"] for it in row]), "labels": torch.cat(labels),
+                "mm_token_type_ids": torch.cat([it["mm_token_type_ids"] for it in row]),
                 "position_ids": torch.cat(positions, dim=1)}
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from vlmtune.config import ConfigError
 from vlmtune.families import Family, family_for
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,23 @@ def choose_attention(requested: str | None, dtype: torch.dtype | None = None) ->
     return "sdpa"
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """A dtype from a user's name for it (bfloat16, bf16, torch.float16, ...); None for an empty name."""
+    if name is None or name == "":
+        return None
+    key = name.removeprefix("torch.")
+    key = _DTYPE_ALIASES.get(key, key)
+    if key not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[key]
 
 
 def saved_dtype(config) -> torch.dtype | None:

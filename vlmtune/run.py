@@ -1,0 +1,285 @@
+"""The run folder: what a training run saves, and how resume, merge, predict and eval read it back.
+
+A run's output folder (and each ``checkpoint-N`` inside it) holds:
+
+* the model: PEFT adapter files (``adapter_config.json`` + weights) for LoRA runs, the whole model otherwise;
+* ``non_lora_trainables.safetensors``: in LoRA runs, the parameters that trained fully beside the adapters (the
+  merger, top layers), under the base model's in-memory names;
+* the processor, with the pixel and frame budgets the run trained with;
+* ``vlmtune_run.json``: the stage, base model, family, training plan, dtype, quantization bits and the budget
+  options the user set (some, such as ``nframes`` or fixed image sizes, have no field in the processor's files).
+
+Everything that writes or reads these files lives here, so the commands that need them (train, merge, predict,
+eval) never import one another.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlmtune.config import ConfigError
+from vlmtune.data import media
+from vlmtune.families import Family
+from vlmtune.model import modes
+from vlmtune.model.load import DTYPES, dtype_name, load_family, load_model, parse_dtype, saved_dtype
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "vlmtune_run.json"
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PROCESSOR_FILE = "processor_config.json"
+
+
+class MergeError(ConfigError):
+    """Adapters or saved trainables that do not fit the base model, or a merge that did not verify."""
+
+
+@dataclass
+class RunInfo:
+    """What a training output (or checkpoint) folder holds."""
+
+    folder: Path
+    info: dict
+    has_adapter: bool
+    has_model: bool
+
+    @property
+    def run_dtype(self) -> torch.dtype | None:
+        name = self.info.get("dtype")
+        return DTYPES.get(name) if name else None
+
+    @property
+    def plan(self) -> modes.TrainPlan | None:
+        """The training plan recorded in ``vlmtune_run.json`` (None when absent or unreadable)."""
+        try:
+            return modes.TrainPlan(**self.info["plan"])
+        except (KeyError, TypeError):
+            return None
+
+    @property
+    def budget_overrides(self) -> dict:
+        """The pixel / frame budget options the run was trained with (names of ``DataArguments``)."""
+        return dict(self.info.get("budget") or {})
+
+
+def run_record(*, stage: str, base_model: str, family: Family, plan: modes.TrainPlan, dtype: torch.dtype,
+               bits: int, budget_overrides: dict, **extra) -> dict:
+    """The content of ``vlmtune_run.json`` for a run."""
+    return {
+        "stage": stage, "base_model": base_model, "model_type": family.model_type, "plan": plan.__dict__.copy(),
+        "budget": {k: v for k, v in budget_overrides.items() if v is not None}, "lora": plan.uses_lora,
+        "dtype": dtype_name(dtype), "bits": bits, **extra,
+    }
+
+
+def save_run_files(output_dir: str | Path, model: torch.nn.Module, info: dict,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``vlmtune_run.json`` and, in LoRA runs, the non-LoRA trainables beside what the Trainer saved."""
+    if info.get("lora"):
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad and not modes.is_lora_name(n)}
+        if trainable:
+            state = state_dict if state_dict is not None else model.state_dict()
+            tensors = {modes.clean_name(n): state[n].detach().cpu().contiguous() for n in sorted(trainable)}
+            save_file(tensors, os.path.join(output_dir, NON_LORA_FILE), metadata={"format": "pt"})
+    Path(output_dir, RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_non_lora_trainables(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved non-LoRA trainables into a model strictly: an unknown key or a shape change raises."""
+    params = {modes.clean_name(n): p for n, p in model.named_parameters()}
+    params.update({modes.clean_name(n): b for n, b in model.named_buffers()})
+    unknown = sorted(k for k in tensors if k not in params)
+    if unknown:
+        raise KeyError(f"{len(unknown)} saved weight(s) match no parameter of the model: {unknown[:10]}")
+    bad = sorted(k for k, v in tensors.items() if params[k].shape != v.shape)
+    if bad:
+        raise ValueError(f"shape mismatch for saved weight(s) {bad[:10]}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            params[key].copy_(value.to(params[key].dtype))
+
+
+def restore_non_lora_trainables(checkpoint: str | Path, peft_model: torch.nn.Module) -> None:
+    """Resume: copy a checkpoint's non-LoRA trainables (if it has any) into the wrapped model."""
+    path = Path(checkpoint, NON_LORA_FILE)
+    if path.is_file():
+        load_non_lora_trainables(peft_model.get_base_model(), load_file(str(path)))
+
+
+# ---------------------------------------------------------------- reading a run back
+
+
+def read_run(folder: str | Path) -> RunInfo:
+    """Inspect a training output or checkpoint folder; user mistakes raise ``ConfigError``."""
+    path = Path(folder)
+    if not path.exists():
+        raise ConfigError(f"run folder {path} does not exist; give a training output or checkpoint folder")
+    if not path.is_dir():
+        raise ConfigError(f"{path} is a file; give the training output or checkpoint folder that holds it")
+    info: dict = {}
+    run_file = path / RUN_FILE
+    if run_file.is_file():
+        try:
+            info = json.loads(run_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{run_file}: invalid JSON ({exc.msg} at line {exc.lineno}); fix or delete it and "
+                              "pass --base_model") from None
+    has_adapter = (path / ADAPTER_CONFIG).is_file()
+    has_model = (path / "config.json").is_file()
+    if not has_adapter and not has_model:
+        raise ConfigError(f"{path} holds neither LoRA adapters ({ADAPTER_CONFIG}) nor a model (config.json); "
+                          "give a training output or checkpoint-N folder")
+    return RunInfo(path, info, has_adapter, has_model)
+
+
+def base_model_of(run: RunInfo, base_model: str | None) -> str:
+    """The base model: ``base_model`` if given, else the one ``vlmtune_run.json`` names; checked to exist."""
+    base = base_model or run.info.get("base_model")
+    if not base:
+        hint = ""
+        adapter_config = run.folder / ADAPTER_CONFIG
+        if adapter_config.is_file():
+            named = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+            hint = f" (its {ADAPTER_CONFIG} names {named!r})" if named else ""
+        raise ConfigError(f"{run.folder} has no {RUN_FILE} saying which base model it was trained on{hint}: "
+                          "pass --base_model")
+    if not Path(base).is_dir():
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(base)
+        except OSError:
+            raise ConfigError(f"base model {base!r} is not a folder here and cannot be loaded (offline?); "
+                              "pass --base_model with the local folder of the model the run trained") from None
+    return str(base)
+
+
+def load_model_with_adapters(run: RunInfo, base_model: str, dtype: torch.dtype,
+                             device: str | torch.device = "cpu"):
+    """(PeftModel with the run's adapters and non-LoRA trainables restored, family), strictly.
+
+    Raises ``MergeError`` naming the keys when an adapter weight or a saved trainable does not match the base
+    model, or when a trainable the run's plan trained is missing from ``non_lora_trainables.safetensors``.
+    """
+    from peft import PeftConfig, PeftModel
+
+    family = load_family(base_model)
+    recorded = run.info.get("model_type")
+    if recorded and recorded != family.model_type:
+        raise MergeError(f"{run.folder} was trained on a {recorded} model but the base model {base_model} is "
+                         f"{family.model_type}; pass the right --base_model")
+    model, family = load_model(base_model, dtype=dtype, attn_implementation="sdpa")
+    model.to(device).eval()
+
+    peft_config = PeftConfig.from_pretrained(str(run.folder))
+    peft_config.inference_mode = True
+    try:
+        peft_model = PeftModel(model, peft_config)
+    except ValueError as exc:  # target modules not in this base model
+        raise MergeError(f"the adapters in {run.folder} do not fit the base model {base_model}: {exc}") from None
+    result = peft_model.load_adapter(str(run.folder), "default", torch_device=str(device))
+    unexpected = [k for k in result.unexpected_keys if ".lora_" in k or "lora_magnitude" in k]
+    if result.missing_keys or unexpected:
+        raise MergeError(f"the adapters in {run.folder} do not match the base model {base_model}: "
+                         f"missing {sorted(result.missing_keys)[:10]}, unexpected {sorted(unexpected)[:10]}")
+    peft_model.eval()
+
+    base = peft_model.get_base_model()
+    trainables_file = run.folder / NON_LORA_FILE
+    saved: dict[str, torch.Tensor] = load_file(str(trainables_file)) if trainables_file.is_file() else {}
+    plan = run.plan
+    missing: list[str] = []
+    if plan is None:
+        logger.warning("%s records no readable training plan: cannot check that every fully trained part was "
+                       "saved; restoring the %d tensors of %s as they are", run.folder, len(saved), NON_LORA_FILE)
+    else:
+        missing = sorted(modes.fully_trained_names(base, family, plan) - set(saved))
+    where = trainables_file if trainables_file.is_file() else f"{trainables_file} (absent)"
+    lacks = (f"the run trained {len(missing)} parameter(s) fully ({plan.describe()}) that it lacks: {missing[:10]}"
+             if missing else "")
+    if saved:
+        try:
+            load_non_lora_trainables(base, saved)
+        except (KeyError, ValueError) as exc:
+            message = exc.args[0] if exc.args else str(exc)
+            raise MergeError(f"{where}: {message}{'; ' + lacks if lacks else ''}; it does not fit the base model "
+                             f"{base_model}, nothing merged") from None
+    if missing:
+        raise MergeError(f"{where}: {lacks}; nothing merged")
+    logger.info("loaded %s + adapters from %s (%d LoRA layers, %d non-LoRA tensors restored)", base_model,
+                run.folder, sum(1 for n, _ in base.named_modules() if n.endswith(".lora_A")), len(saved))
+    return peft_model, family
+
+
+def load_run_processor(run: RunInfo | None, base_model: str):
+    """The processor to serve a run with: the one saved with the run (it carries the training budgets), else the
+    base model's."""
+    from transformers import AutoProcessor
+
+    source = str(run.folder) if run is not None and (run.folder / PROCESSOR_FILE).is_file() else base_model
+    return AutoProcessor.from_pretrained(source)
+
+
+def run_budget(run: RunInfo | None, processor, family: Family, **overrides) -> media.MediaBudget:
+    """The budgets a run trained with: the processor's, the run's recorded options on top, then ``overrides``."""
+    values = run.budget_overrides if run is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return media.budget_from_processor(processor, family.factor, **values)
+
+
+@dataclass
+class Loaded:
+    """A model ready for generation, with the processor, family and budgets it was trained with."""
+
+    model: torch.nn.Module
+    processor: object
+    family: Family
+    budget: media.MediaBudget
+    source: str
+
+
+def load_for_inference(model: str | None, adapter: str | None = None, *, dtype: str | None = None,
+                       device: str | None = None, budget_overrides: dict | None = None) -> Loaded:
+    """A standalone model folder (base, merged, full fine-tune), or a base model with a run's adapters merged in
+    memory (``adapter``, or ``model`` when it is a training output), on ``device`` in eval mode."""
+    from transformers import AutoConfig
+
+    if not model and not adapter:
+        raise ConfigError("give --model (a model folder, or a training output with adapters)")
+    if model and not adapter:
+        path = Path(model)
+        if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+            model, adapter = None, model  # a training output: its run file names the base model
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if adapter:
+        run = read_run(adapter)
+        if not run.has_adapter:
+            raise ConfigError(f"{adapter} holds no LoRA adapters ({ADAPTER_CONFIG}); it is a full model: "
+                              "pass it as --model")
+        base = base_model_of(run, model)
+        work_dtype = parse_dtype(dtype) or run.run_dtype or torch.float32
+        peft_model, family = load_model_with_adapters(run, base, work_dtype, device)
+        loaded = peft_model.merge_and_unload()
+        processor = load_run_processor(run, base)
+        source = f"{base} + adapters from {adapter}"
+    else:
+        try:
+            config = AutoConfig.from_pretrained(model)
+        except OSError:
+            what = "is not a model folder (no config.json)" if Path(model).is_dir() else "does not exist"
+            raise ConfigError(f"--model {model} {what}; give a model folder or a training output") from None
+        run = read_run(model) if Path(model, RUN_FILE).is_file() else None
+        loaded, family = load_model(model, dtype=parse_dtype(dtype) or saved_dtype(config) or torch.float32)
+        processor = load_run_processor(run, model)
+        source = model
+    loaded.to(device).eval()
+    budget = run_budget(run, processor, family, **(budget_overrides or {}))
+    return Loaded(loaded, processor, family, budget, source)
