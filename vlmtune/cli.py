@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-USAGE = """usage: vlmtune COMMAND [options]
+USAGE = """usage: vlmtune [--debug] COMMAND [options]
 
 commands:
   train            fine-tune a Qwen-VL model (vlmtune train --help; a YAML config may come first)
@@ -16,6 +16,8 @@ commands:
   predict          generate replies with a model (and adapters) for images, videos or a data file
   estimate-memory  estimate GPU memory per device for a training setup
   tiny-model       write the embedded tiny model (random weights) to a folder
+
+Errors are one line; --debug (or VLMTUNE_DEBUG=1 in the environment) shows their Python traceback.
 """
 
 
@@ -30,8 +32,9 @@ def _user_errors():
     from vlmtune.data.dataset import RecordError
     from vlmtune.data.media import MediaError
     from vlmtune.data.records import DataError
+    from vlmtune.stages.common import NonFiniteLoss
 
-    return (ConfigError, DataError, MediaError, RecordError, FileNotFoundError)
+    return (ConfigError, DataError, MediaError, RecordError, NonFiniteLoss, FileNotFoundError)
 
 
 def _close_progress_bars() -> None:
@@ -111,16 +114,38 @@ COMMANDS = {"train": cmd_train, "check-data": cmd_check_data, "tiny-model": cmd_
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("VLMTUNE_DEBUG", "") not in ("", "0")
+    while argv and argv[0] == "--debug":
+        debug = True
+        argv.pop(0)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     _setup_logging()
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except _user_errors() as exc:
+    except KeyboardInterrupt:
+        if debug:
+            raise
         _close_progress_bars()
-        print(f"vlmtune {argv[0]}: error: {exc}", file=sys.stderr)
+        print(f"vlmtune {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from vlmtune.stages.common import Stopped
+
+        _close_progress_bars()
+        if isinstance(exc, Stopped):  # a clean stop (SIGTERM): a checkpoint was saved
+            print(f"vlmtune {argv[0]}: {exc}", file=sys.stderr)
+            return exc.exit_code
+        if debug:
+            raise
+        if isinstance(exc, _user_errors()):
+            print(f"vlmtune {argv[0]}: error: {exc}", file=sys.stderr)
+        else:  # a fault vlmtune did not foresee: one line still, the traceback on request
+            message = " ".join(str(exc).split())[:500]
+            print(f"vlmtune {argv[0]}: error: {type(exc).__name__}: {message} (unexpected: run again with "
+                  "`vlmtune --debug ...` for the traceback, and report it)", file=sys.stderr)
         return 1
 
 

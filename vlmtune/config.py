@@ -157,6 +157,16 @@ class TrainingArguments(HfTrainingArguments):
         metadata={"help": "With --bf16 and no DeepSpeed: keep trained weights, gradients and AdamW states in bf16 "
                   "too (half their memory; updates below bf16's resolution are lost). Default: fp32 masters."},
     )
+    on_nan_loss: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata={"help": "A loss that is NaN or inf: stop the run, naming the step and the batch's records, or skip "
+                  "that optimizer step (no weight changes) and go on."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "A checkpoint-N folder to continue from, `last` (the newest complete checkpoint in "
+                  "--output_dir; stops if there is none) or `auto` (the same, or a fresh start if there is none)."},
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (vision tensors)."})
     dataloader_pin_memory: bool = field(
         default=True, metadata={"help": "Pinned host memory for faster copies to a CUDA device (off without one)."}

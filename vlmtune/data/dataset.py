@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from vlmtune.config import ConfigError
 from vlmtune.data import media
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.records import Record
@@ -101,7 +102,8 @@ class VisionLanguageDataset(Dataset):
         over = [(r.index, r.id, n) for r, n in zip(records, lengths) if max_seq_length and n > max_seq_length]
         self.length_report = LengthReport(len(records), over, max_seq_length)
         if over and strict_length:
-            raise ValueError(str(self.length_report).replace("skipped", "stopping (--strict_length)"))
+            raise ConfigError(str(self.length_report).replace("skipped", "stopping (--strict_length)") +
+                              "; raise --max_seq_length, or drop --strict_length to skip them")
         if over:
             logger.warning(str(self.length_report))
         keep = {index for index, _, _ in over}

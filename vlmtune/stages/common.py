@@ -2,17 +2,29 @@
 
 The Hugging Face ``Trainer`` brings DeepSpeed, FSDP, resume, evaluation, logging and multi-node launch.
 ``VisionLanguageTrainer`` adds only what it lacks: our parameter groups, length grouping from lengths known
-without decoding media, saving just what trains (through ``vlmtune.run``), and per-group learning rates and
-throughput in the logs.
+without decoding media, saving just what trains (through ``vlmtune.run``), per-group learning rates and
+throughput in the logs, and what a run needs to survive faults:
+
+* checkpoints written atomically (``tmp-checkpoint-N``, renamed once every rank has written its part), and
+  rotated only among complete ones;
+* SIGTERM (a scheduler's preemption) saves a checkpoint at the next step boundary and stops the run;
+* a NaN or inf loss stops the run naming the step and the batch's records, or (``--on_nan_loss skip``) skips
+  that optimizer step.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
+import signal
+import threading
 import time
+from pathlib import Path
 
 import torch
-from transformers import Trainer
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from vlmtune import run
@@ -24,15 +36,140 @@ from vlmtune.model import modes
 logger = logging.getLogger(__name__)
 
 
-class VisionLanguageTrainer(Trainer):
-    """``Trainer`` with part-wise parameter groups, length grouping and trainable-only saving."""
+RECORD_IDS = "vlmtune_records"
+"""Batch key of the records a batch holds (``record N (id 'x')``), removed before the forward."""
 
-    def __init__(self, *args, family: Family, run_info: dict, **kwargs):
+
+class Stopped(Exception):
+    """Training stopped on a signal after saving a checkpoint; the CLI says so in one line and exits 128 + signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class NonFiniteLoss(ValueError):
+    """A NaN or inf loss, with the step and the records of the batch."""
+
+
+def _records_of(dataset, i: int) -> list[str]:
+    """The records behind item ``i`` of a dataset (a pack holds several)."""
+    if hasattr(dataset, "packs"):
+        return [r for j in dataset.packs[i] for r in _records_of(dataset.dataset, j)]
+    records = getattr(dataset, "records", None)
+    return [f"record {records[i].index} (id {records[i].id!r})"] if records is not None else []
+
+
+class WithRecords(Dataset):
+    """A dataset whose items also say which records they come from (for error messages)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        if hasattr(dataset, "lengths"):
+            self.lengths = dataset.lengths
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        return self.dataset[i], _records_of(self.dataset, i)
+
+
+class CollateWithRecords:
+    """Wraps a collator for ``WithRecords`` items: the batch carries the records under ``RECORD_IDS``."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.pad_token_id = getattr(collator, "pad_token_id", None)
+
+    def __call__(self, pairs):
+        batch = self.collator([item for item, _ in pairs])
+        batch[RECORD_IDS] = [record for _, records in pairs for record in records]
+        return batch
+
+
+def _any_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` is set on any process (a collective: every rank must call it at the same point)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+class _StopOnSignal(TrainerCallback):
+    """At the first step boundary after SIGTERM reached any rank: save a checkpoint and stop, on every rank."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if _any_rank(self.signum is not None, args.device):
+            self.signum = self.signum or signal.SIGTERM
+            self.stopped_at = state.global_step
+            control.should_save = control.should_training_stop = True
+        return control
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """What went wrong, when ``exc`` is a failed write (a full disk, a quota, an I/O error), else None.
+
+    torch.save reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:...] unexpected pos``,
+    safetensors as ``SafetensorError: ... No space left on device (os error 28)`` (measured on a full tmpfs)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" or "inline_container" in text or "PytorchStreamWriter" in text:
+        return text.splitlines()[0] if text else type(exc).__name__
+    return None
+
+
+def _free_space(folder: Path) -> str:
+    for path in (folder, *folder.parents):
+        if path.exists():
+            free = shutil.disk_usage(path).free
+            for unit in ("B", "KiB", "MiB", "GiB"):
+                if free < 1024 or unit == "GiB":
+                    return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+                free /= 1024
+    return "unknown"
+
+
+def save_failed(exc: BaseException, what: str, folder: Path) -> run.SaveError | None:
+    """The one-line error for a failed write of ``what`` into ``folder``, or None when ``exc`` is no write failure."""
+    reason = _write_failure(exc)
+    if reason is None:
+        return None
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(exc)
+    found = run.scan_checkpoints(folder).complete
+    last = f"the last complete checkpoint is {found[-1][1]}" if found else "no checkpoint is complete yet"
+    return run.SaveError(f"writing {what} failed: {reason} ({_free_space(folder)} free on the disk of {folder}); "
+                         f"{last}. {'Free space' if full else 'Fix the disk'} or give another --output_dir, then "
+                         "run the same command with --resume_from_checkpoint last")
+
+
+class VisionLanguageTrainer(Trainer):
+    """``Trainer`` with part-wise parameter groups, length grouping, trainable-only saving, atomic checkpoints,
+    a clean stop on SIGTERM and a check of every loss."""
+
+    def __init__(self, *args, family: Family, run_info: dict, on_nan_loss: str = "stop", **kwargs):
+        for key in ("train_dataset", "eval_dataset"):
+            if isinstance(kwargs.get(key), Dataset):
+                kwargs[key] = WithRecords(kwargs[key])
+        if kwargs.get("data_collator") is not None:
+            kwargs["data_collator"] = CollateWithRecords(kwargs["data_collator"])
         super().__init__(*args, **kwargs)
         self.family = family
         self.run_info = run_info
+        self.on_nan_loss = on_nan_loss
         self._tokens_seen = self._samples_seen = 0  # real (non-padding) tokens and records, for the rates
         self._last_log = (time.perf_counter(), 0, 0)  # time, tokens seen, samples seen
+        self._staging: str | None = None  # where _save_checkpoint writes before publishing
+        self._nonfinite: list[str] = []  # the micro-batches of this step whose loss was NaN or inf (skip mode)
+        self._stop = _StopOnSignal()
+        self.add_callback(self._stop)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -42,7 +179,42 @@ class VisionLanguageTrainer(Trainer):
             )
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(args, self.model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            if self.on_nan_loss == "skip":
+                self.optimizer.register_step_pre_hook(self._skip_nonfinite_step)
         return self.optimizer
+
+    # ---------------------------------------------------------------- a stop on SIGTERM
+
+    @property
+    def stopped(self) -> tuple[int, int] | None:
+        """(signal, step) when a signal stopped the run, after its checkpoint was saved."""
+        return (self._stop.signum, self._stop.stopped_at) if self._stop.stopped_at is not None else None
+
+    def train(self, *args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+            return super().train(*args, **kwargs)
+
+        def on_sigterm(signum, frame):
+            if self._stop.signum is None:
+                logger.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+            self._stop.signum = signum
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+    # ---------------------------------------------------------------- losses that are not finite
+
+    def _skip_nonfinite_step(self, optimizer, args, kwargs) -> None:
+        """Before the optimizer steps: if any rank saw a NaN / inf loss in this step, drop every gradient, so the
+        step changes no weight and no optimizer state (the learning-rate schedule moves on)."""
+        if _any_rank(bool(self._nonfinite), self.args.device):
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+        self._nonfinite = []
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -58,10 +230,30 @@ class VisionLanguageTrainer(Trainer):
         return super()._get_eval_sampler(eval_dataset)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        records = inputs.pop(RECORD_IDS, [])
         pad_id = getattr(self.data_collator, "pad_token_id", None)  # packed batches carry no attention_mask
         self._samples_seen += packing.count_samples(inputs, pad_id)
         self._tokens_seen += packing.count_tokens(inputs, pad_id)
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self._nonfinite_loss(float(loss.float().sum()), records)
+        return loss
+
+    def _nonfinite_loss(self, value: float, records: list[str]) -> None:
+        step = self.state.global_step + 1
+        where = f" (rank {self.args.process_index})" if self.args.world_size > 1 else ""
+        batch = f"{', '.join(records[:20])}{f' and {len(records) - 20} more' if len(records) > 20 else ''}"
+        if self.on_nan_loss == "skip":
+            logger.warning("step %d: the loss is %s on %s%s: this step is skipped (--on_nan_loss skip)", step, value,
+                           batch, where)
+            self._nonfinite += records
+            return
+        raise NonFiniteLoss(f"step {step}: the loss is {value} on the batch of {batch}{where}; lower --learning_rate "
+                            "or check those records, or pass --on_nan_loss skip to skip such steps")
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop(RECORD_IDS, None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self.optimizer is not None:
@@ -86,6 +278,43 @@ class VisionLanguageTrainer(Trainer):
         if self.args.should_save:
             run.save_run_files(output_dir or self.args.output_dir, self.model, self.run_info, state_dict)
 
+    # ---------------------------------------------------------------- atomic checkpoints
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written by every rank into ``tmp-checkpoint-N/checkpoint-N`` (its own
+        rotation sees only that folder), then renamed to ``checkpoint-N`` once all ranks are done, then rotated."""
+        run_dir = Path(self._get_output_dir(trial))
+        final = run_dir / f"{run.CHECKPOINT_PREFIX}-{self.state.global_step}"
+        staging = run.staging_dir(run_dir, self.state.global_step)
+        staged = staging / final.name
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save of this step left
+        self.accelerator.wait_for_everyone()
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            error = save_failed(exc, final.name, run_dir)
+            if error is None:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise error from None
+        finally:
+            self._staging = None
+        if self.state.best_model_checkpoint == str(staged):  # the Trainer named the folder it wrote
+            self.state.best_model_checkpoint = str(final)
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / run.TRAINER_STATE))
+        self.accelerator.wait_for_everyone()  # every rank's files (DeepSpeed shards, RNG states) are written
+        if self.args.should_save:
+            run.publish_checkpoint(staged, final)
+            run.rotate_checkpoints(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.run_info.get("lora"):
@@ -101,5 +330,8 @@ def check_environment(model_args: ModelArguments, train_args: TrainingArguments,
         raise ConfigError(f"--bits {model_args.bits} (QLoRA through bitsandbytes) needs a CUDA device; none is here")
     if train_args.fp16 and not torch.cuda.is_available():
         raise ConfigError("--fp16 needs a CUDA device; use --bf16 or fp32 on CPU")
+    if train_args.on_nan_loss == "skip" and train_args.deepspeed:
+        raise ConfigError("--on_nan_loss skip does not work with DeepSpeed (its engine steps the optimizer inside "
+                          "the backward pass, where vlmtune cannot drop the step); use --on_nan_loss stop")
 
 

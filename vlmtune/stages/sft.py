@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from vlmtune.model.load import (
     resolve_model_path,
     torch_dtype,
 )
-from vlmtune.stages.common import VisionLanguageTrainer, check_environment
+from vlmtune.stages.common import Stopped, VisionLanguageTrainer, check_environment, save_failed
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     check_environment(model_args, train_args, plan)
     if not data_args.data_path:
         raise ConfigError("--data_path is required (a LLaVA-style JSON or JSONL file)")
+    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     model_path = resolve_model_path(model_args.model_name_or_path, model_args.tiny_family)
     family = load_family(model_path)
     processor = load_processor(model_path)
@@ -87,7 +90,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     train_set, eval_set = build_datasets(data_args, processor, family, budget, train_args.seed)
     if len(train_set) == 0:
         raise ConfigError("no training record is left after the length filter; raise --max_seq_length")
+    # One run per output folder: the first process holds the lock until it ends, however it ends.
+    with run.RunLock(train_args.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext():
+        return _fit(model_args, data_args, mode_args, train_args, plan, model_path, processor, train_set, eval_set,
+                    resume)
 
+
+def _fit(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
+         train_args: TrainingArguments, plan: modes.TrainPlan, model_path: str, processor, train_set, eval_set,
+         resume: str | None) -> Path:
     logger.info("device: %s", f"CUDA x{torch.cuda.device_count()}" if torch.cuda.is_available() else "CPU")
     if train_args.deepspeed:
         # ZeRO-3 partitions weights while from_pretrained builds the model; DeepSpeed's communication layer must
@@ -122,17 +133,33 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
                               bits=model_args.bits, budget_overrides=data_args.budget_overrides())
     trainer = VisionLanguageTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
-        processing_class=processor, family=family, run_info=run_info,
+        processing_class=processor, family=family, run_info=run_info, on_nan_loss=train_args.on_nan_loss,
     )
-    trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.stopped:
+        _leave_together()
+        signum, step = trainer.stopped
+        raise Stopped(f"stopped by {signal.Signals(signum).name} after step {step}, saved in "
+                      f"{Path(train_args.output_dir, f'{run.CHECKPOINT_PREFIX}-{step}')}; run the same command with "
+                      "--resume_from_checkpoint last to continue", signum)
     if eval_set is not None and train_args.eval_strategy == "no":  # an eval split always reports, at least at the end
         trainer.log_metrics("eval", trainer.evaluate())
-    trainer.save_model(train_args.output_dir)
-    trainer.save_state()
+    try:
+        trainer.save_model(train_args.output_dir)
+        trainer.save_state()
+    except Exception as exc:
+        error = save_failed(exc, "the trained model", Path(train_args.output_dir))
+        if error is None:
+            raise
+        raise error from None
     logger.info("saved to %s", train_args.output_dir)
+    _leave_together()
+    return Path(train_args.output_dir)
+
+
+def _leave_together() -> None:
     if torch.distributed.is_initialized():
         # Leave together and take the process groups down: a rank that exits with them alive can abort in
         # their destructors ("terminate called without an active exception"), failing a finished run.
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return Path(train_args.output_dir)
