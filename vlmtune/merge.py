@@ -9,9 +9,15 @@ trained fully beside LoRA, e.g. the merger, under the base model's in-memory nam
    (per the run's plan) all stop the merge with their names;
 2. computes logits of base + adapters on a batch of real records (data_examples/ or the user's data);
 3. merges with PEFT's ``merge_and_unload``, casts to the output dtype and compares logits again;
-4. writes the model and processor into a temporary folder beside the output, copies the base folder's other
-   files (license, legacy preprocessor configs, ...), reloads the folder with ``AutoModelForImageTextToText``
-   and compares logits a third time, then renames the folder into place.
+4. writes the model, the processor (with the training budgets) and ``vlmtune_run.json`` into a temporary folder
+   beside the output, copies the base folder's other files (license, tokenizer vocabularies, ...) but none of
+   the configs the save wrote anew (a legacy ``preprocessor_config.json`` or ``chat_template.json`` of the base
+   would contradict them), reloads the folder with ``AutoModelForImageTextToText`` and compares logits a third
+   time, then renames the folder into place.
+
+A QLoRA run (``bits`` 4 or 8 in ``vlmtune_run.json``) trained its adapters on a quantized language model; merge
+folds them into the full-precision base, says what that means, and compares the merged model with the quantized
+base + adapters (what training ran) when bitsandbytes can run here.
 
 A difference above tolerance, or any error, leaves no output behind. A full fine-tune's output already is a
 standalone model: merge says so and only checks that it loads and gives finite logits.
@@ -20,6 +26,7 @@ standalone model: merge says so and only checks that it loads and gives finite l
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import re
@@ -35,6 +42,7 @@ from vlmtune.data import media
 from vlmtune.families import Family, family_for
 from vlmtune.model.load import dtype_name, parse_dtype, saved_dtype
 from vlmtune.run import (
+    RUN_FILE,
     MergeError,
     RunInfo,
     base_model_of,
@@ -165,14 +173,25 @@ def _default_shard_size(base_model: str, base_dtype: torch.dtype, dtype: torch.d
     return int(largest * scale)
 
 
+SAVED_CONFIGS = frozenset({
+    "config.json", "generation_config.json", "processor_config.json", "preprocessor_config.json",
+    "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", RUN_FILE,
+})
+"""What the model, processor and tokenizer save writes, in today's or a legacy layout: a base folder's copy
+would say what the base said (its pixel budgets, its template) beside the merged model's own files."""
+
+
 def _copy_other_files(base_model: str, out: Path) -> list[str]:
-    """Copy the base folder's non-weight files the save did not write (license, legacy configs, ...)."""
+    """Copy the base folder's files the save did not write and that no saved config replaces (a license,
+    tokenizer vocabularies, ...)."""
     base = Path(base_model)
     copied = []
     if not base.is_dir():
         return copied
     for src in sorted(base.iterdir()):
-        if src.name.startswith(".") or not src.is_file() or _WEIGHT_FILE.search(src.name):
+        if (src.name.startswith(".") or not src.is_file() or _WEIGHT_FILE.search(src.name)
+                or src.name in SAVED_CONFIGS):
             continue
         if not (out / src.name).exists():
             shutil.copy2(src, out / src.name)
@@ -180,9 +199,41 @@ def _copy_other_files(base_model: str, out: Path) -> list[str]:
     return copied
 
 
+def _against_quantized(run: RunInfo, base: str, dtype: torch.dtype, device: str, batch, merged_logits,
+                       out_dtype: torch.dtype) -> dict[str, float]:
+    """QLoRA: say what merging into full-precision weights means, and how far the merged model is from the
+    quantized base + adapters that training ran (where bitsandbytes runs)."""
+    bits = run.info["bits"]
+    kind = "4-bit (nf4)" if bits == 4 else "8-bit"
+    logger.warning(
+        "%s trained its adapters on a %s quantization of the base model's language model (QLoRA). The merge adds "
+        "them to the full-precision base weights (%s), which the adapters never saw: the merged model is not the "
+        "model that trained, it differs from it by the quantization error of the base weights (usually a small "
+        "gain, since the rounding is gone, but not what was measured in training).", run.folder, kind,
+        dtype_name(out_dtype))
+    try:
+        import bitsandbytes  # noqa: F401
+
+        model, _ = load_model_with_adapters(run, base, dtype, device, bits=bits)
+        quantized = logits_of(model, batch)
+        del model
+    except ImportError:
+        reason = "bitsandbytes is not installed here (pip install 'vlmtune[quant]')"
+    except Exception as exc:  # bitsandbytes without a backend for this device, ...
+        reason = f"the quantized base does not run here ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    else:
+        diff = float((merged_logits - quantized).abs().max())
+        agree = float((merged_logits.argmax(-1) == quantized.argmax(-1)).float().mean())
+        logger.warning("against the quantized base + adapters (what training ran): max |logits diff| %.3g, same top "
+                       "token at %.1f%% of positions", diff, 100 * agree)
+        return {"vs_quantized": diff}
+    logger.warning("not compared with the quantized base + adapters: %s", reason)
+    return {}
+
+
 def file_set(folder: str | Path) -> set[str]:
-    """Names of the visible files of a folder."""
-    return {p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")}
+    """Names of the visible files of a folder (a merged folder's ``vlmtune_run.json`` aside)."""
+    return {p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")} - {RUN_FILE}
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:
@@ -278,6 +329,8 @@ def merge(
     if not diffs["merged"] <= tol:
         raise MergeError(f"the merged model's logits differ from base+adapters by {diffs['merged']:.3g} (tolerance "
                          f"{tol:.3g}); nothing written. Check the adapters, or raise --atol if the dtype explains it")
+    if run.info.get("bits") in (4, 8):
+        diffs.update(_against_quantized(run, base, work_dtype, device, batch, merged_logits, out_dtype))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -286,6 +339,8 @@ def merge(
         shard_size = max_shard_size or _default_shard_size(base, base_dtype, out_dtype)
         merged.save_pretrained(tmp, max_shard_size=shard_size)
         processor.save_pretrained(tmp)
+        info = {**run.info, "merged_from": str(run.folder), "merged_dtype": dtype_name(out_dtype)}
+        (tmp / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")  # budgets no processor field holds
         copied = _copy_other_files(base, tmp)
         if copied:
             logger.info("copied from the base folder: %s", ", ".join(copied))

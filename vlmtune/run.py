@@ -165,8 +165,9 @@ def base_model_of(run: RunInfo, base_model: str | None) -> str:
 
 
 def load_model_with_adapters(run: RunInfo, base_model: str, dtype: torch.dtype,
-                             device: str | torch.device = "cpu"):
-    """(PeftModel with the run's adapters and non-LoRA trainables restored, family), strictly.
+                             device: str | torch.device = "cpu", bits: int = 16):
+    """(PeftModel with the run's adapters and non-LoRA trainables restored, family), strictly; ``bits`` 4 or 8:
+    on the base quantized as QLoRA training quantized it.
 
     Raises ``MergeError`` naming the keys when an adapter weight or a saved trainable does not match the base
     model, or when a trainable the run's plan trained is missing from ``non_lora_trainables.safetensors``.
@@ -178,8 +179,10 @@ def load_model_with_adapters(run: RunInfo, base_model: str, dtype: torch.dtype,
     if recorded and recorded != family.model_type:
         raise MergeError(f"{run.folder} was trained on a {recorded} model but the base model {base_model} is "
                          f"{family.model_type}; pass the right --base_model")
-    model, family = load_model(base_model, dtype=dtype, attn_implementation="sdpa")
-    model.to(device).eval()
+    model, family = load_model(base_model, dtype=dtype, attn_implementation="sdpa", bits=bits)
+    if bits not in (4, 8):  # a quantized model stays where bitsandbytes put it
+        model.to(device)
+    model.eval()
 
     peft_config = PeftConfig.from_pretrained(str(run.folder))
     peft_config.inference_mode = True

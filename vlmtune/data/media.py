@@ -357,33 +357,76 @@ def load_video(path: str | Path, budget: MediaBudget) -> tuple[torch.Tensor, dic
     return video, metadata
 
 
+def video_size_is_total(video_processor) -> bool:
+    """Whether a video processor reads ``size["longest_edge"]`` as the pixels of all sampled frames together.
+
+    Qwen3-VL's does (transformers 5.22: its ``smart_resize`` compares frames x height x width with it, and with
+    ``cap_pixels_per_frame`` each frame gets ``min(max_video_tokens x factor², longest_edge // frames)``, at least
+    1.05 x ``shortest_edge``); Qwen2-VL's reads it per frame, bounded by an even share of ``max_video_tokens``
+    (tests/test_media.py checks both against the installed transformers)."""
+    import transformers
+
+    total_kind = getattr(transformers, "Qwen3VLVideoProcessor", None)
+    return total_kind is not None and isinstance(video_processor, total_kind)
+
+
 def budget_from_processor(processor, factor: int, **overrides) -> MediaBudget:
-    """The processor's own pixel / frame defaults, with the non-None ``overrides`` on top."""
+    """The processor's own pixel / frame defaults, with the non-None ``overrides`` on top (``fps`` and ``nframes``
+    replace each other)."""
     image_size = getattr(processor.image_processor, "size", None) or {}
     video = getattr(processor, "video_processor", None)
     video_size = getattr(video, "size", None) or {}
     defaults = MediaBudget(factor=factor)
+    video_max = video_size.get("longest_edge", defaults.video_max_pixels)
+    if video is not None and video_size_is_total(video):  # the per-frame cap is max_video_tokens' worth
+        video_max = (getattr(video, "max_video_tokens", None) or qvu.VIDEO_MAX_TOKEN_NUM) * factor**2
+    nframes = getattr(video, "num_frames", None)
     values = dict(
         factor=factor,
         image_min_pixels=image_size.get("shortest_edge", defaults.image_min_pixels),
         image_max_pixels=image_size.get("longest_edge", defaults.image_max_pixels),
         video_min_pixels=video_size.get("shortest_edge", defaults.video_min_pixels),
-        video_max_pixels=video_size.get("longest_edge", defaults.video_max_pixels),
-        fps=getattr(video, "fps", None) or defaults.fps,
+        video_max_pixels=video_max,
+        fps=None if nframes else getattr(video, "fps", None) or defaults.fps,
+        nframes=nframes,
         video_min_frames=getattr(video, "min_frames", None) or defaults.video_min_frames,
         video_max_frames=getattr(video, "max_frames", None) or defaults.video_max_frames,
     )
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if "fps" in overrides or "nframes" in overrides:
+        values.update(fps=None, nframes=None)
+    values.update(overrides)
     return MediaBudget(**values)
 
 
 def set_processor_budget(processor, budget: MediaBudget) -> None:
     """Write the budget into the processor, so a saved folder serves with the budgets it was trained with
-    (transformers and vLLM read them from ``processor_config.json``)."""
-    processor.image_processor.size = {"shortest_edge": budget.image_min_pixels, "longest_edge": budget.image_max_pixels}
+    (transformers and vLLM read them from ``processor_config.json``).
+
+    Written so that the processor's own resizing and frame sampling (``do_resize`` / ``do_sample_frames``) follow
+    qwen-vl-utils' as closely as its fields allow: the per-frame cap (``cap_pixels_per_frame``), the total video
+    budget qwen-vl-utils applies (``MODEL_SEQ_LEN`` tokens), ``num_frames`` for ``nframes``. What no field holds:
+    a fixed image size (``image_resized_*``: written as the same area, so a served image costs about the tokens it
+    cost in training; the exact size is in ``vlmtune_run.json``); for Qwen3-VL, a per-frame minimum (its
+    ``shortest_edge`` is a minimum over all frames)."""
+    if budget.image_resized_height and budget.image_resized_width:
+        height, width = resized_image_size(budget.image_resized_width, budget.image_resized_height, budget)
+        processor.image_processor.size = {"shortest_edge": height * width, "longest_edge": height * width}
+    else:
+        processor.image_processor.size = {"shortest_edge": budget.image_min_pixels,
+                                          "longest_edge": budget.image_max_pixels}
     video = getattr(processor, "video_processor", None)
-    if video is not None:
+    if video is None:
+        return
+    f2 = budget.factor**2
+    video.cap_pixels_per_frame = True
+    if video_size_is_total(video):
+        total = int(qvu.MODEL_SEQ_LEN * f2 * 0.9 * qvu.FRAME_FACTOR)  # qwen-vl-utils: total_pixels / frames x 2
+        video.size = {"shortest_edge": budget.video_min_pixels, "longest_edge": total}
+        video.max_video_tokens = min(budget.video_max_pixels, qvu.VIDEO_MAX_TOKEN_NUM * f2) // f2
+    else:
         video.size = {"shortest_edge": budget.video_min_pixels, "longest_edge": budget.video_max_pixels}
-        video.min_frames, video.max_frames = budget.video_min_frames, budget.video_max_frames
-        if budget.fps:
-            video.fps = budget.fps
+        video.max_video_tokens = qvu.MODEL_SEQ_LEN
+    video.min_frames, video.max_frames = budget.video_min_frames, budget.video_max_frames
+    video.num_frames, video.fps = (budget.nframes, None) if budget.nframes else (None, budget.fps)
+    video.do_sample_frames = True
