@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from vlmtune.cli import main as cli
 from vlmtune.config import ConfigError
 from vlmtune.data.collator import Collator
-from vlmtune.merge import MergeError, file_set, merge
+from vlmtune.merge import MergeError, file_set, merge, verification_batch
 from vlmtune.run import NON_LORA_FILE, RUN_FILE
 
 TRAIN_FLAGS = [
@@ -321,3 +321,45 @@ def test_merged_processor_serves_with_the_training_pixel_budgets(tmp_path):
     assert config["image_processor"]["size"]["longest_edge"] == 32 * 28 * 28
     assert config["video_processor"]["fps"] == 1.0
     assert json.loads((run / RUN_FILE).read_text())["budget"] == {"image_max_pixels": 32 * 28 * 28, "fps": 1.0}
+
+
+def test_a_qlora_run_says_what_merging_into_full_precision_means(runs, tmp_path, caplog, pipeline, monkeypatch):
+    """A run trained on a 4-bit base (as vlmtune_run.json records): merge says the adapters go into weights they
+    never saw, and compares the merged model with the quantized base + adapters, computed here with
+    transformers' BitsAndBytesConfig and PEFT alone; without bitsandbytes it says why it cannot."""
+    pytest.importorskip("bitsandbytes")
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
+
+    qlora = tmp_path / "qlora"
+    shutil.copytree(runs("lora"), qlora)
+    info = json.loads((qlora / RUN_FILE).read_text())
+    (qlora / RUN_FILE).write_text(json.dumps({**info, "bits": 4}))
+    with caplog.at_level("WARNING", logger="vlmtune"):
+        result = merge(qlora, tmp_path / "merged")
+    said = [r.getMessage() for r in caplog.records]
+    assert any("on a 4-bit (nf4) quantization of the base model's language model (QLoRA). The merge adds them to "
+               "the full-precision base weights (float32), which the adapters never saw" in m for m in said), said
+    quantized = AutoModelForImageTextToText.from_pretrained(info["base_model"], dtype=torch.float32,
+                                                            quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["model.visual", "lm_head"]))
+    quantized = PeftModel.from_pretrained(quantized, qlora).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(result.output_dir).eval()
+    p = pipeline("qwen2_vl")
+    batch, _ = verification_batch(p.processor, p.family, p.budget)  # the records merge verifies on
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        expected = float((merged(**batch).logits[mask] - quantized(**batch).logits[mask]).abs().max())
+    assert expected > 1e-3  # 4-bit rounding shows
+    assert result.diffs["vs_quantized"] == pytest.approx(expected, rel=1e-3)
+    assert any(m.startswith("against the quantized base + adapters (what training ran): max |logits diff| ")
+               for m in said)
+
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlmtune"):
+        result = merge(qlora, tmp_path / "merged2")
+    assert "vs_quantized" not in result.diffs
+    assert ("not compared with the quantized base + adapters: bitsandbytes is not installed here (pip install "
+            "'vlmtune[quant]')") in [r.getMessage() for r in caplog.records]

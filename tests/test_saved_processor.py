@@ -23,13 +23,13 @@ LEGACY = {"preprocessor_config.json", "video_preprocessor_config.json", "chat_te
 
 def budget_flags(family: str) -> list[str]:
     """Budgets unlike the tiny model's own, in patches of the family's grid, whose caps shrink the 96 x 72 images
-    and 64 x 48 video frames of data_examples/; one family samples frames by rate, the others by count."""
+    and 64 x 48 video frames of data_examples/; one family samples frames by count, the others by rate."""
     f2 = FAMILIES[family].factor ** 2
     flags = ["--image_min_pixels", str(2 * f2), "--image_max_pixels", str(4 * f2), "--video_min_pixels",
              str(1 * f2), "--video_max_pixels", str(2 * f2)]
-    if family == "qwen2_5_vl":
-        return flags + ["--fps", "4.0", "--video_min_frames", "2", "--video_max_frames", "6"]
-    return flags + ["--nframes", "6"]
+    if family == "qwen2_vl":
+        return flags + ["--nframes", "6"]
+    return flags + ["--fps", "4.0", "--video_min_frames", "2", "--video_max_frames", "6"]
 
 
 def with_legacy_files(base: Path, out: Path) -> Path:

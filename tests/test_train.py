@@ -1,4 +1,4 @@
-"""End-to-end training on CPU: the four scripts, resume, checkpoint size, DeepSpeed, early errors."""
+"""End-to-end training on this machine: the four scripts, bf16 masters, DeepSpeed, early errors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import DATA_JSON, EXAMPLES, ROOT
 
 PYTHON = sys.executable
@@ -34,9 +35,11 @@ def cli(*args: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["finetune_lora_vision.sh", "finetune_lora.sh", "finetune.sh",
                                     "finetune_video.sh"])
-def test_each_script_runs_as_is_on_cpu_and_halves_the_loss(script, tmp_path):
+def test_each_script_runs_as_is_on_this_machine_and_halves_the_loss(script, tmp_path):
     result = run(["bash", f"scripts/{script}", "--disable_tqdm", "True"], OUTPUT_DIR=str(tmp_path / "out"))
-    assert "[launch] device: CPU" in result.stdout
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = f"{gpus} CUDA device(s) on 1 node(s), bf16" if gpus else "CPU (no CUDA found)"
+    assert f"[launch] device: {device}" in result.stdout
     losses = list(history(tmp_path / "out").values())
     assert len(losses) >= 20
     first, last = losses[0], sum(losses[-3:]) / 3
@@ -176,7 +179,8 @@ def test_zero3_mixed_ranks_break_without_the_vision_fillers(tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--mode", "lora", "--vision_lora", "True", "--freeze_vision_tower", "False"], "vision_lora"),
-    (["--bits", "4"], "needs a CUDA device"),
+    pytest.param(["--bits", "4"], "needs a CUDA device", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="a machine with CUDA runs QLoRA")),
     (["--bits", "4", "--mode", "full"], "quantizes the language model"),
     (["--bits", "8", "--unfreeze_topk_llm", "2"], "quantizes the language model"),
     (["--mode", "full", "--unfreeze_topk_llm", "1"], "already trains fully"),
@@ -190,3 +194,20 @@ def test_bad_flag_combinations_stop_before_the_model_loads(args, message, capsys
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_a_deepspeed_config_with_an_optimizer_block_stops_the_run(capsys, tmp_path):
+    """DeepSpeed would build its own optimizer from the block, over all trainable weights at one rate."""
+    from vlmtune.cli import main
+
+    config = {**json.loads((ROOT / "scripts" / "zero2.json").read_text()),
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}}}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    code = main(["train", "--data_path", str(DATA_JSON), "--output_dir", str(tmp_path / "out"), "--use_cpu", "True",
+                 "--deepspeed", str(tmp_path / "ds.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"vlmtune train: error: the DeepSpeed config {tmp_path / 'ds.json'} has an \"optimizer\" "
+                          "block: DeepSpeed would build its own optimizer over every trainable weight at one learning "
+                          "rate, dropping vlmtune's rates per part (--vision_lr, --merger_lr)")
+    assert not (tmp_path / "out").exists()

@@ -15,6 +15,7 @@ throughput in the logs, and what a run needs to survive faults:
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import shutil
 import signal
@@ -321,6 +322,19 @@ class VisionLanguageTrainer(Trainer):
             run.restore_non_lora_trainables(resume_from_checkpoint, model or self.model)
 
 
+def deepspeed_config(value) -> dict:
+    """The DeepSpeed config ``--deepspeed`` names: a JSON file, a JSON string or (from Python) a dict."""
+    if isinstance(value, dict):
+        return value
+    path = Path(value)
+    if not path.is_file() and not str(value).lstrip().startswith("{"):
+        raise ConfigError(f"--deepspeed {value}: no such file")
+    try:
+        return json.loads(path.read_text() if path.is_file() else value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--deepspeed {value}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 def check_environment(model_args: ModelArguments, train_args: TrainingArguments, plan: modes.TrainPlan) -> None:
     if model_args.bits in (4, 8) and (plan.llm == "full" or plan.topk_llm):
         raise ConfigError(f"--bits {model_args.bits} quantizes the language model, whose weights then cannot train "
@@ -330,6 +344,12 @@ def check_environment(model_args: ModelArguments, train_args: TrainingArguments,
         raise ConfigError(f"--bits {model_args.bits} (QLoRA through bitsandbytes) needs a CUDA device; none is here")
     if train_args.fp16 and not torch.cuda.is_available():
         raise ConfigError("--fp16 needs a CUDA device; use --bf16 or fp32 on CPU")
+    if train_args.deepspeed and "optimizer" in deepspeed_config(train_args.deepspeed):
+        raise ConfigError(f"the DeepSpeed config {train_args.deepspeed} has an \"optimizer\" block: DeepSpeed would "
+                          "build its own optimizer over every trainable weight at one learning rate, dropping "
+                          "vlmtune's rates per part (--vision_lr, --merger_lr) and the groups without weight decay "
+                          "(biases, norms). Remove the block; --learning_rate, --weight_decay, --adam_beta1, "
+                          "--adam_beta2 and --adam_epsilon set what it held")
     if train_args.on_nan_loss == "skip" and train_args.deepspeed:
         raise ConfigError("--on_nan_loss skip does not work with DeepSpeed (its engine steps the optimizer inside "
                           "the backward pass, where vlmtune cannot drop the step); use --on_nan_loss stop")
