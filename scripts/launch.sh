@@ -5,6 +5,8 @@
 # embedded tiny model, which trains on data_examples/ on CPU in about a minute.
 #
 # Devices: NUM_DEVICES per node (default: the visible GPUs, or 1), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
+# RESUME=auto continues from the newest complete checkpoint in OUTPUT_DIR when there is one (the same command
+# for the first start and every restart of a preempted job); RESUME=last insists on one.
 # Several devices or nodes, or DEEPSPEED set, launch through torchrun; HOSTFILE launches through `deepspeed`.
 
 set -euo pipefail
@@ -68,7 +70,7 @@ launch() {
     local knob flag
     for knob in MODEL_NAME:model_name_or_path VIDEO_FOLDER:video_folder DEEPSPEED:deepspeed \
                 IMAGE_MIN_PIXELS:image_min_pixels IMAGE_MAX_PIXELS:image_max_pixels \
-                VIDEO_MAX_PIXELS:video_max_pixels FPS:fps; do
+                VIDEO_MAX_PIXELS:video_max_pixels FPS:fps RESUME:resume_from_checkpoint; do
         flag=${knob#*:}; knob=${knob%%:*}
         if [ -n "${!knob:-}" ]; then args+=("--$flag" "${!knob}"); fi
     done

@@ -62,6 +62,7 @@ printf '%s\\n' "$@" > {out}
      [("-m", "torch.distributed.run"), ("--nnodes", "2"), ("--node_rank", "1"), ("--nproc_per_node", "2"),
       ("--gradient_accumulation_steps", "4")], []),
     ({"NUM_WORKERS": "0"}, [("--dataloader_num_workers", "0")], ["--dataloader_prefetch_factor"]),
+    ({"RESUME": "auto"}, [("--resume_from_checkpoint", "auto")], []),
 ])
 def test_launcher_builds_the_command_a_cluster_needs(env, pairs, absent, tmp_path):
     """launch.sh's device arithmetic and command line, checked without launching anything."""

@@ -1,0 +1,66 @@
+"""What vlmtune takes from qwen-vl-utils' and transformers' internals, checked to still be there and to mean
+what vlmtune assumes, so an upgrade that changes one fails here, by name, rather than as a wrong token count.
+
+qwen-vl-utils has no public API for video readers, frame rules or budgets: vlmtune/data/media.py registers a
+reader in ``VIDEO_READER_BACKENDS``, chooses one through ``FORCE_QWENVL_VIDEO_READER`` (clearing the cache of
+``get_video_reader_backend``), and counts tokens before decoding with ``smart_nframes``, ``smart_resize`` and
+the per-frame cap of ``fetch_video`` (``resized_frame_size`` restates it). vlmtune/data/dataset.py counts Qwen3-VL's
+timestamp tokens with ``Qwen3VLProcessor._calculate_timestamps``. pyproject pins qwen-vl-utils to the tested
+release; the equalities of counted and real lengths live in test_media.py and test_conversation.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EXAMPLES
+from qwen_vl_utils import vision_process as qvu
+
+from vlmtune.data import media
+
+VIDEO = EXAMPLES / "videos" / "ball_right.mp4"
+
+
+def test_qwen_vl_utils_globals_vlmtune_uses_are_there():
+    missing = [name for name in ("VIDEO_READER_BACKENDS", "FORCE_QWENVL_VIDEO_READER", "get_video_reader_backend",
+                                 "smart_nframes", "smart_resize", "calculate_video_frame_range", "fetch_video",
+                                 "fetch_image", "FRAME_FACTOR", "FPS", "VIDEO_MAX_TOKEN_NUM", "MODEL_SEQ_LEN")
+               if not hasattr(qvu, name)]
+    assert not missing, f"qwen-vl-utils no longer has {missing}: vlmtune/data/media.py uses them"
+    assert callable(qvu.VIDEO_READER_BACKENDS["pyav"]), "vlmtune's PyAV reader is not registered"
+    assert hasattr(qvu.get_video_reader_backend, "cache_clear"), "the reader choice is no longer cached"
+    # the constants the token counts are computed with
+    assert (qvu.FRAME_FACTOR, qvu.FPS, qvu.VIDEO_MAX_TOKEN_NUM) == (2, 2.0, 768)
+
+
+def test_the_reader_is_chosen_through_the_module_global(monkeypatch):
+    monkeypatch.setattr(qvu, "FORCE_QWENVL_VIDEO_READER", "pyav")
+    qvu.get_video_reader_backend.cache_clear()
+    try:
+        assert qvu.get_video_reader_backend() == "pyav"
+    finally:
+        qvu.get_video_reader_backend.cache_clear()
+
+
+@pytest.mark.parametrize("model_seq_len", [qvu.MODEL_SEQ_LEN, 20])
+def test_the_per_frame_cap_vlmtune_restates_is_fetch_videos(monkeypatch, model_seq_len):
+    """With qwen-vl-utils' default total budget, and with one small enough that the total binds."""
+    monkeypatch.setattr(qvu, "MODEL_SEQ_LEN", model_seq_len)
+    budget = media.MediaBudget(factor=28, fps=8.0, video_min_frames=4, video_min_pixels=1 * 28 * 28,
+                               video_max_pixels=64 * 28 * 28)
+    info = media.video_info(VIDEO)
+    frames, _ = media.load_video(VIDEO, budget)  # qwen-vl-utils' fetch_video
+    assert tuple(frames.shape[2:]) == media.resized_frame_size(info, frames.shape[0], budget)
+    if model_seq_len == 20:  # the total budget binds: 20 x 28 x 28 x 0.9 pixels over 16 frames, x 2
+        assert tuple(frames.shape[2:]) == (28, 28)
+
+
+def test_qwen3_vl_timestamps_are_the_rule_vlmtune_counts_with():
+    from transformers import Qwen3VLProcessor
+
+    assert hasattr(Qwen3VLProcessor, "_calculate_timestamps"), (
+        "transformers removed Qwen3VLProcessor._calculate_timestamps, which vlmtune/data/dataset.py calls to count "
+        "a video's timestamp tokens without decoding it")
+    # the mean time of each pair of frames; an odd count repeats the last frame
+    assert Qwen3VLProcessor._calculate_timestamps(None, [0, 4, 8, 12, 16], 8.0, 2) == [0.25, 1.25, 2.0]
+    assert torch.tensor(Qwen3VLProcessor._calculate_timestamps(None, [0, 1, 2, 3], 2.0, 2)).tolist() == [0.25, 1.25]
