@@ -14,6 +14,7 @@ import torch
 from conftest import DATA_JSON, EXAMPLES
 from qwen_vl_utils import process_vision_info
 from test_conversation import RAW, reference_messages
+from test_merge import train_run
 
 from vlmtune.families import FAMILIES
 
@@ -51,9 +52,7 @@ def with_legacy_files(base: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tiny_model_dir):
     """family -> (base, run folder, merged folder): one training step with budgets of its own, merged."""
-    from vlmtune.config import parse_train_args
     from vlmtune.merge import merge
-    from vlmtune.stages.sft import train
 
     root = tmp_path_factory.mktemp("saved-processor")
     made = {}
@@ -61,11 +60,7 @@ def saved(tmp_path_factory, tiny_model_dir):
     def get(family: str):
         if family not in made:
             base = with_legacy_files(tiny_model_dir(family), root / f"{family}-base")
-            run = train(*parse_train_args([
-                "--data_path", str(DATA_JSON), "--image_folder", str(EXAMPLES), "--model_name_or_path", str(base),
-                "--mode", "lora", "--lora_rank", "4", "--output_dir", str(root / family), "--max_steps", "1",
-                "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "--save_strategy", "no",
-                "--disable_tqdm", "true", *budget_flags(family)]))
+            run = train_run(root / family, "lora", family, "--model_name_or_path", str(base), *budget_flags(family))
             made[family] = base, run, merge(run, root / f"{family}-merged").output_dir
         return made[family]
 
@@ -148,16 +143,11 @@ def test_a_reloaded_run_and_merged_folder_give_the_training_ids_and_pixels(saved
 def test_the_budgets_no_processor_field_holds_come_from_vlmtune_run_json(tmp_path, tiny_model_dir):
     """A fixed image size (--image_resized_*) has no field in the processor: the merged folder's processor holds
     the same area, vlmtune_run.json the size, and `vlmtune predict` on the merged folder applies it exactly."""
-    from vlmtune.config import parse_train_args
     from vlmtune.merge import merge
     from vlmtune.run import RUN_FILE, load_for_inference
-    from vlmtune.stages.sft import train
 
-    flags = ["--image_resized_width", "100", "--image_resized_height", "60"]
-    run = train(*parse_train_args([
-        "--data_path", str(DATA_JSON), "--mode", "lora", "--lora_rank", "4", "--output_dir", str(tmp_path / "run"),
-        "--max_steps", "1", "--report_to", "none", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true",
-        *flags]))
+    run = train_run(tmp_path / "run", "lora", "qwen2_vl", "--image_resized_width", "100", "--image_resized_height",
+                    "60")
     merged = merge(run, tmp_path / "merged").output_dir
     size = json.loads((merged / "processor_config.json").read_text())["image_processor"]["size"]
     assert size == {"shortest_edge": 56 * 112, "longest_edge": 56 * 112}  # 60 x 100 rounded to the 28-pixel grid
