@@ -212,3 +212,43 @@ def test_a_deepspeed_config_with_an_optimizer_block_stops_the_run(capsys, tmp_pa
                           "block: DeepSpeed would build its own optimizer over every trainable weight at one learning "
                           "rate, dropping vlmtune's rates per part (--vision_lr, --merger_lr)")
     assert not (tmp_path / "out").exists()
+
+
+RANK1_DIES_IN_SAVE = """
+import os, sys
+from transformers import Trainer
+save = Trainer._save_optimizer_and_scheduler
+def die_on_rank_1(self, output_dir):
+    if os.environ["RANK"] == "1" and self.state.global_step == 2:
+        os._exit(17)  # rank 1 dies before DeepSpeed writes its optimizer shard; rank 0 goes on writing its files
+    return save(self, output_dir)
+Trainer._save_optimizer_and_scheduler = die_on_rank_1
+from vlmtune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_deepspeed_checkpoint_is_published_only_when_every_rank_wrote_its_part(tmp_path):
+    """Two ZeRO-2 processes; rank 1 dies in the save of checkpoint-2. Nothing is renamed into checkpoint-2, and
+    `last` resumes both ranks from checkpoint-1, whose folder holds every rank's RNG state and optimizer shard."""
+    out = tmp_path / "out"
+    script = tmp_path / "dies.py"
+    script.write_text(RANK1_DIES_IN_SAVE)
+    args = ("--mode", "lora", "--deepspeed", "scripts/zero2.json", "--max_steps", "3", "--save_steps", "1",
+            "--per_device_train_batch_size", "1", "--learning_rate", "5e-3", "--output_dir", str(out))
+    killed = deepspeed_cmd(2, 29617, *args)
+    killed[killed.index("-m", killed.index("--master_port")):killed.index("vlmtune.cli") + 1] = [str(script)]
+    result = subprocess.run(killed, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode != 0
+    assert not (out / "checkpoint-2").exists() and (out / "tmp-checkpoint-2").is_dir()
+    first = out / "checkpoint-1"
+    names = {p.name for p in first.rglob("*") if p.is_file()}
+    assert {"trainer_state.json", "adapter_model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= names
+    assert sum("optim_states" in name for name in names) == 2, names  # one ZeRO shard per rank
+    resumed = run(deepspeed_cmd(2, 29618, *args, "--resume_from_checkpoint", "last"))
+    assert f"[vlmtune] resuming from {first} (step 1)" in resumed.stderr
+    assert f"[vlmtune] skipping {out / 'tmp-checkpoint-2'}: incomplete (a save that did not finish)" in resumed.stderr
+    assert sorted(history(out)) == [1, 2, 3]
+    assert not list(out.glob("tmp-*")) and (out / "checkpoint-3" / "rng_state_1.pth").is_file()
