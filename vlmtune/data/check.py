@@ -63,12 +63,26 @@ def check_data(
     allow_urls: bool = False,
     deep: bool = False,
     max_seq_length: int | None = None,
+    conversation: Conversation | None = None,
 ) -> CheckResult:
-    """Validate every record, then measure token lengths (text + vision) of the valid ones."""
+    """Validate every record, check its labels (with ``conversation``: the run's label mode and template switches),
+    then measure token lengths (text + vision) of the valid ones."""
     start = time.perf_counter()
     records, problems = read_records(
         data_path, image_folder, video_folder, allow_urls=allow_urls, deep=deep,
         min_image_side=family.factor, budget=budget,
     )
-    lengths = record_lengths(records, Conversation(processor), budget, family) if records else []
+    conversation = conversation or Conversation(processor)
+    records, problems = _with_label_check(records, problems, conversation)
+    lengths = record_lengths(records, conversation, budget, family) if records else []
     return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start)
+
+
+def _with_label_check(records: list[Record], problems: list[Problem], conversation: Conversation):
+    """Records whose labels pass the check, and the problems with those that do not added (sorted by record)."""
+    label_problems = conversation.label_problems(records) if records else []
+    if not label_problems:
+        return records, problems
+    bad = {p.index for p in label_problems}
+    merged = sorted(problems + label_problems, key=lambda p: -1 if p.index is None else p.index)
+    return [r for r in records if r.index not in bad], merged
