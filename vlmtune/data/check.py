@@ -73,16 +73,13 @@ def check_data(
         min_image_side=family.factor, budget=budget,
     )
     conversation = conversation or Conversation(processor)
-    records, problems = _with_label_check(records, problems, conversation)
-    lengths = record_lengths(records, conversation, budget, family) if records else []
+    # one pass over the texts: token counts and the label check (data/conversation.py)
+    text_counts, label_problems = conversation.measure(records) if records else ([], [])
+    if label_problems:  # such records are errors, not valid records
+        bad = {p.index for p in label_problems}
+        kept = [(r, n) for r, n in zip(records, text_counts) if r.index not in bad]
+        records, text_counts = [r for r, _ in kept], [n for _, n in kept]
+        problems = sorted(problems + label_problems, key=lambda p: -1 if p.index is None else p.index)
+    lengths = record_lengths(records, conversation, budget, family, text_counts) if records else []
     return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start)
 
-
-def _with_label_check(records: list[Record], problems: list[Problem], conversation: Conversation):
-    """Records whose labels pass the check, and the problems with those that do not added (sorted by record)."""
-    label_problems = conversation.label_problems(records) if records else []
-    if not label_problems:
-        return records, problems
-    bad = {p.index for p in label_problems}
-    merged = sorted(problems + label_problems, key=lambda p: -1 if p.index is None else p.index)
-    return [r for r in records if r.index not in bad], merged

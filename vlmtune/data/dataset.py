@@ -68,10 +68,15 @@ def _vision_token_counts(record: Record, budget: media.MediaBudget, family: Fami
     return extra
 
 
-def record_lengths(records: list[Record], conversation: Conversation, budget, family: Family) -> list[int]:
-    """Sequence length of every record (text + vision tokens), without decoding any media."""
-    counts = conversation.token_counts(records)  # the text's tokens as encode() cuts them (reply by reply)
-    return [n + _vision_token_counts(r, budget, family, conversation.processor) for r, n in zip(records, counts)]
+def record_lengths(records: list[Record], conversation: Conversation, budget, family: Family,
+                   text_counts: list[int] | None = None) -> list[int]:
+    """Sequence length of every record (text + vision tokens), without decoding any media.
+
+    ``text_counts``: the records' ``conversation.token_counts`` when already measured (``conversation.measure``).
+    """
+    if text_counts is None:  # the text's tokens as encode() cuts them (reply by reply)
+        text_counts = conversation.token_counts(records)
+    return [n + _vision_token_counts(r, budget, family, conversation.processor) for r, n in zip(records, text_counts)]
 
 
 class VisionLanguageDataset(Dataset):
