@@ -92,15 +92,17 @@ def _media_record(shape: str, rid: str, reply: str) -> dict:
     assert shape == "multi_turn_image"
     return {"id": rid, "image": "images/blue_square.png",
             "conversations": [{**human, "value": "<image>\nWhat shape is this?"}, {"from": "gpt", "value": reply},
-                              {**human, "value": "And its color?"}, {"from": "gpt", "value": "Blue."}]}
+                              {**human, "value": "And its color?"}, {"from": "gpt", "value": reply}]}
 
 
 MEDIA_SHAPES = ("image", "two_images", "video", "image_video", "system_image", "multi_turn_image")
 
 
 def records_json() -> list[dict]:
-    """Every reply variant as a text record, in both turns of a system + two-turn record, and in one media shape."""
-    out = []
+    """Every reply variant as a text record, in both turns of a system + two-turn record, and in one media shape;
+    and every media shape with reasoning (the shapes where thinking templates' ids are the whole text's)."""
+    out = [_media_record(shape, f"{shape}_reasoning", "<think>\nLooking.\n</think>\n\nA shape.")
+           for shape in MEDIA_SHAPES]
     for i, (name, reply) in enumerate(REPLIES.items()):
         out.append({"id": f"text_{name}", "conversations": [{"from": "human", "value": "What is it?"},
                                                             {"from": "gpt", "value": reply}]})
@@ -270,13 +272,13 @@ def test_ids_and_labels_on_the_official_templates(real, template, label_mode):
             assert ids == recipe["input_ids"][0].tolist(), raw["id"]
             assert item["mm_token_type_ids"].tolist() == recipe["mm_token_type_ids"][0].tolist(), raw["id"]
     # How many records are the normal case, where the whole text's ids are the ids. Instruct templates: all but the
-    # 9 records with a reply starting "\n", "\n\n" or " \n". Thinking on: only the 6 with reasoning in the last
-    # reply (without, the reply "\n</think>..." follows the prompt's "<think>\n"). Qwen3.5 small (thinking off):
-    # all (the template trims replies, and the prompt ends with the whole empty block).
+    # 9 records with a reply starting "\n", "\n\n" or " \n". Thinking on: only the 12 with reasoning in the last
+    # reply (without, the reply "\n</think>..." follows the prompt's "<think>\n"), every media shape among them.
+    # Qwen3.5 small (thinking off): all (the template trims replies; the prompt ends with the whole empty block).
     assert parity == PARITY[template]
 
 
-PARITY = {"qwen2_vl": 24, "qwen2_5_vl": 24, "qwen3_vl": 24, "qwen3_vl_thinking": 6, "qwen3_5": 6, "qwen3_5_small": 33}
+PARITY = {"qwen2_vl": 30, "qwen2_5_vl": 30, "qwen3_vl": 30, "qwen3_vl_thinking": 12, "qwen3_5": 12, "qwen3_5_small": 39}
 
 
 @pytest.mark.parametrize("template", ["qwen2_vl", "qwen3_vl", "qwen3_5"])
@@ -510,3 +512,24 @@ def test_check_data_passes_every_test_record_on_every_template(real):
         r = real(template)
         for mode in LABEL_MODES:
             assert Conversation(r.processor, mode).label_problems(r.records) == [], (template, mode)
+
+
+def test_the_token_count_cache_key_follows_what_changes_the_cut(real):
+    r = real("qwen3_5")
+    key = Conversation(r.processor).fingerprint()
+    assert Conversation(r.processor, "last_assistant").fingerprint() == key  # counts do not depend on the mode
+    assert Conversation(r.processor, enable_thinking=False).fingerprint() != key
+    assert Conversation(r.processor, keep_earlier_reasoning=True).fingerprint() != key
+    assert Conversation(real("qwen3_5_small").processor).fingerprint() != key
+
+
+def test_check_data_cli_takes_the_label_settings(capsys, caplog):
+    from conftest import DATA_JSON
+
+    from vlmtune.cli import main as cli_main
+
+    with caplog.at_level(logging.WARNING, logger="vlmtune"):
+        assert cli_main(["check-data", str(DATA_JSON), "--label_mode", "last_assistant", "--enable_thinking",
+                         "false", "--keep_earlier_reasoning", "true"]) == 0
+    assert "no enable_thinking switch" in caplog.text  # the tiny model's ChatML template has none
+    assert "0 error(s)" in capsys.readouterr().out

@@ -25,13 +25,13 @@ How a record becomes ids and labels
    tokens, so the labelled span decodes exactly to the reply and its ``<|im_end|>``. Where no token crosses a cut
    (the normal case: ``<|im_end|>`` is a special token, and replies rarely start with a newline), the joined ids are
    the processor's ids for the whole text, token for token.
-4. **Check every record** (``LabelError``, always on): the labelled spans (runs of labels that are not -100) are as
-   many as the replies the label mode trains, and each decodes to its reply (after the tokenizer's normalization,
-   e.g. NFC) with its ``<|im_end|>``; in ``all`` mode every reply is labelled. ``check-data`` runs the same check on
-   every record of a file (``label_problems``).
+4. **Check every record**, always (``problem``; ``encode`` raises ``LabelError``): the labelled spans (runs of labels
+   that are not -100) are as many as the replies the label mode trains, and each decodes to its reply (after the
+   tokenizer's normalization, e.g. NFC) with its ``<|im_end|>``; in ``all`` mode every reply is labelled.
+   ``check-data`` runs the same check on the text of every record of a file (``measure`` / ``label_problems``).
 
-Counting tokens before training (``token_counts``) tokenizes the same pieces, so the up-front lengths are the
-lengths of the ids that train.
+Counting tokens before training (``token_counts``, or ``measure`` with the check) tokenizes the same pieces, so the
+up-front lengths are the lengths of the ids that train.
 
 Thinking templates (Qwen3-VL-Thinking, Qwen3.5)
 ===============================================
@@ -243,6 +243,17 @@ class Conversation:
     def text(self, record: Record) -> str:
         """The chat-template text of the whole conversation (one pad token per image / video)."""
         return self.render(record).text
+
+    def fingerprint(self) -> str:
+        """What a record's text tokens depend on besides the record and the tokenizer: the template, its switches
+        and how replies are cut. A cache of ``token_counts`` keys on it (the label check also on ``label_mode``)."""
+        import hashlib
+        import json
+
+        facts = {"template": self.template_source(), "template_kwargs": self.template_kwargs,
+                 "keep_earlier_reasoning": self.keep_earlier_reasoning,
+                 "add_generation_prompt": self.add_generation_prompt, "cut": "reply pieces v1"}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ labels and their check
 
