@@ -38,15 +38,15 @@ logger = logging.getLogger(__name__)
 
 def build_datasets(data_args: DataArguments, processor, family: Family, budget: media.MediaBudget, seed: int):
     """(train, eval or None) datasets; the data check's summary is logged and errors raise ``DataError``."""
+    conversation = Conversation(processor, data_args.label_mode, **data_args.template_options())
     result = check_data(
         data_args.data_path, processor, family, budget, image_folder=data_args.image_folder,
         video_folder=data_args.video_folder, allow_urls=data_args.allow_urls, deep=data_args.deep_check,
-        max_seq_length=data_args.max_seq_length,
+        max_seq_length=data_args.max_seq_length, conversation=conversation,
     )
     logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
     if result.errors:
         raise DataError(result.file, result.problems)
-    conversation = Conversation(processor, data_args.label_mode)
     records = result.records
     eval_records = []
     if data_args.eval_data_path:
@@ -54,6 +54,8 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
             data_args.eval_data_path, data_args.image_folder, data_args.video_folder,
             allow_urls=data_args.allow_urls, min_image_side=family.factor, budget=budget,
         )
+        if label_problems := conversation.label_problems(eval_records):  # the training file's check did the same
+            raise DataError(data_args.eval_data_path, label_problems)
     elif data_args.val_ratio:
         shuffled = records[:]
         random.Random(seed).shuffle(shuffled)
@@ -130,7 +132,8 @@ def _fit(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
     else:
         collator = Collator(processor.tokenizer.pad_token_id, fillers=fillers)
     run_info = run.run_record(stage="sft", base_model=model_path, family=family, plan=plan, dtype=dtype,
-                              bits=model_args.bits, budget_overrides=data_args.budget_overrides())
+                              bits=model_args.bits, budget_overrides=data_args.budget_overrides(),
+                              template_options=data_args.template_options())
     trainer = VisionLanguageTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         processing_class=processor, family=family, run_info=run_info, on_nan_loss=train_args.on_nan_loss,
