@@ -138,7 +138,7 @@ def test_sigterm_saves_at_the_step_boundary_and_says_how_to_resume(killed_runs):
     (i, step), = [(i, step) for i, (at, step) in enumerate(CHAINS["seed1"]) if at == "sigterm"]
     log = (root / f"seed1-{i}.log").read_text()
     out = root / "seed1"
-    assert log.count("SIGTERM: saving a checkpoint at the end of this step, then stopping") == 1
+    assert log.count(f"[vlmtune] SIGTERM: saving checkpoint-{step}, then stopping") == 1
     assert log.splitlines()[-1] == (f"vlmtune train: stopped by SIGTERM after step {step}, saved in "
                                     f"{out / f'checkpoint-{step}'}; run the same command with "
                                     "--resume_from_checkpoint last to continue")

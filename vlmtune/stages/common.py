@@ -111,6 +111,8 @@ class _StopOnSignal(TrainerCallback):
             self.signum = self.signum or signal.SIGTERM
             self.stopped_at = state.global_step
             control.should_save = control.should_training_stop = True
+            logger.warning("%s: saving checkpoint-%d, then stopping", signal.Signals(self.signum).name,
+                           state.global_step)
         return control
 
 
@@ -195,9 +197,7 @@ class VisionLanguageTrainer(Trainer):
         if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
             return super().train(*args, **kwargs)
 
-        def on_sigterm(signum, frame):
-            if self._stop.signum is None:
-                logger.warning("SIGTERM: saving a checkpoint at the end of this step, then stopping")
+        def on_sigterm(signum, frame):  # only a flag: a handler that writes can interrupt a write to the same stream
             self._stop.signum = signum
 
         previous = signal.signal(signal.SIGTERM, on_sigterm)
