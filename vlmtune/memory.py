@@ -11,8 +11,12 @@ a formula over those counts and the shapes, written from what transformers 5.22,
 * optimizer states: torch AdamW keeps two states in the parameter's dtype; DeepSpeed keeps fp32 master weights and
   two fp32 states (12 bytes per parameter, 8 when the parameters are already fp32), divided over GPUs from ZeRO-1,
   moved to the CPU with offload.
-* activations: what autograd saves per token in a decoder layer (see ``_layer_bytes``), times layers and tokens;
-  with gradient checkpointing only each layer's input plus one layer recomputed during backward.
+* activations: what autograd saves per token in a decoder layer (see ``_layer_bytes``: softmax or Gated DeltaNet
+  token mixer, dense or MoE MLP), times layers and tokens, plus what a layer keeps per sequence (the delta rule's
+  chunked tensors) or per step (the expert stacks PEFT folds for LoRA on MoE experts); with gradient checkpointing
+  only each layer's input plus one layer recomputed during backward. Qwen3.5's recurrent state has a row of its own.
+* MoE: total and active parameters (a token passes through ``k`` of ``E`` experts); LoRA on the experts has rank
+  ``r`` per expert.
 * vision tokens: how many the pixel budgets give, and what the vision tower and merger save for backward when
   they train (nothing but their output when frozen).
 * logits: the model-dtype logits, the fp32 log-probabilities cross-entropy keeps and one fp32 gradient of the same
