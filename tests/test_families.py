@@ -38,13 +38,14 @@ def trainable(model) -> set[str]:
 # ------------------------------------------------------------------ tiny models
 
 
-def test_registry_tiny_models_and_cli_choices_cover_every_family():
+def test_registry_tiny_models_and_cli_choices_cover_every_family(capsys):
     from vlmtune.cli import main
     from vlmtune.tiny import TINY_CONFIGS, TINY_TEMPLATES
 
     assert set(FAMILY_TABLE) == set(FAMILIES) == set(TINY_CONFIGS) == set(TINY_TEMPLATES)
     with pytest.raises(SystemExit):
         main(["tiny-model", "--help"])
+    assert "{" + ",".join(FAMILY_TABLE) + "}" in capsys.readouterr().out.replace("\n", "").replace(" ", "")
 
 
 @pytest.mark.parametrize(("family", "fixture"), [("qwen3_vl_moe", "qwen3_vl_instruct.jinja"),
@@ -239,3 +240,23 @@ def test_one_line_says_which_linear_attention_kernels_run(tiny_model_dir, pipeli
     with torch.no_grad():
         model(**Collator(p.processor.tokenizer.pad_token_id)([p.dataset[0]]))
     assert "falling back to its reference PyTorch implementation" not in capfd.readouterr().err
+
+
+def test_parameter_groups_and_the_report_per_part_on_a_moe(tiny_model_dir):
+    """lora_vision + --train_router on Qwen3.5-MoE: the routers train in the language model's group at its rate;
+    the Gated DeltaNet's 1-D A_log / dt_bias (frozen here) and the 1-D norms take no weight decay."""
+    family = FAMILY_TABLE["qwen3_5_moe"]
+    model = apply(tiny_model_dir, "qwen3_5_moe", mode="lora_vision", train_router=True)
+    groups = {g["name"]: g for g in modes.parameter_groups(model, family, 3e-4, 0.1, vision_lr=1e-4, merger_lr=2e-4)}
+    assert {n: g["lr"] for n, g in groups.items()} == {"llm": 3e-4, "vision": 1e-4, "merger": 2e-4,
+                                                       "merger/no_decay": 2e-4}
+    names = {id(q): n.removeprefix(modes.PEFT_PREFIX) for n, q in model.named_parameters()}
+    llm = {names[id(q)] for q in groups["llm"]["params"]}
+    assert router_names("qwen3_5_moe") <= llm and groups["llm"]["weight_decay"] == 0.1
+    report = modes.trainable_report(model, family).splitlines()
+    llm_row = next(r for r in report if r.startswith("llm")).split()
+    counted = sum(q.numel() for n, q in model.named_parameters() if q.requires_grad and n in
+                  {f"{modes.PEFT_PREFIX}{m}" for m in llm})
+    assert int(llm_row[1].replace(",", "")) == counted
+    assert int(llm_row[2].replace(",", "")) == sum(q.numel() for n, q in model.get_base_model().named_parameters()
+                                                   if modes.part_of(n, family) == "llm")
