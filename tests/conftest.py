@@ -11,7 +11,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "data_examples"
 DATA_JSON = EXAMPLES / "data.json"
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+MOE_FAMILIES = ("qwen3_vl_moe", "qwen3_5_moe")
+LINEAR_ATTENTION_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+"""Qwen3.5's hybrid models: Gated DeltaNet layers that carry state along the sequence (packing refused)."""
+PACKABLE_FAMILIES = tuple(f for f in FAMILIES if f not in LINEAR_ATTENTION_FAMILIES)
+THINKING_TEMPLATE_FAMILIES = ("qwen3_5", "qwen3_5_moe")
+"""Tiny models with Qwen3.5's official template: the last assistant turn is written after an empty
+``<think>\n\n</think>\n\n`` block that the reply does not contain."""
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import DATA_JSON, EXAMPLES, FAMILIES
+from conftest import DATA_JSON, EXAMPLES, FAMILIES, THINKING_TEMPLATE_FAMILIES
 from PIL import Image, ImageOps
 from qwen_vl_utils import process_vision_info
 
@@ -82,8 +82,9 @@ def test_rendered_text_of_a_record_is_the_chat_template(pipeline):
     assert p.conversation.text(record).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in THINKING_TEMPLATE_FAMILIES])
 def test_labels_cover_exactly_the_assistant_replies(pipeline, family):
+    # Qwen3.5's template inserts an empty think block before the last reply: what it labels is issue 8's section 4.
     p = pipeline(family)
     tok = p.processor.tokenizer
     for record, item in zip(p.dataset.records, (p.dataset[i] for i in range(len(p.dataset)))):

@@ -177,8 +177,47 @@ def test_estimate_matches_a_measured_tiny_training_step(pipeline, family):
         assert measured["gradients"] == est.bytes("gradients"), mode
         assert measured["optimizer"] == est.bytes("optimizer states"), mode
         log_probs = 2 * length * shape.vocab * 4
-        expected = est.bytes("activations") + est.bytes("vision") + est.bytes("attention mask") + log_probs
+        state = est.bytes("linear-attention state") if "linear-attention state" in est.rows else 0
+        expected = est.bytes("activations") + state + est.bytes("vision") + est.bytes("attention mask") + log_probs
         assert expected == pytest.approx(measured["saved"], rel=0.10), (mode, expected / measured["saved"])
+
+
+def test_moe_total_and_active_parameters_and_the_recurrent_state_by_hand(pipeline):
+    """Tiny Qwen3-VL-MoE: 2 layers of 4 experts [2 x 24, 64] + [64, 24], top 2: a token skips half the experts.
+    Tiny Qwen3.5: 2 Gated DeltaNet layers, 4 value heads of 16 x 16; 39 tokens fit one 64-token chunk."""
+    moe = pipeline("qwen3_vl_moe")
+    shape = memory.model_shape(memory.load_config(str(moe.model_dir)))
+    experts = 2 * 4 * (2 * 24 * 64 + 64 * 24)
+    assert shape.params == sum(q.numel() for q in moe.model().parameters())
+    assert (shape.expert_params, shape.active_params) == (experts, shape.params - experts // 2)
+    table = memory.estimate(str(moe.model_dir), memory.Setup(mode="lora"), shape).table()
+    assert f"{shape.active_params:,} active per token (2 of 4 experts)" in table
+    with pytest.raises(ConfigError, match="refuses QLoRA for MoE"):
+        memory.estimate(str(moe.model_dir), memory.Setup(mode="lora", bits=4), shape)
+
+    hybrid = memory.model_shape(memory.load_config(str(pipeline("qwen3_5").model_dir)))
+    assert (hybrid.linear_layers, hybrid.recurrent_state) == (2, 4 * 16 * 16)
+    assert hybrid.conv_state == (2 * 2 * 16 + 4 * 16) * 4  # (q, k, v channels) x kernel width
+    for kernels, layers in ((False, 2), (True, 1)):  # PyTorch path: every layer's chunk states; fla: one layer's
+        setup = memory.Setup(mode="lora", batch_size=2, seq_len=39, images=0, linear_kernels=kernels)
+        est = memory.estimate("tiny", setup, hybrid)
+        assert est.bytes("linear-attention state") == 2 * layers * 1 * 4 * (4 * 16 * 16)
+    setup = memory.Setup(mode="lora", seq_len=1000, images=0, linear_kernels=False)
+    assert memory.estimate("tiny", setup, hybrid).bytes("linear-attention state") == 2 * 16 * 4 * 1024
+
+
+def test_built_in_moe_shapes_match_published_counts():
+    """Qwen3-VL-30B-A3B: 31.07B on its hub page. Activated parameters of the language models (the Qwen3 MoE model
+    cards: 30B-A3B 3.3B, 235B-A22B 22B): all but the vision tower and the experts a token is not routed to."""
+    for name, total, active in (("Qwen3-VL-30B-A3B", 31.07, 3.3), ("Qwen3-VL-235B-A22B", None, 22.0)):
+        shape = memory.model_shape(memory.load_config(f"Qwen/{name}-Instruct"))
+        if total:
+            assert shape.params / 1e9 == pytest.approx(total, rel=0.005), name
+        llm_active = shape.active_params - shape.by_part["vision"] - shape.by_part["merger"]
+        assert llm_active / 1e9 == pytest.approx(active, rel=0.03), name
+    big = memory.model_shape(memory.load_config("Qwen/Qwen3.5-397B-A17B"))
+    assert (big.experts, big.experts_per_token, big.linear_layers, big.layers) == (512, 10, 45, 60)
+    assert big.recurrent_state * 4 == 4 * 2**20  # 64 value heads x 128 x 128 in fp32: 4 MiB per sequence and layer
 
 
 def test_built_in_shapes_match_the_published_parameter_counts():

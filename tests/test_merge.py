@@ -47,6 +47,9 @@ def runs(tmp_path_factory, tiny_model_dir):
                 "qwen3_lora_vision": ("lora_vision", "qwen3_vl"),
                 "qwen2_5_bf16": ("lora_vision", "qwen2_5_vl", "--bf16"),
                 "full": ("full", "qwen2_vl"),
+                "qwen3_vl_moe_lora": ("lora", "qwen3_vl_moe"),
+                "qwen3_5_lora_vision": ("lora_vision", "qwen3_5"),
+                "qwen3_5_moe_router": ("lora", "qwen3_5_moe", "--train_router", "True"),
             }[name]
             made[name] = train_run(root / name, mode, family, *extra)
         return made[name]
@@ -97,11 +100,13 @@ def base_plus_adapters(base_dir: Path, run_dir: Path, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("name,family", [("lora", "qwen2_vl"), ("lora_vision", "qwen2_vl"),
-                                         ("qwen3_lora_vision", "qwen3_vl")])
+                                         ("qwen3_lora_vision", "qwen3_vl"), ("qwen3_vl_moe_lora", "qwen3_vl_moe"),
+                                         ("qwen3_5_lora_vision", "qwen3_5"), ("qwen3_5_moe_router", "qwen3_5_moe")])
 def test_merged_logits_equal_base_plus_adapters(runs, merged, pipeline, tiny_model_dir, name, family):
     from transformers import AutoModelForImageTextToText
 
     result = merged(name)
+    print(f"{name}: max |logits diff| merged {result.diffs['merged']:.2g}, reloaded {result.diffs['reloaded']:.2g}")
     assert result.diffs["merged"] < 1e-4 and result.diffs["reloaded"] < 1e-4
     batch = batch_of(pipeline, family)
     expected = real_logits(base_plus_adapters(tiny_model_dir(family), runs(name)), batch)
@@ -111,14 +116,16 @@ def test_merged_logits_equal_base_plus_adapters(runs, merged, pipeline, tiny_mod
     assert (got - expected).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["lora_vision", "qwen3_lora_vision"])
-def test_trained_merger_lands_in_the_merged_weights(runs, merged, tiny_model_dir, name):
-    """The merger trained fully: its saved tensors, not the base's, are in the merged folder (in-memory names
-    of Qwen2-VL differ from the file's, so compare through a loaded model)."""
+@pytest.mark.parametrize(("name", "part"), [("lora_vision", ".merger."), ("qwen3_lora_vision", ".merger."),
+                                           ("qwen3_5_moe_router", ".mlp.gate.")])
+def test_trained_merger_lands_in_the_merged_weights(runs, merged, tiny_model_dir, name, part):
+    """The merger (or an MoE's routers, with --train_router) trained fully: its saved tensors, not the base's, are
+    in the merged folder (in-memory names differ from the file's for Qwen2-VL and Qwen3.5-MoE's experts, so compare
+    through a loaded model)."""
     from transformers import AutoModelForImageTextToText
 
     saved = load_file(runs(name) / NON_LORA_FILE)
-    assert any(".merger." in k for k in saved)
+    assert any(part in k for k in saved)
     model = AutoModelForImageTextToText.from_pretrained(merged(name).output_dir)
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir(json.loads(
         (runs(name) / RUN_FILE).read_text())["model_type"]))

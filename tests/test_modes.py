@@ -18,6 +18,17 @@ LLM_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 VISION_LINEARS = {"qwen2_vl": ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"],
                   "qwen2_5_vl": ["attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
                   "qwen3_vl": ["attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2"]}
+VISION_LINEARS.update(dict.fromkeys(("qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"), VISION_LINEARS["qwen3_vl"]))
+ATTENTION = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+GATED_DELTANET = ["linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b", "linear_attn.in_proj_a",
+                  "linear_attn.out_proj"]
+SHARED_EXPERT = ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"]
+NEW_LLM_LINEARS = {  # layer -> the linear layers LoRA goes on by default (tiny Qwen3.5: linear attention in 0 and 2)
+    "qwen3_vl_moe": {0: ATTENTION, 1: ATTENTION},
+    "qwen3_5": {i: (GATED_DELTANET if i % 2 == 0 else ATTENTION) + LLM_LINEARS[4:] for i in range(4)},
+    "qwen3_5_moe": {i: (GATED_DELTANET if i % 2 == 0 else ATTENTION) + SHARED_EXPERT for i in range(4)},
+}
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def lora_names(prefix: str, linears: list[str], indices) -> set[str]:
@@ -43,8 +54,20 @@ def trainable(model) -> dict[str, set[str]]:
     out = {part: set() for part in modes.PARTS}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            out[modes.part_of(name, family)].add(name.removeprefix(modes.PEFT_PREFIX).replace(".base_layer.", "."))
+            out[modes.part_of(name, family)].add(name.removeprefix(modes.PEFT_PREFIX))
     return out
+
+
+def peft_reference_llm_lora(tiny_model_dir, family: str) -> set[str]:
+    """LoRA names PEFT itself gives the hand-listed linears and, for MoE, the fused experts (target_parameters)."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = NEW_LLM_LINEARS[family]
+    modules = [f"model.language_model.layers.{i}.{lin}" for i, lins in layers.items() for lin in lins]
+    parameters = [f"model.language_model.layers.{i}.{e}" for i in layers for e in EXPERTS] if "moe" in family else None
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir(family))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=modules, target_parameters=parameters))
+    return {n.removeprefix(modes.PEFT_PREFIX) for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.fixture
@@ -78,14 +101,18 @@ def test_preset_full_trains_the_llm_and_merger_fully_and_freezes_vision(build):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_vision_per_family(build, family):
+def test_lora_vision_per_family(build, family, tiny_model_dir):
+    """MoE models: LoRA on the fused experts too (PEFT's target_parameters), never on the routers."""
     model, _ = build(family, mode="lora_vision")
     got = trainable(model)
     assert got["vision"] == vision_lora(family)
     merger_prefixes = FAMILY_TABLE[family].mergers
     expected = set().union(*(all_params(model.get_base_model(), p) for p in merger_prefixes))
     assert got["merger"] == expected and expected
-    assert got["llm"] == llm_lora()
+    assert got["llm"] == (peft_reference_llm_lora(tiny_model_dir, family) if family in NEW_LLM_LINEARS else llm_lora())
+    if "moe" in family:
+        assert sum(".mlp.experts." in n and ".lora_" in n for n in got["llm"]) == 4 * len(NEW_LLM_LINEARS[family])
+        assert not any(".mlp.gate." in n or "shared_expert_gate" in n for n in got["llm"])
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
@@ -139,8 +166,8 @@ def test_lora_hyperparameters_reach_peft(build):
 
 def test_every_mode_flag_is_read(build):
     """Setting any ModeArguments field away from its default changes the plan or the LoRA layers."""
-    def fingerprint(**flags):
-        model, plan = build(**flags)
+    def fingerprint(family="qwen2_vl", **flags):
+        model, plan = build(family, **flags)
         peft = getattr(model, "peft_config", {}).get("default")
         lora = None if peft is None else (peft.r, peft.lora_alpha, peft.lora_dropout, peft.use_dora, peft.use_rslora)
         return plan, lora, frozenset(n for n, p in model.named_parameters() if p.requires_grad)
@@ -148,11 +175,15 @@ def test_every_mode_flag_is_read(build):
     changes = {"mode": "full", "freeze_vision_tower": False, "freeze_merger": False, "freeze_llm": True,
                "lora_enable": False, "vision_lora": True, "unfreeze_topk_llm": 1, "unfreeze_topk_vision": 1,
                "lora_rank": 8, "lora_alpha": 8, "lora_dropout": 0.3, "lora_target": "q_proj",
-               "use_dora": True, "use_rslora": True}
+               "use_dora": True, "use_rslora": True, "train_router": True}
     assert set(changes) == {f.name for f in dataclasses.fields(ModeArguments)}
     base = fingerprint(mode="lora")
     for flag, value in changes.items():
         extra = {"vision_lora": True} if flag == "freeze_llm" else {}
+        if flag == "train_router":  # MoE only
+            assert fingerprint("qwen3_vl_moe", mode="lora", train_router=True) != fingerprint("qwen3_vl_moe",
+                                                                                               mode="lora")
+            continue
         assert fingerprint(**{"mode": "lora", **extra, flag: value}) != base, flag
 
 

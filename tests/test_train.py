@@ -47,6 +47,37 @@ def test_each_script_runs_as_is_on_this_machine_and_halves_the_loss(script, tmp_
     assert (tmp_path / "out" / "vlmtune_run.json").is_file()
 
 
+NEW_FAMILY_SCRIPTS = [("qwen3_vl_moe", "finetune_video.sh"), ("qwen3_5", "finetune.sh"),
+                      ("qwen3_5_moe", "finetune_lora_vision.sh")]
+"""One whole-script run per newer family, rotating the scripts (finetune_lora.sh runs them in test_merge.py)."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "script"), NEW_FAMILY_SCRIPTS)
+def test_each_new_family_runs_a_script_then_merges_and_predicts(family, script, tmp_path, capsys):
+    from vlmtune.cli import main
+
+    out = tmp_path / "out"
+    run(["bash", f"scripts/{script}", "--tiny_family", family, "--max_steps", "4", "--disable_tqdm", "True"],
+        OUTPUT_DIR=str(out))
+    losses = history(out)
+    assert sorted(losses) == [1, 2, 3, 4] and all(0 < v < 20 for v in losses.values())
+    assert json.loads((out / "vlmtune_run.json").read_text())["model_type"] == family
+    aux = history(out, "aux_loss")
+    if "moe" in family:  # top-2 of 4 experts: 2.0 when balanced, more when not
+        assert sorted(aux) == [1, 2, 3, 4] and all(1.9 < v < 8 for v in aux.values()), aux
+    else:
+        assert aux == {}
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out), str(merged)]) == 0
+    printed = capsys.readouterr().out
+    model = merged if merged.is_dir() else out  # a full run's output is already the model
+    assert merged.is_dir() or "already a standalone model" in printed
+    assert main(["predict", "--model", str(model), "--image", str(EXAMPLES / "images" / "red_circle.png"),
+                 "--prompt", "What shape?", "--max_new_tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
 FAKE_PYTHON = """#!/bin/bash
 # Answers launch.sh's own questions with the real interpreter; writes the launch command instead of running it.
 if [ "$1" = -c ]; then exec {python} "$@"; fi
@@ -123,7 +154,7 @@ def test_deepspeed_trains_our_parameter_groups(config, port, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "non_lora_trainables.safetensors").is_file()
 
 
-def mixed_ranks_command(tmp_path: Path, port: int, launcher: list[str] | None = None) -> list[str]:
+def mixed_ranks_command(tmp_path: Path, port: int, launcher: list[str] | None = None, *extra: str) -> list[str]:
     """A 2-process ZeRO-3 run in which rank 0 gets only text and rank 1 images and videos: sequential
     sampling deals the batches round-robin over [text, image, text, image+video, text, video, ...]."""
     raw = {r["id"]: r for r in json.loads(DATA_JSON.read_text())}
@@ -133,7 +164,7 @@ def mixed_ranks_command(tmp_path: Path, port: int, launcher: list[str] | None = 
     (tmp_path / "data.json").write_text(json.dumps(data))
     cmd = deepspeed_cmd(2, port, "--mode", "lora_vision", "--deepspeed", "scripts/zero3.json", "--max_steps", "4",
                         "--per_device_train_batch_size", "1", "--train_sampling_strategy", "sequential",
-                        "--output_dir", str(tmp_path / "out"), "--save_strategy", "no")
+                        "--output_dir", str(tmp_path / "out"), "--save_strategy", "no", *extra)
     cmd[cmd.index(str(DATA_JSON))] = str(tmp_path / "data.json")
     if launcher:
         cmd[cmd.index("-m", cmd.index("--master_port")):cmd.index("vlmtune.cli") + 1] = launcher
@@ -153,6 +184,28 @@ def test_zero3_two_processes_with_text_only_on_one_rank_finishes(tmp_path):
 
     result = merge(out, tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").is_file() and result.diffs["merged"] < 1e-3
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_train_a_moe_with_text_only_on_one_rank(tmp_path):
+    """A tiny Qwen3-VL-MoE under ZeRO-3 on 2 processes, rank 0 text only: LoRA on the fused experts, the routers
+    trained, the aux loss logged; what ZeRO-3 saved merges into a verified standalone model."""
+    from safetensors.torch import load_file
+
+    from vlmtune.merge import merge
+
+    out = tmp_path / "out"
+    run(mixed_ranks_command(tmp_path, 29617, None, "--tiny_family", "qwen3_vl_moe", "--train_router", "True",
+                            "--lora_rank", "4"), timeout=420)
+    assert sorted(history(out)) == [1, 2, 3, 4] and sorted(history(out, "aux_loss")) == [1, 2, 3, 4]
+    adapters = load_file(out / "adapter_model.safetensors")
+    experts_b = [v for k, v in adapters.items() if ".mlp.experts." in k and "lora_B" in k]
+    assert len(experts_b) == 4 and all(float(v.abs().max()) > 0 for v in experts_b)  # gathered, and trained
+    routers = load_file(out / "non_lora_trainables.safetensors")
+    assert {k for k in routers if ".mlp.gate." in k} == {f"model.language_model.layers.{i}.mlp.gate.weight"
+                                                        for i in (0, 1)}
+    result = merge(out, tmp_path / "merged")
+    assert result.diffs["merged"] < 1e-3 and result.diffs["reloaded"] < 1e-3
 
 
 NO_FILLERS = """

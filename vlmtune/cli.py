@@ -89,11 +89,12 @@ def cmd_check_data(argv: list[str]) -> int:
 
 
 def cmd_tiny_model(argv: list[str]) -> int:
+    from vlmtune.families import FAMILIES
     from vlmtune.tiny import build_tiny_model
 
     parser = argparse.ArgumentParser(prog="vlmtune tiny-model", description="Write the embedded tiny model.")
     parser.add_argument("out_dir")
-    parser.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+    parser.add_argument("--family", default="qwen2_vl", choices=list(FAMILIES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(build_tiny_model(args.out_dir, args.family, args.seed))

@@ -15,6 +15,8 @@ import yaml
 from transformers import HfArgumentParser
 from transformers import TrainingArguments as HfTrainingArguments
 
+from vlmtune.families import FAMILIES
+
 
 class ConfigError(ValueError):
     """Contradictory or impossible settings, found before the model loads."""
@@ -36,10 +38,11 @@ def boolean_flag(value: str) -> bool:
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Hub name or folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model. Empty: the embedded "
+        metadata={"help": "Hub name or folder of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL(-MoE) / Qwen3.5(-MoE) model. "
+                  "Empty: the embedded "
                   "tiny model (built on first use, random weights), for trying the pipeline on CPU."},
     )
-    tiny_family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = field(
+    tiny_family: Literal[tuple(FAMILIES)] = field(  # type: ignore[valid-type]
         default="qwen2_vl", metadata={"help": "Family of the embedded tiny model, when no model is given."}
     )
     attn_implementation: str | None = field(
@@ -162,14 +165,23 @@ class ModeArguments:
     )
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_dropout: float = field(
+        default=0.05, metadata={"help": "LoRA dropout (0 when LoRA reaches MoE experts: PEFT has none there)."}
+    )
     lora_target: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated module name suffixes to put LoRA on (e.g. q_proj,v_proj,qkv). Default: "
-                  "every linear layer of the parts in LoRA mode; never lm_head or embeddings unless named."},
+        metadata={"help": "Comma-separated module name suffixes to put LoRA on (e.g. q_proj,v_proj,qkv; MoE models: "
+                  "experts, or gate_up_proj / down_proj, for the fused expert weights). Default: every linear layer "
+                  "of the parts in LoRA mode and, in MoE models, the experts; never lm_head, embeddings or routers "
+                  "unless named."},
     )
     use_dora: bool = field(default=False, metadata={"help": "DoRA (weight-decomposed LoRA)."})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA scaling."})
+    train_router: bool = field(
+        default=False,
+        metadata={"help": "Mixture-of-experts models: train the routers fully (frozen by default in every mode; their "
+                  "load-balancing loss is added at the config's router_aux_loss_coef either way)."},
+    )
 
 
 @dataclass

@@ -11,8 +11,12 @@ a formula over those counts and the shapes, written from what transformers 5.22,
 * optimizer states: torch AdamW keeps two states in the parameter's dtype; DeepSpeed keeps fp32 master weights and
   two fp32 states (12 bytes per parameter, 8 when the parameters are already fp32), divided over GPUs from ZeRO-1,
   moved to the CPU with offload.
-* activations: what autograd saves per token in a decoder layer (see ``_layer_bytes``), times layers and tokens;
-  with gradient checkpointing only each layer's input plus one layer recomputed during backward.
+* activations: what autograd saves per token in a decoder layer (see ``_layer_bytes``: softmax or Gated DeltaNet
+  token mixer, dense or MoE MLP), times layers and tokens, plus what a layer keeps per sequence (the delta rule's
+  chunked tensors) or per step (the expert stacks PEFT folds for LoRA on MoE experts); with gradient checkpointing
+  only each layer's input plus one layer recomputed during backward. Qwen3.5's recurrent state has a row of its own.
+* MoE: total and active parameters (a token passes through ``k`` of ``E`` experts); LoRA on the experts has rank
+  ``r`` per expert.
 * vision tokens: how many the pixel budgets give, and what the vision tower and merger save for backward when
   they train (nothing but their output when frozen).
 * logits: the model-dtype logits, the fp32 log-probabilities cross-entropy keeps and one fp32 gradient of the same
@@ -50,6 +54,21 @@ _QWEN3_VISION_SMALL = {"depth": 24, "hidden_size": 1024, "intermediate_size": 40
                        "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]}
 
 
+_QWEN3_VISION_LARGE = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "patch_size": 16,
+                       "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]}
+_QWEN3_5_VISION = {k: v for k, v in _QWEN3_VISION_LARGE.items() if k != "deepstack_visual_indexes"}
+_QWEN3_5_LINEAR = {"linear_num_key_heads": 16, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+                   "linear_conv_kernel_dim": 4, "full_attention_interval": 4}
+
+
+def _moe35(hidden, layers, heads, kv_heads, experts, top_k, moe_intermediate, **extra):
+    """A Qwen3.5-MoE text config: head_dim 256, a shared expert as wide as each routed one, vocabulary 248320."""
+    return {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "head_dim": 256, "num_experts": experts, "num_experts_per_tok": top_k,
+            "moe_intermediate_size": moe_intermediate, "shared_expert_intermediate_size": moe_intermediate,
+            "vocab_size": 248320, "tie_word_embeddings": False, **_QWEN3_5_LINEAR, **extra}
+
+
 def _text(hidden, intermediate, layers, heads, kv_heads, vocab, tied, **extra):
     return {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
             "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
@@ -75,8 +94,22 @@ KNOWN_MODELS: dict[str, tuple[str, dict, dict]] = {
                     {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "patch_size": 16,
                      "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24],
                      "out_hidden_size": 4096}),
+    "Qwen3-VL-30B-A3B": ("qwen3_vl_moe", _text(2048, 6144, 48, 32, 4, 151936, False, head_dim=128,
+                                                moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
+                         {**_QWEN3_VISION_LARGE, "out_hidden_size": 2048}),
+    "Qwen3-VL-235B-A22B": ("qwen3_vl_moe", _text(4096, 12288, 94, 64, 4, 151936, False, head_dim=128,
+                                                  moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8),
+                           {**_QWEN3_VISION_LARGE, "out_hidden_size": 4096}),
+    "Qwen3.5-27B": ("qwen3_5", _text(5120, 17408, 64, 24, 4, 248320, False, head_dim=256, **_QWEN3_5_LINEAR,
+                                     linear_num_value_heads=48),
+                    {**_QWEN3_5_VISION, "out_hidden_size": 5120}),
+    "Qwen3.5-35B-A3B": ("qwen3_5_moe", _moe35(2048, 40, 16, 2, 256, 8, 512, linear_num_value_heads=32),
+                        {**_QWEN3_5_VISION, "out_hidden_size": 2048}),
+    "Qwen3.5-397B-A17B": ("qwen3_5_moe", _moe35(4096, 60, 32, 2, 512, 10, 1024, linear_num_value_heads=64),
+                          {**_QWEN3_5_VISION, "out_hidden_size": 4096}),
 }
-"""Published shapes (the models' config.json) of the checkpoints the estimator knows without a hub."""
+"""Published shapes (the models' config.json) of the checkpoints the estimator knows without a hub. The MoE and
+Qwen3.5 rows are transcribed from public copies of their config.json (see the README's family table)."""
 
 PRECISIONS = ("bf16", "pure_bf16", "amp", "fp32")
 
@@ -146,13 +179,68 @@ class ModelShape:
     """mode -> non-LoRA trainable parameters."""
     lora_dims: dict[str, int] = field(default_factory=dict)
     """mode -> sum of (in + out features) over the LoRA'd linears: LoRA parameters = rank x this."""
-    lora_layer: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """mode -> (sum of input features, count) of LoRA'd linears in one decoder layer."""
-    lora_block: dict[str, tuple[int, int]] = field(default_factory=dict)
+    lora_layer: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    """mode -> (sum of input features, count, sum of distinct inputs' features) of LoRA'd linears in one decoder
+    layer (q / k / v, gate / up and Gated DeltaNet's in_proj_* read one tensor)."""
+    lora_block: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     """mode -> the same in one vision block."""
+    experts: int = 0
+    """MoE: experts per layer (0: dense MLP)."""
+    experts_per_token: int = 0
+    moe_intermediate: int = 0
+    shared_intermediate: int = 0
+    """Qwen3.5-MoE's shared expert (0: none)."""
+    expert_params: int = 0
+    """All fused expert weights (every layer)."""
+    expert_lora: dict[str, bool] = field(default_factory=dict)
+    """mode -> whether LoRA reaches the fused experts (PEFT's target_parameters: no dropout anywhere then)."""
+    linear_layers: int = 0
+    """Qwen3.5: layers whose token mixer is linear attention (Gated DeltaNet); the others are full attention."""
+    linear_heads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    """(key heads, value heads, key head dim, value head dim) of the Gated DeltaNet layers."""
+    linear_conv: int = 0
+    """Kernel width of their causal depthwise convolution."""
 
     def lora(self, mode: str, rank: int) -> int:
         return rank * self.lora_dims[mode]
+
+    @property
+    def active_params(self) -> int:
+        """Parameters a token passes through: all but the experts it is not routed to."""
+        if not self.experts:
+            return self.params
+        return self.params - self.expert_params + self.expert_params * self.experts_per_token // self.experts
+
+    @property
+    def full_layers(self) -> int:
+        return self.layers - self.linear_layers
+
+    @property
+    def recurrent_state(self) -> int:
+        """Elements of one sequence's recurrent state in one linear-attention layer: value heads x dk x dv."""
+        _, hv, dk, dv = self.linear_heads
+        return hv * dk * dv
+
+    @property
+    def conv_state(self) -> int:
+        """Elements of one sequence's convolution state in one linear-attention layer: channels x kernel width."""
+        hk, hv, dk, dv = self.linear_heads
+        return (2 * hk * dk + hv * dv) * self.linear_conv
+
+
+_SHARED_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"},
+                 {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"})
+"""Sibling linears that read one and the same tensor."""
+
+
+def _lora_inputs(targets: list[str], linears: dict) -> tuple[int, int, int]:
+    """(summed input features, count, summed features of the distinct input tensors) of LoRA'd linears."""
+    distinct = {}
+    for t in targets:
+        parent, _, leaf = t.rpartition(".")
+        group = next((i for i, g in enumerate(_SHARED_INPUT) if leaf in g), leaf)
+        distinct[(parent, group)] = linears[t].in_features
+    return sum(linears[t].in_features for t in targets), len(targets), sum(distinct.values())
 
 
 def model_shape(config, lora_target: str | None = None) -> ModelShape:
@@ -163,6 +251,7 @@ def model_shape(config, lora_target: str | None = None) -> ModelShape:
     family = family_for(config)
     with torch.device("meta"):
         model = family.model_cls()._from_config(config)
+    params = dict(model.named_parameters())
     by_part = dict.fromkeys(modes.PARTS, 0)
     for name, p in model.named_parameters():
         by_part[modes.part_of(name, family)] += p.numel()
@@ -170,23 +259,32 @@ def model_shape(config, lora_target: str | None = None) -> ModelShape:
                       if isinstance(m, nn.Linear) and n.startswith(family.language_model + "."))
     text, vision = config.text_config, config.vision_config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    layer0 = f"{family.language_model}.layers.0."
+    layers = f"{family.language_model}.layers."
     block0 = f"{family.vision}.blocks.0."
-    layer_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith(layer0))
+    layer_params = max(sum(p.numel() for n, p in model.named_parameters() if n.startswith(f"{layers}{i}."))
+                       for i in range(text.num_hidden_layers))
     embed = model.get_input_embeddings().weight.numel()
-    trainable, lora_dims, lora_layer, lora_block = {}, {}, {}, {}
+    experts = [n for n in params if modes.is_expert_weight(n, family)]
+    trainable, lora_dims, lora_layer, lora_block, expert_lora = {}, {}, {}, {}, {}
     linears = dict(model.named_modules())
     for mode, plan in modes.PRESETS.items():
         targets = modes.lora_targets(model, family, plan, lora_target) if plan.uses_lora else []
-        lora_dims[mode] = sum(linears[t].in_features + linears[t].out_features for t in targets)
-        for out, prefix in ((lora_layer, layer0), (lora_block, block0)):
-            ins = [linears[t].in_features for t in targets if t.startswith(prefix)]
-            out[mode] = (sum(ins), len(ins))
-        trainable[mode] = sum(p.numel() for n, p in model.named_parameters()
-                              if plan.policy(modes.part_of(n, family)) == "full")
+        lora_params = modes.lora_target_parameters(model, family, plan, lora_target) if plan.uses_lora else []
+        # PEFT's LoRA on a fused [E, out, in] stack: lora_A [r * E, in], lora_B [out, r * E]
+        lora_dims[mode] = (sum(linears[t].in_features + linears[t].out_features for t in targets)
+                           + sum(params[n].shape[0] * (params[n].shape[1] + params[n].shape[2]) for n in lora_params))
+        expert_lora[mode] = bool(lora_params)
+        # LLM layers differ (Qwen3.5: linear or full attention): per layer on average
+        n = text.num_hidden_layers
+        lora_layer[mode] = tuple(x / n for x in _lora_inputs([t for t in targets if t.startswith(layers)], linears))
+        lora_block[mode] = _lora_inputs([t for t in targets if t.startswith(block0)], linears)
+        full = modes.fully_trained_names(model, family, plan)
+        trainable[mode] = sum(p.numel() for n, p in params.items() if n in full)
+    layer_types = getattr(text, "layer_types", None) or []
+    moe = bool(experts)
     return ModelShape(
         model_type=config.model_type, params=sum(p.numel() for p in model.parameters()), by_part=by_part,
-        quantizable=quantizable, hidden=text.hidden_size, intermediate=text.intermediate_size,
+        quantizable=quantizable, hidden=text.hidden_size, intermediate=getattr(text, "intermediate_size", 0),
         layers=text.num_hidden_layers, heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
         head_dim=head_dim, vocab=text.vocab_size, vision_depth=vision.depth,
         vision_hidden=getattr(vision, "embed_dim", None) or vision.hidden_size,
@@ -195,7 +293,15 @@ def model_shape(config, lora_target: str | None = None) -> ModelShape:
         vision_factor=vision.patch_size * vision.spatial_merge_size,
         deepstack=len(getattr(vision, "deepstack_visual_indexes", None) or []),
         largest_layer=max(layer_params, embed), trainable=trainable, lora_dims=lora_dims, lora_layer=lora_layer,
-        lora_block=lora_block,
+        lora_block=lora_block, experts=text.num_experts if moe else 0,
+        experts_per_token=text.num_experts_per_tok if moe else 0,
+        moe_intermediate=text.moe_intermediate_size if moe else 0,
+        shared_intermediate=getattr(text, "shared_expert_intermediate_size", 0) if moe else 0,
+        expert_params=sum(params[n].numel() for n in experts), expert_lora=expert_lora,
+        linear_layers=sum(t == "linear_attention" for t in layer_types),
+        linear_heads=(getattr(text, "linear_num_key_heads", 0), getattr(text, "linear_num_value_heads", 0),
+                      getattr(text, "linear_key_head_dim", 0), getattr(text, "linear_value_head_dim", 0)),
+        linear_conv=getattr(text, "linear_conv_kernel_dim", 0),
     )
 
 
@@ -233,6 +339,13 @@ class Setup:
     """cuda, or cpu (torch's CPU dropout keeps an fp32 mask): only the LoRA dropout term depends on it."""
     """The Trainer's optimizer: adamw_torch_fused (its default on torch >= 2.8) or adamw_torch (foreach)."""
     packing: bool = False
+    linear_kernels: bool | None = None
+    """Qwen3.5: flash-linear-attention runs the Gated DeltaNet layers (default: on CUDA, as vlmtune[gpu] installs
+    it); False: transformers' PyTorch path."""
+
+    @property
+    def uses_linear_kernels(self) -> bool:
+        return self.device == "cuda" if self.linear_kernels is None else self.linear_kernels
 
     def check(self) -> None:
         if self.mode not in ("full", "lora", "lora_vision"):
@@ -286,13 +399,17 @@ class Estimate:
     def peak(self) -> float:
         b = self.bytes
         held = b("weights") + b("lora adapters") + b("optimizer states") + b("gradients")
-        return held + max(b("optimizer step temporaries"), b("activations") + b("vision") + b("logits + loss")
+        state = self.rows["linear-attention state"].bytes if "linear-attention state" in self.rows else 0.0
+        return held + max(b("optimizer step temporaries"), b("activations") + state + b("vision") + b("logits + loss")
                           + b("attention mask"))
 
     def table(self) -> str:
         s = self.setup
         unit, scale = ("GB", GB) if self.peak >= 0.1 * GB else ("MB", 1e6)
-        head = (f"{self.model} ({self.shape.model_type}, {_count(self.shape.params)} params): mode {s.mode}, "
+        sh = self.shape
+        active = f", {_count(sh.active_params)} active per token ({sh.experts_per_token} of {sh.experts} experts)" \
+            if sh.experts else ""
+        head = (f"{self.model} ({sh.model_type}, {_count(sh.params)} params{active}): mode {s.mode}, "
                 f"{s.precision}{f', {s.bits}-bit base' if s.bits < 16 else ''}, "
                 f"{'ZeRO-' + str(s.zero) if s.zero else 'no DeepSpeed'}"
                 f"{', offload ' + s.offload if s.offload != 'none' else ''}, {s.gpus} GPU(s), batch {s.batch_size}, "
@@ -326,36 +443,107 @@ def _dtype_bytes(setup: Setup) -> tuple[int, int]:
     return {"bf16": (2, 2), "pure_bf16": (2, 2), "amp": (4, 2), "fp32": (4, 4)}[setup.precision]
 
 
-def _layer_bytes(shape: ModelShape, a: int, base_trains: bool, kv_expanded: bool, lora: tuple[int, int],
-                 setup: Setup) -> float:
-    """Bytes autograd keeps per token in one decoder layer (HF Qwen2 / Qwen3 text layer, sdpa or flash).
+_QK_NORM = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+"""Families whose attention normalises q and k per head (RMSNorm)."""
+_GATED_ATTENTION = ("qwen3_5", "qwen3_5_moe")
+"""Qwen3.5: q_proj also gives a sigmoid output gate per head; q_norm sees a view of that double-width output."""
+DELTA_CHUNK = 64
+"""Chunk length of the Gated DeltaNet kernels (transformers' PyTorch path and flash-linear-attention alike)."""
 
-    Always: both RMSNorms' fp32 upcast input (Qwen3: also q_norm's and k_norm's), q and k after RoPE and v (k and
-    v at every head when sdpa gets a mask and repeats the KV heads), the attention output, and the MLP's gate,
-    SiLU(gate) and up. When the layer's own
-    weights train (full): the norms' normalised copies and outputs, o_proj's and down_proj's inputs (a frozen
-    linear keeps no input). Each LoRA'd linear adds its own (see ``_lora_bytes``).
+
+def _layer_bytes(shape: ModelShape, a: int, base_trains: bool, kv_expanded: bool, lora: tuple[int, int],
+                 setup: Setup, experts_train: bool = False) -> float:
+    """Bytes autograd keeps per token in one decoder layer (HF Qwen2 / Qwen3 / Qwen3.5 text layers, sdpa or flash),
+    averaged over the layers: token mixer + MLP + the two RMSNorms.
+
+    Always: both RMSNorms' fp32 upcast input, the token mixer's (``_attention_bytes``, ``_linear_attention_bytes``)
+    and the MLP's (``_mlp_bytes``). When the layer's own weights train (full): the norms' normalised copies and the
+    linears' inputs (a frozen linear keeps no input). Each LoRA'd linear adds its own (see ``_lora_bytes``).
     """
+    h = shape.hidden
+    norms = 2 * LAYER_NORM_UPCAST * h + (2 * a * h if base_trains else 0)
+    mixer = (shape.full_layers * _attention_bytes(shape, a, base_trains, kv_expanded)
+             + shape.linear_layers * _linear_attention_bytes(shape, a, base_trains)) / shape.layers
+    return norms + mixer + _mlp_bytes(shape, a, base_trains, experts_train) + _lora_bytes(lora, a, setup)
+
+
+def _attention_bytes(shape: ModelShape, a: int, base_trains: bool, kv_expanded: bool) -> float:
+    """Per token, full (softmax) attention: q and k after RoPE and v (k and v at every head when sdpa gets a mask
+    and repeats the KV heads), the attention output; Qwen3 on: q_norm's and k_norm's fp32 inputs; Qwen3.5: the
+    output gate's input and sigmoid. Trained: q_proj's and o_proj's inputs (and the q / k norms' copies)."""
     h, q = shape.hidden, shape.heads * shape.head_dim
     kv = q if kv_expanded else shape.kv_heads * shape.head_dim
-    always = 2 * LAYER_NORM_UPCAST * h + a * (q + 2 * kv + q) + 3 * a * shape.intermediate
-    trained = a * (4 * h + q + shape.intermediate) if base_trains else 0
-    if shape.model_type == "qwen3_vl":  # q_norm / k_norm: RMSNorms per head on q and k
+    always = a * (q + 2 * kv + q)
+    trained = a * (h + q) if base_trains else 0
+    if shape.model_type in _QK_NORM:
         qk = q + shape.kv_heads * shape.head_dim
+        if shape.model_type in _GATED_ATTENTION:
+            always += 2 * a * q
+            qk += q if a == LAYER_NORM_UPCAST else 0  # fp32: the norm's input is a view of the [q | gate] storage
         always += LAYER_NORM_UPCAST * qk
-        trained += a * qk if base_trains else 0
-    return always + trained + _lora_bytes(lora, a, setup)
+        trained += a * (q + shape.kv_heads * shape.head_dim) if base_trains else 0
+    return always + trained
 
 
-def _lora_bytes(lora: tuple[int, int], a: int, setup: Setup) -> float:
-    """Per token, for LoRA'd linears with these (summed input features, count): the dropout mask (bool on CUDA,
-    the input's dtype in torch's CPU dropout), the dropped input lora_A keeps (the autocast copy when activations are
-    16-bit), and lora_A's rank-r output that lora_B keeps. Without dropout lora_A keeps its input as is."""
-    inputs, count = lora
+def _linear_attention_bytes(shape: ModelShape, a: int, base_trains: bool) -> float:
+    """Per token, one Gated DeltaNet layer outside the delta-rule kernel: the causal convolution's input and
+    output, beta, the decay's fp32 input, q and k L2-normalised in fp32 (at every value head), the gated RMSNorm's
+    fp32 tensors. Trained: in_proj's and out_proj's inputs and the norm's copy. The kernel's own tensors depend on
+    the sequence and its chunks: ``_delta_rule_bytes``."""
+    hk, hv, dk, dv = shape.linear_heads
+    channels = 2 * hk * dk + hv * dv
+    always = 2 * a * channels + a * hv + 4 * hv + 8 + 2 * 4 * hv * (dk + 1) + 4 * (4 * hv * dv + hv)
+    trained = a * (shape.hidden + hv * dv) + 4 * hv * dv if base_trains else 0
+    return always + trained
+
+
+def _delta_rule_bytes(shape: ModelShape, a: int, setup: Setup, seq: int) -> tuple[float, float]:
+    """(bytes per sequence besides the states, the chunk states per sequence) of one Gated DeltaNet layer's delta
+    rule.
+
+    transformers' PyTorch path (CPU, or CUDA without flash-linear-attention): fp32 tensors over the sequence
+    padded to 64-token chunks (five chunk x chunk matrices per head, the padded q / k / v, decays), the
+    convolution's left padding, and the recurrent state itself, [value heads, dk, dv] in fp32, once per chunk,
+    all kept for backward. flash-linear-attention (``setup.uses_linear_kernels``): q, k, v, g, beta and its
+    chunk-local A [T, heads, 64] (read from fla's source, not measured here); it holds the chunk states of one
+    layer while it runs and recomputes them in backward.
+    """
+    hk, hv, dk, dv = shape.linear_heads
+    chunks = math.ceil(seq / DELTA_CHUNK)
+    states = chunks * 4 * hv * dk * dv
+    conv = a * (2 * hk * dk + hv * dv) * (shape.linear_conv - 1)
+    if setup.uses_linear_kernels:
+        return seq * (a * hv * (2 * dk + dv + 1) + 4 * hv * (DELTA_CHUNK + 3)) + conv, states
+    padded = chunks * DELTA_CHUNK
+    return padded * 4 * hv * (5 * DELTA_CHUNK + 6 * dk + 2 * dv + 4) + conv, states
+
+
+def _mlp_bytes(shape: ModelShape, a: int, base_trains: bool, experts_train: bool) -> float:
+    """Per token. Dense: the MLP's gate, SiLU(gate) and up; trained: gate_proj's and down_proj's inputs.
+    MoE: the router's fp32 probabilities and top-k choice, and per routed copy (k per token) the expert's
+    gate / up output, up, its weight and the expert output; the shared expert as a dense MLP plus its gate.
+    Trained or LoRA'd experts: each copy's input and down-projection input too."""
+    h = shape.hidden
+    if not shape.experts:
+        return 3 * a * shape.intermediate + (a * (h + shape.intermediate) if base_trains else 0)
+    k, inter, shared = shape.experts_per_token, shape.moe_intermediate, shape.shared_intermediate
+    router = 4 * shape.experts + 12 * k + 4
+    routed = 24 * k + a * k * (3 * inter + 1 + h) + (a * k * (h + inter) if base_trains or experts_train else 0)
+    common = 3 * a * shared + a * (h + 1) + (a * (h + shared) if base_trains else 0) if shared else 0
+    return router + routed + common
+
+
+def _lora_bytes(lora: tuple[float, float, float], a: int, setup: Setup) -> float:
+    """Per token, for LoRA'd linears with these (summed input features, count, distinct inputs' features): the
+    dropout mask (bool on CUDA, the input's dtype in torch's CPU dropout), the dropped input lora_A keeps (the
+    autocast copy when activations are 16-bit), and lora_A's rank-r output that lora_B keeps. Without dropout
+    lora_A keeps its input as is: one copy per distinct input (q, k and v share theirs)."""
+    inputs, count, distinct = lora
     if not count:
         return 0.0
-    mask = (1 if setup.device == "cuda" else 4) if setup.lora_dropout > 0 else 0
-    return (mask + a) * inputs + a * setup.lora_rank * count
+    if setup.lora_dropout > 0:
+        return ((1 if setup.device == "cuda" else 4) + a) * inputs + a * setup.lora_rank * count
+    return a * distinct + a * setup.lora_rank * count
 
 
 def _vision_block_bytes(shape: ModelShape, a: int, base_trains: bool, lora: tuple[int, int], setup: Setup) -> float:
@@ -376,6 +564,9 @@ def estimate(model: str | None, setup: Setup, shape: ModelShape | None = None) -
         shape = model_shape(load_config(model))
     p, a = _dtype_bytes(setup)
     n = setup.gpus
+    if setup.bits < 16 and shape.experts:
+        raise ConfigError(f"--bits {setup.bits}: vlmtune refuses QLoRA for MoE models (bitsandbytes leaves the fused "
+                          "experts unquantized and PEFT upcasts them to fp32)")
     notes: list[str] = []
     plan_trainable = shape.trainable[setup.mode]
     lora = shape.lora(setup.mode, setup.lora_rank)
@@ -443,10 +634,19 @@ def estimate(model: str | None, setup: Setup, shape: ModelShape | None = None) -
     tokens = setup.batch_size * seq
     kv_expanded = setup.attn in ("sdpa", "eager") and (setup.batch_size > 1 or setup.packing)
     llm_trains = setup.mode == "full"
-    per_layer = _layer_bytes(shape, a, llm_trains, kv_expanded, shape.lora_layer[setup.mode], setup)
+    expert_lora = shape.expert_lora.get(setup.mode, False)
+    if expert_lora:  # PEFT's LoRA on parameters has no dropout, and one setting covers every LoRA layer
+        setup = Setup(**{**setup.__dict__, "lora_dropout": 0.0})
+    per_layer = _layer_bytes(shape, a, llm_trains, kv_expanded, shape.lora_layer[setup.mode], setup, expert_lora)
     head = (LAYER_NORM_UPCAST + a + (a if llm_trains else 0)) * shape.hidden  # final norm + lm_head input
-    full_acts = tokens * (shape.layers * per_layer + head)
-    checkpointed = tokens * (shape.layers * a * shape.hidden + per_layer + head)
+    # Per layer but not per token: the Gated DeltaNet kernel's chunked tensors, and the expert stacks PEFT folds
+    # (W + B A, in the weights' dtype) for every forward of LoRA'd experts, kept for the backward.
+    delta, states = _delta_rule_bytes(shape, a, setup, seq) if shape.linear_layers else (0.0, 0.0)
+    per_layer_fixed = (setup.batch_size * delta * shape.linear_layers
+                       + (shape.expert_params * p if expert_lora else 0)) / shape.layers
+    kept = not setup.uses_linear_kernels  # the PyTorch path keeps every chunk state of every layer for backward
+    full_acts = tokens * (shape.layers * per_layer + head) + shape.layers * per_layer_fixed
+    checkpointed = tokens * (shape.layers * a * shape.hidden + per_layer + head) + per_layer_fixed
     if setup.attn == "eager":
         eager = setup.batch_size * shape.heads * seq * seq * a * 2 * shape.layers  # probabilities + dropout input
         full_acts += eager
@@ -458,6 +658,22 @@ def estimate(model: str | None, setup: Setup, shape: ModelShape | None = None) -
         f"{tokens:,} tokens x {shape.layers} layers x {per_layer / 1e3:.1f} kB"
         + (" (checkpointed: layer inputs + 1 layer)" if setup.gradient_checkpointing else "")
         + (", KV heads repeated for sdpa" if kv_expanded else ""))
+    if shape.linear_layers:
+        held = setup.batch_size * states * (shape.linear_layers if kept and not setup.gradient_checkpointing else 1)
+        rows["activations"] = Row("activations", acts, rows["activations"].detail
+                                  + f"; {shape.linear_layers} Gated DeltaNet layers: "
+                                  + ("flash-linear-attention" if setup.uses_linear_kernels else "PyTorch path"))
+        rows["linear-attention state"] = Row(
+            "linear-attention state", held,
+            f"recurrent state {shape.linear_heads[1]}x{shape.linear_heads[2]}x{shape.linear_heads[3]} fp32 "
+            f"({4 * shape.recurrent_state / 1e6:.2f} MB) + conv state {shape.conv_state:,} per sequence and layer; "
+            + (f"flash-linear-attention holds one per {DELTA_CHUNK}-token chunk of one layer, recomputed in backward"
+               if setup.uses_linear_kernels else f"the PyTorch path keeps one per {DELTA_CHUNK}-token chunk of every "
+               "layer for backward"))
+    if expert_lora:
+        notes.append(f"LoRA on the MoE experts: PEFT folds W + BA into a new expert stack on every forward, kept for "
+                     f"backward: {shape.expert_params * p / GB:.1f} GB over all layers without gradient checkpointing "
+                     f"({shape.expert_params * p / shape.layers / GB:.2f} GB per layer with it); in activations")
 
     # vision
     patches = 4 * v_tokens * setup.batch_size
@@ -536,7 +752,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--device", default=d.device, choices=["cuda", "cpu"],
                         help="cpu: torch's CPU dropout keeps an fp32 mask (only the LoRA term changes)")
+    parser.add_argument("--linear_kernels", choices=["fla", "torch"], default=None,
+                        help="Qwen3.5's Gated DeltaNet layers: flash-linear-attention (default on cuda) or "
+                        "transformers' PyTorch path (default on cpu)")
     args = vars(parser.parse_args(argv))
+    args["linear_kernels"] = None if args["linear_kernels"] is None else args["linear_kernels"] == "fla"
     model = args.pop("model")
     print(estimate(model, Setup(**args)).table())
     return 0

@@ -40,6 +40,31 @@ TINY_TEXT_CONFIG = {
 }
 """The tiny language model every family's embedded test model starts from (M-RoPE sections sum to head_dim/2)."""
 
+TINY_QWEN3_VISION = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "out_hidden_size": 64,
+                     "patch_size": 16, "deepstack_visual_indexes": [0], "num_position_embeddings": 64}
+"""Qwen3-VL's vision tower at toy sizes (Qwen3.5 uses it without DeepStack)."""
+
+TINY_QWEN3_5_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "max_position_embeddings": 4096,
+    # Qwen3.5 rotates a quarter of head_dim (8 of 32): the M-RoPE sections must sum to 4. Without mrope_section its
+    # rotary embedding falls back to the real models' [11, 11, 10] and silently slices past a tiny head.
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                        "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+}
+"""Qwen3.5's hybrid language model at toy sizes: linear attention in layers 0 and 2, full attention in 1 and 3."""
+
 
 def chatml_template(default_system: str | None) -> str:
     """A ChatML chat template in the Qwen-VL form (content as a string or a list of typed parts).
@@ -68,6 +93,14 @@ def chatml_template(default_system: str | None) -> str:
     )
 
 
+def _official_template(name: str) -> str:
+    """An official Qwen chat template shipped as package data (``vlmtune/tiny_templates/``, byte for byte the files
+    of tests/fixtures/chat_templates/, whose SOURCES.md names where each comes from)."""
+    from importlib.resources import files
+
+    return files("vlmtune").joinpath("tiny_templates", name).read_text(encoding="utf-8")
+
+
 TINY_CONFIGS: dict[str, dict] = {
     "qwen2_vl": {
         "text_config": TINY_TEXT_CONFIG,
@@ -84,19 +117,50 @@ TINY_CONFIGS: dict[str, dict] = {
             "head_dim": 16,
             "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
         },
-        "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
-                          "out_hidden_size": 64, "patch_size": 16, "deepstack_visual_indexes": [0],
-                          "num_position_embeddings": 64},
+        "vision_config": TINY_QWEN3_VISION,
+    },
+    "qwen3_vl_moe": {
+        "text_config": {
+            **TINY_TEXT_CONFIG,
+            "head_dim": 16,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+            "moe_intermediate_size": 24,  # 2 x 24 != hidden 64: a transposed expert layout would show in the shapes
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+        "vision_config": TINY_QWEN3_VISION,
+    },
+    "qwen3_5": {
+        "text_config": TINY_QWEN3_5_TEXT,
+        "vision_config": {k: v for k, v in TINY_QWEN3_VISION.items() if k != "deepstack_visual_indexes"},
+    },
+    "qwen3_5_moe": {
+        "text_config": {**{k: v for k, v in TINY_QWEN3_5_TEXT.items() if k != "intermediate_size"},
+                        "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
+                        "num_experts": 4, "num_experts_per_tok": 2},
+        "vision_config": {k: v for k, v in TINY_QWEN3_VISION.items() if k != "deepstack_visual_indexes"},
     },
 }
 """Config kwargs (without vocabulary and token ids) of each family's embedded tiny model."""
+
+HUB_TRANSPOSED_EXPERTS: dict[str, tuple[str, ...]] = {"qwen3_vl_moe": ("mlp.experts.gate_up_proj",
+                                                                       "mlp.experts.down_proj")}
+"""Expert weights that the family's hub checkpoints store transposed ([E, H, 2I] and [E, I, H]; transformers 5.22
+keeps [E, 2I, H] / [E, H, I] in memory and writes that layout). The tiny model is written in the hub's layout, so
+loading exercises transformers' conversion as a real checkpoint does. (It also matters under ZeRO-3: transformers
+5.22 decides whether to transpose by comparing with the partitioned, empty parameter, so it always transposes,
+and only the hub layout loads.)"""
 
 TINY_TEMPLATES: dict[str, str] = {
     "qwen2_vl": chatml_template("You are a helpful assistant."),
     "qwen2_5_vl": chatml_template("You are a helpful assistant."),
     "qwen3_vl": chatml_template(None),
+    "qwen3_vl_moe": _official_template("qwen3_vl_instruct.jinja"),
+    "qwen3_5": _official_template("qwen3_5.jinja"),
+    "qwen3_5_moe": _official_template("qwen3_5.jinja"),
 }
-"""The chat template of each tiny model (ChatML as the family's checkpoints render it)."""
+"""The chat template of each tiny model: ChatML as the family's checkpoints render it, or (newer families) the
+official template their checkpoints ship: Qwen3-VL-Instruct's (dense and MoE alike) and Qwen3.5's, which thinks."""
 
 _CORPUS = """
 A photo of a red circle on a white background. A blue square next to a green triangle.
@@ -112,8 +176,9 @@ The quick brown fox jumps over the lazy dog. Hello, world! Yes. No. Maybe; perha
 """
 
 
-def _train_tokenizer(seed: int):
-    """Byte-level BPE in Qwen2's pre-tokenization, trained on a fixed corpus (deterministic)."""
+def _train_tokenizer(seed: int, extra_tokens: tuple[str, ...] = ()):
+    """Byte-level BPE in Qwen2's pre-tokenization, trained on a fixed corpus (deterministic), plus the family's
+    added tokens (Qwen3's ``<think>`` / ``</think>``: added, not special, as in the real tokenizers)."""
     from transformers import Qwen2Tokenizer
 
     base = Qwen2Tokenizer()
@@ -123,6 +188,8 @@ def _train_tokenizer(seed: int):
     )
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
+    if extra_tokens:
+        tokenizer.add_tokens(list(extra_tokens))
     return tokenizer
 
 
@@ -192,7 +259,7 @@ def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: in
 
     fam = FAMILIES[family]
     out = Path(out_dir)
-    tokenizer = _train_tokenizer(seed)
+    tokenizer = _train_tokenizer(seed, fam.extra_tokens)
     config = tiny_config(fam, tokenizer)
     torch.manual_seed(seed)
     with _whole_weights():
@@ -207,8 +274,19 @@ def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: in
     # transformers would write weights from global rank 0 only, leaving other builders a folder without them.
     model.should_save_on_this_rank = lambda is_main_process: is_main_process
     model.save_pretrained(out)
+    if family in HUB_TRANSPOSED_EXPERTS:
+        _transpose_experts(out / "model.safetensors", HUB_TRANSPOSED_EXPERTS[family])
     _processor(fam, tokenizer).save_pretrained(out)
     return out
+
+
+def _transpose_experts(weights: Path, suffixes: tuple[str, ...]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(weights))
+    for key in [k for k in tensors if k.endswith(suffixes)]:
+        tensors[key] = tensors[key].transpose(1, 2).contiguous()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
 
 
 def tiny_model_path(family: str = DEFAULT_FAMILY) -> Path:

@@ -25,6 +25,11 @@ given, derives the sequence boundaries from where the text positions restart.
 
 The first label of every record is set to -100, so the last token of one record is never trained to predict the
 first token of the next: the same labelled tokens as running each record alone.
+
+Refused: models with linear-attention layers (Qwen3.5, Qwen3.5-MoE). Their Gated DeltaNet layers run a causal
+convolution and a recurrent state along the whole row, and transformers 5.22 restarts neither where the text
+positions restart; it only can with flash-linear-attention and causal-conv1d given ``cu_seq_lens`` and ``seq_idx``
+(CUDA), which this packer does not produce. A packed record would see the previous one through that state.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from torch.utils.data import Dataset
 from vlmtune.config import ConfigError
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
-from vlmtune.model.load import disable_kv_cache
+from vlmtune.model.load import disable_kv_cache, has_linear_attention
 
 BLOCK_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations that get an exact block-diagonal mask built from the restarting positions."""
@@ -247,13 +252,24 @@ def _real_tokens(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> to
     return ~trailing
 
 
+def check_packable(config) -> None:
+    """Refuse packing for models whose layers would carry state from one packed record into the next."""
+    if has_linear_attention(config):
+        raise ConfigError(f"--packing is not supported for {config.model_type}: its linear-attention (Gated DeltaNet) "
+                          "layers carry a convolution and a recurrent state from one packed record into the next "
+                          "(transformers restarts them only with CUDA kernels and sequence boundaries this packer "
+                          "does not give), so packed records would not train as they do alone; drop --packing "
+                          "(--group_by_length cuts padding instead)")
+
+
 def prepare_model(model) -> str:
     """Make a loaded model ready for packed batches; returns its layout ('padding_free' or 'block_mask').
 
-    Refuses attention implementations that cannot keep records apart, and turns the KV cache off: a cache,
+    Refuses models and attention implementations that cannot keep records apart, and turns the KV cache off: a cache,
     even an empty one, stops the mask builder from seeing the packed boundaries, so records would silently
     attend to each other.
     """
+    check_packable(model.config)
     layout = packing_layout(getattr(model.config, "_attn_implementation", None))
     disable_kv_cache(model)
     return layout

@@ -1,4 +1,5 @@
-"""Per-family facts: everything that differs between Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+"""Per-family facts: everything that differs between the Qwen-VL generations (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE).
 
 A new Qwen-VL generation is one small module here and one line in ``FAMILIES``.
 The family is always read from the model's config (``model_type``), never from a path.
@@ -9,9 +10,14 @@ from __future__ import annotations
 from vlmtune.families.base import Family
 from vlmtune.families.qwen2_5_vl import QWEN2_5_VL
 from vlmtune.families.qwen2_vl import QWEN2_VL
+from vlmtune.families.qwen3_5 import QWEN3_5
+from vlmtune.families.qwen3_5_moe import QWEN3_5_MOE
 from vlmtune.families.qwen3_vl import QWEN3_VL
+from vlmtune.families.qwen3_vl_moe import QWEN3_VL_MOE
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)}
+FAMILIES: dict[str, Family] = {
+    f.model_type: f for f in (QWEN2_VL, QWEN2_5_VL, QWEN3_VL, QWEN3_VL_MOE, QWEN3_5, QWEN3_5_MOE)
+}
 
 
 def family_for(config) -> Family:

@@ -37,6 +37,22 @@ class Family:
     mergers: tuple[str, ...] = ("model.visual.merger",)
     language_model: str = "model.language_model"
     lm_head: str = "lm_head"
+    experts: tuple[str, ...] = ()
+    """Name suffixes of the fused MoE expert weights: ``nn.Parameter`` stacks of all experts (not ``nn.Linear``),
+    which LoRA reaches through PEFT's ``target_parameters``. Empty for dense models."""
+    routers: tuple[str, ...] = ()
+    """Name suffixes of the modules that route tokens between experts (the top-k router; Qwen3.5-MoE's
+    shared-expert gate too): frozen unless ``--train_router``."""
+    linear_attention: str | None = None
+    """Name suffix of the linear-attention (Gated DeltaNet) token mixer, in the layers whose
+    ``text_config.layer_types`` entry is ``linear_attention``: layers that carry a recurrent and a convolution
+    state along the sequence."""
+    extra_tokens: tuple[str, ...] = ()
+    """Added (not special) tokens of the real tokenizer that the family's chat template writes."""
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.experts)
 
     @property
     def factor(self) -> int:
@@ -47,3 +63,9 @@ class Family:
         import transformers
 
         return getattr(transformers, self.model_class)
+
+
+THINK_TOKENS = ("<think>", "</think>")
+"""Qwen3's reasoning delimiters: added (not special) tokens of the Qwen3-VL and Qwen3.5 tokenizers."""
+LINEAR_ATTENTION_KERNELS = (("fla", "flash-linear-attention"), ("causal_conv1d", "causal-conv1d"))
+"""(module, PyPI name) of the CUDA kernels transformers uses for Gated DeltaNet layers when they import."""

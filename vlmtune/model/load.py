@@ -11,6 +11,7 @@ import torch
 
 from vlmtune.config import ConfigError
 from vlmtune.families import Family, family_for
+from vlmtune.families.base import LINEAR_ATTENTION_KERNELS
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,41 @@ def disable_kv_cache(model) -> None:
             sub.use_cache = False
 
 
+def check_quantization(family: Family, bits: int) -> None:
+    """Refuse QLoRA where bitsandbytes would leave most of the model unquantized."""
+    if bits in (4, 8) and family.is_moe:
+        raise ConfigError(f"--bits {bits} on {family.model_type}: bitsandbytes quantizes nn.Linear layers only, so "
+                          "the fused MoE experts (over 90% of the weights) would stay in 16 bits and PEFT's k-bit "
+                          "preparation would upcast them to fp32; train MoE models with --bits 16")
+
+
+def has_linear_attention(config) -> bool:
+    """Whether a model config has linear-attention (Gated DeltaNet) layers: Qwen3.5's ``layer_types``."""
+    return "linear_attention" in (getattr(config.get_text_config(), "layer_types", None) or ())
+
+
+class _TransformersKernelFallback(logging.Filter):
+    """Drops transformers' per-function fallback warnings; ``linear_attention_kernels`` says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "falling back to its reference PyTorch implementation" not in record.getMessage()
+
+
+def linear_attention_kernels(family: Family, config) -> str | None:
+    """One line on the Gated DeltaNet kernels a model with linear attention runs (None for other models):
+    flash-linear-attention and causal-conv1d when they import (transformers picks them when its modeling module is
+    imported, for every device), else transformers' PyTorch path."""
+    if not has_linear_attention(config):
+        return None
+    missing = [pip for module, pip in LINEAR_ATTENTION_KERNELS if importlib.util.find_spec(module) is None]
+    logging.getLogger("transformers.integrations.hub_kernels").addFilter(_TransformersKernelFallback())
+    if not missing:
+        return f"linear-attention kernels on ({', '.join(p for _, p in LINEAR_ATTENTION_KERNELS)})"
+    where = "pip install 'vlmtune[gpu]' on a CUDA machine" if torch.cuda.is_available() else "CUDA only"
+    return (f"linear-attention kernels off: {' and '.join(missing)} not installed ({where}); {family.model_type}'s "
+            "Gated DeltaNet layers run transformers' PyTorch path (correct, much slower)")
+
+
 def torch_dtype(bf16: bool, fp16: bool) -> torch.dtype:
     return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
 
@@ -137,6 +173,7 @@ def load_model(
 ):
     """(model, family) for training; quantized to 4/8 bits through bitsandbytes when asked."""
     family = load_family(model_path)
+    check_quantization(family, bits)
     kwargs = {"dtype": dtype, "attn_implementation": choose_attention(attn_implementation, dtype)}
     if bits in (4, 8):
         from transformers import BitsAndBytesConfig
@@ -152,6 +189,8 @@ def load_model(
     model = family.model_cls().from_pretrained(model_path, **kwargs)
     logger.info("loaded %s (%s) from %s: dtype %s, attention %s", family.model_class, family.model_type,
                 Path(model_path).name or model_path, dtype, kwargs["attn_implementation"])
+    if kernels := linear_attention_kernels(family, model.config):
+        logger.info(kernels)
     if use_liger:
         apply_liger(family, model)
     if bits in (4, 8):

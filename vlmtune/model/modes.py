@@ -34,6 +34,8 @@ class TrainPlan:
     llm: str
     topk_llm: int = 0
     topk_vision: int = 0
+    train_router: bool = False
+    """MoE models: the routers train fully (frozen otherwise, in every preset)."""
 
     def policy(self, part: str) -> str:
         return getattr(self, part)
@@ -45,7 +47,8 @@ class TrainPlan:
     def describe(self) -> str:
         extra = "".join(f", top {n} {what} full" for n, what in ((self.topk_llm, "LLM layers"),
                                                               (self.topk_vision, "vision blocks")) if n)
-        return f"vision {self.vision}, merger {self.merger}, llm {self.llm}{extra}"
+        router = ", routers trained" if self.train_router else ""
+        return f"vision {self.vision}, merger {self.merger}, llm {self.llm}{extra}{router}"
 
 
 PRESETS = {
@@ -80,11 +83,12 @@ def plan_from_args(args: ModeArguments) -> TrainPlan:
         raise ConfigError("--unfreeze_topk_llm has no effect: the whole language model already trains fully")
     if args.unfreeze_topk_vision and plan.vision == "full":
         raise ConfigError("--unfreeze_topk_vision has no effect: the whole vision tower already trains fully")
-    plan = replace(plan, topk_llm=args.unfreeze_topk_llm, topk_vision=args.unfreeze_topk_vision)
+    plan = replace(plan, topk_llm=args.unfreeze_topk_llm, topk_vision=args.unfreeze_topk_vision,
+                   train_router=args.train_router)
     if not plan.uses_lora and (args.use_dora or args.use_rslora or args.lora_target):
         raise ConfigError("--use_dora / --use_rslora / --lora_target are set but no part uses LoRA")
     if plan.policy("vision") == plan.policy("merger") == plan.policy("llm") == "frozen" and not (
-        plan.topk_llm or plan.topk_vision
+        plan.topk_llm or plan.topk_vision or plan.train_router
     ):
         raise ConfigError("nothing would train: every part is frozen")
     return plan
@@ -112,9 +116,28 @@ def _topk_prefixes(model: nn.Module, family: Family, plan: TrainPlan) -> tuple[s
     return tuple(prefixes)
 
 
+def _suffix_match(name: str, suffixes: tuple[str, ...]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def is_router(name: str, family: Family) -> bool:
+    """Whether a module or parameter name belongs to an MoE router (PEFT's prefix and wrappers ignored)."""
+    name = clean_name(name)
+    return _suffix_match(name, family.routers) or _suffix_match(name.rsplit(".", 1)[0], family.routers)
+
+
+def is_expert_weight(name: str, family: Family) -> bool:
+    """Whether a parameter name is one of the fused MoE expert stacks (PEFT's prefix and wrappers ignored)."""
+    return _suffix_match(clean_name(name), family.experts)
+
+
+def _wanted(lora_target: str | None) -> list[str] | None:
+    return [s.strip() for s in lora_target.split(",") if s.strip()] if lora_target else None
+
+
 def lora_targets(model: nn.Module, family: Family, plan: TrainPlan, lora_target: str | None = None) -> list[str]:
-    """Full names of the linear layers that get LoRA."""
-    wanted = [s.strip() for s in lora_target.split(",") if s.strip()] if lora_target else None
+    """Full names of the linear layers that get LoRA (MoE routers only when named in ``lora_target``)."""
+    wanted = _wanted(lora_target)
     topk = _topk_prefixes(model, family, plan)
     targets = []
     for name, module in model.named_modules():
@@ -126,31 +149,79 @@ def lora_targets(model: nn.Module, family: Family, plan: TrainPlan, lora_target:
         if wanted is not None:
             if leaf in wanted or name in wanted:
                 targets.append(name)
-        elif leaf not in _NO_LORA_BY_DEFAULT:
+        elif leaf not in _NO_LORA_BY_DEFAULT and not is_router(name, family):
             targets.append(name)
     if wanted is not None:
-        leaves = {t.rsplit(".", 1)[-1] for t in targets} | set(targets)
+        experts = lora_target_parameters(model, family, plan, lora_target)
+        leaves = ({t.rsplit(".", 1)[-1] for t in targets} | set(targets)
+                  | {e.rsplit(".", 1)[-1] for e in experts} | set(experts) | ({"experts"} if experts else set()))
         missing = [w for w in wanted if w not in leaves]
         if missing:
-            raise ConfigError(f"--lora_target {missing} match no linear layer in the parts set to LoRA")
+            raise ConfigError(f"--lora_target {missing} match no linear layer (or MoE expert weight) in the parts set "
+                              "to LoRA")
     return targets
+
+
+def lora_target_parameters(model: nn.Module, family: Family, plan: TrainPlan,
+                           lora_target: str | None = None) -> list[str]:
+    """Full names of the fused MoE expert weights that get LoRA through PEFT's ``target_parameters``: all of them
+    when the language model is in LoRA mode (top fully-trained layers excepted), or those ``lora_target`` names
+    (``experts``, ``gate_up_proj``, ``down_proj`` or full names)."""
+    if not family.is_moe or plan.llm != "lora":
+        return []
+    wanted = _wanted(lora_target)
+    topk = _topk_prefixes(model, family, plan)
+    names = []
+    for name, _ in model.named_parameters():
+        if not is_expert_weight(name, family) or name.startswith(topk):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if wanted is None or "experts" in wanted or leaf in wanted or name in wanted:
+            names.append(name)
+    return names
+
+
+def lora_config(model: nn.Module, family: Family, plan: TrainPlan, args: ModeArguments):
+    """PEFT's ``LoraConfig`` for the plan. LoRA on fused MoE experts (PEFT's ``ParamWrapper``) has no dropout, and
+    one ``LoraConfig`` sets dropout for every LoRA layer: with experts targeted, dropout is 0 (said in one log line)."""
+    from peft import LoraConfig
+
+    parameters = lora_target_parameters(model, family, plan, args.lora_target)
+    dropout = args.lora_dropout
+    if parameters:
+        if args.use_dora:
+            raise ConfigError("--use_dora cannot reach the fused MoE experts (PEFT's LoRA on parameters has no DoRA): "
+                              "drop --use_dora, or leave the experts out with --lora_target (e.g. q_proj,k_proj,v_proj,"
+                              "o_proj)")
+        if dropout:
+            logger.info("LoRA dropout %g -> 0: PEFT's LoRA on the fused MoE experts (target_parameters) has no dropout "
+                        "and one setting covers every LoRA layer", dropout)
+            dropout = 0.0
+    return LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=dropout,
+        target_modules=lora_targets(model, family, plan, args.lora_target),
+        target_parameters=parameters or None,
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
+    )
+
+
+def check_family(plan: TrainPlan, family: Family) -> None:
+    """Plan settings that the family cannot take (before the model loads)."""
+    if plan.train_router and not family.is_moe:
+        raise ConfigError(f"--train_router: {family.model_type} is not a mixture-of-experts model, it has no router")
 
 
 def apply_plan(model: nn.Module, family: Family, plan: TrainPlan, args: ModeArguments) -> nn.Module:
     """Freeze, add LoRA and unfreeze per the plan; returns the model (a ``PeftModel`` when LoRA is used)."""
+    check_family(plan, family)
     model.requires_grad_(False)
     if plan.uses_lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        config = LoraConfig(
-            r=args.lora_rank,
-            lora_alpha=args.lora_alpha,
-            lora_dropout=args.lora_dropout,
-            target_modules=lora_targets(model, family, plan, args.lora_target),
-            use_dora=args.use_dora,
-            use_rslora=args.use_rslora,
-        )
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, lora_config(model, family, plan, args))
     base = model.get_base_model() if plan.uses_lora else model
     full = fully_trained_names(base, family, plan)
     for name, param in base.named_parameters():
@@ -180,21 +251,33 @@ def cast_trained(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def fully_trained_names(model: nn.Module, family: Family, plan: TrainPlan) -> set[str]:
-    """Base-model names of the parameters the plan trains fully (saved beside the adapters in LoRA runs)."""
+    """Base-model names of the parameters the plan trains fully (saved beside the adapters in LoRA runs). MoE
+    routers train only with ``plan.train_router``, then whatever their part's policy."""
     topk = _topk_prefixes(model, family, plan)
-    return {
-        clean_name(name) for name, _ in model.named_parameters()
-        if not is_lora_name(name) and (plan.policy(part_of(name, family)) == "full" or name.startswith(topk))
-    }
+    names = set()
+    for name, _ in model.named_parameters():
+        if is_lora_name(name):
+            continue
+        name = clean_name(name)
+        if is_router(name, family):
+            if plan.train_router:
+                names.add(name)
+        elif plan.policy(part_of(name, family)) == "full" or name.startswith(topk):
+            names.add(name)
+    return names
 
 
 def is_lora_name(name: str) -> bool:
     return ".lora_" in name or ".lora_magnitude_vector" in name
 
 
+_BASE_LAYERS = re.compile(r"(\.base_layer)+\.")
+
+
 def clean_name(name: str) -> str:
-    """The base model's own name of a parameter seen through PEFT."""
-    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+    """The base model's own name of a parameter seen through PEFT (wrappers can nest: LoRA on two parameters of
+    one module, such as an MoE's fused experts, gives ``experts.base_layer.base_layer.gate_up_proj``)."""
+    return _BASE_LAYERS.sub(".", name.removeprefix(PEFT_PREFIX))
 
 
 def trainable_report(model: nn.Module, family: Family) -> str:

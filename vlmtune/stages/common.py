@@ -173,6 +173,11 @@ class VisionLanguageTrainer(Trainer):
         self._nonfinite: list[str] = []  # the micro-batches of this step whose loss was NaN or inf (skip mode)
         self._stop = _StopOnSignal()
         self.add_callback(self._stop)
+        self._aux_losses: list[torch.Tensor] = []  # MoE: the routers' load-balancing loss of each step since the log
+        if family.is_moe:
+            logger.info("MoE: the routers' load-balancing loss is on, added to the loss at router_aux_loss_coef %g "
+                        "(the model's text_config) and logged as aux_loss",
+                        self.model.config.get_text_config().router_aux_loss_coef)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -256,7 +261,19 @@ class VisionLanguageTrainer(Trainer):
         inputs.pop(RECORD_IDS, None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (self.family.is_moe and model.training):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The forward kwarg, not text_config.output_router_logits: Liger's replacement forward reads only the kwarg.
+        loss, outputs = super().compute_loss(model, {**inputs, "output_router_logits": True}, True, num_items_in_batch)
+        if outputs.get("aux_loss") is not None:
+            self._aux_losses.append(outputs["aux_loss"].detach().float())
+        return (loss, outputs) if return_outputs else loss
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._aux_losses:  # this process's steps since the last log (rank 0 writes the logs)
+            logs["aux_loss"] = round(float(torch.stack(self._aux_losses).mean()), 6)
+            self._aux_losses.clear()
         if "loss" in logs and self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 logs[f"lr/{group.get('name', 'group')}"] = group["lr"]

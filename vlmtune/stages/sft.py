@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from transformers import AutoConfig, set_seed
 
 from vlmtune import run
 from vlmtune.config import ConfigError, DataArguments, ModeArguments, ModelArguments, TrainingArguments
@@ -23,6 +23,7 @@ from vlmtune.data.records import DataError, load_records
 from vlmtune.families import Family
 from vlmtune.model import modes
 from vlmtune.model.load import (
+    check_quantization,
     disable_kv_cache,
     dtype_name,
     load_family,
@@ -86,6 +87,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     model_path = resolve_model_path(model_args.model_name_or_path, model_args.tiny_family)
     family = load_family(model_path)
+    modes.check_family(plan, family)
+    check_quantization(family, model_args.bits)
+    if data_args.packing:
+        packing.check_packable(AutoConfig.from_pretrained(model_path))
     processor = load_processor(model_path)
     budget = media.budget_from_processor(processor, family.factor, **data_args.budget_overrides())
     media.set_processor_budget(processor, budget)  # saved with every checkpoint: serving uses the same budgets

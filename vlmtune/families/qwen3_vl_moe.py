@@ -1,0 +1,22 @@
+"""Qwen3-VL-MoE (Qwen3-VL-30B-A3B, 235B-A22B): Qwen3-VL's vision side and template, a sparse-MoE language model.
+
+Every decoder layer's MLP is ``Qwen3VLMoeTextSparseMoeBlock``: a top-k router ``mlp.gate`` (weight [E, H]) and the
+experts as two fused parameters ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I].
+"""
+
+from vlmtune.families.base import THINK_TOKENS, Family
+
+QWEN3_VL_MOE = Family(
+    model_type="qwen3_vl_moe",
+    model_class="Qwen3VLMoeForConditionalGeneration",
+    processor_class="Qwen3VLProcessor",
+    image_processor_class="Qwen2VLImageProcessor",
+    video_processor_class="Qwen3VLVideoProcessor",
+    liger_patch="apply_liger_kernel_to_qwen3_vl_moe",
+    patch_size=16,
+    video_timestamps=True,
+    mergers=("model.visual.merger", "model.visual.deepstack_merger_list"),
+    experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    routers=("mlp.gate",),
+    extra_tokens=THINK_TOKENS,
+)
