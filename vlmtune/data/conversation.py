@@ -9,6 +9,7 @@ templates; the reply and its closing token are labelled, nothing else.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -60,6 +61,12 @@ class Conversation:
     def text(self, record: Record) -> str:
         """The chat-template text of the whole conversation (one pad token per image / video)."""
         return self.processor.apply_chat_template(chat_messages(record), tokenize=False)
+
+    def texts(self, records: Sequence[Record]) -> list[str]:
+        """``text`` of several records in one call of the processor's template (less overhead per record)."""
+        if not records:
+            return []
+        return list(self.processor.apply_chat_template([chat_messages(r) for r in records], tokenize=False))
 
     def assistant_spans(self, input_ids: list[int]) -> list[tuple[int, int]]:
         """[start, end) of each assistant reply, its ``<|im_end|>`` included."""
