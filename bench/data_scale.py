@@ -299,9 +299,13 @@ def main(argv: list[str] | None = None) -> int:
                "python": platform.python_version(), "transformers": transformers.__version__,
                "tokenizers": tokenizers.__version__, "seed": args.seed, "sizes": []}
     out = ROOT / "bench" / "results" / f"data-scale-{results['date']}.json"
+    earlier = json.loads(out.read_text())["sizes"] if out.is_file() else []  # a day's runs add up, by size
     try:
         for n in (int(s) for s in args.sizes.split(",")):
-            results["sizes"].append(bench_size(n, work, images, args, env, model_dir))
+            row = bench_size(n, work, images, args, env, model_dir)
+            rows = {r["records"]: r for r in earlier + results["sizes"]}
+            rows[n] = row
+            results["sizes"] = [rows[k] for k in sorted(rows)]
             out.write_text(json.dumps(results, indent=1) + "\n")
     finally:
         if not args.workdir:

@@ -205,8 +205,18 @@ class DataStore:
             setattr(self, name, _load(self.folder / f"{name}.npy"))
         self.built = False
         """True in the process that built it during this open."""
-        self._blob: mmap.mmap | bytes | None = None
-        self._problems: list[Problem] | None = None
+        # Opened now, under the group's lock: a later rebuild or clean-up may delete the folder, not what is open.
+        with open(self.folder / "records.bin", "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self._blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            self._fd = os.dup(f.fileno())
+        rows = json.loads((self.folder / "problems.json").read_text())
+        self.problems = [Problem(*row) for row in rows]
+        """Every error and warning of the file, sorted by record."""
+
+    def __del__(self):
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self._fd)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -219,13 +229,6 @@ class DataStore:
         self.built = state["built"]
         if self.meta["build_id"] != state["build_id"]:
             raise RuntimeError(f"the data store {self.folder} was rebuilt while a run read it; restart the run")
-
-    @property
-    def problems(self) -> list[Problem]:
-        if self._problems is None:
-            rows = json.loads((self.folder / "problems.json").read_text())
-            self._problems = [Problem(*row) for row in rows]
-        return self._problems
 
     def media_table(self) -> list[list]:
         """``[kind, path, [size, mtime_ns] or None, error or None]`` of each distinct media file."""
@@ -243,10 +246,12 @@ class DataStore:
             return all(now == stat for now, (_, stat) in zip(pool.map(_stat, [p for p, _ in local]), local))
 
     def _bytes(self, pos: int) -> bytes:
-        if self._blob is None:
-            with open(self.folder / "records.bin", "rb") as f:
-                self._blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
         return self._blob[int(self.offsets[pos]) : int(self.offsets[pos + 1])]
+
+    def read_bytes(self, pos: int) -> bytes:
+        """``_bytes`` through a read, not the mapping: a pass over every record leaves no pages mapped."""
+        start = int(self.offsets[pos])
+        return os.pread(self._fd, int(self.offsets[pos + 1]) - start, start)
 
     def raw_record(self, pos: int) -> list:
         """``[raw id, [[role, text], ...], images, videos, unknown keys]`` of the record at ``pos``."""
@@ -498,7 +503,7 @@ class _Builder:
         measured = iter(results)
         for index, digest, at in zip(indices, digests, reuse):
             if at >= 0:
-                blob = self.source._bytes(int(at))
+                blob = self.source.read_bytes(int(at))
                 rid, _, images, videos, keys = json.loads(blob)
                 self._add(index, digest, blob, int(self.source.text_tokens[at]), images, videos)
                 self.collection.add(index, rid, keys)
