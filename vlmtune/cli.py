@@ -74,6 +74,8 @@ def cmd_check_data(argv: list[str]) -> int:
     parser.add_argument("--enable_thinking", type=boolean_flag, metavar="{true,false}",
                         help="passed to the chat template (default: the template's)")
     parser.add_argument("--keep_earlier_reasoning", type=boolean_flag, default=False, metavar="{true,false}")
+    parser.add_argument("--processes", type=int, help="worker processes measuring a file the first time "
+                        "(default: every core); later checks of the same file read the stored results")
     args = parser.parse_args(argv)
     model_path = resolve_model_path(args.model)
     family = load_family(model_path)
@@ -83,7 +85,7 @@ def cmd_check_data(argv: list[str]) -> int:
                                 keep_earlier_reasoning=args.keep_earlier_reasoning)
     result = check_data(args.data_path, processor, family, budget, image_folder=args.image_folder,
                         video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
-                        max_seq_length=args.max_seq_length, conversation=conversation)
+                        max_seq_length=args.max_seq_length, conversation=conversation, processes=args.processes)
     print(result.summary())
     return 1 if result.errors else 0
 

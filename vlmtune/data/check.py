@@ -2,50 +2,60 @@
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from vlmtune.data import media
 from vlmtune.data.conversation import Conversation
-from vlmtune.data.dataset import record_lengths
-from vlmtune.data.records import Problem, Record, read_records
+from vlmtune.data.records import FileError, Problem, Record
+from vlmtune.data.store import DataStore, RecordSequence, open_store
 from vlmtune.families import Family
 
 
 @dataclass
 class CheckResult:
     file: str
-    records: list[Record]
+    records: Sequence[Record]
+    """The valid records, in file order (from the store: decoded when read)."""
     problems: list[Problem]
-    lengths: list[int]
+    lengths: Sequence[int]
+    """Token length (text and vision) of each valid record."""
     max_seq_length: int | None
     seconds: float
+    store: DataStore | None = None
 
     @property
     def errors(self) -> list[Problem]:
         return [p for p in self.problems if p.level == "error"]
 
+    def _media_counts(self) -> tuple[Counter, int, int]:
+        if isinstance(self.records, RecordSequence):
+            images, videos = self.records.media_counts()
+            return self.records.shape_counts(), int(images.sum()), int(videos.sum())
+        return (Counter(r.shape for r in self.records), sum(len(r.images) for r in self.records),
+                sum(len(r.videos) for r in self.records))
+
     def summary(self, with_problems: bool = True) -> str:
-        shapes = Counter(r.shape for r in self.records)
-        n_images = sum(len(r.images) for r in self.records)
-        n_videos = sum(len(r.videos) for r in self.records)
+        shapes, n_images, n_videos = self._media_counts()
         lines = [
             f"{self.file}: {len(self.records):,} valid records ({len(self.errors)} error(s), "
             f"{len(self.problems) - len(self.errors)} warning(s)) in {self.seconds:.1f}s",
             "  shapes: " + (", ".join(f"{k} {v:,}" for k, v in sorted(shapes.items())) or "none"),
             f"  media: {n_images:,} images, {n_videos:,} videos",
         ]
-        if self.lengths:
-            ordered = sorted(self.lengths)
+        if len(self.lengths):
+            ordered = np.sort(np.asarray(self.lengths))
             p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-            lines.append(f"  tokens (vision included): min {ordered[0]:,}, median {int(statistics.median(ordered)):,}, "
+            lines.append(f"  tokens (vision included): min {ordered[0]:,}, median {int(np.median(ordered)):,}, "
                          f"p95 {p95:,}, max {ordered[-1]:,}")
             if self.max_seq_length:
-                over = [r.id for r, n in zip(self.records, self.lengths) if n > self.max_seq_length]
-                shown = ", ".join(map(repr, over[:10])) + (" ..." if len(over) > 10 else "")
-                ids = f" (ids {shown})" if over else ""
+                over = np.flatnonzero(np.asarray(self.lengths) > self.max_seq_length)
+                shown = ", ".join(repr(self.records[int(i)].id) for i in over[:10]) + (" ..." if len(over) > 10 else "")
+                ids = f" (ids {shown})" if len(over) else ""
                 lines.append(f"  over {self.max_seq_length:,} tokens: {len(over):,}{ids}")
         for p in self.problems if with_problems else []:
             lines.append(f"{p.level.upper()}: {p.format(self.file)}")
@@ -64,22 +74,21 @@ def check_data(
     deep: bool = False,
     max_seq_length: int | None = None,
     conversation: Conversation | None = None,
+    processes: int | None = None,
 ) -> CheckResult:
     """Validate every record, check its labels (with ``conversation``: the run's label mode and template switches),
-    then measure token lengths (text + vision) of the valid ones."""
-    start = time.perf_counter()
-    records, problems = read_records(
-        data_path, image_folder, video_folder, allow_urls=allow_urls, deep=deep,
-        min_image_side=family.factor, budget=budget,
-    )
-    conversation = conversation or Conversation(processor)
-    # one pass over the texts: token counts and the label check (data/conversation.py)
-    text_counts, label_problems = conversation.measure(records) if records else ([], [])
-    if label_problems:  # such records are errors, not valid records
-        bad = {p.index for p in label_problems}
-        kept = [(r, n) for r, n in zip(records, text_counts) if r.index not in bad]
-        records, text_counts = [r for r, _ in kept], [n for _, n in kept]
-        problems = sorted(problems + label_problems, key=lambda p: -1 if p.index is None else p.index)
-    lengths = record_lengths(records, conversation, budget, family, text_counts) if records else []
-    return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start)
+    then measure token lengths (text + vision) of the valid ones.
 
+    The results live in the data store (``vlmtune.data.store``): built once per node and file content, with
+    ``processes`` worker processes (default: every core), and opened in seconds on later runs.
+    """
+    start = time.perf_counter()
+    try:
+        store = open_store(data_path, processor, family, budget, conversation or Conversation(processor),
+                           image_folder=image_folder, video_folder=video_folder, allow_urls=allow_urls, deep=deep,
+                           min_image_side=family.factor, processes=processes)
+    except FileError as exc:
+        return CheckResult(str(data_path), [], [exc.problem], np.zeros(0, np.int64), max_seq_length,
+                           time.perf_counter() - start)
+    return CheckResult(str(data_path), store.records(), store.problems, store.valid_lengths(), max_seq_length,
+                       time.perf_counter() - start, store)

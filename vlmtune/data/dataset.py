@@ -8,8 +8,10 @@ by length without decoding anything.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -51,33 +53,54 @@ class LengthReport:
                 f"(vision tokens included), skipped: ids {ids}{more}")
 
 
+LENGTH_CHUNK = 1024
+"""Records rendered and tokenized together when measuring lengths: the ids of one chunk are held at a time."""
+
+
+def image_extra_tokens(width: int, height: int, budget: media.MediaBudget) -> int:
+    """Tokens an image adds beyond the one pad its placeholder has in the template text."""
+    return media.image_tokens(width, height, budget) - 1
+
+
+def video_extra_tokens(info: media.VideoInfo, budget: media.MediaBudget, family: Family, processor) -> int:
+    """Tokens a video adds beyond the one pad its placeholder has in the template text."""
+    extra = media.video_tokens(info, budget) - 1
+    if family.video_timestamps:  # Qwen3-VL: "<t seconds><|vision_start|>pads<|vision_end|>" per group
+        indices = media.sampled_frame_indices(info, budget)
+        groups = -(-len(indices) // media.qvu.FRAME_FACTOR)
+        stamps = processor._calculate_timestamps(indices, info.fps, processor.video_processor.temporal_patch_size)
+        extra += sum(len(processor.tokenizer.encode(f"<{t:.1f} seconds>", add_special_tokens=False)) + 2
+                     for t in stamps[:groups])
+    return extra
+
+
 def _vision_token_counts(record: Record, budget: media.MediaBudget, family: Family, processor) -> int:
     """Tokens the processor adds beyond the one pad per placeholder in the template text."""
     if len(record.image_sizes) != len(record.images) or len(record.video_infos) != len(record.videos):
         raise ValueError(f"record {record.index} (id {record.id!r}): media headers were not read; "
                          "load the records with check_media=True")
-    extra = sum(media.image_tokens(w, h, budget) - 1 for w, h in record.image_sizes)
-    tokenizer = processor.tokenizer
-    for info in record.video_infos:
-        extra += media.video_tokens(info, budget) - 1
-        if family.video_timestamps:  # Qwen3-VL: "<t seconds><|vision_start|>pads<|vision_end|>" per group
-            indices = media.sampled_frame_indices(info, budget)
-            groups = -(-len(indices) // media.qvu.FRAME_FACTOR)
-            stamps = processor._calculate_timestamps(indices, info.fps, processor.video_processor.temporal_patch_size)
-            extra += sum(len(tokenizer.encode(f"<{t:.1f} seconds>", add_special_tokens=False)) + 2
-                         for t in stamps[:groups])
-    return extra
+    return (sum(image_extra_tokens(w, h, budget) for w, h in record.image_sizes)
+            + sum(video_extra_tokens(info, budget, family, processor) for info in record.video_infos))
 
 
-def record_lengths(records: list[Record], conversation: Conversation, budget, family: Family,
-                   text_counts: list[int] | None = None) -> list[int]:
+def record_lengths(records: Sequence[Record], conversation: Conversation, budget, family: Family) -> list[int]:
     """Sequence length of every record (text + vision tokens), without decoding any media.
 
-    ``text_counts``: the records' ``conversation.token_counts`` when already measured (``conversation.measure``).
-    """
-    if text_counts is None:  # the text's tokens as encode() cuts them (reply by reply)
-        text_counts = conversation.token_counts(records)
-    return [n + _vision_token_counts(r, budget, family, conversation.processor) for r, n in zip(records, text_counts)]
+    The text's tokens are counted as ``encode`` cuts them (reply by reply), ``LENGTH_CHUNK`` records at a time;
+    only the lengths are kept."""
+    lengths: list[int] = []
+    for start in range(0, len(records), LENGTH_CHUNK):
+        chunk = [records[i] for i in range(start, min(start + LENGTH_CHUNK, len(records)))]
+        counts = conversation.token_counts(chunk)
+        lengths += [n + _vision_token_counts(r, budget, family, conversation.processor) for r, n in zip(chunk, counts)]
+    return lengths
+
+
+def take(records: Sequence[Record], positions) -> Sequence[Record]:
+    """The records at ``positions``: a list stays a list, a lazy sequence stays lazy (nothing is decoded)."""
+    if hasattr(records, "take"):
+        return records.take(positions)
+    return [records[int(i)] for i in positions]
 
 
 class VisionLanguageDataset(Dataset):
@@ -85,14 +108,14 @@ class VisionLanguageDataset(Dataset):
 
     def __init__(
         self,
-        records: list[Record],
+        records: Sequence[Record],
         processor,
         family: Family,
         budget: media.MediaBudget,
         conversation: Conversation,
         max_seq_length: int | None = None,
         strict_length: bool = False,
-        lengths: list[int] | None = None,
+        lengths: Sequence[int] | None = None,
         source: str | None = None,
     ):
         self.source = source  # the data file, for error messages
@@ -102,17 +125,20 @@ class VisionLanguageDataset(Dataset):
         self.conversation = conversation
         if lengths is None:  # the data check usually measured them already
             lengths = record_lengths(records, conversation, budget, family)
-        over = [(r.index, r.id, n) for r, n in zip(records, lengths) if max_seq_length and n > max_seq_length]
+        lengths = np.asarray(lengths, dtype=np.int64)
+        over_at = np.flatnonzero(lengths > max_seq_length) if max_seq_length else np.zeros(0, dtype=np.int64)
+        over = [(records[int(i)].index, records[int(i)].id, int(lengths[i])) for i in over_at]
         self.length_report = LengthReport(len(records), over, max_seq_length)
         if over and strict_length:
             raise ConfigError(str(self.length_report).replace("skipped", "stopping (--strict_length)") +
                               "; raise --max_seq_length, or drop --strict_length to skip them")
         if over:
             logger.warning(str(self.length_report))
-        keep = {index for index, _, _ in over}
-        pairs = [(r, n) for r, n in zip(records, lengths) if r.index not in keep]
-        self.records = [r for r, _ in pairs]
-        self.lengths = [n for _, n in pairs]
+            keep = np.setdiff1d(np.arange(len(records)), over_at)
+            records, lengths = take(records, keep), lengths[keep]
+        self.records = records
+        """The records kept, in order: a list, or a lazy sequence that decodes a record from the store when read."""
+        self.lengths: list[int] = lengths.tolist()
 
     def __len__(self) -> int:
         return len(self.records)

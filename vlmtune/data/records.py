@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,46 +89,131 @@ class DataError(ValueError):
         super().__init__(f"{len(errors)} error(s) in {file}:\n  " + "\n  ".join(lines))
 
 
-class _InvalidLine:
-    """Stands in the raw list for a JSON line that did not parse, so later records keep their index."""
+class FileError(Exception):
+    """A data file that cannot be read as records at all (missing, unreadable, not JSON, wrong top level)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.problem = Problem("error", message)
 
 
-def _parse_file(path: Path) -> tuple[list, list[Problem]]:
-    """Raw JSON values of the file (array or JSON lines), and the problems found while parsing."""
+RawItem = tuple[int, "int | None", "bytes | str"]
+"""(record index, line number in a JSON lines file or None, the record's JSON text)."""
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+_BLOCK = 1 << 22  # bytes read at a time from a JSON lines file
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        return [], [Problem("error", "data file not found; check the path")]
+        raise FileError("data file not found; check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
-        return [], [Problem("error", f"cannot read the data file: {exc}")]
-    if path.suffix.lower() not in JSONL_SUFFIXES or text.lstrip().startswith("["):
-        try:
+        raise FileError(f"cannot read the data file: {exc}") from None
+
+
+def _invalid_json(exc: json.JSONDecodeError) -> FileError:
+    return FileError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
+                     "fix the file (a JSON array of records, or one record per line)")
+
+
+def _blank(line: bytes) -> bool:
+    if not line.strip():
+        return True
+    return not line.isascii() and not line.decode("utf-8", "replace").strip()  # Unicode spaces only
+
+
+def _lines(path: Path) -> Iterator[RawItem]:
+    """The non-blank lines of a JSON lines file, read in blocks (the file is never held whole)."""
+    index = lineno = 0
+    rest = b""
+    with open(path, "rb") as f:
+        first = True
+        while True:
+            block = f.read(_BLOCK)
+            if first and block.startswith(b"\xef\xbb\xbf"):
+                block = block[3:]
+            first = False
+            if not block:
+                break
+            lines = (rest + block).split(b"\n")  # not splitlines(): U+2028 may sit inside a string
+            rest = lines.pop()
+            for line in lines:
+                lineno += 1
+                if not _blank(line):
+                    yield index, lineno, line
+                    index += 1
+    if not _blank(rest):
+        yield index, lineno + 1, rest
+
+
+def _array(text: str) -> Iterator[RawItem]:
+    """The elements of a JSON array, each as its own text, parsed one at a time (in file order)."""
+    decode = json.JSONDecoder().raw_decode
+    index = pos = 0
+    try:
+        pos = _JSON_WS.match(text).end()
+        if text[pos : pos + 1] != "[":
+            raise ValueError("not an array")
+        pos = _JSON_WS.match(text, pos + 1).end()
+        if text[pos : pos + 1] != "]":
+            while True:
+                _, end = decode(text, pos)
+                yield index, None, text[pos:end]
+                index += 1
+                pos = _JSON_WS.match(text, end).end()
+                sep = text[pos : pos + 1]
+                pos = _JSON_WS.match(text, pos + 1).end()
+                if sep == "]":
+                    break
+                if sep != ",":
+                    raise ValueError("not an array")
+        else:
+            pos = _JSON_WS.match(text, pos + 1).end()
+        if pos != len(text):
+            raise ValueError("data after the array")
+    except ValueError:
+        try:  # the whole-file parse names the first error exactly as json reports it
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            # Several JSON objects one per line in a .json file: JSON lines under another name.
-            if not (exc.msg == "Extra data" and text.lstrip().startswith("{")):
-                return [], [Problem("error", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
-                                             "fix the file (a JSON array of records, or one record per line)")]
-        else:
-            if isinstance(data, dict) and "conversations" in data:
-                return [data], []  # a single record (one-line JSON lines file)
-            if not isinstance(data, list):
-                got = f"an object with keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
-                return [], [Problem("error", f"the top level must be a JSON array of records ([{{...}}, ...]) or "
-                                             f"one record per line (JSON lines), got {got}")]
-            return data, []
-    raw: list = []
-    problems: list[Problem] = []
-    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
-        if not line.strip():
-            continue
-        try:
-            raw.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            problems.append(Problem("error", f"line {lineno}, column {exc.colno}: invalid JSON: {exc.msg}; "
-                                             "fix or remove the line", len(raw)))
-            raw.append(_InvalidLine())
-    return raw, problems
+            raise _invalid_json(exc) from None
+        raise FileError(f"unexpected layout of a valid JSON array (at character {pos}); "
+                        f"please report it: {type(data).__name__}") from None
+
+
+def scan(path: str | Path) -> Iterator[RawItem]:
+    """Every record of a data file as ``(index, line number, JSON text)``, in file order, lazily.
+
+    A JSON array, JSON lines (``.jsonl`` / ``.ndjson``, or one record per line under another name) and a single
+    record are read. Records are not parsed here; a JSON lines file is read in blocks, never whole. Raises
+    ``FileError`` for a file that holds no readable records (possibly after yielding some: discard them).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_BLOCK).decode("utf-8-sig", "replace").lstrip()
+    except FileNotFoundError:
+        raise FileError("data file not found; check the path") from None
+    except OSError as exc:
+        raise FileError(f"cannot read the data file: {exc}") from None
+    if head.startswith("["):
+        return _array(_read_text(path))
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return _lines(path)
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        # Several JSON objects one per line in a .json file: JSON lines under another name.
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _lines(path)
+        raise _invalid_json(exc) from None
+    if isinstance(data, dict) and "conversations" in data:
+        return iter([(0, None, text)])  # a single record (one-line JSON lines file)
+    got = f"an object with keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
+    raise FileError(f"the top level must be a JSON array of records ([{{...}}, ...]) or "
+                    f"one record per line (JSON lines), got {got}")
 
 
 def _as_list(value, key: str, err) -> list[str] | None:
@@ -284,15 +371,24 @@ def _probe_video(path: str, deep: bool, budget: media.MediaBudget | None):
     return info
 
 
+def probe_media(images: Iterable[str], videos: Iterable[str], min_side: int, deep: bool,
+                budget: media.MediaBudget | None, workers: int = 16) -> tuple[dict, dict]:
+    """Header checks (existence, size, frame count) of each listed file; ``deep`` decodes too. Returns
+    ({image: (width, height) or error message}, {video: VideoInfo or error message})."""
+    images, videos = list(images), list(videos)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        image_results = dict(zip(images, pool.map(lambda p: _probe_image(p, min_side, deep, budget), images)))
+        video_results = dict(zip(videos, pool.map(lambda p: _probe_video(p, deep, budget), videos)))
+    return image_results, video_results
+
+
 def check_media_files(records: list[Record], min_side: int, deep: bool, budget: media.MediaBudget | None,
                       workers: int = 16) -> list[Problem]:
     """Header checks (existence, size, frame count) of every distinct file once, then per record; ``deep``
     decodes too. Fills the records' ``image_sizes`` and ``video_infos``."""
-    images = list(dict.fromkeys(p for r in records for p in r.images))
-    videos = list(dict.fromkeys(p for r in records for p in r.videos))
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        image_results = dict(zip(images, pool.map(lambda p: _probe_image(p, min_side, deep, budget), images)))
-        video_results = dict(zip(videos, pool.map(lambda p: _probe_video(p, deep, budget), videos)))
+    image_results, video_results = probe_media(
+        dict.fromkeys(p for r in records for p in r.images), dict.fromkeys(p for r in records for p in r.videos),
+        min_side, deep, budget, workers)
     problems = []
     for record in records:
         record.image_sizes = [image_results[p] for p in record.images]
@@ -303,34 +399,84 @@ def check_media_files(records: list[Record], min_side: int, deep: bool, budget: 
     return problems
 
 
-def _collection_warnings(raw: list) -> list[Problem]:
-    """Duplicate ids and unknown keys, one warning each (not one per record: a dataset repeats them)."""
-    ids: dict[str, list[int]] = {}
-    unknown: dict[str, list[int]] = {}
-    for index, item in enumerate(raw):
-        if not isinstance(item, dict):
-            continue
-        if item.get("id") is not None:
-            ids.setdefault(str(item["id"]), []).append(index)
-        for key in item.keys() - KNOWN_KEYS:
-            unknown.setdefault(key, []).append(index)
+def _shown(count: int, first: list[int]) -> str:
+    return ", ".join(map(str, first)) + (f" and {count - len(first):,} more" if count > len(first) else "")
 
-    def shown(indices: list[int]) -> str:
-        return ", ".join(map(str, indices[:10])) + (f" and {len(indices) - 10:,} more" if len(indices) > 10 else "")
 
-    problems = []
-    for rid, indices in ids.items():
-        if len(indices) > 1:
-            problems.append(Problem("warning", f"duplicate id: records {shown(indices)} all use it; give each "
-                                               "record its own id, so that reports name one record",
-                                    indices[1], rid))
-    for key, indices in sorted(unknown.items()):
-        first = raw[indices[0]].get("id")
-        hint = f"; did you mean {key[:-1]!r}?" if key in ("images", "videos") else ""
-        problems.append(Problem("warning", f"unknown key {key!r} ignored (in {len(indices):,} record(s): "
-                                           f"{shown(indices)}); known keys: {sorted(KNOWN_KEYS)}{hint}",
-                                indices[0], None if first is None else str(first)))
-    return problems
+class CollectionCheck:
+    """Duplicate ids and unknown keys over a whole file, one warning each (not one per record: a dataset
+    repeats them). Fed record by record, in file order; holds one entry per distinct id."""
+
+    SHOWN = 10
+
+    def __init__(self):
+        self.first: dict[str, int] = {}
+        self.dups: dict[str, list] = {}  # id -> [count, first indices]
+        self.unknown: dict[str, list] = {}  # key -> [count, first indices, id of the first record]
+
+    def add(self, index: int, rid: str | None, keys: list[str]) -> None:
+        if rid is not None:
+            first = self.first.setdefault(rid, index)
+            if first != index:
+                entry = self.dups.setdefault(rid, [1, [first]])
+                entry[0] += 1
+                if len(entry[1]) < self.SHOWN:
+                    entry[1].append(index)
+        for key in keys:
+            entry = self.unknown.setdefault(key, [0, [], rid])
+            entry[0] += 1
+            if len(entry[1]) < self.SHOWN:
+                entry[1].append(index)
+
+    def warnings(self) -> list[Problem]:
+        problems = []
+        for rid, (count, first) in self.dups.items():
+            problems.append(Problem("warning", f"duplicate id: records {_shown(count, first)} all use it; give each "
+                                               "record its own id, so that reports name one record", first[1], rid))
+        for key, (count, first, rid) in sorted(self.unknown.items()):
+            hint = f"; did you mean {key[:-1]!r}?" if key in ("images", "videos") else ""
+            problems.append(Problem("warning", f"unknown key {key!r} ignored (in {count:,} record(s): "
+                                               f"{_shown(count, first)}); known keys: {sorted(KNOWN_KEYS)}{hint}",
+                                    first[0], rid))
+        return problems
+
+
+Parsed = tuple[int, "Record | None", list[Problem], "str | None", "list[str] | None"]
+"""(index, the record or None, its problems, its raw id or None, its unknown keys or None if not an object)."""
+
+
+def parse_item(item: RawItem, resolvers: tuple[_Resolver, _Resolver]) -> Parsed:
+    """One raw record -> validated ``Record`` (or None) and its problems, with what the file-wide check needs."""
+    index, lineno, text = item
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return index, None, [Problem("error", f"line {lineno}, column {exc.colno}: invalid JSON: {exc.msg}; "
+                                              "fix or remove the line", index)], None, None
+    except UnicodeDecodeError as exc:
+        return index, None, [Problem("error", f"line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                              "fix or remove the line", index)], None, None
+    record, problems = _parse_record(index, raw, resolvers)
+    if not isinstance(raw, dict):
+        return index, record, problems, None, None
+    rid = str(raw["id"]) if raw.get("id") is not None else None
+    return index, record, problems, rid, sorted(raw.keys() - KNOWN_KEYS)
+
+
+def media_folders(path: str | Path, image_folder: str | Path | None, video_folder: str | Path | None
+                  ) -> tuple[Path, Path]:
+    """The folders relative image and video names are resolved against (default: the data file's)."""
+    images = Path(image_folder) if image_folder else Path(path).parent
+    return images, Path(video_folder) if video_folder else images
+
+
+def resolvers_for(path: str | Path, image_folder: str | Path | None, video_folder: str | Path | None,
+                  allow_urls: bool) -> tuple[_Resolver, _Resolver]:
+    images, videos = media_folders(path, image_folder, video_folder)
+    return _Resolver(images, allow_urls, "image"), _Resolver(videos, allow_urls, "video")
+
+
+NO_RECORDS = "the data file holds no records; add a JSON array of records"
 
 
 def read_records(
@@ -352,22 +498,25 @@ def read_records(
     ratio, frame count, and frame sampling under ``budget``); ``deep`` decodes every file, in parallel.
     """
     path = Path(path)
-    raw, problems = _parse_file(path)
-    if not raw:
-        return [], problems or [Problem("error", "the data file holds no records; add a JSON array of records")]
-    image_folder = Path(image_folder) if image_folder else path.parent
-    video_folder = Path(video_folder) if video_folder else image_folder
-    resolvers = (_Resolver(image_folder, allow_urls, "image"), _Resolver(video_folder, allow_urls, "video"))
-
+    resolvers = resolvers_for(path, image_folder, video_folder, allow_urls)
     records: list[Record] = []
-    for index, item in enumerate(raw):
-        if isinstance(item, _InvalidLine):
-            continue
-        record, found = _parse_record(index, item, resolvers)
-        problems += found
-        if record is not None:
-            records.append(record)
-    problems += _collection_warnings(raw)
+    problems: list[Problem] = []
+    collection = CollectionCheck()
+    count = 0
+    try:
+        for item in scan(path):
+            index, record, found, rid, keys = parse_item(item, resolvers)
+            count += 1
+            problems += found
+            if keys is not None:
+                collection.add(index, rid, keys)
+            if record is not None:
+                records.append(record)
+    except FileError as exc:
+        return [], [exc.problem]
+    if not count:
+        return [], [Problem("error", NO_RECORDS)]
+    problems += collection.warnings()
 
     if check_media and records:
         problems += check_media_files(records, min_image_side, deep, budget, workers)

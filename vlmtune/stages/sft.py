@@ -18,7 +18,7 @@ from vlmtune.data import media, packing
 from vlmtune.data.check import check_data
 from vlmtune.data.collator import Collator, vision_fillers
 from vlmtune.data.conversation import Conversation
-from vlmtune.data.dataset import VisionLanguageDataset
+from vlmtune.data.dataset import VisionLanguageDataset, take
 from vlmtune.data.records import DataError, load_records
 from vlmtune.families import Family
 from vlmtune.model import modes
@@ -48,33 +48,31 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
     logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
     if result.errors:
         raise DataError(result.file, result.problems)
-    records = result.records
-    eval_records = []
-    if data_args.eval_data_path:
+    records, lengths = result.records, result.lengths  # lazy records from the data store, and their lengths
+    eval_records, eval_lengths = [], None
+    if data_args.eval_data_path:  # a separate eval file is measured now
         eval_records = load_records(
             data_args.eval_data_path, data_args.image_folder, data_args.video_folder,
             allow_urls=data_args.allow_urls, min_image_side=family.factor, budget=budget,
         )
         if label_problems := conversation.label_problems(eval_records):  # the training file's check did the same
             raise DataError(data_args.eval_data_path, label_problems)
-    elif data_args.val_ratio:
-        shuffled = records[:]
-        random.Random(seed).shuffle(shuffled)
+    elif data_args.val_ratio:  # a held-out split was measured with the training file
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
         n_eval = max(1, int(len(records) * data_args.val_ratio))
-        eval_records, records = shuffled[:n_eval], sorted(shuffled[n_eval:], key=lambda r: r.index)
-
-    measured = {r.index: n for r, n in zip(result.records, result.lengths)}
+        eval_at, train_at = order[:n_eval], sorted(order[n_eval:])
+        eval_records, eval_lengths = take(records, eval_at), [lengths[i] for i in eval_at]
+        records, lengths = take(records, train_at), [lengths[i] for i in train_at]
 
     def make(recs, lengths=None, source=data_args.data_path):
         return VisionLanguageDataset(recs, processor, family, budget, conversation, data_args.max_seq_length,
                                      data_args.strict_length, lengths, source)
 
-    train_set = make(records, [measured[r.index] for r in records])
-    if not eval_records:
+    train_set = make(records, lengths)
+    if not len(eval_records):
         return train_set, None
-    # A held-out split was measured with the training file; a separate eval file is measured now.
-    held_out = None if data_args.eval_data_path else [measured[r.index] for r in eval_records]
-    return train_set, make(eval_records, held_out, data_args.eval_data_path or data_args.data_path)
+    return train_set, make(eval_records, eval_lengths, data_args.eval_data_path or data_args.data_path)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
