@@ -5,11 +5,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vlmtune.data import media
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import record_lengths
+from vlmtune.data.prompts import stage_lengths
 from vlmtune.data.records import Problem, Record, read_records
 from vlmtune.families import Family
 
@@ -22,6 +23,8 @@ class CheckResult:
     lengths: list[int]
     max_seq_length: int | None
     seconds: float
+    parts: dict[str, list[int]] = field(default_factory=dict)
+    """DPO / GRPO: token lengths of the prompt and of the prompt plus each reply, per record."""
 
     @property
     def errors(self) -> list[Problem]:
@@ -42,6 +45,10 @@ class CheckResult:
             p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
             lines.append(f"  tokens (vision included): min {ordered[0]:,}, median {int(statistics.median(ordered)):,}, "
                          f"p95 {p95:,}, max {ordered[-1]:,}")
+            for part, values in self.parts.items():
+                part_sorted = sorted(values)
+                lines.append(f"    {part}: min {part_sorted[0]:,}, median {int(statistics.median(part_sorted)):,}, "
+                             f"max {part_sorted[-1]:,}")
             if self.max_seq_length:
                 over = [r.id for r, n in zip(self.records, self.lengths) if n > self.max_seq_length]
                 shown = ", ".join(map(repr, over[:10])) + (" ..." if len(over) > 10 else "")
@@ -63,12 +70,21 @@ def check_data(
     allow_urls: bool = False,
     deep: bool = False,
     max_seq_length: int | None = None,
+    stage: str = "sft",
 ) -> CheckResult:
-    """Validate every record, then measure token lengths (text + vision) of the valid ones."""
+    """Validate every record, then measure token lengths (text + vision) of the valid ones.
+
+    ``stage`` "dpo" / "grpo" reads preference / prompt records; the lengths are then those of each record's longest
+    training sequence, with the prompt and each reply reported apart (``CheckResult.parts``)."""
     start = time.perf_counter()
     records, problems = read_records(
         data_path, image_folder, video_folder, allow_urls=allow_urls, deep=deep,
-        min_image_side=family.factor, budget=budget,
+        min_image_side=family.factor, budget=budget, stage=stage,
     )
-    lengths = record_lengths(records, Conversation(processor), budget, family) if records else []
-    return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start)
+    parts: dict[str, list[int]] = {}
+    if stage == "sft":
+        lengths = record_lengths(records, Conversation(processor), budget, family) if records else []
+    else:
+        lengths, parts = stage_lengths(records, Conversation(processor), budget, family, stage)
+    return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start,
+                       parts)

@@ -125,24 +125,45 @@ class VisionLanguageDataset(Dataset):
 
     def encode(self, record: Record) -> dict[str, torch.Tensor]:
         """Decode the record's media and run the processor on the rendered conversation."""
-        images = [media.load_image(p, self.budget) for p in record.images]
-        videos, metadata = [], []
-        for path in record.videos:
-            frames, meta = media.load_video(path, self.budget)
-            videos.append(frames)
-            metadata.append(meta)
-        encoded = self.processor(
-            text=[self.conversation.text(record)],
-            images=images or None,
-            videos=videos or None,
-            video_metadata=metadata or None,
-            do_resize=False,
-            do_sample_frames=False,
-            return_tensors="pt",
-        )
-        per_token = ("input_ids", "attention_mask", "mm_token_type_ids")
-        item = {k: (v[0] if k in per_token else v) for k, v in encoded.items()}
-        if "second_per_grid_ts" in item:
-            item["second_per_grid_ts"] = torch.as_tensor(item["second_per_grid_ts"], dtype=torch.float32)
+        item = process(self.processor, self.conversation.text(record), load_media(record, self.budget))
         item["labels"] = self.conversation.labels(item["input_ids"])
         return item
+
+
+@dataclass
+class Media:
+    """A record's decoded media, in placeholder order, as the processor takes them."""
+
+    images: list
+    videos: list
+    metadata: list
+
+
+def load_media(record: Record, budget: media.MediaBudget) -> Media:
+    """Decode a record's images and videos under the budgets."""
+    images = [media.load_image(p, budget) for p in record.images]
+    videos, metadata = [], []
+    for path in record.videos:
+        frames, meta = media.load_video(path, budget)
+        videos.append(frames)
+        metadata.append(meta)
+    return Media(images, videos, metadata)
+
+
+def process(processor, text: str, decoded: Media) -> dict[str, torch.Tensor]:
+    """One item from a chat-template text and its decoded media: the processor's ids (vision tokens expanded),
+    ``attention_mask``, ``mm_token_type_ids`` and vision tensors. Media are already resized and sampled."""
+    encoded = processor(
+        text=[text],
+        images=decoded.images or None,
+        videos=decoded.videos or None,
+        video_metadata=decoded.metadata or None,
+        do_resize=False,
+        do_sample_frames=False,
+        return_tensors="pt",
+    )
+    per_token = ("input_ids", "attention_mask", "mm_token_type_ids")
+    item = {k: (v[0] if k in per_token else v) for k, v in encoded.items()}
+    if "second_per_grid_ts" in item:
+        item["second_per_grid_ts"] = torch.as_tensor(item["second_per_grid_ts"], dtype=torch.float32)
+    return item
