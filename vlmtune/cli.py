@@ -1,4 +1,4 @@
-"""``vlmtune train | check-data | tiny-model | merge | predict | estimate-memory``: parse, call, report."""
+"""``vlmtune train | dpo | grpo | check-data | tiny-model | merge | predict | estimate-memory``: parse, call, report."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ USAGE = """usage: vlmtune COMMAND [options]
 
 commands:
   train            fine-tune a Qwen-VL model (vlmtune train --help; a YAML config may come first)
+  dpo              preference-tune on chosen / rejected replies (vlmtune dpo --help)
+  grpo             reinforce with reward functions on sampled replies (vlmtune grpo --help)
   check-data       validate a data file and summarise it
   merge            merge LoRA adapters and trained parts into a standalone model folder
   predict          generate replies with a model (and adapters) for images, videos or a data file
@@ -50,6 +52,22 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def cmd_dpo(argv: list[str]) -> int:
+    from vlmtune.config import parse_train_args
+    from vlmtune.stages.dpo import dpo
+
+    dpo(*parse_train_args(argv, prog="vlmtune dpo", stage="dpo"))
+    return 0
+
+
+def cmd_grpo(argv: list[str]) -> int:
+    from vlmtune.config import parse_train_args
+    from vlmtune.stages.grpo import grpo
+
+    grpo(*parse_train_args(argv, prog="vlmtune grpo", stage="grpo"))
+    return 0
+
+
 def cmd_check_data(argv: list[str]) -> int:
     from vlmtune.data import media
     from vlmtune.data.check import check_data
@@ -64,6 +82,9 @@ def cmd_check_data(argv: list[str]) -> int:
     parser.add_argument("--max_seq_length", type=int, default=4096)
     parser.add_argument("--deep", action="store_true", help="decode every image and video (slower)")
     parser.add_argument("--allow_urls", action="store_true")
+    parser.add_argument("--stage", choices=["sft", "dpo", "grpo"], default="sft",
+                        help="what the records are for: sft (conversations with replies), dpo (prompt turns plus "
+                        "'chosen' and 'rejected'), grpo (prompt turns plus reward fields)")
     args = parser.parse_args(argv)
     model_path = resolve_model_path(args.model)
     family = load_family(model_path)
@@ -71,7 +92,7 @@ def cmd_check_data(argv: list[str]) -> int:
     budget = media.budget_from_processor(processor, family.factor)
     result = check_data(args.data_path, processor, family, budget, image_folder=args.image_folder,
                         video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
-                        max_seq_length=args.max_seq_length)
+                        max_seq_length=args.max_seq_length, stage=args.stage)
     print(result.summary())
     return 1 if result.errors else 0
 
@@ -106,8 +127,9 @@ def cmd_estimate_memory(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"train": cmd_train, "check-data": cmd_check_data, "tiny-model": cmd_tiny_model, "merge": cmd_merge,
-            "predict": cmd_predict, "estimate-memory": cmd_estimate_memory}
+COMMANDS = {"train": cmd_train, "dpo": cmd_dpo, "grpo": cmd_grpo, "check-data": cmd_check_data,
+            "tiny-model": cmd_tiny_model, "merge": cmd_merge, "predict": cmd_predict,
+            "estimate-memory": cmd_estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -114,6 +115,21 @@ def disable_kv_cache(model) -> None:
     for sub in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
         if sub is not None and hasattr(sub, "use_cache"):
             sub.use_cache = False
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """Build or load models with whole weights even inside a ZeRO-3 run: transformers would otherwise partition
+    them through the run's DeepSpeed config (save_pretrained would then write empty shards, and weights could not
+    be merged)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def torch_dtype(bf16: bool, fp16: bool) -> torch.dtype:
