@@ -110,11 +110,13 @@ class PreferenceCollator(Collator):
 
 class PromptDataset(VisionLanguageDataset):
     """Prompt records (GRPO) -> the prompt's item (ids ending with the generation prompt, vision tensors), plus
-    ``record``: the record's position, id and reward fields."""
+    ``record``: its position here, index in the file, id, reward fields, last prompt turn and image paths."""
 
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
-        return {**super().__getitem__(i), "record": {"position": i, "id": record.id, "fields": record.fields}}
+        meta = {"position": i, "index": record.index, "id": record.id, "fields": record.fields,
+                "prompt": record.messages[-1].text, "images": record.images}
+        return {**super().__getitem__(i), "record": meta}
 
     def encode(self, record: Record) -> dict:
         return process(self.processor, prompt_text(self.conversation, record), load_media(record, self.budget))

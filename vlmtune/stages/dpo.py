@@ -102,7 +102,7 @@ class DPOTrainer(VisionLanguageTrainer):
             "logps/chosen": chosen, "logps/rejected": rejected,
         }
         for key, value in values.items():
-            self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+            self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
