@@ -476,9 +476,8 @@ def _stage_parts(raw: dict, stage: str, messages: list[Message], names: list, er
         if "answer" in fields:
             err("the conversation ends with a gpt turn and the record has an 'answer': a GRPO record's "
                 "conversation ends with the prompt; keep the gold answer in 'answer' only")
-        else:
-            fields["answer"] = messages.pop().text
-            names.pop()
+        names.pop()
+        fields.setdefault("answer", messages.pop().text)
     answer = fields.get("answer")
     if "answer" in fields and (isinstance(answer, bool) or not isinstance(answer, str | int | float)):
         err(f"'answer' must be a string or a number, got {json.dumps(fields['answer'])[:60]}")
