@@ -140,8 +140,9 @@ def preference_dataset(tiny, ids):
 
     path, processor, family, budget = tiny
     records = [r for r in read_records(PREFS, stage="dpo", budget=budget)[0] if r.id in ids]
-    conversation = Conversation(processor, "last_assistant")
-    lengths, _ = stage_lengths(records, conversation, budget, family, "dpo")
+    conversation = Conversation(processor)
+    lengths, _, problems = stage_lengths(records, conversation, budget, family, "dpo")
+    assert problems == []
     return PreferenceDataset(records, processor, family, budget, conversation, None, False, lengths)
 
 
@@ -555,7 +556,7 @@ def test_zero2_grpo_full_with_a_reference_copy(tmp_path):
     """ZeRO-2, full training, beta > 0: the frozen reference copy runs as a DeepSpeed inference engine; with
     --num_iterations 2 each batch of completions trains two steps."""
     out = tmp_path / "out"
-    (tmp_path / "rewards.py").write_text("def length(completions, **kwargs):\n    return [len(c) for c in completions]\n")
+    (tmp_path / "rewards.py").write_text("def length(completions, **kw):\n    return [len(c) for c in completions]\n")
     run(deepspeed_cmd(29632, "grpo", "--data_path", str(GRPO_JSON), "--output_dir", str(out), "--mode", "full",
                       "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
                       "--num_generations", "3", "--max_completion_length", "3", "--beta", "0.1",

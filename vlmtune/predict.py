@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from vlmtune import run
-from vlmtune.config import ConfigError, DataArguments
+from vlmtune.config import ConfigError, DataArguments, boolean_flag
 from vlmtune.data import media
 from vlmtune.data.collator import Collator
-from vlmtune.data.conversation import Conversation, chat_messages
+from vlmtune.data.conversation import Conversation
 from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Record, check_media_files
 from vlmtune.families import Family
 
@@ -37,10 +37,10 @@ BUDGET_FIELDS = tuple(DataArguments().budget_overrides())
 
 
 class GenerationConversation(Conversation):
-    """The training conversation rendering, ending with the assistant header the model continues from."""
+    """The training conversation rendering (same template switches, e.g. ``enable_thinking``), ending with the
+    template's generation prompt, which the model continues from."""
 
-    def text(self, record: Record) -> str:
-        return self.processor.apply_chat_template(chat_messages(record), tokenize=False, add_generation_prompt=True)
+    add_generation_prompt = True
 
 
 def prompt_record(prompt: str, images: list[str] | None = None, videos: list[str] | None = None,
@@ -69,12 +69,13 @@ class Predictor:
     """A loaded model, its processor and budgets; ``reply(record)`` generates the assistant's next turn."""
 
     def __init__(self, model, processor, family: Family, budget: media.MediaBudget,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0):
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+                 enable_thinking: bool | None = None):
         self.model = model
         self.processor = processor
         self.family = family
         self.budget = budget
-        self.conversation = GenerationConversation(processor)
+        self.conversation = GenerationConversation(processor, enable_thinking=enable_thinking)
         self.collate = Collator(processor.tokenizer.pad_token_id)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -101,11 +102,18 @@ class Predictor:
 
 def load_predictor(model: str | None, adapter: str | None = None, *, dtype: str | None = None,
                    device: str | None = None, budget_overrides: dict | None = None,
-                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0) -> Predictor:
-    """Load a standalone model, or a base model with a run's adapters (merged in memory), for generation."""
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+                   enable_thinking: bool | None = None) -> Predictor:
+    """Load a standalone model, or a base model with a run's adapters (merged in memory), for generation.
+
+    ``enable_thinking`` None: the value the run trained with (its ``vlmtune_run.json``), else the template's default.
+    """
     loaded = run.load_for_inference(model, adapter, dtype=dtype, device=device, budget_overrides=budget_overrides)
     logger.info("predicting with %s", loaded.source)
-    return Predictor(loaded.model, loaded.processor, loaded.family, loaded.budget, max_new_tokens, temperature)
+    if enable_thinking is None:
+        enable_thinking = loaded.template_options.get("enable_thinking")
+    return Predictor(loaded.model, loaded.processor, loaded.family, loaded.budget, max_new_tokens, temperature,
+                     enable_thinking)
 
 
 def predict_file(predictor: Predictor, data_path: str, output, *, image_folder: str | None = None,
@@ -151,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="predict only the first N records of --data")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    parser.add_argument("--enable_thinking", type=boolean_flag, metavar="{true,false}",
+                        help="passed to the chat template (Qwen3.5: false opens the reply after an empty <think> "
+                        "block); default: the run's value (vlmtune train --enable_thinking), else the template's")
     parser.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the model's / the run's)")
     parser.add_argument("--device", help="default: cuda if present, else cpu")
     help_of = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(DataArguments)}
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     DataArguments(**{k: v for k, v in budget.items() if v is not None})  # the same cross-checks as training
     predictor = load_predictor(args.model, args.adapter, dtype=args.dtype, device=args.device,
                                budget_overrides=budget, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature)
+                               temperature=args.temperature, enable_thinking=args.enable_thinking)
     if args.data:
         if args.output:
             out_path = Path(args.output)

@@ -70,21 +70,35 @@ def check_data(
     allow_urls: bool = False,
     deep: bool = False,
     max_seq_length: int | None = None,
+    conversation: Conversation | None = None,
     stage: str = "sft",
 ) -> CheckResult:
-    """Validate every record, then measure token lengths (text + vision) of the valid ones.
+    """Validate every record, check its labels (with ``conversation``: the run's label mode and template switches),
+    then measure token lengths (text + vision) of the valid ones.
 
     ``stage`` "dpo" / "grpo" reads preference / prompt records; the lengths are then those of each record's longest
-    training sequence, with the prompt and each reply reported apart (``CheckResult.parts``)."""
+    training sequence, with the prompt and each reply reported apart (``CheckResult.parts``), and the labels of
+    each reply are checked as the last turn of its conversation."""
     start = time.perf_counter()
     records, problems = read_records(
         data_path, image_folder, video_folder, allow_urls=allow_urls, deep=deep,
         min_image_side=family.factor, budget=budget, stage=stage,
     )
+    conversation = conversation or Conversation(processor)
     parts: dict[str, list[int]] = {}
-    if stage == "sft":
-        lengths = record_lengths(records, Conversation(processor), budget, family) if records else []
+    if stage == "sft":  # one pass over the texts: token counts and the label check (data/conversation.py)
+        text_counts, label_problems = conversation.measure(records) if records else ([], [])
     else:
-        lengths, parts = stage_lengths(records, Conversation(processor), budget, family, stage)
+        text_counts, parts, label_problems = stage_lengths(records, conversation, budget, family, stage)
+    if label_problems:  # such records are errors, not valid records
+        bad = {p.index for p in label_problems}
+        keep = [i for i, r in enumerate(records) if r.index not in bad]
+        records, text_counts = [records[i] for i in keep], [text_counts[i] for i in keep]
+        parts = {k: [v[i] for i in keep] for k, v in parts.items()}
+        problems = sorted(problems + label_problems, key=lambda p: -1 if p.index is None else p.index)
+    if stage == "sft":
+        lengths = record_lengths(records, conversation, budget, family, text_counts) if records else []
+    else:
+        lengths = text_counts
     return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start,
                        parts)

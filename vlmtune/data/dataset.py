@@ -68,12 +68,15 @@ def _vision_token_counts(record: Record, budget: media.MediaBudget, family: Fami
     return extra
 
 
-def record_lengths(records: list[Record], conversation: Conversation, budget, family: Family) -> list[int]:
-    """Sequence length of every record (text + vision tokens), without decoding any media."""
-    texts = [conversation.text(r) for r in records]
-    tokenized = conversation.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [len(ids) + _vision_token_counts(r, budget, family, conversation.processor)
-            for r, ids in zip(records, tokenized)]
+def record_lengths(records: list[Record], conversation: Conversation, budget, family: Family,
+                   text_counts: list[int] | None = None) -> list[int]:
+    """Sequence length of every record (text + vision tokens), without decoding any media.
+
+    ``text_counts``: the records' ``conversation.token_counts`` when already measured (``conversation.measure``).
+    """
+    if text_counts is None:  # the text's tokens as encode() cuts them (reply by reply)
+        text_counts = conversation.token_counts(records)
+    return [n + _vision_token_counts(r, budget, family, conversation.processor) for r, n in zip(records, text_counts)]
 
 
 class VisionLanguageDataset(Dataset):
@@ -124,10 +127,9 @@ class VisionLanguageDataset(Dataset):
             raise RecordError(message) from exc
 
     def encode(self, record: Record) -> dict[str, torch.Tensor]:
-        """Decode the record's media and run the processor on the rendered conversation."""
-        item = process(self.processor, self.conversation.text(record), load_media(record, self.budget))
-        item["labels"] = self.conversation.labels(item["input_ids"])
-        return item
+        """Decode the record's media and run the processor on the rendered conversation, cut at its replies."""
+        # the processor's tensors; ids tokenized reply by reply, labels, and their check (data/conversation.py)
+        return encode_with(self.conversation, record, load_media(record, self.budget))
 
 
 @dataclass
@@ -140,7 +142,7 @@ class Media:
 
 
 def load_media(record: Record, budget: media.MediaBudget) -> Media:
-    """Decode a record's images and videos under the budgets."""
+    """Decode a record's images and videos under the budgets (DPO decodes a pair's media once for both halves)."""
     images = [media.load_image(p, budget) for p in record.images]
     videos, metadata = [], []
     for path in record.videos:
@@ -150,20 +152,10 @@ def load_media(record: Record, budget: media.MediaBudget) -> Media:
     return Media(images, videos, metadata)
 
 
-def process(processor, text: str, decoded: Media) -> dict[str, torch.Tensor]:
-    """One item from a chat-template text and its decoded media: the processor's ids (vision tokens expanded),
-    ``attention_mask``, ``mm_token_type_ids`` and vision tensors. Media are already resized and sampled."""
-    encoded = processor(
-        text=[text],
-        images=decoded.images or None,
-        videos=decoded.videos or None,
-        video_metadata=decoded.metadata or None,
-        do_resize=False,
-        do_sample_frames=False,
-        return_tensors="pt",
-    )
-    per_token = ("input_ids", "attention_mask", "mm_token_type_ids")
-    item = {k: (v[0] if k in per_token else v) for k, v in encoded.items()}
+def encode_with(conversation: Conversation, record: Record, decoded: Media) -> dict[str, torch.Tensor]:
+    """A record's model inputs from its decoded media (already resized and sampled): ``conversation.encode``."""
+    item = conversation.encode(record, decoded.images, decoded.videos, decoded.metadata, do_resize=False,
+                               do_sample_frames=False)
     if "second_per_grid_ts" in item:
         item["second_per_grid_ts"] = torch.as_tensor(item["second_per_grid_ts"], dtype=torch.float32)
     return item

@@ -1,9 +1,9 @@
 """Records whose replies are not (all) in the conversation: preference pairs (DPO) and prompts (GRPO).
 
-Both are rendered by the same chat template and processor as SFT records (``vlmtune.data.conversation``,
-``vlmtune.data.dataset.process``): a DPO sequence is the record with its ``chosen`` (or ``rejected``) reply appended
-as the last assistant turn, labelled by the conversation's ``last_assistant`` mode; a GRPO prompt is the record
-rendered with the template's generation prompt, exactly what the model sees when it is asked to answer.
+Both go through the same chat template, processor and label code as SFT records (``Conversation.encode``): a DPO
+sequence is the record with its ``chosen`` (or ``rejected``) reply appended as the last assistant turn, labelled
+in the ``last_assistant`` mode under the same span check; a GRPO prompt is the record rendered with the template's
+generation prompt (``PromptConversation``), exactly what the model sees when it is asked to answer.
 """
 
 from __future__ import annotations
@@ -13,18 +13,34 @@ import dataclasses
 import torch
 
 from vlmtune.data.collator import Collator
-from vlmtune.data.conversation import IGNORE_INDEX, Conversation, chat_messages
-from vlmtune.data.dataset import VisionLanguageDataset, _vision_token_counts, load_media, process, record_lengths
-from vlmtune.data.records import Message, Record
+from vlmtune.data.conversation import IGNORE_INDEX, Conversation
+from vlmtune.data.dataset import VisionLanguageDataset, encode_with, load_media, record_lengths
+from vlmtune.data.records import Message, Problem, Record
 from vlmtune.families import Family
 
 REPLIES = ("chosen", "rejected")
 
 
-def prompt_text(conversation: Conversation, record: Record) -> str:
-    """The chat-template text of the record's prompt, ending with the generation prompt (the assistant header)."""
-    return conversation.processor.apply_chat_template(chat_messages(record), tokenize=False,
-                                                      add_generation_prompt=True)
+class PromptConversation(Conversation):
+    """The training rendering (same template switches), ending with the template's generation prompt: the text a
+    model answers from."""
+
+    add_generation_prompt = True
+
+
+def template_options(conversation: Conversation) -> dict:
+    """The template switches of a conversation, to build another one that renders like it."""
+    return {"enable_thinking": conversation.template_kwargs.get("enable_thinking"),
+            "keep_earlier_reasoning": conversation.keep_earlier_reasoning}
+
+
+def prompt_conversation(conversation: Conversation) -> PromptConversation:
+    return PromptConversation(conversation.processor, **template_options(conversation))
+
+
+def reply_conversation(conversation: Conversation) -> Conversation:
+    """The conversation that labels a pair's reply: the last assistant turn only."""
+    return Conversation(conversation.processor, "last_assistant", **template_options(conversation))
 
 
 def with_reply(record: Record, reply: str) -> Record:
@@ -32,63 +48,54 @@ def with_reply(record: Record, reply: str) -> Record:
     return dataclasses.replace(record, messages=[*record.messages, Message("assistant", reply)])
 
 
-def prompt_lengths(records: list[Record], conversation: Conversation, budget, family: Family) -> list[int]:
-    """Tokens of each record's prompt with the generation prompt (text + vision), without decoding media."""
-    tokenizer = conversation.processor.tokenizer
-    ids = tokenizer([prompt_text(conversation, r) for r in records], add_special_tokens=False)["input_ids"]
-    return [len(i) + _vision_token_counts(r, budget, family, conversation.processor) for r, i in zip(records, ids)]
-
-
 def stage_lengths(records: list[Record], conversation: Conversation, budget, family: Family,
-                  stage: str) -> tuple[list[int], dict[str, list[int]]]:
-    """(the length of each record's longest training sequence, the lengths ``check-data`` reports per part).
+                  stage: str) -> tuple[list[int], dict[str, list[int]], list[Problem]]:
+    """(the length of each record's longest training sequence, the lengths ``check-data`` reports per part, label
+    problems), text and vision tokens, without decoding media.
 
-    DPO: the prompt, and the prompt plus each reply (a pair trains as two sequences; the longer one counts).
-    GRPO: the prompt (completions are generated, up to ``--max_completion_length`` more).
+    DPO: the prompt, and the prompt plus each reply (a pair trains as two sequences; the longer one counts); each
+    reply's labels are checked as SFT checks them. GRPO: the prompt (completions add up to
+    ``--max_completion_length``).
     """
     if not records:
-        return [], {}
-    prompts = prompt_lengths(records, conversation, budget, family)
+        return [], {}, []
+    prompter = prompt_conversation(conversation)
+    prompts = record_lengths(records, prompter, budget, family)
     if stage == "grpo":
-        return prompts, {"prompt": prompts}
-    halves = {f"prompt + {key}": record_lengths([with_reply(r, getattr(r, key)) for r in records], conversation,
-                                                budget, family) for key in REPLIES}
+        return prompts, {"prompt": prompts}, []
+    labeller = reply_conversation(conversation)
+    halves, problems = {}, []
+    for key in REPLIES:
+        variants = [with_reply(r, getattr(r, key)) for r in records]
+        counts, found = labeller.measure(variants)
+        halves[f"prompt + {key}"] = record_lengths(variants, labeller, budget, family, counts)
+        problems += [dataclasses.replace(p, message=f"with the {key} reply: {p.message}") for p in found]
     longest = [max(pair) for pair in zip(*halves.values())]
-    return longest, {"prompt": prompts, **halves}
+    return longest, {"prompt": prompts, **halves}, problems
 
 
 class PreferenceDataset(VisionLanguageDataset):
     """Preference records -> ``{"chosen": item, "rejected": item, "index": position}``.
 
     Each half is the whole conversation with that reply as the last assistant turn, through the same template,
-    processor and label code as SFT (``conversation`` must use the ``last_assistant`` label mode: only the reply
-    and its end-of-turn token are labelled). Media are decoded once per pair. The two halves must share the prompt's
-    ids token for token, up to where the reply starts; a record whose template or tokenizer breaks that stops with
-    its index and id.
+    processor, label code and span check as SFT, in the ``last_assistant`` mode (only the reply and its end-of-turn
+    token are labelled; ``conversation`` gives the template switches). Media are decoded once per pair. The two
+    halves must share the prompt's ids token for token, up to where the reply starts; a record whose template or
+    tokenizer breaks that stops with its index and id.
     """
 
     def __init__(self, records, processor, family, budget, conversation: Conversation, *args, **kwargs):
-        if conversation.label_mode != "last_assistant":
-            raise ValueError("a preference dataset labels the last reply only: use label_mode 'last_assistant'")
         super().__init__(records, processor, family, budget, conversation, *args, **kwargs)
+        self.labeller = reply_conversation(conversation)
 
     def __getitem__(self, i: int) -> dict:
         return {**super().__getitem__(i), "index": i}
 
     def encode(self, record: Record) -> dict:
         decoded = load_media(record, self.budget)
-        pair = {}
-        for key in REPLIES:
-            item = process(self.processor, self.conversation.text(with_reply(record, getattr(record, key))), decoded)
-            item["labels"] = self.conversation.labels(item["input_ids"])
-            pair[key] = item
-        starts = {}
-        for key, item in pair.items():
-            labelled = (item["labels"] != IGNORE_INDEX).nonzero()
-            if not len(labelled):
-                raise ValueError(f"no token of the {key} reply was found after the assistant header (does the reply "
-                                 "start with a newline? the tokenizer merges it with the header's); strip it")
-            starts[key] = int(labelled[0])
+        pair = {key: encode_with(self.labeller, with_reply(record, getattr(record, key)), decoded)
+                for key in REPLIES}
+        starts = {key: int((item["labels"] != IGNORE_INDEX).nonzero()[0]) for key, item in pair.items()}
         start = starts["chosen"]
         if starts["rejected"] != start or not torch.equal(pair["chosen"]["input_ids"][:start],
                                                           pair["rejected"]["input_ids"][:start]):
@@ -112,6 +119,10 @@ class PromptDataset(VisionLanguageDataset):
     """Prompt records (GRPO) -> the prompt's item (ids ending with the generation prompt, vision tensors), plus
     ``record``: its position here, index in the file, id, reward fields, last prompt turn and image paths."""
 
+    def __init__(self, records, processor, family, budget, conversation: Conversation, *args, **kwargs):
+        super().__init__(records, processor, family, budget, conversation, *args, **kwargs)
+        self.prompter = prompt_conversation(conversation)
+
     def __getitem__(self, i: int) -> dict:
         record = self.records[i]
         meta = {"position": i, "index": record.index, "id": record.id, "fields": record.fields,
@@ -119,7 +130,9 @@ class PromptDataset(VisionLanguageDataset):
         return {**super().__getitem__(i), "record": meta}
 
     def encode(self, record: Record) -> dict:
-        return process(self.processor, prompt_text(self.conversation, record), load_media(record, self.budget))
+        item = encode_with(self.prompter, record, load_media(record, self.budget))
+        item.pop("labels")  # a prompt trains nothing; its completions are labelled when sampled
+        return item
 
 
 def collate_prompts(items: list[dict]) -> dict:

@@ -166,16 +166,16 @@ def resolve_start(model_args: ModelArguments, data_args: DataArguments) -> Start
 
 
 def build_datasets(data_args: DataArguments, processor, family: Family, budget: media.MediaBudget, seed: int,
-                   make: Callable, stage: str = "sft"):
-    """(train, eval or None) datasets of a stage: every file checked up front (the summary logged, errors raised
-    as ``DataError``), a held-out split drawn with ``seed``, and ``make(records, lengths, source)`` building each
-    dataset from its records and measured lengths."""
+                   make: Callable, conversation, stage: str = "sft"):
+    """(train, eval or None) datasets of a stage: every file checked up front, labels included, with
+    ``conversation`` (the summary logged, errors raised as ``DataError``), a held-out split drawn with ``seed``,
+    and ``make(records, lengths, source)`` building each dataset from its records and measured lengths."""
 
     def checked(path: str):
         result = check_data(
             path, processor, family, budget, image_folder=data_args.image_folder,
             video_folder=data_args.video_folder, allow_urls=data_args.allow_urls, deep=data_args.deep_check,
-            max_seq_length=data_args.max_seq_length, stage=stage,
+            max_seq_length=data_args.max_seq_length, conversation=conversation, stage=stage,
         )
         logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
         if result.errors:

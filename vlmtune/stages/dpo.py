@@ -183,13 +183,14 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArg
     zero3 = ref.is_zero3(train_args)
     start = resolve_start(model_args, data_args)
     processor, family = start.processor, start.family
-    conversation = Conversation(processor, "last_assistant")  # labels: the reply and its end-of-turn token
+    conversation = Conversation(processor, "last_assistant", **data_args.template_options())  # the reply only
 
     def make(records, lengths, source):
         return PreferenceDataset(records, processor, family, start.budget, conversation, data_args.max_seq_length,
                                  data_args.strict_length, lengths, source)
 
-    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make, "dpo")
+    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
+                                         conversation, "dpo")
     if len(train_set) == 0:
         raise ConfigError("no preference record is left after the length filter; raise --max_seq_length")
 
@@ -210,7 +211,8 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArg
 
     fillers = vision_fillers(processor, family.factor) if is_distributed() else None
     run_info = run.run_record(stage="dpo", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
-                              bits=model_args.bits, dpo={k: v for k, v in vars(dpo_args).items()}, **start.record())
+                              bits=model_args.bits, template_options=data_args.template_options(),
+                              dpo=dict(vars(dpo_args)), **start.record())
     trainer = DPOTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=PreferenceCollator(processor.tokenizer.pad_token_id, fillers=fillers),

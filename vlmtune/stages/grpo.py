@@ -343,13 +343,14 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
     zero3 = ref.is_zero3(train_args)
     start = resolve_start(model_args, data_args)
     processor, family = start.processor, start.family
-    conversation = Conversation(processor)
+    conversation = Conversation(processor, **data_args.template_options())  # prompts rendered with its switches
 
     def make(records, lengths, source):  # room for the completion beside each prompt
         return PromptDataset(records, processor, family, start.budget, conversation, data_args.max_seq_length,
                              data_args.strict_length, [n + grpo_args.max_completion_length for n in lengths], source)
 
-    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make, "grpo")
+    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
+                                         conversation, "grpo")
     for dataset in (train_set, eval_set):
         if dataset is not None:
             check_reward_fields(rewards, dataset, dataset.source)
@@ -369,7 +370,8 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
 
     fillers = vision_fillers(processor, family.factor) if is_distributed() else None
     run_info = run.run_record(stage="grpo", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
-                              bits=model_args.bits, grpo=dict(vars(grpo_args)), **start.record())
+                              bits=model_args.bits, template_options=data_args.template_options(),
+                              grpo=dict(vars(grpo_args)), **start.record())
     trainer = GRPOTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate_prompts,
         processing_class=processor, family=family, run_info=run_info, grpo=grpo_args, rewards=rewards,

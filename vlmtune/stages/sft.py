@@ -35,13 +35,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
         raise ConfigError("--data_path is required (a LLaVA-style JSON or JSONL file)")
     start = resolve_start(model_args, data_args)
     processor, family = start.processor, start.family
-    conversation = Conversation(processor, data_args.label_mode)
+    conversation = Conversation(processor, data_args.label_mode, **data_args.template_options())
 
     def make(records, lengths, source):
         return VisionLanguageDataset(records, processor, family, start.budget, conversation,
                                      data_args.max_seq_length, data_args.strict_length, lengths, source)
 
-    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make)
+    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
+                                         conversation)
     if len(train_set) == 0:
         raise ConfigError("no training record is left after the length filter; raise --max_seq_length")
 
@@ -55,7 +56,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     else:
         collator = Collator(processor.tokenizer.pad_token_id, fillers=fillers)
     run_info = run.run_record(stage="sft", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
-                              bits=model_args.bits, **start.record())
+                              bits=model_args.bits, template_options=data_args.template_options(), **start.record())
     trainer = VisionLanguageTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         processing_class=processor, family=family, run_info=run_info,
