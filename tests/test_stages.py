@@ -314,7 +314,7 @@ def test_grpo_step_on_mixed_prompts_matches_a_hand_computed_clipped_objective(ti
     the clipped objective with KL computed here from plain forwards (policy, and the base model loaded again as
     the reference), at the sampling temperature, with old log-probs moved off the policy so the clip acts."""
     from vlmtune.data.conversation import Conversation
-    from vlmtune.data.prompts import PromptDataset, collate_prompts, prompt_lengths
+    from vlmtune.data.prompts import PromptDataset, collate_prompts, stage_lengths
     from vlmtune.model import modes
     from vlmtune.rewards import Reward
     from vlmtune.stages import reference as ref
@@ -327,7 +327,7 @@ def test_grpo_step_on_mixed_prompts_matches_a_hand_computed_clipped_objective(ti
     ids = [r.id for r in records]
     conversation = Conversation(processor)
     dataset = PromptDataset(records, processor, family, budget, conversation, None, False,
-                            prompt_lengths(records, conversation, budget, family))
+                            stage_lengths(records, conversation, budget, family, "grpo")[0])
     temperature, beta, n = 0.7, 0.1, 3
     args = GRPOArguments(num_generations=n, max_completion_length=4, temperature=temperature, beta=beta,
                          epsilon=0.1, epsilon_high=0.2)
