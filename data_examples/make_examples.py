@@ -1,4 +1,5 @@
-"""Regenerate data_examples/: shapes drawn with PIL, short clips written with PyAV, and data.json.
+"""Regenerate data_examples/: shapes drawn with PIL, short clips written with PyAV, data.json (SFT),
+preference.json (DPO) and grpo.json (GRPO prompts with gold answers).
 
     python data_examples/make_examples.py
 
@@ -110,6 +111,74 @@ def main() -> None:
             {"from": "gpt", "value": "All points at the same distance from the center."}]},
     ]
     (HERE / "data.json").write_text(json.dumps(records, indent=2) + "\n")
+    (HERE / "preference.json").write_text(json.dumps(PREFERENCE, indent=2) + "\n")
+    (HERE / "grpo.json").write_text(json.dumps(GRPO, indent=2) + "\n")
+
+
+def human(text: str) -> dict:
+    return {"from": "human", "value": text}
+
+
+# Preference records (vlmtune dpo): the prompt turns, then the better and the worse reply to the last one.
+# A reply is a string or a turn object.
+PREFERENCE = [
+    {"id": "pref_red_circle", "image": "images/red_circle.png",
+     "conversations": [human("<image>\nWhat shape is in the picture?")],
+     "chosen": "A red circle.", "rejected": "A blue square."},
+    {"id": "pref_blue_square", "image": "images/blue_square.png",
+     "conversations": [human("<image>\nWhat shape is in the picture?")],
+     "chosen": "A blue square.", "rejected": "A green triangle."},
+    {"id": "pref_green_triangle", "image": "images/green_triangle.png",
+     "conversations": [human("What color is the shape? <image>")],
+     "chosen": {"from": "gpt", "value": "The triangle is green."},
+     "rejected": {"from": "gpt", "value": "The triangle is red."}},
+    {"id": "pref_two_images", "image": ["images/red_circle.png", "images/yellow_circle.png"],
+     "conversations": [human("Image 1: <image>\nImage 2: <image>\nWhat do the two images share?")],
+     "chosen": "Both show a circle.", "rejected": "Both show a square."},
+    {"id": "pref_video_right", "video": "videos/ball_right.mp4",
+     "conversations": [human("<video>\nWhere does the ball move?")],
+     "chosen": "From the left to the right.", "rejected": "From the right to the left."},
+    {"id": "pref_video_left", "video": "videos/ball_left.mp4",
+     "conversations": [human("<video>\nWhere does the ball move?")],
+     "chosen": "From the right to the left.", "rejected": "From the left to the right."},
+    {"id": "pref_image_and_video", "image": "images/yellow_circle.png", "video": "videos/ball_right.mp4",
+     "conversations": [human("<image>\nIs the ball in this video <video> the same color as this circle?")],
+     "chosen": "Yes, both are yellow.", "rejected": "No, the ball is blue."},
+    {"id": "pref_text", "conversations": [human("How many sides does a triangle have?")],
+     "chosen": "Three.", "rejected": "Four."},
+    {"id": "pref_multi_turn", "image": "images/blue_square.png",
+     "conversations": [human("<image>\nWhat shape is this?"), {"from": "gpt", "value": "A square."},
+                       human("And what color is it?")],
+     "chosen": "It is blue.", "rejected": "It is red."},
+    {"id": "pref_system", "image": "images/green_triangle.png",
+     "conversations": [{"from": "system", "value": "Answer with one word."}, human("<image>\nName the shape.")],
+     "chosen": "Triangle.", "rejected": "Circle."},
+]
+
+# GRPO records (vlmtune grpo): the prompt turns, and the fields reward functions read: a gold 'answer', a 'box'
+# ([x1, y1, x2, y2] in the image's pixels). A conversation that ends with a gpt turn has it as its answer.
+GRPO = [
+    {"id": "grpo_red_circle", "image": "images/red_circle.png",
+     "conversations": [human("<image>\nWhat color is the shape? Answer with one word.")], "answer": "red"},
+    {"id": "grpo_blue_square", "image": "images/blue_square.png",
+     "conversations": [human("<image>\nWhat shape is it? Answer with one word.")], "answer": "square"},
+    {"id": "grpo_green_triangle", "image": "images/green_triangle.png",
+     "conversations": [human("What color is the shape? <image> Answer with one word.")], "answer": "green"},
+    {"id": "grpo_triangle_sides", "conversations": [human("How many sides does a triangle have? Answer with a "
+                                                          "number.")], "answer": "3"},
+    {"id": "grpo_square_corners", "conversations": [human("How many corners does a square have?")], "answer": 4},
+    {"id": "grpo_video_right", "video": "videos/ball_right.mp4",
+     "conversations": [human("<video>\nDoes the ball move to the left or to the right?")], "answer": "right"},
+    {"id": "grpo_video_left", "video": "videos/ball_left.mp4",
+     "conversations": [human("<video>\nDoes the ball move to the left or to the right?")], "answer": "left"},
+    {"id": "grpo_two_images", "image": ["images/red_circle.png", "images/yellow_circle.png"],
+     "conversations": [human("Image 1: <image>\nImage 2: <image>\nHow many circles are there?")], "answer": "2"},
+    {"id": "grpo_box", "image": "images/red_circle.png",
+     "conversations": [human("<image>\nGive the bounding box of the circle as [x1, y1, x2, y2].")],
+     "answer": "[24, 14, 72, 58]", "box": [24, 14, 72, 58]},
+    {"id": "grpo_gpt_turn_answer", "image": "images/yellow_circle.png",
+     "conversations": [human("<image>\nName the shape in one word."), {"from": "gpt", "value": "circle"}]},
+]
 
 
 if __name__ == "__main__":

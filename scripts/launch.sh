@@ -1,7 +1,8 @@
 # Shared launcher of the finetune*.sh scripts: sourced, not run.
 #
 # A script sources this file first, then sets its knobs (each one only if unset, so the environment
-# overrides it), then calls `launch ARGS...`. With no MODEL_NAME, the demo values below are preset for the
+# overrides it), then calls `launch ARGS...`; VLMTUNE_COMMAND (set by the script: train, dpo or grpo, default
+# train) is the vlmtune command launched. With no MODEL_NAME, the demo values below are preset for the
 # embedded tiny model, which trains on data_examples/ on CPU in about a minute.
 #
 # Devices: NUM_DEVICES per node (default: the visible GPUs, or 1), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT.
@@ -24,6 +25,7 @@ if [ -z "${MODEL_NAME:-}" ]; then
 fi
 
 launch() {
+    local command=${VLMTUNE_COMMAND:-train}
     local nproc=${NUM_DEVICES:-}
     if [ -z "$nproc" ]; then
         nproc=$([ "$HAS_CUDA" = 1 ] && "$PYTHON" -c "import torch; print(torch.cuda.device_count())" || echo 1)
@@ -78,12 +80,12 @@ launch() {
 
     if [ -n "${HOSTFILE:-}" ]; then
         exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
-            --module vlmtune.cli train "${args[@]}" "$@"
+            --module vlmtune.cli "$command" "${args[@]}" "$@"
     elif [ "$world" -gt 1 ] || [ -n "${DEEPSPEED:-}" ]; then
         exec "$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" \
             --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" \
-            --master_port "${MASTER_PORT:-29500}" -m vlmtune.cli train "${args[@]}" "$@"
+            --master_port "${MASTER_PORT:-29500}" -m vlmtune.cli "$command" "${args[@]}" "$@"
     else
-        exec "$PYTHON" -m vlmtune.cli train "${args[@]}" "$@"
+        exec "$PYTHON" -m vlmtune.cli "$command" "${args[@]}" "$@"
     fi
 }

@@ -4,7 +4,7 @@
 # (pip never resolves an unpinned torch here: that would pull a multi-GB build of its choosing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=${EXTRAS:-video,deepspeed,test}
+EXTRAS=${EXTRAS:-video,deepspeed,rl,test}
 TORCH_PAIR=${TORCH_PAIR:-"torch==2.14.1 torchvision==0.29.1"}
 PY=${PYTHON:-python3}
 

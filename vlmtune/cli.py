@@ -1,4 +1,4 @@
-"""``vlmtune train | check-data | tiny-model | merge | predict | estimate-memory``: parse, call, report."""
+"""``vlmtune train | dpo | grpo | check-data | tiny-model | merge | predict | estimate-memory``: parse, call, report."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ USAGE = """usage: vlmtune [--debug] COMMAND [options]
 
 commands:
   train            fine-tune a Qwen-VL model (vlmtune train --help; a YAML config may come first)
+  dpo              preference-tune on chosen / rejected replies (vlmtune dpo --help)
+  grpo             reinforce with reward functions on sampled replies (vlmtune grpo --help)
   check-data       validate a data file and summarise it
   merge            merge LoRA adapters and trained parts into a standalone model folder
   predict          generate replies with a model (and adapters) for images, videos or a data file
@@ -53,6 +55,22 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def cmd_dpo(argv: list[str]) -> int:
+    from vlmtune.config import parse_train_args
+    from vlmtune.stages.dpo import dpo
+
+    dpo(*parse_train_args(argv, prog="vlmtune dpo", stage="dpo"))
+    return 0
+
+
+def cmd_grpo(argv: list[str]) -> int:
+    from vlmtune.config import parse_train_args
+    from vlmtune.stages.grpo import grpo
+
+    grpo(*parse_train_args(argv, prog="vlmtune grpo", stage="grpo"))
+    return 0
+
+
 def cmd_check_data(argv: list[str]) -> int:
     from vlmtune.config import boolean_flag
     from vlmtune.data import media
@@ -69,6 +87,9 @@ def cmd_check_data(argv: list[str]) -> int:
     parser.add_argument("--max_seq_length", type=int, default=4096)
     parser.add_argument("--deep", action="store_true", help="decode every image and video (slower)")
     parser.add_argument("--allow_urls", action="store_true")
+    parser.add_argument("--stage", choices=["sft", "dpo", "grpo"], default="sft",
+                        help="what the records are for: sft (conversations with replies), dpo (prompt turns plus "
+                        "'chosen' and 'rejected'), grpo (prompt turns plus reward fields)")
     # what trains, as in `vlmtune train`: every record's labels are checked under these
     parser.add_argument("--label_mode", choices=LABEL_MODES, default="assistant")
     parser.add_argument("--enable_thinking", type=boolean_flag, metavar="{true,false}",
@@ -85,7 +106,8 @@ def cmd_check_data(argv: list[str]) -> int:
                                 keep_earlier_reasoning=args.keep_earlier_reasoning)
     result = check_data(args.data_path, processor, family, budget, image_folder=args.image_folder,
                         video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
-                        max_seq_length=args.max_seq_length, conversation=conversation, processes=args.processes)
+                        max_seq_length=args.max_seq_length, conversation=conversation, processes=args.processes,
+                        stage=args.stage)
     print(result.summary())
     return 1 if result.errors else 0
 
@@ -121,8 +143,9 @@ def cmd_estimate_memory(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"train": cmd_train, "check-data": cmd_check_data, "tiny-model": cmd_tiny_model, "merge": cmd_merge,
-            "predict": cmd_predict, "estimate-memory": cmd_estimate_memory}
+COMMANDS = {"train": cmd_train, "dpo": cmd_dpo, "grpo": cmd_grpo, "check-data": cmd_check_data,
+            "tiny-model": cmd_tiny_model, "merge": cmd_merge, "predict": cmd_predict,
+            "estimate-memory": cmd_estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

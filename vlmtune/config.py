@@ -227,13 +227,132 @@ class TrainingArguments(HfTrainingArguments):
         super().__post_init__()
 
 
+@dataclass
+class DPOArguments:
+    """``vlmtune dpo``: direct preference optimisation on (prompt, chosen, rejected) records."""
+
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "How far the policy may move from the reference: the scale of the implicit rewards "
+                  "beta * (log pi - log pi_ref). For IPO, the regularisation tau."},
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = field(
+        default="sigmoid",
+        metadata={"help": "sigmoid: the DPO paper's loss. ipo: (length-normalised margin - 1 / (2 beta))^2. "
+                  "hinge: relu(1 - beta * margin) (SLiC)."},
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "Sigmoid loss only: the assumed probability that a pair's labels are flipped (cDPO), "
+                  "in [0, 0.5)."},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Score every pair with the reference in one pass before the first step, then keep no "
+                  "reference in memory (full runs: no frozen copy). Saved with each checkpoint for resume."},
+    )
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ConfigError(f"--beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ConfigError(f"--label_smoothing applies to the sigmoid loss, not --loss_type {self.loss_type}")
+
+
+@dataclass
+class GRPOArguments:
+    """``vlmtune grpo``: group relative policy optimisation with reward functions on prompt records."""
+
+    num_generations: int = field(
+        default=4, metadata={"help": "Completions sampled per prompt; their rewards are compared within the group."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens whose "
+                                                "probability reaches top_p."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens only (0: all)."})
+    max_completion_length: int = field(default=64, metadata={"help": "Most tokens generated per completion."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["exact_match"],
+        metadata={"help": "Reward functions, summed with --reward_weights: built-ins exact_match, math, format, "
+                  "box_iou, or FILE.py:FUNCTION (called as FUNCTION(completions, **fields) -> list of floats)."},
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function (default: 1 each)."}
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the KL penalty to the reference policy (0: no KL term and no reference)."},
+    )
+    epsilon: float = field(default=0.2, metadata={"help": "Clipping range of the probability ratio (lower side)."})
+    epsilon_high: float | None = field(
+        default=None, metadata={"help": "Upper clipping range (default: --epsilon; DAPO raises it, e.g. 0.28)."}
+    )
+    num_iterations: int = field(
+        default=1,
+        metadata={"help": "Optimizer steps per batch of completions (above 1 the ratio moves from 1 and the clip "
+                  "acts); each step group of prompts is then sampled again that many times."},
+    )
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = field(
+        default="grpo",
+        metadata={"help": "How token losses add up: grpo (mean per completion, then over completions), bnpo "
+                  "(mean over the batch's completion tokens), dr_grpo (sum / (completions x "
+                  "max_completion_length))."},
+    )
+    scale_rewards: Literal["group", "batch", "none"] = field(
+        default="group",
+        metadata={"help": "Advantages = reward - group mean, divided by the group's std (group), the batch's "
+                  "(batch) or nothing (none, as Dr. GRPO)."},
+    )
+    log_completions: int = field(
+        default=2, metadata={"help": "Sample completions written to completions.jsonl in the run folder at each "
+                             "logging step (0: none)."}
+    )
+    use_vllm: bool | None = field(
+        default=None,
+        metadata={"help": "Sample with vLLM (CUDA only; images and text, no video). Default: when vLLM is "
+                  "installed and a CUDA device is present; else HF generate, said in one line."},
+    )
+    vllm_mode: Literal["colocate", "server"] = field(
+        default="colocate", metadata={"help": "colocate: vLLM shares each training GPU; server: `trl vllm-serve`."}
+    )
+    vllm_server_base_url: str | None = field(default=None, metadata={"help": "URL of the vLLM server (server "
+                                                                            "mode)."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "Share of GPU memory vLLM may take in colocate mode."}
+    )
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ConfigError(f"--num_generations must be at least 2 (advantages compare completions of one "
+                              f"prompt), got {self.num_generations}")
+        if self.temperature <= 0:
+            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.max_completion_length < 1:
+            raise ConfigError(f"--max_completion_length must be at least 1, got {self.max_completion_length}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"{len(self.reward_weights)} --reward_weights for {len(self.reward_funcs)} "
+                              "--reward_funcs; give one weight per function")
+        if self.beta < 0 or self.epsilon <= 0 or self.num_iterations < 1:
+            raise ConfigError("--beta must be >= 0, --epsilon > 0 and --num_iterations >= 1")
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+
+
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ModeArguments, TrainingArguments)
+STAGE_ARGUMENTS = {"dpo": DPOArguments, "grpo": GRPOArguments}
+"""Each stage's own knobs, parsed after the shared ones."""
 
 
-def parse_train_args(argv: list[str] | None = None, prog: str = "vlmtune train"):
-    """(model, data, mode, training) arguments from an optional YAML file (first argument) and flags."""
+def parse_train_args(argv: list[str] | None = None, prog: str = "vlmtune train", stage: str = "sft"):
+    """(model, data, mode, training[, stage]) arguments from an optional YAML file (first argument) and flags;
+    ``stage`` "dpo" / "grpo" adds that stage's arguments (``DPOArguments``, ``GRPOArguments``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog=prog, allow_abbrev=False)  # a typo never means another flag
+    classes = ARGUMENT_CLASSES + ((STAGE_ARGUMENTS[stage],) if stage in STAGE_ARGUMENTS else ())
+    parser = HfArgumentParser(classes, prog=prog, allow_abbrev=False)  # a typo never means another flag
     if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
         argv = yaml_to_argv(Path(argv.pop(0))) + argv
     try:
@@ -241,11 +360,11 @@ def parse_train_args(argv: list[str] | None = None, prog: str = "vlmtune train")
     except ValueError as exc:  # transformers' own checks of the arguments (e.g. an unknown scheduler name)
         raise ConfigError(str(exc)) from None
     if unknown:
-        raise ConfigError(_unknown_flags_message(parser, unknown))
+        raise ConfigError(_unknown_flags_message(parser, unknown, prog))
     return tuple(parsed)
 
 
-def _unknown_flags_message(parser: HfArgumentParser, unknown: list[str]) -> str:
+def _unknown_flags_message(parser: HfArgumentParser, unknown: list[str], prog: str = "vlmtune train") -> str:
     import difflib
 
     known = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
@@ -255,7 +374,7 @@ def _unknown_flags_message(parser: HfArgumentParser, unknown: list[str]) -> str:
         parts.append(f"{flag}" + (f" (did you mean {close[0]}?)" if close else ""))
     if not parts:
         return f"unexpected argument(s): {' '.join(unknown)}; every value follows its --flag"
-    return f"unknown option(s): {', '.join(parts)}; `vlmtune train --help` lists them"
+    return f"unknown option(s): {', '.join(parts)}; `{prog} --help` lists them"
 
 
 def yaml_to_argv(path: Path) -> list[str]:

@@ -7,7 +7,9 @@ A run's output folder (and each ``checkpoint-N`` inside it) holds:
   merger, top layers), under the base model's in-memory names;
 * the processor, with the pixel and frame budgets the run trained with;
 * ``vlmtune_run.json``: the stage, base model, family, training plan, dtype, quantization bits and the budget
-  options the user set (some, such as ``nframes`` or fixed image sizes, have no field in the processor's files).
+  options the user set (some, such as ``nframes`` or fixed image sizes, have no field in the processor's files);
+  ``init_run`` when the run started from another LoRA run (DPO / GRPO after SFT): that run's adapters were merged
+  into the base model first, and are merged again whenever this run's adapters are loaded.
 
 Everything that writes or reads these files lives here, so the commands that need them (train, merge, predict,
 eval) never import one another.
@@ -170,13 +172,34 @@ def base_model_of(run: RunInfo, base_model: str | None) -> str:
     return str(base)
 
 
+def start_of(model_name_or_path: str) -> tuple[str, RunInfo | None]:
+    """Where a training run starts: (base model, None) for a model folder or hub name; (its base model, the run)
+    for a LoRA run's output folder (e.g. an SFT run), whose adapters are then merged into the base first."""
+    path = Path(model_name_or_path)
+    if not (path / ADAPTER_CONFIG).is_file() or (path / "config.json").is_file():
+        return model_name_or_path, None
+    init_run = read_run(path)
+    return base_model_of(init_run, None), init_run
+
+
+def load_base_of(run: RunInfo, base_model: str, dtype: torch.dtype, **load_kwargs):
+    """(the model a run's adapters were trained on, family): the base model, with the adapters of the run it
+    started from (``init_run``, recursively) merged in."""
+    init = run.info.get("init_run")
+    if not init:
+        return load_model(base_model, dtype=dtype, **{"attn_implementation": "sdpa", **load_kwargs})
+    peft_model, family = load_model_with_adapters(read_run(init), base_model, dtype, **load_kwargs)
+    return peft_model.merge_and_unload(), family
+
+
 def load_model_with_adapters(run: RunInfo, base_model: str, dtype: torch.dtype,
-                             device: str | torch.device = "cpu", bits: int = 16):
+                             device: str | torch.device = "cpu", bits: int = 16, **load_kwargs):
     """(PeftModel with the run's adapters and non-LoRA trainables restored, family), strictly; ``bits`` 4 or 8:
     on the base quantized as QLoRA training quantized it.
 
     Raises ``MergeError`` naming the keys when an adapter weight or a saved trainable does not match the base
     model, or when a trainable the run's plan trained is missing from ``non_lora_trainables.safetensors``.
+    ``load_kwargs`` go to ``load_model`` (attention kernel, Liger).
     """
     from peft import PeftConfig, PeftModel
 
@@ -185,7 +208,7 @@ def load_model_with_adapters(run: RunInfo, base_model: str, dtype: torch.dtype,
     if recorded and recorded != family.model_type:
         raise MergeError(f"{run.folder} was trained on a {recorded} model but the base model {base_model} is "
                          f"{family.model_type}; pass the right --base_model")
-    model, family = load_model(base_model, dtype=dtype, attn_implementation="sdpa", bits=bits)
+    model, family = load_base_of(run, base_model, dtype, bits=bits, **load_kwargs)
     if bits not in (4, 8):  # a quantized model stays where bitsandbytes put it
         model.to(device)
     model.eval()

@@ -6,7 +6,6 @@ builds: ``build_tiny_model(out_dir, family)`` writes a folder that ``from_pretra
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from vlmtune import cache_root
 from vlmtune.families import FAMILIES, Family
 from vlmtune.families.base import SPECIAL_TOKENS
+from vlmtune.model.load import whole_weights
 
 TINY_VOCAB_SIZE = 1024
 TINY_TEXT_INIT_STD = 0.1
@@ -218,20 +218,6 @@ def _processor(family: Family, tokenizer):
     )
 
 
-@contextlib.contextmanager
-def _whole_weights():
-    """Build with whole weights even inside a ZeRO-3 run: transformers would otherwise partition the new
-    model through the run's DeepSpeed config, and save_pretrained would write empty shards."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 def tiny_config(family: Family, tokenizer):
     """The family's config at tiny sizes, with token ids from the tiny tokenizer."""
     from transformers import AutoConfig
@@ -262,7 +248,7 @@ def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: in
     tokenizer = _train_tokenizer(seed, fam.extra_tokens)
     config = tiny_config(fam, tokenizer)
     torch.manual_seed(seed)
-    with _whole_weights():
+    with whole_weights():
         model = fam.model_cls()(config).eval()
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],

@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from vlmtune.data import media
 from vlmtune.data.conversation import Conversation
-from vlmtune.data.records import FileError, Problem, Record
+from vlmtune.data.prompts import stage_lengths
+from vlmtune.data.records import FileError, Problem, Record, read_records
 from vlmtune.data.store import DataStore, RecordSequence, open_store
 from vlmtune.families import Family
 
@@ -27,6 +28,8 @@ class CheckResult:
     max_seq_length: int | None
     seconds: float
     store: DataStore | None = None
+    parts: dict[str, list[int]] = field(default_factory=dict)
+    """DPO / GRPO: token lengths of the prompt and of the prompt plus each reply, per record."""
 
     @property
     def errors(self) -> list[Problem]:
@@ -52,6 +55,10 @@ class CheckResult:
             p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
             lines.append(f"  tokens (vision included): min {ordered[0]:,}, median {int(np.median(ordered)):,}, "
                          f"p95 {p95:,}, max {ordered[-1]:,}")
+            for part, values in self.parts.items():
+                part_sorted = sorted(values)
+                lines.append(f"    {part}: min {part_sorted[0]:,}, median {int(np.median(part_sorted)):,}, "
+                             f"max {part_sorted[-1]:,}")
             if self.max_seq_length:
                 over = np.flatnonzero(np.asarray(self.lengths) > self.max_seq_length)
                 shown = ", ".join(repr(self.records[int(i)].id) for i in over[:10]) + (" ..." if len(over) > 10 else "")
@@ -75,20 +82,40 @@ def check_data(
     max_seq_length: int | None = None,
     conversation: Conversation | None = None,
     processes: int | None = None,
+    stage: str = "sft",
 ) -> CheckResult:
     """Validate every record, check its labels (with ``conversation``: the run's label mode and template switches),
     then measure token lengths (text + vision) of the valid ones.
 
-    The results live in the data store (``vlmtune.data.store``): built once per node and file content, with
-    ``processes`` worker processes (default: every core), and opened in seconds on later runs.
+    The results of SFT files live in the data store (``vlmtune.data.store``): built once per node and file
+    content, with ``processes`` worker processes (default: every core), and opened in seconds on later runs.
+
+    ``stage`` "dpo" / "grpo" reads preference / prompt records (in memory, not stored); the lengths are then those
+    of each record's longest training sequence, with the prompt and each reply reported apart
+    (``CheckResult.parts``), and the labels of each reply are checked as the last turn of its conversation.
     """
     start = time.perf_counter()
-    try:
-        store = open_store(data_path, processor, family, budget, conversation or Conversation(processor),
-                           image_folder=image_folder, video_folder=video_folder, allow_urls=allow_urls, deep=deep,
-                           min_image_side=family.factor, processes=processes)
-    except FileError as exc:
-        return CheckResult(str(data_path), [], [exc.problem], np.zeros(0, np.int64), max_seq_length,
-                           time.perf_counter() - start)
-    return CheckResult(str(data_path), store.records(), store.problems, store.valid_lengths(), max_seq_length,
-                       time.perf_counter() - start, store)
+    conversation = conversation or Conversation(processor)
+    if stage == "sft":
+        try:
+            store = open_store(data_path, processor, family, budget, conversation, image_folder=image_folder,
+                               video_folder=video_folder, allow_urls=allow_urls, deep=deep,
+                               min_image_side=family.factor, processes=processes)
+        except FileError as exc:
+            return CheckResult(str(data_path), [], [exc.problem], np.zeros(0, np.int64), max_seq_length,
+                               time.perf_counter() - start)
+        return CheckResult(str(data_path), store.records(), store.problems, store.valid_lengths(), max_seq_length,
+                           time.perf_counter() - start, store)
+    records, problems = read_records(
+        data_path, image_folder, video_folder, allow_urls=allow_urls, deep=deep,
+        min_image_side=family.factor, budget=budget, stage=stage,
+    )
+    lengths, parts, label_problems = stage_lengths(records, conversation, budget, family, stage)
+    if label_problems:  # such records are errors, not valid records
+        bad = {p.index for p in label_problems}
+        keep = [i for i, r in enumerate(records) if r.index not in bad]
+        records, lengths = [records[i] for i in keep], [lengths[i] for i in keep]
+        parts = {k: [v[i] for i in keep] for k, v in parts.items()}
+        problems = sorted(problems + label_problems, key=lambda p: -1 if p.index is None else p.index)
+    return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start,
+                       parts=parts)

@@ -83,16 +83,21 @@ def _vision_token_counts(record: Record, budget: media.MediaBudget, family: Fami
             + sum(video_extra_tokens(info, budget, family, processor) for info in record.video_infos))
 
 
-def record_lengths(records: Sequence[Record], conversation: Conversation, budget, family: Family) -> list[int]:
+def record_lengths(records: Sequence[Record], conversation: Conversation, budget, family: Family,
+                   text_counts: Sequence[int] | None = None) -> list[int]:
     """Sequence length of every record (text + vision tokens), without decoding any media.
 
-    The text's tokens are counted as ``encode`` cuts them (reply by reply), ``LENGTH_CHUNK`` records at a time;
-    only the lengths are kept."""
+    The text's tokens are counted as ``encode`` cuts them (reply by reply), ``LENGTH_CHUNK`` records at a time, so
+    only the lengths are kept; ``text_counts``: the records' ``conversation.token_counts`` when already measured
+    (``conversation.measure``)."""
+    processor = conversation.processor
+    if text_counts is not None:
+        return [n + _vision_token_counts(r, budget, family, processor) for r, n in zip(records, text_counts)]
     lengths: list[int] = []
     for start in range(0, len(records), LENGTH_CHUNK):
         chunk = [records[i] for i in range(start, min(start + LENGTH_CHUNK, len(records)))]
-        counts = conversation.token_counts(chunk)
-        lengths += [n + _vision_token_counts(r, budget, family, conversation.processor) for r, n in zip(chunk, counts)]
+        lengths += [n + _vision_token_counts(r, budget, family, processor)
+                    for r, n in zip(chunk, conversation.token_counts(chunk))]
     return lengths
 
 
@@ -156,14 +161,34 @@ class VisionLanguageDataset(Dataset):
 
     def encode(self, record: Record) -> dict[str, torch.Tensor]:
         """Decode the record's media and run the processor on the rendered conversation, cut at its replies."""
-        images = [media.load_image(p, self.budget) for p in record.images]
-        videos, metadata = [], []
-        for path in record.videos:
-            frames, meta = media.load_video(path, self.budget)
-            videos.append(frames)
-            metadata.append(meta)
         # the processor's tensors; ids tokenized reply by reply, labels, and their check (data/conversation.py)
-        item = self.conversation.encode(record, images, videos, metadata, do_resize=False, do_sample_frames=False)
-        if "second_per_grid_ts" in item:
-            item["second_per_grid_ts"] = torch.as_tensor(item["second_per_grid_ts"], dtype=torch.float32)
-        return item
+        return encode_with(self.conversation, record, load_media(record, self.budget))
+
+
+@dataclass
+class Media:
+    """A record's decoded media, in placeholder order, as the processor takes them."""
+
+    images: list
+    videos: list
+    metadata: list
+
+
+def load_media(record: Record, budget: media.MediaBudget) -> Media:
+    """Decode a record's images and videos under the budgets (DPO decodes a pair's media once for both halves)."""
+    images = [media.load_image(p, budget) for p in record.images]
+    videos, metadata = [], []
+    for path in record.videos:
+        frames, meta = media.load_video(path, budget)
+        videos.append(frames)
+        metadata.append(meta)
+    return Media(images, videos, metadata)
+
+
+def encode_with(conversation: Conversation, record: Record, decoded: Media) -> dict[str, torch.Tensor]:
+    """A record's model inputs from its decoded media (already resized and sampled): ``conversation.encode``."""
+    item = conversation.encode(record, decoded.images, decoded.videos, decoded.metadata, do_resize=False,
+                               do_sample_frames=False)
+    if "second_per_grid_ts" in item:
+        item["second_per_grid_ts"] = torch.as_tensor(item["second_per_grid_ts"], dtype=torch.float32)
+    return item

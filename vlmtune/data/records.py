@@ -26,6 +26,8 @@ IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 KNOWN_KEYS = {"id", "image", "video", "conversations"}
+STAGES = ("sft", "dpo", "grpo")
+"""What a data file is for: supervised replies, preference pairs, or prompts with fields for reward functions."""
 MAX_ASPECT_RATIO = 200  # the processors' limit
 URL_PREFIXES = media.URL_PREFIXES
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -49,6 +51,12 @@ class Record:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
     """(width, height) of each image after EXIF orientation, read from its header."""
     video_infos: list[media.VideoInfo] = field(default_factory=list)
+    chosen: str | None = None
+    """Preference records (DPO): the better reply to the last prompt; ``messages`` end with that prompt."""
+    rejected: str | None = None
+    """Preference records (DPO): the worse reply to the last prompt."""
+    fields: dict = field(default_factory=dict)
+    """Prompt records (GRPO): the record's other keys (a gold ``answer``, a ``box``, ...), for reward functions."""
 
     @property
     def shape(self) -> str:
@@ -249,8 +257,9 @@ class _Resolver:
         return path
 
 
-def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver]):
-    """One raw value -> (Record or None, problems)."""
+def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver], stage: str = "sft"):
+    """One raw value -> (Record or None, problems). ``stage`` "dpo" / "grpo": a prompt-only conversation plus
+    the stage's own keys (see ``_stage_parts``)."""
     problems: list[Problem] = []
     if not isinstance(raw, dict):
         return None, [Problem("error", f"a record must be a JSON object, got {type(raw).__name__}: "
@@ -301,7 +310,10 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver]):
         messages.append(Message(role, value))
         names.append(role_name)
 
-    if len(messages) == len(turns):
+    stage_parts = _stage_parts(raw, stage, messages, names, err) if len(messages) == len(turns) else {}
+    if len(messages) == len(turns) and stage != "sft":
+        _check_prompt_turns(messages, names, stage, err)
+    elif len(messages) == len(turns):
         roles = [m.role for m in messages]
         body = roles[1:] if roles[0] == "system" else roles
         expected = ["user", "assistant"] * (len(body) // 2 + 1)
@@ -321,7 +333,8 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver]):
     video_paths = [resolvers[1](f, err) for f in videos or []]
     if problems:  # only errors so far
         return None, problems
-    record = Record(index, rid if rid is not None else str(index), messages, image_paths, video_paths)
+    record = Record(index, rid if rid is not None else str(index), messages, image_paths, video_paths,
+                    **stage_parts)
     return record, problems
 
 
@@ -409,7 +422,9 @@ class CollectionCheck:
 
     SHOWN = 10
 
-    def __init__(self):
+    def __init__(self, stage: str = "sft"):
+        self.known = known_keys(stage)
+        self.stage = stage
         self.first: dict[str, int] = {}
         self.dups: dict[str, list] = {}  # id -> [count, first indices]
         self.unknown: dict[str, list] = {}  # key -> [count, first indices, id of the first record]
@@ -434,9 +449,9 @@ class CollectionCheck:
             problems.append(Problem("warning", f"duplicate id: records {_shown(count, first)} all use it; give each "
                                                "record its own id, so that reports name one record", first[1], rid))
         for key, (count, first, rid) in sorted(self.unknown.items()):
-            hint = f"; did you mean {key[:-1]!r}?" if key in ("images", "videos") else ""
+            hint = f"; did you mean {key[:-1]!r}?" if key in ("images", "videos") else _stage_hint(key, self.stage)
             problems.append(Problem("warning", f"unknown key {key!r} ignored (in {count:,} record(s): "
-                                               f"{_shown(count, first)}); known keys: {sorted(KNOWN_KEYS)}{hint}",
+                                               f"{_shown(count, first)}); known keys: {sorted(self.known)}{hint}",
                                     first[0], rid))
         return problems
 
@@ -445,7 +460,7 @@ Parsed = tuple[int, "Record | None", list[Problem], "str | None", "list[str] | N
 """(index, the record or None, its problems, its raw id or None, its unknown keys or None if not an object)."""
 
 
-def parse_item(item: RawItem, resolvers: tuple[_Resolver, _Resolver]) -> Parsed:
+def parse_item(item: RawItem, resolvers: tuple[_Resolver, _Resolver], stage: str = "sft") -> Parsed:
     """One raw record -> validated ``Record`` (or None) and its problems, with what the file-wide check needs."""
     index, lineno, text = item
     try:
@@ -456,11 +471,12 @@ def parse_item(item: RawItem, resolvers: tuple[_Resolver, _Resolver]) -> Parsed:
     except UnicodeDecodeError as exc:
         return index, None, [Problem("error", f"line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                                               "fix or remove the line", index)], None, None
-    record, problems = _parse_record(index, raw, resolvers)
+    record, problems = _parse_record(index, raw, resolvers, stage)
     if not isinstance(raw, dict):
         return index, record, problems, None, None
     rid = str(raw["id"]) if raw.get("id") is not None else None
-    return index, record, problems, rid, sorted(raw.keys() - KNOWN_KEYS)
+    known = known_keys(stage)
+    return index, record, problems, rid, sorted(raw.keys() - known) if known is not None else []
 
 
 def media_folders(path: str | Path, image_folder: str | Path | None, video_folder: str | Path | None
@@ -490,8 +506,11 @@ def read_records(
     min_image_side: int = 28,
     budget: media.MediaBudget | None = None,
     workers: int = 16,
+    stage: str = "sft",
 ) -> tuple[list[Record], list[Problem]]:
     """Parse and validate a data file: (valid records, every problem found, sorted by record).
+
+    ``stage``: "sft" (conversations end with the reply), "dpo" (preference records) or "grpo" (prompt records).
 
     Records with errors are left out; the others are returned, so a caller may report and go on.
     With ``check_media`` each distinct media file is checked once from its header (existence, size, aspect
@@ -501,11 +520,11 @@ def read_records(
     resolvers = resolvers_for(path, image_folder, video_folder, allow_urls)
     records: list[Record] = []
     problems: list[Problem] = []
-    collection = CollectionCheck()
+    collection = CollectionCheck(stage)
     count = 0
     try:
         for item in scan(path):
-            index, record, found, rid, keys = parse_item(item, resolvers)
+            index, record, found, rid, keys = parse_item(item, resolvers, stage)
             count += 1
             problems += found
             if keys is not None:
@@ -534,3 +553,107 @@ def load_records(path: str | Path, *args, **kwargs) -> list[Record]:
     if any(p.level == "error" for p in problems):
         raise DataError(path, problems)
     return records
+
+
+# ---------------------------------------------------------------- preference (DPO) and prompt (GRPO) records
+
+STAGE_KEYS = {"sft": frozenset(), "dpo": frozenset({"chosen", "rejected"})}
+"""Keys each stage reads beside ``KNOWN_KEYS``; GRPO reads every other key (as reward fields)."""
+_REPLY_KEYS = ("chosen", "rejected")
+
+
+def known_keys(stage: str) -> set[str] | None:
+    """The keys a record of ``stage`` may have, or None when any key is accepted (GRPO: reward fields)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return None if stage == "grpo" else KNOWN_KEYS | STAGE_KEYS[stage]
+
+
+def _stage_hint(key: str, stage: str) -> str:
+    if stage == "sft" and key in _REPLY_KEYS:
+        return "; preference data (chosen / rejected) trains with `vlmtune dpo`"
+    return ""
+
+
+def _reply_text(key: str, value, err) -> str | None:
+    """A preference reply: a string, or a turn object ``{"from": "gpt", "value": ...}``; None (and an error)."""
+    if isinstance(value, dict):
+        role_name = value.get("from", value.get("role"))
+        if role_name is not None and ROLES.get(role_name) != "assistant":
+            err(f"'{key}' is a turn from {role_name!r}; a reply comes from 'gpt' (or give the text as a string)")
+            return None
+        value = value.get("value", value.get("content"))
+        if not isinstance(value, str):
+            err(f"'{key}' turn: 'value' must be a string, got {type(value).__name__}")
+            return None
+    if not isinstance(value, str):
+        err(f"'{key}' must be the reply as a string (or a {{\"from\": \"gpt\", \"value\": ...}} turn), "
+            f"got {type(value).__name__}")
+        return None
+    if not value.strip():
+        err(f"'{key}' is an empty reply; write the reply or drop the record")
+        return None
+    reserved = [tok for tok in SPECIAL_TOKENS if tok in value] if "<|" in value else None
+    if reserved:
+        err(f"'{key}' contains the reserved token(s) {reserved}; remove them")
+        return None
+    if IMAGE_PLACEHOLDER in value or VIDEO_PLACEHOLDER in value:
+        err(f"'{key}' contains an <image> / <video> placeholder; media belong in the human turns")
+        return None
+    return value
+
+
+def _stage_parts(raw: dict, stage: str, messages: list[Message], names: list, err) -> dict:
+    """The ``Record`` fields a stage adds: ``chosen`` and ``rejected`` (DPO), ``fields`` (GRPO).
+
+    A GRPO record whose conversation ends with a gpt turn (as in Qwen2-VL-Finetune's GRPO data) has that turn
+    taken out of the prompt as its ``answer`` field.
+    """
+    if stage == "dpo":
+        parts = {}
+        for key in _REPLY_KEYS:
+            if key not in raw:
+                err(f"'{key}' is missing; a preference record gives the better reply in 'chosen' and the worse "
+                    "in 'rejected'")
+            else:
+                parts[key] = _reply_text(key, raw[key], err)
+        if len(parts) == 2 and None not in parts.values() and parts["chosen"].strip() == parts["rejected"].strip():
+            err("'chosen' and 'rejected' are the same reply; a preference pair needs two different replies")
+        return parts
+    if stage != "grpo":
+        return {}
+    fields = {k: v for k, v in raw.items() if k not in KNOWN_KEYS}
+    if len(messages) >= 2 and messages[-1].role == "assistant":
+        if "answer" in fields:
+            err("the conversation ends with a gpt turn and the record has an 'answer': a GRPO record's "
+                "conversation ends with the prompt; keep the gold answer in 'answer' only")
+        names.pop()
+        fields.setdefault("answer", messages.pop().text)
+    answer = fields.get("answer")
+    if "answer" in fields and (isinstance(answer, bool) or not isinstance(answer, str | int | float)):
+        err(f"'answer' must be a string or a number, got {json.dumps(fields['answer'])[:60]}")
+    box = fields.get("box")
+    if box is not None and not (isinstance(box, list) and len(box) == 4
+                                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)):
+        err(f"'box' must be [x1, y1, x2, y2] (four numbers), got {json.dumps(box)[:60]}")
+    return {"fields": fields}
+
+
+def _check_prompt_turns(messages: list[Message], names: list, stage: str, err) -> None:
+    """A DPO / GRPO conversation: an optional system turn, then human and gpt alternating, ending with the human
+    prompt that the replies answer."""
+    roles = [m.role for m in messages]
+    body = roles[1:] if roles and roles[0] == "system" else roles
+    expected = ["user", "assistant"] * (len(body) // 2 + 1)
+    if not body:
+        err(f"empty prompt: no human turn in {names}; add the question the replies answer")
+    elif body != expected[: len(body)]:
+        err(f"roles out of order: {names}; after an optional system turn, human and gpt alternate, "
+            "starting with human and ending with human (the prompt)")
+    elif body[-1] != "user":
+        where = ("the replies go in 'chosen' and 'rejected'" if stage == "dpo"
+                 else "the gold answer goes in 'answer'")
+        err(f"the conversation ends with a gpt turn; a {stage.upper()} record's conversation ends with the "
+            f"prompt (a human turn), and {where}")
+    elif not messages[-1].text.strip():
+        err("empty prompt: the last human turn has no text or media; write the question")

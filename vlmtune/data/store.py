@@ -463,8 +463,8 @@ class _Builder:
     """Writes one store into a new folder: records streamed from the file, measured in jobs, merged in order."""
 
     def __init__(self, folder: Path, path: Path, source: DataStore | None, processor, family: Family,
-                 budget: media.MediaBudget, conversation: Conversation, settings: dict, *, image_folder, video_folder, allow_urls: bool,
-                 deep: bool, min_image_side: int, processes: int, media_workers: int):
+                 budget: media.MediaBudget, conversation: Conversation, settings: dict, *, image_folder,
+                 video_folder, allow_urls: bool, deep: bool, min_image_side: int, processes: int, media_workers: int):
         self.folder, self.path, self.source = folder, path, source
         self.processor, self.family, self.budget, self.settings = processor, family, budget, settings
         self.conversation = conversation
@@ -734,8 +734,8 @@ def open_store(
     """
     path = Path(data_path)
     conversation = conversation or Conversation(processor)
-    settings = store_settings(path, processor, family, budget, conversation, image_folder=image_folder, video_folder=video_folder,
-                              allow_urls=allow_urls, deep=deep, min_image_side=min_image_side)
+    settings = store_settings(path, processor, family, budget, conversation, image_folder=image_folder,
+                              video_folder=video_folder, allow_urls=allow_urls, deep=deep, min_image_side=min_image_side)
     group = group_folder(settings)
     try:
         content = file_digest(path)
@@ -765,8 +765,8 @@ def open_store(
         tmp = group / f"tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            meta = _Builder(tmp, path, source, processor, family, budget, conversation, settings, image_folder=image_folder,
-                            video_folder=video_folder, allow_urls=allow_urls, deep=deep,
+            meta = _Builder(tmp, path, source, processor, family, budget, conversation, settings,
+                            image_folder=image_folder, video_folder=video_folder, allow_urls=allow_urls, deep=deep,
                             min_image_side=min_image_side, processes=processes or default_processes(),
                             media_workers=media_workers).build()
             old = group / f"old-{uuid.uuid4().hex[:8]}"

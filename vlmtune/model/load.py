@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -150,6 +151,21 @@ def linear_attention_kernels(family: Family, config) -> str | None:
     where = "pip install 'vlmtune[gpu]' on a CUDA machine" if torch.cuda.is_available() else "CUDA only"
     return (f"linear-attention kernels off: {' and '.join(missing)} not installed ({where}); {family.model_type}'s "
             "Gated DeltaNet layers run transformers' PyTorch path (correct, much slower)")
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """Build or load models with whole weights even inside a ZeRO-3 run: transformers would otherwise partition
+    them through the run's DeepSpeed config (save_pretrained would then write empty shards, and weights could not
+    be merged)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def torch_dtype(bf16: bool, fp16: bool) -> torch.dtype:

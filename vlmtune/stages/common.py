@@ -17,22 +17,40 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
+import random
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from vlmtune import run
-from vlmtune.config import ConfigError, ModelArguments, TrainingArguments
-from vlmtune.data import packing
+from vlmtune.config import ConfigError, DataArguments, ModeArguments, ModelArguments, TrainingArguments
+from vlmtune.data import media, packing
+from vlmtune.data.check import check_data
+from vlmtune.data.dataset import take
+from vlmtune.data.records import DataError
 from vlmtune.families import Family
 from vlmtune.model import modes
+from vlmtune.model.load import (
+    check_quantization,
+    disable_kv_cache,
+    dtype_name,
+    load_family,
+    load_model,
+    resolve_model_path,
+    torch_dtype,
+    whole_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -372,3 +390,169 @@ def check_environment(model_args: ModelArguments, train_args: TrainingArguments,
                           "the backward pass, where vlmtune cannot drop the step); use --on_nan_loss stop")
 
 
+
+
+# ---------------------------------------------------------------- the set-up every stage shares
+
+
+@dataclass
+class Start:
+    """What a run starts from: the base model, the LoRA run merged into it first (if any), and the processor,
+    family and media budgets of the run."""
+
+    base_model: str
+    init_run: run.RunInfo | None
+    family: Family
+    processor: object
+    budget: media.MediaBudget
+    budget_overrides: dict
+
+    def record(self, **extra) -> dict:
+        """The ``run_record`` keyword arguments that say where the run started."""
+        if self.init_run is not None:
+            extra["init_run"] = str(self.init_run.folder.resolve())
+        return {"base_model": self.base_model, "family": self.family,
+                "budget_overrides": self.budget_overrides, **extra}
+
+
+def resolve_start(model_args: ModelArguments, data_args: DataArguments, plan: modes.TrainPlan) -> Start:
+    """The model, processor and budgets a run starts from. ``--model_name_or_path`` may be a model, or the output
+    folder of a LoRA run (an SFT run before DPO or GRPO): its processor and budget options carry over (flags given
+    now win), and its adapters are merged into its base model when the model loads."""
+    model_path = resolve_model_path(model_args.model_name_or_path, model_args.tiny_family)
+    base_model, init_run = run.start_of(model_path)
+    if init_run is not None:
+        if model_args.bits in (4, 8):
+            raise ConfigError(f"--bits {model_args.bits} cannot start from LoRA adapters ({model_path}): their "
+                              "merge into quantized weights is lossy; `vlmtune merge` the run first and start from "
+                              "the merged folder")
+        logger.info("starting from the run in %s: %s with its adapters merged in", model_path, base_model)
+    family = load_family(base_model)
+    modes.check_family(plan, family)  # what cannot train on this family stops here, before anything loads
+    check_quantization(family, model_args.bits)
+    processor = run.load_run_processor(init_run, base_model)
+    overrides = {**(init_run.budget_overrides if init_run else {}),
+                 **{k: v for k, v in data_args.budget_overrides().items() if v is not None}}
+    budget = media.budget_from_processor(processor, family.factor, **overrides)
+    media.set_processor_budget(processor, budget)  # saved with every checkpoint: serving uses the same budgets
+    return Start(base_model, init_run, family, processor, budget, overrides)
+
+
+def build_datasets(data_args: DataArguments, processor, family: Family, budget: media.MediaBudget, seed: int,
+                   make: Callable, conversation, stage: str = "sft"):
+    """(train, eval or None) datasets of a stage: every file checked up front, labels included, with
+    ``conversation`` (the summary logged, errors raised as ``DataError``), a held-out split drawn with ``seed``,
+    and ``make(records, lengths, source)`` building each dataset from its records and measured lengths."""
+
+    def checked(path: str):
+        result = check_data(
+            path, processor, family, budget, image_folder=data_args.image_folder,
+            video_folder=data_args.video_folder, allow_urls=data_args.allow_urls, deep=data_args.deep_check,
+            max_seq_length=data_args.max_seq_length, conversation=conversation, stage=stage,
+        )
+        logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
+        if result.errors:
+            raise DataError(result.file, result.problems)
+        return result.records, result.lengths
+
+    records, lengths = checked(data_args.data_path)  # SFT: lazy records from the data store, and their lengths
+    eval_records, eval_lengths = [], []
+    if data_args.eval_data_path:
+        eval_records, eval_lengths = checked(data_args.eval_data_path)
+    elif data_args.val_ratio:
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(len(records) * data_args.val_ratio))
+        eval_at, train_at = order[:n_eval], sorted(order[n_eval:])
+        eval_records, eval_lengths = take(records, eval_at), [lengths[i] for i in eval_at]
+        records, lengths = take(records, train_at), [lengths[i] for i in train_at]
+    train_set = make(records, lengths, data_args.data_path)
+    if not len(eval_records):
+        return train_set, None
+    return train_set, make(eval_records, eval_lengths, data_args.eval_data_path or data_args.data_path)
+
+
+def init_distributed(train_args: TrainingArguments) -> None:
+    """DeepSpeed's communication layer, before any model loads: ZeRO-3 partitions weights while from_pretrained
+    builds the model, and must know the world size by then (on CPU, accelerate's set-up does not do it)."""
+    logger.info("device: %s", f"CUDA x{torch.cuda.device_count()}" if torch.cuda.is_available() else "CPU")
+    if train_args.deepspeed:
+        import deepspeed
+
+        _ = train_args.device  # torch.distributed first
+        deepspeed.init_distributed()
+
+
+def load_start_model(start: Start, model_args: ModelArguments, dtype: torch.dtype):
+    """The model a run starts from, in ``dtype``: the base model, or the base with the start run's adapters (and
+    fully trained parts) merged in. Merged models are built whole, also under ZeRO-3 (DeepSpeed partitions them
+    when the engine starts)."""
+    if start.init_run is None:
+        model, _ = load_model(start.base_model, dtype=dtype, attn_implementation=model_args.attn_implementation,
+                              bits=model_args.bits, use_liger=model_args.use_liger)
+        return model
+    with whole_weights():
+        peft_model, _ = run.load_model_with_adapters(start.init_run, start.base_model, dtype,
+                                                     attn_implementation=model_args.attn_implementation,
+                                                     use_liger=model_args.use_liger)
+        return peft_model.merge_and_unload()
+
+
+def load_policy(start: Start, model_args: ModelArguments, mode_args: ModeArguments,
+                train_args: TrainingArguments, plan: modes.TrainPlan):
+    """The model to train: loaded, KV cache off, the plan applied (LoRA, what trains), fp32 masters of what
+    trains unless DeepSpeed or --pure_bf16 keeps its own."""
+    init_distributed(train_args)
+    dtype = torch_dtype(train_args.bf16, train_args.fp16)
+    model = load_start_model(start, model_args, dtype)
+    disable_kv_cache(model)
+    set_seed(train_args.seed)  # LoRA's initial weights are drawn here, before the Trainer seeds anything
+    model = modes.apply_plan(model, start.family, plan, mode_args)
+    logger.info("training plan: %s\n%s", plan.describe(), modes.trainable_report(model, start.family))
+    if not (train_args.deepspeed or train_args.pure_bf16) and (upcast := modes.fp32_master_weights(model)):
+        logger.info("fp32 master weights for %s trained parameters (the forward runs in %s through autocast)",
+                    f"{upcast:,}", dtype_name(dtype))
+    return model
+
+
+def is_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def output_lock(output_dir: str):
+    """One run per output folder: the first process holds the lock until it ends, however it ends."""
+    return run.RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+
+
+def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set, resume: str | None) -> Path:
+    """Train (from the checkpoint ``resume``, resolved by ``run.resolve_resume``), then evaluate a held-out split
+    that has not reported yet, save the result and the state, and take the process groups down. A run stopped by
+    SIGTERM raises ``Stopped`` saying how to resume."""
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.stopped:
+        _leave_together()
+        signum, step = trainer.stopped
+        raise Stopped(f"stopped by {signal.Signals(signum).name} after step {step}, saved in "
+                      f"{Path(train_args.output_dir, f'{run.CHECKPOINT_PREFIX}-{step}')}; run the same command with "
+                      "--resume_from_checkpoint last to continue", signum)
+    if eval_set is not None and train_args.eval_strategy == "no":  # an eval split always reports, at least at the end
+        trainer.log_metrics("eval", trainer.evaluate())
+    try:
+        trainer.save_model(train_args.output_dir)
+        trainer.save_state()
+    except Exception as exc:
+        error = save_failed(exc, "the trained model", Path(train_args.output_dir))
+        if error is None:
+            raise
+        raise error from None
+    logger.info("saved to %s", train_args.output_dir)
+    _leave_together()
+    return Path(train_args.output_dir)
+
+
+def _leave_together() -> None:
+    if torch.distributed.is_initialized():
+        # Leave together and take the process groups down: a rank that exits with them alive can abort in
+        # their destructors ("terminate called without an active exception"), failing a finished run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

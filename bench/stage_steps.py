@@ -1,0 +1,157 @@
+"""Steps per second of the SFT, DPO and GRPO stages on the same tiny model and the same records, in one run.
+
+    .venv/bin/python bench/stage_steps.py [--steps 12] [--batch-size 4] [--threads 1] [--rounds 2]
+
+Data: data_examples/preference.json, read three ways so every stage sees the same prompts and media: SFT trains
+on prompt + chosen reply, DPO on (chosen, rejected), GRPO samples ``--num-generations`` completions of up to
+``--max-completion-length`` tokens per prompt (reward: exact match with the chosen reply). Each stage runs
+through its own recipe (``vlmtune.stages.sft.train``, ``dpo.dpo``, ``grpo.grpo``), LoRA on the language model,
+fp32 on CPU, ``--batch-size`` records per optimizer step, no gradient checkpointing; the time of each optimizer
+step is taken from the Trainer's step callbacks, the first two steps of a run are dropped (warm-up), and a
+stage's figure is the median step time over ``--rounds`` runs, interleaved (SFT, DPO, GRPO, SFT, ...) so that a
+busy machine slows all three alike. GRPO's sampling time is measured apart (HF generate).
+
+Results go to bench/results/stages-<device>-<date>.json, with the ratios to SFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import transformers.trainer as hf_trainer  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from vlmtune.config import parse_train_args  # noqa: E402
+from vlmtune.stages import grpo as grpo_stage  # noqa: E402
+
+EXAMPLES = ROOT / "data_examples"
+RESULTS = ROOT / "bench" / "results"
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (forward, backward, optimizer; GRPO: sampling and scoring too)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def stage_files(folder: Path) -> dict[str, Path]:
+    """The example preference records as SFT, DPO and GRPO data files (same prompts, same media)."""
+    records = json.loads((EXAMPLES / "preference.json").read_text())
+    paths = {"dpo": folder / "dpo.json", "sft": folder / "sft.json", "grpo": folder / "grpo.json"}
+    paths["dpo"].write_text(json.dumps(records))
+
+    def reply(value):
+        return value["value"] if isinstance(value, dict) else value
+
+    sft = [{**{k: v for k, v in r.items() if k not in ("chosen", "rejected")},
+            "conversations": [*r["conversations"], {"from": "gpt", "value": reply(r["chosen"])}]} for r in records]
+    paths["sft"].write_text(json.dumps(sft))
+    grpo = [{**{k: v for k, v in r.items() if k not in ("chosen", "rejected")}, "answer": reply(r["chosen"])}
+            for r in records]
+    paths["grpo"].write_text(json.dumps(grpo))
+    return paths
+
+
+def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], float]:
+    """(step times, seconds spent sampling) of one run of a stage."""
+    from vlmtune.stages.dpo import dpo
+    from vlmtune.stages.sft import train
+
+    argv = ["--data_path", str(data), "--image_folder", str(EXAMPLES), "--output_dir", str(out), "--use_cpu", "True",
+            "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no", "--max_steps", str(args.steps),
+            "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", "1e-3", "--mode", "lora",
+            "--lora_rank", "8", "--logging_steps", str(args.steps), "--seed", "0", "--dataloader_num_workers", "0"]
+    if stage == "grpo":
+        argv += ["--num_generations", str(args.num_generations), "--max_completion_length",
+                 str(args.max_completion_length), "--reward_funcs", "exact_match", "--log_completions", "0"]
+    timer = StepTimer()
+    hf_trainer.DEFAULT_CALLBACKS.append(timer)
+    sampling = [0.0]
+    sample = grpo_stage.HFSampler.sample
+
+    def timed_sample(self, *a, **k):
+        start = time.perf_counter()
+        try:
+            return sample(self, *a, **k)
+        finally:
+            sampling[0] += time.perf_counter() - start
+
+    grpo_stage.HFSampler.sample = timed_sample
+    try:
+        {"sft": train, "dpo": dpo, "grpo": grpo_stage.grpo}[stage](*parse_train_args(argv, stage=stage))
+    finally:
+        hf_trainer.DEFAULT_CALLBACKS.remove(timer)
+        grpo_stage.HFSampler.sample = sample
+    return timer.times, sampling[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--num-generations", type=int, default=4)
+    parser.add_argument("--max-completion-length", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    times: dict[str, list[float]] = {"sft": [], "dpo": [], "grpo": []}
+    sampling_share: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = stage_files(Path(tmp))
+        for round_ in range(args.rounds):
+            for stage in times:
+                steps, sampled = run_stage(stage, files[stage], Path(tmp) / f"{stage}-{round_}", args)
+                kept = steps[2:]
+                times[stage] += kept
+                if stage == "grpo":
+                    sampling_share.append(sampled / sum(steps))
+                print(f"round {round_ + 1} {stage}: {len(kept)} steps, median {statistics.median(kept):.3f} s",
+                      flush=True)
+
+    median = {stage: statistics.median(values) for stage, values in times.items()}
+    result = {
+        "date": time.strftime("%Y-%m-%d"), "device": "cpu", "threads": args.threads,
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "model": "embedded tiny qwen2_vl (LoRA rank 8, fp32)", "batch_records": args.batch_size,
+        "num_generations": args.num_generations, "max_completion_length": args.max_completion_length,
+        "steps_per_run": args.steps, "rounds": args.rounds,
+        "seconds_per_step": {k: round(v, 4) for k, v in median.items()},
+        "steps_per_s": {k: round(1 / v, 3) for k, v in median.items()},
+        "steps_per_s_vs_sft": {k: round(median["sft"] / v, 3) for k, v in median.items()},
+        "grpo_sampling_share": round(statistics.mean(sampling_share), 3),
+    }
+    print(json.dumps(result, indent=2))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"stages-cpu-{args.threads}t-{result['date']}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

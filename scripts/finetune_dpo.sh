@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# DPO on preference records (prompt turns, then a 'chosen' and a 'rejected' reply), LoRA on the language model.
+# Start from an SFT run by giving its output folder as MODEL_NAME: its adapters are merged in first, and that
+# model is the reference. Edit the knobs below or set them in the environment; extra flags go to `vlmtune dpo`.
+# No MODEL_NAME: the embedded tiny model on data_examples/preference.json (a CPU demo). Real run, e.g.:
+#   MODEL_NAME=outputs/lora DATA_PATH=prefs.json IMAGE_FOLDER=images/ bash scripts/finetune_dpo.sh
+if [ -z "${MODEL_NAME:-}" ]; then : "${DATA_PATH:=data_examples/preference.json}" "${EPOCHS:=8}" "${LR:=5e-3}"; fi
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+VLMTUNE_COMMAND=dpo
+
+MODEL_NAME=${MODEL_NAME:-}
+DATA_PATH=${DATA_PATH:-preference.json}
+IMAGE_FOLDER=${IMAGE_FOLDER:-images}
+OUTPUT_DIR=${OUTPUT_DIR:-outputs/dpo}
+GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-64}
+BATCH_PER_DEVICE=${BATCH_PER_DEVICE:-4}   # pairs: each is two sequences in the same forward
+EPOCHS=${EPOCHS:-1}
+LR=${LR:-5e-6}
+MODE=${MODE:-lora}                        # full | lora | lora_vision
+LORA_RANK=${LORA_RANK:-64}
+LORA_ALPHA=${LORA_ALPHA:-128}
+BETA=${BETA:-0.1}
+LOSS_TYPE=${LOSS_TYPE:-sigmoid}           # sigmoid | ipo | hinge
+MAX_SEQ_LENGTH=${MAX_SEQ_LENGTH:-4096}
+IMAGE_MAX_PIXELS=${IMAGE_MAX_PIXELS:-}
+SAVE_STEPS=${SAVE_STEPS:-200}
+LOGGING_STEPS=${LOGGING_STEPS:-10}
+DEEPSPEED=${DEEPSPEED-$(on_cuda scripts/zero2.json)}  # empty: no DeepSpeed
+
+launch --mode "$MODE" --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --beta "$BETA" --loss_type "$LOSS_TYPE" "$@"

@@ -1,0 +1,228 @@
+"""Direct preference optimisation, ``dpo(config)``: config -> model -> preference pairs -> Trainer, top to bottom.
+
+Engine: our ``VisionLanguageTrainer`` with the DPO loss in ``compute_loss``; TRL supplies the fused log-prob head
+(``vlmtune.stages.reference``). TRL's ``DPOTrainer`` is not used: it takes a ``datasets.Dataset`` only and
+tokenizes prompt and replies apart (images only), which is a second data path beside vlmtune's processor-exact one.
+
+A batch of B pairs is one forward of 2B rows: the B chosen sequences, then the B rejected ones, each with its
+pixels (``PreferenceCollator``). The summed log-probability of each reply's tokens (its end-of-turn token
+included) under the policy and under the reference gives the implicit rewards ``beta * (logp - ref_logp)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlmtune import run
+from vlmtune.config import ConfigError, DataArguments, DPOArguments, ModeArguments, ModelArguments, TrainingArguments
+from vlmtune.data.collator import vision_fillers
+from vlmtune.data.conversation import Conversation
+from vlmtune.data.prompts import PreferenceCollator, PreferenceDataset
+from vlmtune.model import modes
+from vlmtune.model.load import torch_dtype
+from vlmtune.stages import reference as ref
+from vlmtune.stages.common import (
+    VisionLanguageTrainer,
+    build_datasets,
+    check_environment,
+    fit,
+    is_distributed,
+    load_policy,
+    load_start_model,
+    output_lock,
+    resolve_start,
+)
+
+logger = logging.getLogger(__name__)
+
+REF_FILE = "ref_log_probs.safetensors"
+"""Precomputed reference log-probs (chosen, rejected) per pair, saved beside each checkpoint for resume."""
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             args: DPOArguments, chosen_tokens: torch.Tensor | None = None,
+             rejected_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair DPO loss from summed reply log-probs (policy and reference). IPO divides each log-ratio by its
+    reply's token count, as TRL does."""
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    if args.loss_type == "ipo":
+        margin = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        return (margin - 1 / (2 * args.beta)) ** 2
+    logits = args.beta * (chosen_ratio - rejected_ratio)
+    if args.loss_type == "hinge":
+        return torch.relu(1 - logits)
+    eps = args.label_smoothing
+    return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+
+
+class DPOTrainer(VisionLanguageTrainer):
+    """``VisionLanguageTrainer`` whose loss is DPO's, against a ``Reference`` or precomputed reference log-probs."""
+
+    def __init__(self, *args, dpo: DPOArguments, reference: ref.Reference | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpo = dpo
+        self.reference = reference
+        self.model_accepts_loss_kwargs = False  # a per-batch mean: the Trainer divides it for accumulation
+        self.loss_is_scaled_for_ga = False
+        self._metrics: dict[str, defaultdict] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.ref_table: dict[str, torch.Tensor] = {}  # "train" / "eval" -> (pairs, 2), precomputed
+
+    # ------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        pair_index = inputs.pop("pair_index")
+        mask = inputs["labels"][:, 1:] != -100
+        if self.dpo.precompute_ref_log_probs:
+            ref_logps = self._reference_table(model, mode)[pair_index.cpu()].T.flatten()
+        else:
+            ref_logps = self.reference.log_probs(model, inputs).sum(-1)
+        logps = ref.token_log_probs(model, inputs).sum(-1)
+        chosen, rejected = logps.chunk(2)
+        ref_chosen, ref_rejected = ref_logps.to(logps).chunk(2)
+        tokens_chosen, tokens_rejected = mask.sum(-1).chunk(2)
+        losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.dpo, tokens_chosen, tokens_rejected)
+        self._record(mode, chosen.detach(), rejected.detach(), ref_chosen, ref_rejected)
+        loss = losses.mean()
+        return (loss, {"logps": logps.detach()}) if return_outputs else loss
+
+    def _record(self, mode: str, chosen, rejected, ref_chosen, ref_rejected) -> None:
+        beta = self.dpo.beta
+        rewards_chosen, rewards_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+        values = {
+            "rewards/chosen": rewards_chosen, "rewards/rejected": rewards_rejected,
+            "rewards/margins": rewards_chosen - rewards_rejected,
+            "rewards/accuracies": (rewards_chosen > rewards_rejected).float(),
+            "logps/chosen": chosen, "logps/rejected": rejected,
+        }
+        for key, value in values.items():
+            self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else None
+        if mode is not None:
+            prefix = "eval_" if mode == "eval" else ""
+            for key, values in self._metrics[mode].items():
+                if values:
+                    logs[prefix + key] = sum(values) / len(values)
+            self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------ precomputed reference
+
+    def _reference_table(self, model, mode: str) -> torch.Tensor:
+        """The reference log-probs of every pair of the split, computed before the first step with the policy as it
+        starts (a LoRA policy's fresh adapters change nothing yet; a full policy is its own reference then), for
+        the training and the eval split at once."""
+        if mode not in self.ref_table:
+            if self.state.global_step > 0:
+                raise ConfigError("--precompute_ref_log_probs: the reference log-probs were not saved with the "
+                                  f"checkpoint this run resumed from ({REF_FILE}); they cannot be computed after "
+                                  "training started. Resume without the flag, or start again")
+            for split, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
+                if dataset is not None and split not in self.ref_table:
+                    self.ref_table[split] = self._score_pairs(model, dataset, split)
+        return self.ref_table[mode]
+
+    @torch.no_grad()
+    def _score_pairs(self, model, dataset, mode: str) -> torch.Tensor:
+        table = torch.full((len(dataset), 2), float("nan"))
+        was_training = model.training
+        model.eval()
+        loader = self.get_eval_dataloader(dataset)  # sharded over the processes, every rank the same batch count
+        for batch in loader:
+            batch = self._prepare_inputs(batch)
+            index = batch.pop("pair_index")
+            chosen, rejected = ref.token_log_probs(model, batch).sum(-1).chunk(2)
+            scored = self.accelerator.gather(torch.stack([index.to(chosen), chosen, rejected], -1)).cpu()
+            table[scored[:, 0].long()] = scored[:, 1:].float()
+        model.train(was_training)
+        if table.isnan().any():
+            raise RuntimeError(f"precomputing the reference: {int(table.isnan().any(-1).sum())} pairs not scored")
+        logger.info("reference log-probs precomputed for %d %s pairs", len(table), mode)
+        return table
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save and self.ref_table:
+            save_file({k: v.contiguous() for k, v in self.ref_table.items()},
+                      str(Path(output_dir or self.args.output_dir, REF_FILE)))
+
+    def load_reference_table(self, checkpoint: str | bool | None) -> None:
+        """Resume: the precomputed reference log-probs saved with the checkpoint (if any)."""
+        if not checkpoint:
+            return
+        folder = get_last_checkpoint(self.args.output_dir) if checkpoint is True or checkpoint == "last" else checkpoint
+        path = Path(folder or "", REF_FILE)
+        if folder and path.is_file():
+            self.ref_table = {k: v for k, v in load_file(str(path)).items()}
+
+
+def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
+        train_args: TrainingArguments, dpo_args: DPOArguments) -> Path:
+    """Run one DPO job; returns the output folder."""
+    ref.require_trl("dpo")
+    plan = modes.plan_from_args(mode_args)
+    check_environment(model_args, train_args, plan)
+    if not data_args.data_path:
+        raise ConfigError("--data_path is required (preference records: prompt turns plus 'chosen' and 'rejected')")
+    if data_args.packing:
+        raise ConfigError("--packing is for SFT; DPO batches pair each chosen sequence with its rejected one")
+    zero3 = ref.is_zero3(train_args)
+    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    start = resolve_start(model_args, data_args, plan)
+    processor, family = start.processor, start.family
+    conversation = Conversation(processor, "last_assistant", **data_args.template_options())  # the reply only
+
+    def make(records, lengths, source):
+        return PreferenceDataset(records, processor, family, start.budget, conversation, data_args.max_seq_length,
+                                 data_args.strict_length, lengths, source)
+
+    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
+                                         conversation, "dpo")
+    if len(train_set) == 0:
+        raise ConfigError("no preference record is left after the length filter; raise --max_seq_length")
+
+    with output_lock(train_args.output_dir):  # one run per output folder
+        model = load_policy(start, model_args, mode_args, train_args, plan)
+        ref.disable_dropout(model)
+        ref.add_log_prob_head(model, "dpo")
+        reference, ref_model = None, None
+        if not dpo_args.precompute_ref_log_probs:
+            if plan.uses_lora:
+                reference = ref.Reference.adapters_off(model, family, plan, zero3, "vlmtune dpo")
+            else:  # a frozen copy of what the policy starts from (partitioned at load under ZeRO-3)
+                ref_model = ref.frozen_copy(load_start_model(start, model_args,
+                                                             torch_dtype(train_args.bf16, train_args.fp16)))
+                ref.add_log_prob_head(ref_model, "dpo")
+        logger.info("DPO: %s loss, beta %g, reference %s", dpo_args.loss_type, dpo_args.beta,
+                    "precomputed before step 1" if dpo_args.precompute_ref_log_probs
+                    else "adapters off" if plan.uses_lora else "a frozen copy")
+
+        fillers = vision_fillers(processor, family.factor) if is_distributed() else None
+        run_info = run.run_record(stage="dpo", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
+                                  bits=model_args.bits, template_options=data_args.template_options(),
+                                  dpo=dict(vars(dpo_args)), **start.record())
+        trainer = DPOTrainer(
+            model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set,
+            data_collator=PreferenceCollator(processor.tokenizer.pad_token_id, fillers=fillers),
+            processing_class=processor, family=family, run_info=run_info, dpo=dpo_args, reference=reference,
+        )
+        if ref_model is not None:
+            trainer.reference = ref.Reference("copy", ref.prepare_reference_copy(trainer, ref_model))
+        trainer.load_reference_table(resume)
+        return fit(trainer, train_args, eval_set, resume)
+

@@ -1,0 +1,415 @@
+"""Group relative policy optimisation, ``grpo(config)``: config -> model -> prompts -> Trainer, top to bottom.
+
+Engine: our ``VisionLanguageTrainer``; each training step samples, scores and trains in ``training_step``. TRL
+supplies the fused log-prob head, its ``RepeatSampler`` (``--num_iterations``), its model unwrapping for generation
+under DeepSpeed, and, on a GPU with vLLM installed, its ``VLLMGeneration``. TRL's ``GRPOTrainer`` is not used: it
+takes a ``datasets.Dataset`` and renders prompts with its own image handling (no video, no vlmtune budgets), a
+second data path beside vlmtune's processor-exact one.
+
+A step of one process, for each of its ``per_device_train_batch_size`` prompts:
+
+1. sample ``num_generations`` completions (HF ``generate``, or vLLM) from the prompt's processor ids and pixels;
+2. score them with every reward function, sum with the weights, and normalise within the group: advantage =
+   (reward - group mean) / (group std + 1e-4) (``--scale_rewards``);
+3. train on prompt + completion rows (labels on the completion and its end-of-turn token only) with the clipped
+   objective ``-min(r A, clip(r, 1 - eps, 1 + eps_high) A)`` per token, ``r`` the probability ratio to the policy
+   that sampled, plus ``beta`` x the KL estimate ``exp(ref - logp) - (ref - logp) - 1`` to the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from vlmtune import rewards as reward_lib
+from vlmtune import run
+from vlmtune.config import ConfigError, DataArguments, GRPOArguments, ModeArguments, ModelArguments, TrainingArguments
+from vlmtune.data import media
+from vlmtune.data.collator import Collator, vision_fillers
+from vlmtune.data.conversation import IGNORE_INDEX, Conversation
+from vlmtune.data.prompts import PromptDataset, collate_prompts
+from vlmtune.data.records import DataError, Problem
+from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from vlmtune.model import modes
+from vlmtune.model.load import torch_dtype
+from vlmtune.stages import reference as ref
+from vlmtune.stages.common import (
+    VisionLanguageTrainer,
+    build_datasets,
+    check_environment,
+    fit,
+    is_distributed,
+    load_policy,
+    load_start_model,
+    output_lock,
+    resolve_start,
+)
+
+logger = logging.getLogger(__name__)
+
+COMPLETIONS_FILE = "completions.jsonl"
+STD_EPS = 1e-4  # as TRL
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """Advantages of rewards laid out as consecutive groups of ``group_size`` completions of one prompt: the
+    reward minus its group's mean, divided by the group's standard deviation (``group``, Bessel-corrected as
+    ``torch.std``), the whole batch's (``batch``) or not at all (``none``), plus ``STD_EPS``."""
+    grouped = rewards.view(-1, group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).flatten()
+    if scale == "group":
+        return centred / (grouped.std(dim=1).repeat_interleave(group_size) + STD_EPS)
+    if scale == "batch":
+        return centred / (rewards.std() + STD_EPS)
+    return centred
+
+
+VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+"""Never sampled: a completion with one of them would claim pixels the batch does not have."""
+
+
+class HFSampler:
+    """Completions through the model's own ``generate``: each prompt's rows repeated ``n`` times, no padding."""
+
+    def __init__(self, args: GRPOArguments, collator: Collator, eos_ids: list[int], pad_id: int,
+                 suppressed: list[int]):
+        self.args, self.collator, self.eos_ids, self.pad_id = args, collator, eos_ids, pad_id
+        self.suppressed = suppressed
+
+    @torch.no_grad()
+    def sample(self, model, prompt: dict, trainer) -> list[torch.Tensor]:
+        item = {k: v for k, v in prompt.items() if k != "record"}
+        batch = self.collator([item] * self.args.num_generations)
+        prompt_length = batch["input_ids"].shape[1]
+        out = model.generate(**batch, do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p,
+                             top_k=self.args.top_k, max_new_tokens=self.args.max_completion_length, use_cache=True,
+                             eos_token_id=self.eos_ids, pad_token_id=self.pad_id, suppress_tokens=self.suppressed)
+        return [cut_at_eos(row, self.eos_ids) for row in out[:, prompt_length:]]
+
+
+class VLLMSampler:
+    """Completions through TRL's ``VLLMGeneration`` (colocated or a server): images and text only.
+
+    Not exercised by the test suite (it needs a CUDA device with vLLM installed)."""
+
+    def __init__(self, args: GRPOArguments, trainer, budget: media.MediaBudget, eos_ids: list[int]):
+        from trl.generation.vllm_generation import VLLMGeneration
+
+        self.args, self.budget, self.eos_ids = args, budget, eos_ids
+        self.engine = VLLMGeneration(
+            trainer.model, trainer.accelerator, trainer.processing_class, mode=args.vllm_mode,
+            server_base_url=args.vllm_server_base_url, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            max_completion_length=args.max_completion_length)
+        self.synced_step = -1
+
+    def sample(self, model, prompt: dict, trainer) -> list[torch.Tensor]:
+        if trainer.state.global_step != self.synced_step:
+            self.engine.sync_weights()
+            self.synced_step = trainer.state.global_step
+        n = self.args.num_generations
+        images = [media.load_image(p, self.budget) for p in prompt["record"]["images"]] or None
+        ids = prompt["input_ids"].tolist()
+        _, completions, _, _ = self.engine.generate([ids] * n, [images] * n if images else None, n)
+        return [cut_at_eos(torch.tensor(c, device=prompt["input_ids"].device), self.eos_ids) for c in completions]
+
+
+def cut_before(row: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """A completion up to (not including) its first token among ``token_ids`` (vLLM samples vision tokens too)."""
+    found = torch.isin(row, torch.tensor(token_ids, device=row.device)).nonzero()
+    return row[: int(found[0])] if len(found) else row
+
+
+def cut_at_eos(row: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """A completion up to and including its first end token (all of it when it has none)."""
+    ends = torch.isin(row, torch.tensor(eos_ids, device=row.device)).nonzero()
+    return row[: int(ends[0]) + 1] if len(ends) else row
+
+
+class GRPOTrainer(VisionLanguageTrainer):
+    """``VisionLanguageTrainer`` that samples, scores and trains on completions in each step."""
+
+    def __init__(self, *args, grpo: GRPOArguments, rewards: list[reward_lib.Reward],
+                 reference: ref.Reference | None, fillers=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grpo = grpo
+        self.rewards = rewards
+        self.reference = reference
+        self.model_accepts_loss_kwargs = False  # a per-batch mean: the Trainer divides it for accumulation
+        self.loss_is_scaled_for_ga = False
+        tokenizer = self.processing_class.tokenizer
+        self.eos_ids = _eos_ids(self.model, tokenizer)
+        self.rollout_collator = Collator(tokenizer.pad_token_id, fillers=fillers)
+        self.vision_ids = tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
+        self.sampler = HFSampler(grpo, Collator(tokenizer.pad_token_id), self.eos_ids, tokenizer.pad_token_id,
+                                 self.vision_ids)
+        self._rollouts: dict[tuple, list] = {}  # --num_iterations > 1: a batch's rollout and its uses
+        self._metrics: dict[str, defaultdict] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._samples: list[dict] = []
+
+    # ------------------------------------------------------------ sampling and scoring
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.grpo.num_iterations == 1:
+            return super()._get_train_sampler(train_dataset)
+        from trl.trainer.utils import RepeatSampler
+
+        args = self.args  # each optimizer step's prompts, on every process, come back num_iterations times
+        return RepeatSampler(train_dataset or self.train_dataset, mini_repeat_count=1,
+                             batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps
+                             * args.world_size, repeat_count=self.grpo.num_iterations, seed=args.seed)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        return super().training_step(model, self._rollout(model, inputs["prompts"], "train"), num_items_in_batch)
+
+    def _rollout(self, model, prompts: list[dict], mode: str) -> dict:
+        key = tuple(p["record"]["position"] for p in prompts)
+        if mode == "train" and key in self._rollouts:
+            batch, uses = self._rollouts[key]
+            if uses + 1 >= self.grpo.num_iterations:
+                del self._rollouts[key]
+            else:
+                self._rollouts[key] = [batch, uses + 1]
+            return batch
+        prompts = self._prepare_inputs(prompts)
+        with self._generation_model(model) as generator:
+            completions = [[cut_before(c, self.vision_ids) for c in self.sampler.sample(generator, prompt, self)]
+                           for prompt in prompts]
+        batch = self._score(prompts, completions, mode)
+        with torch.no_grad():
+            if self.grpo.num_iterations > 1:
+                batch["old_log_probs"] = ref.token_log_probs(model, batch)
+            if self.grpo.beta:
+                batch["ref_log_probs"] = self.reference.log_probs(model, batch)
+        if mode == "train" and self.grpo.num_iterations > 1:
+            self._rollouts[key] = [batch, 1]
+        return batch
+
+    @contextlib.contextmanager
+    def _generation_model(self, model):
+        from trl.models.utils import unwrap_model_for_generation
+
+        was_training = model.training
+        model.eval()
+        try:
+            with unwrap_model_for_generation(model, self.accelerator,
+                                             gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
+                                             ) as unwrapped:
+                yield unwrapped
+        finally:
+            model.train(was_training)
+
+    def _score(self, prompts: list[dict], completions: list[list[torch.Tensor]], mode: str) -> dict:
+        """Rewards, advantages and the training rows of one batch of prompts and their completions."""
+        n = self.grpo.num_generations
+        tokenizer = self.processing_class.tokenizer
+        flat = [c for group in completions for c in group]
+        texts = tokenizer.batch_decode(flat, skip_special_tokens=True)
+        per_reward = torch.tensor([
+            [v for i, prompt in enumerate(prompts)
+             for v in reward_lib.score(reward, texts[i * n:(i + 1) * n], prompt["record"])]
+            for reward in self.rewards], dtype=torch.float32)  # (rewards, completions)
+        weights = torch.tensor([r.weight for r in self.rewards])
+        total = (per_reward * weights[:, None]).sum(0)
+        advantages = group_advantages(total, n, self.grpo.scale_rewards)
+
+        rows = []
+        for prompt, group in zip(prompts, completions):
+            item = {k: v for k, v in prompt.items() if k != "record"}
+            for completion in group:
+                row = dict(item)
+                row["input_ids"] = torch.cat([item["input_ids"], completion])
+                row["attention_mask"] = torch.ones_like(row["input_ids"])
+                if "mm_token_type_ids" in item:
+                    row["mm_token_type_ids"] = torch.cat([item["mm_token_type_ids"], torch.zeros_like(completion)])
+                row["labels"] = torch.cat([torch.full_like(item["input_ids"], IGNORE_INDEX), completion])
+                rows.append(row)
+        batch = self.rollout_collator(rows)
+        device = batch["input_ids"].device
+        batch["advantages"] = advantages.to(device)
+
+        lengths = torch.tensor([len(c) for c in flat], dtype=torch.float32)
+        ended = torch.tensor([bool(len(c)) and int(c[-1]) in self.eos_ids for c in flat])
+        stats = {"reward": total.mean(), "reward_std": total.view(-1, n).std(1).mean(),
+                 "frac_reward_zero_std": (total.view(-1, n).std(1) < 1e-6).float().mean(),
+                 "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+                 "completions/max_length": lengths.max(), "completions/clipped_ratio": (~ended).float().mean()}
+        for reward, values in zip(self.rewards, per_reward):
+            stats[f"rewards/{reward.name}/mean"] = values.mean()
+            stats[f"rewards/{reward.name}/std"] = values.std()
+        for key, value in stats.items():
+            self._metrics[mode][key].append(self.accelerator.gather(value.to(device)[None]).mean().item())
+        if mode == "train" and self.grpo.log_completions and self.accelerator.is_main_process:
+            for i, text in enumerate(texts):
+                record = prompts[i // n]["record"]
+                self._samples.append({"id": record["id"], "prompt": record["prompt"], "completion": text,
+                                      "rewards": {r.name: float(v[i]) for r, v in zip(self.rewards, per_reward)},
+                                      "reward": float(total[i]), "advantage": float(advantages[i])})
+        return batch
+
+    # ------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        advantages = inputs["advantages"][:, None]
+        mask = (inputs["labels"][:, 1:] != IGNORE_INDEX).float()
+        logps = ref.token_log_probs(model, inputs)
+        old = inputs.get("old_log_probs")
+        old = logps.detach() if old is None else old
+        ratio = torch.exp(logps - old)
+        clipped = torch.clamp(ratio, 1 - self.grpo.epsilon, 1 + self.grpo.epsilon_high)
+        per_token = -torch.min(ratio * advantages, clipped * advantages)
+        if self.grpo.beta:
+            diff = inputs["ref_log_probs"] - logps
+            kl = torch.exp(diff) - diff - 1
+            per_token = per_token + self.grpo.beta * kl
+        if self.grpo.loss_type == "grpo":
+            loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        elif self.grpo.loss_type == "bnpo":
+            loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+        else:  # dr_grpo
+            loss = (per_token * mask).sum() / (per_token.shape[0] * self.grpo.max_completion_length)
+
+        def masked_mean(values: torch.Tensor) -> float:
+            totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]).detach(), "sum")
+            return (totals[0] / totals[1].clamp(min=1)).item()
+
+        is_clipped = ((ratio < 1 - self.grpo.epsilon) & (advantages < 0)) | (
+            (ratio > 1 + self.grpo.epsilon_high) & (advantages > 0))
+        self._metrics[mode]["clip_ratio"].append(masked_mean(is_clipped.float()))
+        if self.grpo.beta:
+            self._metrics[mode]["kl"].append(masked_mean(kl))
+        return (loss, {"log_probs": logps.detach()}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        batch = self._rollout(model, inputs["prompts"], "eval")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, self._prepare_inputs(batch))
+        return loss.detach(), None, None
+
+    # ------------------------------------------------------------ logs
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else None
+        if mode is not None:
+            prefix = "eval_" if mode == "eval" else ""
+            for key, values in self._metrics[mode].items():
+                if values:
+                    logs[prefix + key] = sum(values) / len(values)
+            self._metrics[mode].clear()
+        if mode == "train" and self._samples:
+            if self.args.should_save:
+                path = Path(self.args.output_dir, COMPLETIONS_FILE)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a") as f:
+                    for sample in self._samples[: self.grpo.log_completions]:
+                        f.write(json.dumps({"step": self.state.global_step, **sample}) + "\n")
+            self._samples.clear()
+        super().log(logs, start_time)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a completion: the generation config's, else the tokenizer's end of sequence."""
+    eos = getattr(ref.transformers_model(model).generation_config, "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return eos or [tokenizer.eos_token_id]
+
+
+def check_reward_fields(rewards: list[reward_lib.Reward], dataset: PromptDataset, file: str) -> None:
+    """Every record has the fields every reward function reads, or ``DataError`` names each one that lacks one."""
+    problems = [Problem("error", f"reward function {reward.name} reads the field {name!r}, which the record "
+                                 "lacks; add it, or choose other --reward_funcs", record.index, record.id)
+                for record in dataset.records for reward in rewards for name in reward.fields
+                if name not in record.fields]
+    if problems:
+        raise DataError(file, problems)
+
+
+def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
+         train_args: TrainingArguments, grpo_args: GRPOArguments) -> Path:
+    """Run one GRPO job; returns the output folder."""
+    ref.require_trl("grpo")
+    plan = modes.plan_from_args(mode_args)
+    check_environment(model_args, train_args, plan)
+    if not data_args.data_path:
+        raise ConfigError("--data_path is required (prompt records, with the fields the reward functions read)")
+    if data_args.packing:
+        raise ConfigError("--packing is for SFT; GRPO samples its sequences")
+    rewards = reward_lib.load_rewards(grpo_args.reward_funcs, grpo_args.reward_weights)
+    zero3 = ref.is_zero3(train_args)
+    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    start = resolve_start(model_args, data_args, plan)
+    processor, family = start.processor, start.family
+    conversation = Conversation(processor, **data_args.template_options())  # prompts rendered with its switches
+
+    def make(records, lengths, source):  # room for the completion beside each prompt
+        return PromptDataset(records, processor, family, start.budget, conversation, data_args.max_seq_length,
+                             data_args.strict_length, [n + grpo_args.max_completion_length for n in lengths], source)
+
+    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
+                                         conversation, "grpo")
+    for dataset in (train_set, eval_set):
+        if dataset is not None:
+            check_reward_fields(rewards, dataset, dataset.source)
+    if len(train_set) == 0:
+        raise ConfigError("no prompt is left after the length filter (prompt + --max_completion_length); raise "
+                          "--max_seq_length")
+
+    with output_lock(train_args.output_dir):  # one run per output folder
+        model = load_policy(start, model_args, mode_args, train_args, plan)
+        ref.disable_dropout(model)
+        ref.add_log_prob_head(model, "grpo", grpo_args.temperature)
+        reference, ref_model = None, None
+        if grpo_args.beta and plan.uses_lora:
+            reference = ref.Reference.adapters_off(model, family, plan, zero3, "vlmtune grpo with --beta > 0")
+        elif grpo_args.beta:
+            dtype = torch_dtype(train_args.bf16, train_args.fp16)
+            ref_model = ref.frozen_copy(load_start_model(start, model_args, dtype))
+            ref.add_log_prob_head(ref_model, "grpo", grpo_args.temperature)
+
+        fillers = vision_fillers(processor, family.factor) if is_distributed() else None
+        run_info = run.run_record(stage="grpo", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
+                                  bits=model_args.bits, template_options=data_args.template_options(),
+                                  grpo=dict(vars(grpo_args)), **start.record())
+        trainer = GRPOTrainer(
+            model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate_prompts,
+            processing_class=processor, family=family, run_info=run_info, grpo=grpo_args, rewards=rewards,
+            reference=reference, fillers=fillers,
+        )
+        if ref_model is not None:
+            trainer.reference = ref.Reference("copy", ref.prepare_reference_copy(trainer, ref_model))
+        trainer.sampler = choose_sampler(grpo_args, trainer, train_set, start.budget)
+        logger.info("GRPO: %d completions per prompt, rewards %s, %s loss, beta %g (reference: %s)",
+                    grpo_args.num_generations, ", ".join(f"{r.name} x {r.weight:g}" for r in rewards),
+                    grpo_args.loss_type, grpo_args.beta,
+                    "none" if not grpo_args.beta else "adapters off" if plan.uses_lora else "a frozen copy")
+        return fit(trainer, train_args, eval_set, resume)
+
+
+def choose_sampler(args: GRPOArguments, trainer: GRPOTrainer, dataset: PromptDataset, budget: media.MediaBudget):
+    """HF generate, or vLLM where asked for (or, by default, where it is installed on a CUDA machine)."""
+    import importlib.util
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    cuda = torch.cuda.is_available()
+    if args.use_vllm and not cuda:
+        raise ConfigError("--use_vllm True needs a CUDA device; on CPU, completions are sampled with generate")
+    if args.use_vllm and not has_vllm:
+        raise ConfigError("--use_vllm True but vLLM is not installed (pip install vllm), or drop the flag")
+    if args.use_vllm is None and cuda and not has_vllm:
+        logger.info("sampling: HF generate (vLLM is not installed; pip install vllm for faster sampling on GPU)")
+    if not (args.use_vllm or (args.use_vllm is None and cuda and has_vllm)):
+        if not cuda:
+            logger.info("sampling: HF generate (CPU)")
+        return trainer.sampler
+    videos = [r.id for r in dataset.records if r.videos]
+    if videos:
+        raise ConfigError(f"vLLM sampling (TRL's VLLMGeneration) takes images and text only; {len(videos)} record(s) "
+                          f"have videos (ids {videos[:5]}): pass --use_vllm False")
+    logger.info("sampling: vLLM (%s)", args.vllm_mode)
+    return VLLMSampler(args, trainer, budget, trainer.eos_ids)

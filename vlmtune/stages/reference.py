@@ -1,0 +1,162 @@
+"""What DPO and GRPO share: TRL's fused log-probabilities, and the reference policy.
+
+Log-probabilities come from TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``): the model's forward,
+called with ``labels`` and ``fused_lm_head=True``, returns the log-probability of each labelled next token,
+projected through the LM head in tiles (Triton on CUDA), without the (batch, length, vocabulary) logits.
+Without ``fused_lm_head`` the forward is the model's own, so generation and the merge see an unchanged model.
+
+The reference policy is what the run started from:
+
+* a LoRA run: the same model with its adapters switched off (PEFT's ``disable_adapter``), no second copy; parts
+  that train fully beside LoRA (the merger of ``lora_vision``, top layers) are swapped back to their starting
+  values for the reference forward (a copy of those parts only). Under ZeRO-3 those parts are partitioned and
+  cannot be swapped: such runs precompute the reference (DPO) or use ``--beta 0`` (GRPO).
+* a full run: a frozen copy loaded beside the policy, which DeepSpeed shards too under ZeRO-3 (TRL's
+  ``prepare_deepspeed``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from vlmtune.config import ConfigError
+from vlmtune.model import modes
+
+logger = logging.getLogger(__name__)
+
+TRL_HINT = "pip install 'vlmtune[rl]' (TRL 1.16+)"
+
+
+def require_trl(stage: str):
+    """TRL's trainer utilities, or a one-line error saying how to install them."""
+    try:
+        from trl.trainer import utils
+    except ImportError as exc:
+        raise ConfigError(f"vlmtune {stage} needs TRL ({exc}): {TRL_HINT}") from None
+    return utils
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def add_log_prob_head(model: nn.Module, stage: str, temperature: float = 1.0) -> None:
+    """Give ``model`` TRL's fused LM head (log-probs under ``temperature``); call before DeepSpeed wraps it."""
+    require_trl(stage).add_fused_lm_head(transformers_model(model), temperature=temperature)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (LoRA's included), as TRL does for DPO and GRPO: the policy's log-probs must be the
+    ones the reference and the old policy are compared with, not a random mask of them."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+              "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "position_ids")
+
+
+def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(rows, length - 1) log-probability of each next token whose label is not -100 (0 elsewhere), from one
+    forward of ``model`` (which has the fused head) on the batch's rows and vision tensors."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_KEYS}
+    return model(**inputs, labels=batch["labels"], fused_lm_head=True, use_cache=False).log_probs
+
+
+class Reference:
+    """The reference policy's log-probabilities: adapters off (LoRA), a frozen copy (full), or none."""
+
+    def __init__(self, kind: str, ref_model: nn.Module | None = None, saved: dict[str, torch.Tensor] | None = None):
+        self.kind = kind  # "adapters_off" | "copy"
+        self.ref_model = ref_model
+        self.saved = saved or {}  # fully trained parameters of a LoRA run at their starting values
+
+    @classmethod
+    def adapters_off(cls, model: nn.Module, family, plan: modes.TrainPlan, zero3: bool, what: str) -> Reference:
+        """The LoRA run's own model with adapters disabled; fully trained parts kept at their starting values."""
+        base = transformers_model(model)
+        full = modes.fully_trained_names(base, family, plan)
+        if full and zero3:
+            raise ConfigError(f"{what}: the reference of a LoRA run is the model with its adapters off, but this "
+                              f"plan also trains {len(full)} parameters fully ({plan.describe()}), which ZeRO-3 "
+                              "partitions and cannot swap back; freeze them (--freeze_merger True, no "
+                              "--unfreeze_topk_*), or use ZeRO-2")
+        saved = {name: param.detach().clone() for name, param in base.named_parameters()
+                 if modes.clean_name(name) in full}
+        if saved:
+            logger.info("reference: adapters off, and %d fully trained tensors (%s) at their starting values",
+                        len(saved), f"{sum(t.numel() for t in saved.values()):,} values")
+        return cls("adapters_off", saved=saved)
+
+    @contextlib.contextmanager
+    def _swapped(self, model: nn.Module):
+        base = transformers_model(model)
+        params = dict(base.named_parameters())
+        current = {}
+        try:
+            for name, start in self.saved.items():
+                param = params[name]
+                if start.device != param.device or start.dtype != param.dtype:
+                    self.saved[name] = start = start.to(param.device, param.dtype)
+                current[name] = param.data
+                param.data = start
+            yield
+        finally:
+            for name, data in current.items():
+                params[name].data = data
+
+    @torch.no_grad()
+    def log_probs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token reference log-probs of the batch (see ``token_log_probs``); ``model`` is the policy as the
+        Trainer calls it (possibly wrapped by DeepSpeed)."""
+        if self.kind == "copy":
+            return token_log_probs(self.ref_model, batch)
+        peft_model = _peft_model(model)
+        with peft_model.disable_adapter(), self._swapped(peft_model):
+            return token_log_probs(model, batch)
+
+
+def _peft_model(model: nn.Module) -> nn.Module:
+    """The PeftModel inside DeepSpeed / DDP wrappers."""
+    while not hasattr(model, "disable_adapter") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A reference model: eval mode, no gradients, dropout off."""
+    model.requires_grad_(False)
+    model.eval()
+    disable_dropout(model)
+    return model
+
+
+def prepare_reference_copy(trainer, ref_model: nn.Module) -> nn.Module:
+    """Place a frozen reference copy as the trainer's model is placed: a DeepSpeed inference engine (sharded under
+    ZeRO-3, whole under ZeRO-2, as TRL's ``prepare_deepspeed``), else on the trainer's device."""
+    if trainer.is_deepspeed_enabled:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(ref_model, trainer.accelerator)
+    return trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+
+def is_zero3(train_args) -> bool:
+    """Whether the run's DeepSpeed config is ZeRO stage 3."""
+    if not train_args.deepspeed:
+        return False
+    plugin = getattr(train_args, "hf_deepspeed_config", None)
+    if plugin is not None:
+        return plugin.is_zero3()
+    import json
+    from pathlib import Path
+
+    config = train_args.deepspeed if isinstance(train_args.deepspeed, dict) else json.loads(
+        Path(train_args.deepspeed).read_text())
+    return config.get("zero_optimization", {}).get("stage") == 3
