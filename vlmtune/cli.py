@@ -1,4 +1,5 @@
-"""``vlmtune train | check-data | tiny-model | merge | predict | estimate-memory``: parse, call, report."""
+"""``vlmtune train | check-data | tiny-model | merge | predict | eval | plot | estimate-memory``: parse, call,
+report."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ commands:
   check-data       validate a data file and summarise it
   merge            merge LoRA adapters and trained parts into a standalone model folder
   predict          generate replies with a model (and adapters) for images, videos or a data file
+  eval             score a model (or two, --compare) on a data file with task metrics
+  plot             draw the plots of a training run (loss, learning rates, grad norm, tokens/s, eval)
   estimate-memory  estimate GPU memory per device for a training setup
   tiny-model       write the embedded tiny model (random weights) to a folder
 """
@@ -100,6 +103,18 @@ def cmd_predict(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from vlmtune.evaluate import main
+
+    return main(argv)
+
+
+def cmd_plot(argv: list[str]) -> int:
+    from vlmtune.plots import main
+
+    return main(argv)
+
+
 def cmd_estimate_memory(argv: list[str]) -> int:
     from vlmtune.memory import main
 
@@ -107,7 +122,7 @@ def cmd_estimate_memory(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "check-data": cmd_check_data, "tiny-model": cmd_tiny_model, "merge": cmd_merge,
-            "predict": cmd_predict, "estimate-memory": cmd_estimate_memory}
+            "predict": cmd_predict, "eval": cmd_eval, "plot": cmd_plot, "estimate-memory": cmd_estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:
