@@ -157,6 +157,29 @@ class TrainingArguments(HfTrainingArguments):
         metadata={"help": "With --bf16 and no DeepSpeed: keep trained weights, gradients and AdamW states in bf16 "
                   "too (half their memory; updates below bf16's resolution are lost). Default: fp32 masters."},
     )
+    eval_generate: bool = field(
+        default=False,
+        metadata={"help": "At every evaluation, generate a reply for each eval record and report task metrics "
+                  "(eval_exact_match, eval_anls, ...) beside the eval loss; --metric_for_best_model and early "
+                  "stopping can use them."},
+    )
+    eval_metrics: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated metrics for --eval_generate: exact_match, relaxed, anls, rouge_l, bleu, "
+                  "choice, iou, acc@0.5 (default: what fits the references)."},
+    )
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "Reply length limit for --eval_generate."})
+    eval_generate_limit: int | None = field(
+        default=None, metadata={"help": "Generate on the first N eval records only (default: all)."}
+    )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={"help": "Stop after this many evaluations without improvement of --metric_for_best_model "
+                  "(0: never)."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Smallest change of --metric_for_best_model that counts as improvement."}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (vision tensors)."})
     dataloader_pin_memory: bool = field(
         default=True, metadata={"help": "Pinned host memory for faster copies to a CUDA device (off without one)."}

@@ -29,10 +29,12 @@ from vlmtune.data.records import Record, load_records
 from vlmtune.generation import (
     DEFAULT_MAX_NEW_TOKENS,
     Predictor,
-    boxes_in_pixels,
+    Scores,
     load_predictor,
+    prediction_lines,
     prompt_of,
     reference_of,
+    score,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,34 +50,22 @@ class Evaluation:
     label: str
     source: str
     predictions: list[str]
-    samples: list[M.Sample]
-    per_record: list[dict[str, float | None]]
-    summary: dict[str, dict]
-    pred_boxes: list[list[dict]]
+    scores: Scores
 
+    @property
+    def summary(self) -> dict[str, dict]:
+        return self.scores.summary
 
-def reference_boxes(records: list[Record], fmt: str, predictor: Predictor) -> list[list[dict]]:
-    """Boxes of each reference (in ``fmt``), in pixels of the original images."""
-    return [boxes_in_pixels(reference_of(r), fmt, r, predictor.budget, r_box_image(r)) for r in records]
-
-
-def r_box_image(record: Record):
-    return getattr(record, "box_image", None)
+    @property
+    def per_record(self) -> list[dict[str, float | None]]:
+        return self.scores.per_record
 
 
 def evaluate_predictions(records: list[Record], predictions: list[str], predictor: Predictor,
-                         ref_boxes: list[list[dict]], metric_names: list[str] | None, label: str = "model"
-                         ) -> Evaluation:
-    """Score predictions against the records' references (boxes compared in original-image pixels)."""
-    pred_boxes = [boxes_in_pixels(p, predictor.family.box_format, r, predictor.budget)
-                  for p, r in zip(predictions, records)]
-    samples = [M.Sample(p, reference_of(r), [tuple(b["coords"]) for b in pb if b["kind"] == "bbox"],
-                        [tuple(b["coords"]) for b in rb if b["kind"] == "bbox"])
-               for p, r, pb, rb in zip(predictions, records, pred_boxes, ref_boxes)]
-    names = metric_names or M.default_metrics(samples)
-    per_record = M.score_records(samples, names)
-    return Evaluation(label, predictor.source, predictions, samples, per_record, M.summarize(samples, per_record,
-                                                                                               names), pred_boxes)
+                         metric_names: list[str] | None, box_format: str | None, label: str = "model") -> Evaluation:
+    """Score one model's predictions against the records' references."""
+    scores = score(records, predictions, predictor.family, predictor.budget, metric_names, box_format)
+    return Evaluation(label, predictor.source, predictions, scores)
 
 
 def run_model(model: str | None, adapter: str | None, records_path: str, args, label: str,
@@ -91,9 +81,7 @@ def run_model(model: str | None, adapter: str | None, records_path: str, args, l
     if not records:
         raise ConfigError(f"{records_path} holds no record to evaluate")
     predictions = predictor.replies([prompt_of(r) for r in records], args.batch_size, desc=f"eval {label}")
-    fmt = box_format or predictor.family.box_format
-    result = evaluate_predictions(records, predictions, predictor, reference_boxes(records, fmt, predictor),
-                                  metric_names, label)
+    result = evaluate_predictions(records, predictions, predictor, metric_names, box_format, label)
     del predictor
     gc.collect()
     if torch.cuda.is_available():
@@ -103,12 +91,7 @@ def run_model(model: str | None, adapter: str | None, records_path: str, args, l
 
 def write_predictions(path: Path, records: list[Record], ev: Evaluation) -> None:
     with path.open("w", encoding="utf-8") as out:
-        for record, prediction, scores, pboxes in zip(records, ev.predictions, ev.per_record, ev.pred_boxes):
-            line = {"id": record.id, "prompt": prompt_of(record).messages[-1].text,
-                    "reference": reference_of(record), "prediction": prediction,
-                    "metrics": {k: v for k, v in scores.items() if v is not None}}
-            if pboxes:
-                line["boxes"] = pboxes  # original-image pixels
+        for line in prediction_lines(records, ev.predictions, ev.scores):
             out.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 

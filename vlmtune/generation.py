@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from vlmtune import metrics as M
 from vlmtune import run
 from vlmtune.config import ConfigError
 from vlmtune.data import boxes, media
@@ -219,3 +220,47 @@ def boxes_in_pixels(text: str, fmt: str, record: Record, budget: media.MediaBudg
         coords = boxes.convert(box.coords, fmt, "pixel_original", geoms[image], rounded=False)
         out.append({"kind": box.kind, "image": image, "coords": [round(c, 1) for c in coords]})
     return out
+
+
+def _bboxes(found: list[dict]) -> list[tuple[float, ...]]:
+    return [tuple(b["coords"]) for b in found if b["kind"] == "bbox"]
+
+
+@dataclasses.dataclass
+class Scores:
+    """Predictions on a split scored against the records' references."""
+
+    samples: list[M.Sample]
+    per_record: list[dict[str, float | None]]
+    summary: dict[str, dict]
+    pred_boxes: list[list[dict]]
+
+
+def score(records: Sequence[Record], predictions: Sequence[str], family: Family, budget: media.MediaBudget,
+          metric_names: Sequence[str] | None = None, reference_format: str | None = None) -> Scores:
+    """Score replies against the records' last assistant turns. Boxes are compared in original-image pixels:
+    predicted ones read in the family's convention, reference ones in ``reference_format`` (default: the
+    family's too). ``metric_names`` None: the metrics that fit the references."""
+    ref_fmt = reference_format or family.box_format
+    pred_boxes, samples = [], []
+    for record, prediction in zip(records, predictions):
+        box_image = getattr(record, "box_image", None)
+        pb = boxes_in_pixels(prediction, family.box_format, record, budget)
+        rb = boxes_in_pixels(reference_of(record), ref_fmt, record, budget, box_image)
+        pred_boxes.append(pb)
+        samples.append(M.Sample(prediction, reference_of(record), _bboxes(pb), _bboxes(rb)))
+    names = list(metric_names or M.default_metrics(samples))
+    per_record = M.score_records(samples, names)
+    return Scores(samples, per_record, M.summarize(samples, per_record, names), pred_boxes)
+
+
+def prediction_lines(records: Sequence[Record], predictions: Sequence[str], scores: Scores) -> list[dict]:
+    """One JSON-able dict per record: id, prompt, reference, prediction, its metrics, its boxes (original pixels)."""
+    lines = []
+    for record, prediction, values, pboxes in zip(records, predictions, scores.per_record, scores.pred_boxes):
+        line = {"id": record.id, "prompt": prompt_of(record).messages[-1].text, "reference": reference_of(record),
+                "prediction": prediction, "metrics": {k: v for k, v in values.items() if v is not None}}
+        if pboxes:
+            line["boxes"] = pboxes
+        lines.append(line)
+    return lines

@@ -49,12 +49,16 @@ def predict_file(predictor: Predictor, data_path: str, output, *, image_folder: 
     if limit:
         records = records[:limit]
 
+    done = 0
+
     def write(chunk, predictions):
-        for record, prediction in zip(chunk, predictions):
+        nonlocal done
+        for record, prediction in zip(records[done:done + len(chunk)], predictions):
             line = {"id": record.id, "prompt": prompt_of(record).messages[-1].text,
                     "reference": reference_of(record), "prediction": prediction}
             output.write(json.dumps(line, ensure_ascii=False) + "\n")
         output.flush()
+        done += len(chunk)
 
     predictor.replies([prompt_of(r) for r in records], batch_size, desc="predicting", on_batch=write)
     return len(records)

@@ -20,6 +20,7 @@ from vlmtune.config import ConfigError, ModelArguments, TrainingArguments
 from vlmtune.data import packing
 from vlmtune.families import Family
 from vlmtune.model import modes
+from vlmtune.stages import callbacks
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +28,12 @@ logger = logging.getLogger(__name__)
 class VisionLanguageTrainer(Trainer):
     """``Trainer`` with part-wise parameter groups, length grouping and trainable-only saving."""
 
-    def __init__(self, *args, family: Family, run_info: dict, **kwargs):
+    def __init__(self, *args, family: Family, run_info: dict, eval_generator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.family = family
         self.run_info = run_info
+        self.eval_generator = eval_generator  # stages.eval_generate.EvalGenerator (--eval_generate)
+        callbacks.install(self)
         self._tokens_seen = self._samples_seen = 0  # real (non-padding) tokens and records, for the rates
         self._last_log = (time.perf_counter(), 0, 0)  # time, tokens seen, samples seen
 
@@ -73,6 +76,15 @@ class VisionLanguageTrainer(Trainer):
             logs["samples_per_s"] = round((samples - self._last_log[2]) / elapsed, 3)
             self._last_log = (now, tokens, samples)
         super().log(logs, start_time)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.eval_generator is not None:  # task metrics join the eval loss before they are logged and compared
+            with self.autocast_smart_context_manager():
+                output.metrics.update(self.eval_generator(self.model, metric_key_prefix, self.is_world_process_zero()))
+        return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not _internal_call and not self.run_info.get("lora") and not self.is_deepspeed_enabled:

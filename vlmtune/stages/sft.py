@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ from vlmtune.model.load import (
     resolve_model_path,
     torch_dtype,
 )
+from vlmtune.stages import callbacks
 from vlmtune.stages.common import VisionLanguageTrainer, check_environment
+from vlmtune.stages.eval_generate import EvalGenerator, generation_metric_names
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +75,41 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
     return train_set, make(eval_records, held_out, data_args.eval_data_path or data_args.data_path)
 
 
+def check_evaluation(data_args: DataArguments, train_args: TrainingArguments) -> list[str] | None:
+    """Cross-checks of --eval_generate, --metric_for_best_model and early stopping; the metric names to report."""
+    try:
+        names = generation_metric_names(train_args.eval_metrics)
+    except ValueError as exc:
+        raise ConfigError(f"--eval_metrics: {exc}") from None
+    has_eval = bool(data_args.eval_data_path or data_args.val_ratio)
+    if train_args.eval_generate and not has_eval:
+        raise ConfigError("--eval_generate True needs an eval split: give --eval_data_path or --val_ratio")
+    best = train_args.metric_for_best_model
+    if best:
+        from vlmtune.metrics import METRICS
+
+        bare = best[len("eval_"):] if best.startswith("eval_") else best
+        if bare in METRICS and not train_args.eval_generate:
+            raise ConfigError(f"--metric_for_best_model {best} is a generation metric: add --eval_generate True")
+        if names is not None and bare in METRICS and bare not in names:
+            raise ConfigError(f"--metric_for_best_model {best} is not among --eval_metrics {','.join(names)}")
+    if train_args.early_stopping_patience:
+        if not best:
+            raise ConfigError("--early_stopping_patience needs --metric_for_best_model (e.g. eval_loss, or a "
+                              "generation metric with --eval_generate True)")
+        if train_args.eval_strategy == "no" or not has_eval:
+            raise ConfigError("--early_stopping_patience needs evaluations during training: --eval_strategy steps "
+                              "(or epoch) and an eval split")
+    return names
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
           train_args: TrainingArguments) -> Path:
     """Run one training job; returns the output folder."""
+    started = time.time()
     plan = modes.plan_from_args(mode_args)  # contradictions stop here, before anything loads
     check_environment(model_args, train_args, plan)
+    metric_names = check_evaluation(data_args, train_args)
     if not data_args.data_path:
         raise ConfigError("--data_path is required (a LLaVA-style JSON or JSONL file)")
     model_path = resolve_model_path(model_args.model_name_or_path, model_args.tiny_family)
@@ -120,16 +153,38 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
         collator = Collator(processor.tokenizer.pad_token_id, fillers=fillers)
     run_info = run.run_record(stage="sft", base_model=model_path, family=family, plan=plan, dtype=dtype,
                               bits=model_args.bits, budget_overrides=data_args.budget_overrides())
+    generator = None
+    if train_args.eval_generate and eval_set is not None:
+        eval_records = getattr(eval_set, "dataset", eval_set).records  # packed sets wrap the record dataset
+        generator = EvalGenerator(eval_records, processor, family, budget, metric_names=metric_names,
+                                  max_new_tokens=train_args.eval_max_new_tokens,
+                                  batch_size=train_args.per_device_eval_batch_size,
+                                  output_dir=train_args.output_dir, limit=train_args.eval_generate_limit)
     trainer = VisionLanguageTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
-        processing_class=processor, family=family, run_info=run_info,
+        processing_class=processor, family=family, run_info=run_info, eval_generator=generator,
     )
+    if train_args.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(train_args.early_stopping_patience,
+                                                   train_args.early_stopping_threshold))
     trainer.train(resume_from_checkpoint=train_args.resume_from_checkpoint)
     if eval_set is not None and train_args.eval_strategy == "no":  # an eval split always reports, at least at the end
-        trainer.log_metrics("eval", trainer.evaluate())
+        trainer.evaluate()
     trainer.save_model(train_args.output_dir)
     trainer.save_state()
-    logger.info("saved to %s", train_args.output_dir)
+    if trainer.is_world_process_zero():
+        from vlmtune.plots import plot_run
+
+        try:
+            plot = plot_run(train_args.output_dir)
+        except Exception as exc:  # a plot must never fail a finished run
+            logger.warning("could not draw the plots: %s", exc)
+            plot = None
+        predictions = generator.predictions_path if generator is not None else None
+        logger.info("%s", callbacks.summary(trainer, started, train_args.output_dir, lora=plan.uses_lora,
+                                            plot=plot, predictions=predictions))
     if torch.distributed.is_initialized():
         # Leave together and take the process groups down: a rank that exits with them alive can abort in
         # their destructors ("terminate called without an active exception"), failing a finished run.
