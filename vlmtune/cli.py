@@ -67,6 +67,9 @@ def cmd_check_data(argv: list[str]) -> int:
     parser.add_argument("--max_seq_length", type=int, default=4096)
     parser.add_argument("--deep", action="store_true", help="decode every image and video (slower)")
     parser.add_argument("--allow_urls", action="store_true")
+    parser.add_argument("--box_format", choices=["pixel_original", "pixel_resized", "norm1000", "norm1"],
+                        help="convention of the boxes in the data: they are checked, converted to the model "
+                        "family's convention and listed (default: used as written)")
     args = parser.parse_args(argv)
     model_path = resolve_model_path(args.model)
     family = load_family(model_path)
@@ -74,7 +77,7 @@ def cmd_check_data(argv: list[str]) -> int:
     budget = media.budget_from_processor(processor, family.factor)
     result = check_data(args.data_path, processor, family, budget, image_folder=args.image_folder,
                         video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
-                        max_seq_length=args.max_seq_length)
+                        max_seq_length=args.max_seq_length, box_format=args.box_format)
     print(result.summary())
     return 1 if result.errors else 0
 

@@ -80,6 +80,13 @@ class DataArguments:
     video_min_frames: int | None = field(default=None, metadata={"help": "Fewest frames sampled per video."})
     video_max_frames: int | None = field(default=None, metadata={"help": "Most frames sampled per video."})
     allow_urls: bool = field(default=False, metadata={"help": "Accept http(s) URLs as media (fetched when read)."})
+    box_format: Literal["pixel_original", "pixel_resized", "norm1000", "norm1"] | None = field(
+        default=None,
+        metadata={"help": "Convention of the grounding boxes in the data (<|box_start|>(x1,y1),(x2,y2)<|box_end|>, "
+                  "\"bbox_2d\" / \"point_2d\"); they are checked and rewritten in the model family's convention "
+                  "for each image as the model sees it (EXIF applied, resized). A record's own \"box_format\" wins. "
+                  "Default: boxes are used as written."},
+    )
     deep_check: bool = field(
         default=False, metadata={"help": "Decode every image and video before training, not only the headers."}
     )

@@ -62,9 +62,10 @@ class Evaluation:
 
 
 def evaluate_predictions(records: list[Record], predictions: list[str], predictor: Predictor,
-                         metric_names: list[str] | None, box_format: str | None, label: str = "model") -> Evaluation:
-    """Score one model's predictions against the records' references."""
-    scores = score(records, predictions, predictor.family, predictor.budget, metric_names, box_format)
+                         metric_names: list[str] | None, label: str = "model") -> Evaluation:
+    """Score one model's predictions against the records' references (boxes in them already in the family's
+    convention: converted on loading, or written so)."""
+    scores = score(records, predictions, predictor.family, predictor.budget, metric_names)
     return Evaluation(label, predictor.source, predictions, scores)
 
 
@@ -75,13 +76,14 @@ def run_model(model: str | None, adapter: str | None, records_path: str, args, l
     predictor = load_predictor(model, adapter, dtype=args.dtype, device=args.device, budget_overrides=budget,
                                max_new_tokens=args.max_new_tokens)
     records = load_records(records_path, args.image_folder, args.video_folder, budget=predictor.budget,
-                           min_image_side=predictor.family.factor)
+                           min_image_side=predictor.family.factor, box_target=predictor.family.box_format,
+                           box_format=box_format)
     if args.limit:
         records = records[:args.limit]
     if not records:
         raise ConfigError(f"{records_path} holds no record to evaluate")
     predictions = predictor.replies([prompt_of(r) for r in records], args.batch_size, desc=f"eval {label}")
-    result = evaluate_predictions(records, predictions, predictor, metric_names, box_format, label)
+    result = evaluate_predictions(records, predictions, predictor, metric_names, label)
     del predictor
     gc.collect()
     if torch.cuda.is_available():
@@ -163,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare_name", help="column title of --compare (default: its folder name)")
     parser.add_argument("--metrics", help=f"comma-separated, from {', '.join(M.METRICS)} (default: what fits the "
                         "references: choices, numbers, short answers, free text, boxes)")
-    parser.add_argument("--box_format", choices=boxes.FORMATS, help="convention of boxes in the references "
-                        "(default: the model family's own)")
+    parser.add_argument("--box_format", choices=boxes.FORMATS, help="convention of the boxes in --data: converted "
+                        "to each model family's convention before generation and scoring (default: as written)")
     parser.add_argument("--output_dir", default="outputs/eval", help="where predictions and metrics.json go")
     parser.add_argument("--image_folder", help="folder of relative image paths in --data (default: the file's)")
     parser.add_argument("--video_folder", help="folder of relative video paths in --data (default: image_folder)")

@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -220,6 +221,32 @@ def boxes_in_pixels(text: str, fmt: str, record: Record, budget: media.MediaBudg
         coords = boxes.convert(box.coords, fmt, "pixel_original", geoms[image], rounded=False)
         out.append({"kind": box.kind, "image": image, "coords": [round(c, 1) for c in coords]})
     return out
+
+
+def draw_boxes(record: Record, found: list[dict], out: str | Path) -> list[Path]:
+    """Draw boxes and points (original-image pixels, from ``boxes_in_pixels``) on the record's images as a viewer
+    shows them (EXIF applied); one PNG per image: ``out``, then ``out-2.png``, ..."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    out = Path(out)
+    written = []
+    for i, path in enumerate(record.images):
+        with Image.open(media.local_path(path)) as img:
+            canvas = ImageOps.exif_transpose(img).convert("RGB")
+        draw = ImageDraw.Draw(canvas)
+        width = max(2, round(max(canvas.size) / 200))
+        for b in (b for b in found if b["image"] == i):
+            c = b["coords"]
+            if b["kind"] == "bbox":
+                draw.rectangle(c, outline=(255, 0, 255), width=width)
+            else:
+                r = 2 * width
+                draw.ellipse((c[0] - r, c[1] - r, c[0] + r, c[1] + r), outline=(255, 0, 255), width=width)
+        target = out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix or '.png'}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(target)
+        written.append(target)
+    return written
 
 
 def _bboxes(found: list[dict]) -> list[tuple[float, ...]]:

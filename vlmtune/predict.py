@@ -26,6 +26,8 @@ from vlmtune.generation import (  # noqa: F401  (re-exported: the names predict 
     DEFAULT_MAX_NEW_TOKENS,
     GenerationConversation,
     Predictor,
+    boxes_in_pixels,
+    draw_boxes,
     load_predictor,
     prompt_of,
     prompt_record,
@@ -39,13 +41,15 @@ BUDGET_FIELDS = tuple(DataArguments().budget_overrides())
 
 
 def predict_file(predictor: Predictor, data_path: str, output, *, image_folder: str | None = None,
-                 video_folder: str | None = None, limit: int | None = None, batch_size: int = 8) -> int:
+                 video_folder: str | None = None, limit: int | None = None, batch_size: int = 8,
+                 box_format: str | None = None) -> int:
     """Generate a reply for every record of a data file, ``batch_size`` at a time; one JSON line (id, prompt,
     reference, prediction) per record is written to ``output`` (a text stream). Returns the number of records."""
     from vlmtune.data.records import load_records
 
     records = load_records(data_path, image_folder, video_folder, budget=predictor.budget,
-                           min_image_side=predictor.family.factor)
+                           min_image_side=predictor.family.factor, box_target=predictor.family.box_format,
+                           box_format=box_format)
     if limit:
         records = records[:limit]
 
@@ -56,6 +60,9 @@ def predict_file(predictor: Predictor, data_path: str, output, *, image_folder: 
         for record, prediction in zip(records[done:done + len(chunk)], predictions):
             line = {"id": record.id, "prompt": prompt_of(record).messages[-1].text,
                     "reference": reference_of(record), "prediction": prediction}
+            found = boxes_in_pixels(prediction, predictor.family.box_format, record, predictor.budget)
+            if found:
+                line["boxes"] = found  # original-image pixels
             output.write(json.dumps(line, ensure_ascii=False) + "\n")
         output.flush()
         done += len(chunk)
@@ -87,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (--data)")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    parser.add_argument("--box_format", choices=["pixel_original", "pixel_resized", "norm1000", "norm1"],
+                        help="convention of the boxes in --data (converted to the family's before generation)")
+    parser.add_argument("--draw", help="with --prompt and --image: draw the boxes and points of the reply on the "
+                        "image into this PNG (several images: NAME-2.png, ...)")
     parser.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the model's / the run's)")
     parser.add_argument("--device", help="default: cuda if present, else cpu")
     help_of = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(DataArguments)}
@@ -97,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if bool(args.data) == bool(args.prompt):
         parser.error("give either --prompt (with --image / --video) or --data")
+    if args.draw and not (args.prompt and args.image):
+        parser.error("--draw goes with --prompt and --image")
     if args.data and (args.image or args.video):
         parser.error("--image / --video go with --prompt; --data records name their own media")
     if args.max_new_tokens < 1:
@@ -112,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
             out_path.parent.mkdir(parents=True, exist_ok=True)
             with out_path.open("w", encoding="utf-8") as out:
                 n = predict_file(predictor, args.data, out, image_folder=args.image_folder,
-                                 video_folder=args.video_folder, limit=args.limit, batch_size=args.batch_size)
+                                 video_folder=args.video_folder, limit=args.limit, batch_size=args.batch_size,
+                                 box_format=args.box_format)
             print(f"{n} predictions written to {out_path}")
         else:
             predict_file(predictor, args.data, sys.stdout, image_folder=args.image_folder,
-                         video_folder=args.video_folder, limit=args.limit, batch_size=args.batch_size)
+                         video_folder=args.video_folder, limit=args.limit, batch_size=args.batch_size,
+                         box_format=args.box_format)
         return 0
     record = prompt_record(args.prompt, args.image, args.video, args.system)
     problems = check_media_files([record], predictor.family.factor, deep=False, budget=predictor.budget)
@@ -126,4 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     if not reply:
         logger.warning("the reply is empty: the model ended its turn at once (or wrote only special tokens)")
     print(reply)
+    found = boxes_in_pixels(reply, predictor.family.box_format, record, predictor.budget)
+    for b in found:
+        image = f" on image {b['image'] + 1}" if len(record.images) > 1 else ""
+        print(f"{b['kind']} in original pixels{image}: [{', '.join(f'{c:g}' for c in b['coords'])}]")
+    if args.draw:
+        for path in draw_boxes(record, found, args.draw):
+            print(f"drawn: {path} ({len(found)} box(es) and point(s) in the reply)")
     return 0

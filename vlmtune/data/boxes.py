@@ -213,6 +213,7 @@ class Converted:
     source: tuple[float, ...]
     converted: tuple[float, ...]
     image: int
+    geometry: Geometry
 
 
 def convert_texts(texts: list[str], src: str, dst: str, geometries: list[Geometry],
@@ -238,7 +239,8 @@ def convert_texts(texts: list[str], src: str, dst: str, geometries: list[Geometr
         if problem:
             problems.append(problem)
             continue
-        converted.append(Converted(i, box, box.coords, convert(box.coords, src, dst, geometries[image]), image))
+        geometry = geometries[image]
+        converted.append(Converted(i, box, box.coords, convert(box.coords, src, dst, geometry), image, geometry))
     if problems:
         return texts, converted, problems
     new_texts = list(texts)

@@ -13,6 +13,8 @@ from vlmtune.data.dataset import record_lengths
 from vlmtune.data.records import Problem, Record, read_records
 from vlmtune.families import Family
 
+BOXES_SHOWN = 10
+
 
 @dataclass
 class CheckResult:
@@ -47,6 +49,20 @@ class CheckResult:
                 shown = ", ".join(map(repr, over[:10])) + (" ..." if len(over) > 10 else "")
                 ids = f" (ids {shown})" if over else ""
                 lines.append(f"  over {self.max_seq_length:,} tokens: {len(over):,}{ids}")
+        with_boxes = [r for r in self.records if r.boxes]
+        if with_boxes:
+            n = sum(len(r.boxes) for r in with_boxes)
+            lines.append(f"  boxes: {n:,} in {len(with_boxes):,} record(s), converted to {with_boxes[0].box_format} "
+                         "for the images as the model sees them:")
+            shown = [(r, c) for r in with_boxes for c in r.boxes][:BOXES_SHOWN]
+            for record, c in shown:
+                source = ", ".join(f"{v:g}" for v in c.source)
+                converted = ", ".join(f"{v:g}" for v in c.converted)
+                g = c.geometry
+                lines.append(f"    {record.id}: [{source}] -> [{converted}] (image {c.image + 1}: {g.width}x{g.height} "
+                             f"px, seen as {g.resized_width}x{g.resized_height})")
+            if n > len(shown):
+                lines.append(f"    ... and {n - len(shown):,} more")
         for p in self.problems if with_problems else []:
             lines.append(f"{p.level.upper()}: {p.format(self.file)}")
         return "\n".join(lines)
@@ -63,12 +79,13 @@ def check_data(
     allow_urls: bool = False,
     deep: bool = False,
     max_seq_length: int | None = None,
+    box_format: str | None = None,
 ) -> CheckResult:
     """Validate every record, then measure token lengths (text + vision) of the valid ones."""
     start = time.perf_counter()
     records, problems = read_records(
         data_path, image_folder, video_folder, allow_urls=allow_urls, deep=deep,
-        min_image_side=family.factor, budget=budget,
+        min_image_side=family.factor, budget=budget, box_target=family.box_format, box_format=box_format,
     )
     lengths = record_lengths(records, Conversation(processor), budget, family) if records else []
     return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start)

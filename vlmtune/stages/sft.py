@@ -42,7 +42,7 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
     result = check_data(
         data_args.data_path, processor, family, budget, image_folder=data_args.image_folder,
         video_folder=data_args.video_folder, allow_urls=data_args.allow_urls, deep=data_args.deep_check,
-        max_seq_length=data_args.max_seq_length,
+        max_seq_length=data_args.max_seq_length, box_format=data_args.box_format,
     )
     logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
     if result.errors:
@@ -54,6 +54,7 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
         eval_records = load_records(
             data_args.eval_data_path, data_args.image_folder, data_args.video_folder,
             allow_urls=data_args.allow_urls, min_image_side=family.factor, budget=budget,
+            box_target=family.box_format, box_format=data_args.box_format,
         )
     elif data_args.val_ratio:
         shuffled = records[:]
