@@ -126,9 +126,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         gx, gy = _series(train, key)
         if gx:
             ax.plot(gx, gy, label=key[3:] if key.startswith("lr/") else "learning rate")
-    if any(_series(train, k)[0] for k in groups or ["learning_rate"]):
+    rates = [v for k in groups or ["learning_rate"] for v in _series(train, k)[1] if v > 0]
+    if rates:
         ax.legend(fontsize=8)
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        if max(rates) / min(rates) > 20:  # per-part rates (vision 2e-5 beside LLM 1e-4) differ by decades
+            ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     else:
         empty(ax, "learning rate")
     ax.set_title("learning rate per parameter group")
