@@ -173,3 +173,41 @@ def test_predict_converts_reply_boxes_to_original_pixels_and_draws_them(tiny_mod
         drawn = np.asarray(img.convert("RGB"))
     assert tuple(drawn[140, 100]) == (255, 0, 255)  # the left edge of the box, on the upright image
     assert tuple(drawn[140, 150]) == (220, 0, 0)  # inside: the rectangle itself, untouched
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_eval_scores_boxes_in_original_pixels(family, tiny_model_dir):
+    """grounding.json through loading (converted to the family's convention) and back: replies equal to the
+    converted references score IoU 1, their boxes land on the annotation in original pixels (within rounding),
+    and a reply shifted by half a box width scores 1/3."""
+    from vlmtune.generation import reference_of, score
+
+    model_dir = tiny_model_dir(family)
+    fam = load_family(str(model_dir))
+    budget = media.budget_from_processor(load_processor(str(model_dir)), fam.factor)
+    records = load_records(EXAMPLES / "grounding.json", budget=budget, min_image_side=fam.factor,
+                           box_target=fam.box_format, box_format=None)
+    replies = [reference_of(r) for r in records]
+    scores = score(records, replies, fam, budget)
+    assert list(scores.summary) == ["iou", "acc@0.5"]
+    assert scores.summary["iou"]["n"] == 5  # the point record has no box to compare
+    assert scores.summary["iou"]["score"] == pytest.approx(1.0)
+    raw = {r["id"]: r for r in json.loads((EXAMPLES / "grounding.json").read_text())}
+    for record, found in zip(records, scores.pred_boxes):
+        written = [float(v) for v in re.findall(r"\d+", raw[record.id]["conversations"][-1]["value"].replace(
+            "bbox_2d", "").replace("point_2d", ""))]
+        back = [c for b in found for c in b["coords"]]
+        assert back == pytest.approx(written, abs=1.0), record.id  # one pixel of the model's grid, at most
+
+    # the red circle's box [24, 14, 72, 58] moved right by 24 px to [48, 14, 96, 58]: IoU 24 x 44 / (2 x 48 x 44 -
+    # 24 x 44) = 1/3, written in the family's convention by hand
+    circle = records[0]
+    assert circle.id == "ground_red_circle"
+    g = circle.boxes[0].geometry
+    if fam.box_format == "pixel_resized":
+        sx, sy = g.resized_width / 96, g.resized_height / 72
+        moved = f'{{"bbox_2d": [{round(48 * sx)}, {round(14 * sy)}, {round(96 * sx)}, {round(58 * sy)}]}}'
+    else:
+        moved = '{"bbox_2d": [500, 194, 1000, 806]}'
+    per = score([circle], [moved], fam, budget).per_record[0]
+    assert per["iou"] == pytest.approx(1 / 3, abs=0.03) and per["acc@0.5"] == 0.0

@@ -212,8 +212,9 @@ def boxes_in_pixels(text: str, fmt: str, record: Record, budget: media.MediaBudg
     geoms = geometries(record, budget)
     found, _ = boxes.find_boxes(text)
     where = boxes.image_of_boxes(len(found), geoms, box_image)
-    if isinstance(where, str):  # a multi-image record: take the first image, as a viewer would
-        where = [0] * len(found)
+    if isinstance(where, str):  # a reply with another box count than box_image lists, or no box_image at all
+        first = box_image[0] if isinstance(box_image, list) and box_image else box_image
+        where = [first - 1 if isinstance(first, int) and 1 <= first <= len(geoms) else 0] * len(found)
     out = []
     for box, image in zip(found, where):
         if boxes.problem_with(box, fmt, geoms[image]) is not None:
@@ -272,10 +273,11 @@ def score(records: Sequence[Record], predictions: Sequence[str], family: Family,
     pred_boxes, samples = [], []
     for record, prediction in zip(records, predictions):
         box_image = getattr(record, "box_image", None)
-        pb = boxes_in_pixels(prediction, family.box_format, record, budget)
+        pb = boxes_in_pixels(prediction, family.box_format, record, budget, box_image)  # the reference's image
         rb = boxes_in_pixels(reference_of(record), ref_fmt, record, budget, box_image)
         pred_boxes.append(pb)
-        samples.append(M.Sample(prediction, reference_of(record), _bboxes(pb), _bboxes(rb)))
+        points = [tuple(b["coords"]) for b in rb if b["kind"] == "point"]
+        samples.append(M.Sample(prediction, reference_of(record), _bboxes(pb), _bboxes(rb), points))
     names = list(metric_names or M.default_metrics(samples))
     per_record = M.score_records(samples, names)
     return Scores(samples, per_record, M.summarize(samples, per_record, names), pred_boxes)

@@ -49,6 +49,8 @@ class Sample:
     reference: str
     pred_boxes: list[tuple[float, ...]] = field(default_factory=list)
     ref_boxes: list[tuple[float, ...]] = field(default_factory=list)
+    ref_points: list[tuple[float, ...]] = field(default_factory=list)
+    """Reference points make a grounding record too; no metric scores points yet."""
 
 
 # ---------------------------------------------------------------- text
@@ -272,7 +274,7 @@ KIND_METRICS = {
 
 def default_metrics(samples: Sequence[Sample]) -> list[str]:
     """The metrics that fit the references: the union over the kinds present, in a fixed order."""
-    kinds = {reference_kind(s.reference, bool(s.ref_boxes)) for s in samples}
+    kinds = {reference_kind(s.reference, bool(s.ref_boxes or s.ref_points)) for s in samples}
     chosen = {name for kind in kinds for name in KIND_METRICS[kind]}
     return [name for name in METRICS if name in chosen]
 

@@ -60,7 +60,8 @@ def predict_file(predictor: Predictor, data_path: str, output, *, image_folder: 
         for record, prediction in zip(records[done:done + len(chunk)], predictions):
             line = {"id": record.id, "prompt": prompt_of(record).messages[-1].text,
                     "reference": reference_of(record), "prediction": prediction}
-            found = boxes_in_pixels(prediction, predictor.family.box_format, record, predictor.budget)
+            found = boxes_in_pixels(prediction, predictor.family.box_format, record, predictor.budget,
+                                    record.box_image)
             if found:
                 line["boxes"] = found  # original-image pixels
             output.write(json.dumps(line, ensure_ascii=False) + "\n")
