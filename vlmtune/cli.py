@@ -54,8 +54,10 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_check_data(argv: list[str]) -> int:
+    from vlmtune.config import boolean_flag
     from vlmtune.data import media
     from vlmtune.data.check import check_data
+    from vlmtune.data.conversation import LABEL_MODES, Conversation
     from vlmtune.model.load import load_family, load_processor, resolve_model_path
 
     parser = argparse.ArgumentParser(prog="vlmtune check-data", description="Validate a LLaVA-style data file.")
@@ -70,14 +72,21 @@ def cmd_check_data(argv: list[str]) -> int:
     parser.add_argument("--box_format", choices=["pixel_original", "pixel_resized", "norm1000", "norm1"],
                         help="convention of the boxes in the data: they are checked, converted to the model "
                         "family's convention and listed (default: used as written)")
+    # what trains, as in `vlmtune train`: every record's labels are checked under these
+    parser.add_argument("--label_mode", choices=LABEL_MODES, default="assistant")
+    parser.add_argument("--enable_thinking", type=boolean_flag, metavar="{true,false}",
+                        help="passed to the chat template (default: the template's)")
+    parser.add_argument("--keep_earlier_reasoning", type=boolean_flag, default=False, metavar="{true,false}")
     args = parser.parse_args(argv)
     model_path = resolve_model_path(args.model)
     family = load_family(model_path)
     processor = load_processor(model_path)
     budget = media.budget_from_processor(processor, family.factor)
+    conversation = Conversation(processor, args.label_mode, enable_thinking=args.enable_thinking,
+                                keep_earlier_reasoning=args.keep_earlier_reasoning)
     result = check_data(args.data_path, processor, family, budget, image_folder=args.image_folder,
                         video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
-                        max_seq_length=args.max_seq_length, box_format=args.box_format)
+                        max_seq_length=args.max_seq_length, conversation=conversation, box_format=args.box_format)
     print(result.summary())
     return 1 if result.errors else 0
 

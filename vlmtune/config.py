@@ -20,6 +20,18 @@ class ConfigError(ValueError):
     """Contradictory or impossible settings, found before the model loads."""
 
 
+def boolean_flag(value: str) -> bool:
+    """An argparse type: true / false (any case; also yes / no, 1 / 0), as ``vlmtune train``'s flags take them."""
+    lowered = value.lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0"):
+        return False
+    import argparse
+
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
@@ -67,6 +79,17 @@ class DataArguments:
         default="assistant",
         metadata={"help": "What trains: every assistant reply, the last one only, or all text (prompts too)."},
     )
+    enable_thinking: bool | None = field(
+        default=None,
+        metadata={"help": "Passed to the chat template as enable_thinking (Qwen3.5: False puts an empty <think> "
+                  "block in the prompt, so only the answer trains). Default: the template's own default. predict "
+                  "uses the run's value."},
+    )
+    keep_earlier_reasoning: bool = field(
+        default=False,
+        metadata={"help": "Thinking templates drop the <think> reasoning of assistant turns before the last user "
+                  "message; True keeps it there, written as in a last turn, so it trains too."},
+    )
     image_min_pixels: int | None = field(default=None, metadata={"help": "Min pixels per image (default: the "
                                                                  "processor's)."})
     image_max_pixels: int | None = field(default=None, metadata={"help": "Max pixels per image (default: the "
@@ -102,6 +125,13 @@ class DataArguments:
             raise ConfigError(f"--val_ratio must be in [0, 1), got {self.val_ratio}")
         if (self.image_resized_width is None) != (self.image_resized_height is None):
             raise ConfigError("--image_resized_width and --image_resized_height go together")
+
+    def template_options(self) -> dict:
+        """The chat-template switches the user set, as ``Conversation`` takes them (saved with a run)."""
+        options = {"enable_thinking": self.enable_thinking} if self.enable_thinking is not None else {}
+        if self.keep_earlier_reasoning:
+            options["keep_earlier_reasoning"] = True
+        return options
 
     def budget_overrides(self) -> dict:
         """The media budget fields the user set (None: the processor's default)."""

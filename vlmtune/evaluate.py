@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vlmtune import metrics as M
-from vlmtune.config import ConfigError, DataArguments
+from vlmtune.config import ConfigError, DataArguments, boolean_flag
 from vlmtune.data import boxes
 from vlmtune.data.records import Record, load_records
 from vlmtune.generation import (
@@ -74,7 +74,7 @@ def run_model(model: str | None, adapter: str | None, records_path: str, args, l
     """Load a model, generate for every record, score; the model is freed before returning."""
     budget = {name: getattr(args, name) for name in BUDGET_FIELDS}
     predictor = load_predictor(model, adapter, dtype=args.dtype, device=args.device, budget_overrides=budget,
-                               max_new_tokens=args.max_new_tokens)
+                               max_new_tokens=args.max_new_tokens, enable_thinking=args.enable_thinking)
     records = load_records(records_path, args.image_folder, args.video_folder, budget=predictor.budget,
                            min_image_side=predictor.family.factor, box_target=predictor.family.box_format,
                            box_format=box_format)
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="evaluate only the first N records")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--enable_thinking", type=boolean_flag, metavar="{true,false}",
+                        help="passed to the chat template of both models (default: each run's value, else the "
+                        "template's)")
     parser.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the model's / the run's)")
     parser.add_argument("--device", help="default: cuda if present, else cpu")
     help_of = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(DataArguments)}

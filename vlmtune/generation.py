@@ -24,7 +24,7 @@ from vlmtune import run
 from vlmtune.config import ConfigError
 from vlmtune.data import boxes, media
 from vlmtune.data.collator import SEQUENCE_KEYS, Collator
-from vlmtune.data.conversation import Conversation, chat_messages
+from vlmtune.data.conversation import Conversation
 from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Record
 from vlmtune.families import Family
 
@@ -34,10 +34,10 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 
 class GenerationConversation(Conversation):
-    """The training conversation rendering, ending with the assistant header the model continues from."""
+    """The training conversation rendering (same template switches, e.g. ``enable_thinking``), ending with the
+    template's generation prompt, which the model continues from."""
 
-    def text(self, record: Record) -> str:
-        return self.processor.apply_chat_template(chat_messages(record), tokenize=False, add_generation_prompt=True)
+    add_generation_prompt = True
 
 
 def prompt_record(prompt: str, images: list[str] | None = None, videos: list[str] | None = None,
@@ -117,12 +117,13 @@ class Predictor:
     assistant's next turn."""
 
     def __init__(self, model, processor, family: Family, budget: media.MediaBudget,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, source: str = ""):
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, source: str = "",
+                 enable_thinking: bool | None = None):
         self.model = model
         self.processor = processor
         self.family = family
         self.budget = budget
-        self.conversation = GenerationConversation(processor)
+        self.conversation = GenerationConversation(processor, enable_thinking=enable_thinking)
         self.collate = Collator(processor.tokenizer.pad_token_id)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
@@ -182,12 +183,18 @@ class Predictor:
 
 def load_predictor(model: str | None, adapter: str | None = None, *, dtype: str | None = None,
                    device: str | None = None, budget_overrides: dict | None = None,
-                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0) -> Predictor:
-    """Load a standalone model, or a base model with a run's adapters (merged in memory), for generation."""
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+                   enable_thinking: bool | None = None) -> Predictor:
+    """Load a standalone model, or a base model with a run's adapters (merged in memory), for generation.
+
+    ``enable_thinking`` None: the value the run trained with (its ``vlmtune_run.json``), else the template's default.
+    """
     loaded = run.load_for_inference(model, adapter, dtype=dtype, device=device, budget_overrides=budget_overrides)
     logger.info("generating with %s", loaded.source)
+    if enable_thinking is None:
+        enable_thinking = loaded.template_options.get("enable_thinking")
     return Predictor(loaded.model, loaded.processor, loaded.family, loaded.budget, max_new_tokens, temperature,
-                     loaded.source)
+                     loaded.source, enable_thinking)
 
 
 # ---------------------------------------------------------------- boxes in replies

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vlmtune.config import DataArguments
+from vlmtune.config import DataArguments, boolean_flag
 from vlmtune.data import media
 from vlmtune.data.records import check_media_files
 from vlmtune.generation import (  # noqa: F401  (re-exported: the names predict has always had)
@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (--data)")
     parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    parser.add_argument("--enable_thinking", type=boolean_flag, metavar="{true,false}",
+                        help="passed to the chat template (Qwen3.5: false opens the reply after an empty <think> "
+                        "block); default: the run's value (vlmtune train --enable_thinking), else the template's")
     parser.add_argument("--box_format", choices=["pixel_original", "pixel_resized", "norm1000", "norm1"],
                         help="convention of the boxes in --data (converted to the family's before generation)")
     parser.add_argument("--draw", help="with --prompt and --image: draw the boxes and points of the reply on the "
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     DataArguments(**{k: v for k, v in budget.items() if v is not None})  # the same cross-checks as training
     predictor = load_predictor(args.model, args.adapter, dtype=args.dtype, device=args.device,
                                budget_overrides=budget, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature)
+                               temperature=args.temperature, enable_thinking=args.enable_thinking)
     if args.data:
         if args.output:
             out_path = Path(args.output)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,6 +63,12 @@ class RunInfo:
             return modes.TrainPlan(**self.info["plan"])
         except (KeyError, TypeError):
             return None
+
+    @property
+    def template_options(self) -> dict:
+        """The chat-template switches the run trained with (e.g. ``enable_thinking``), as ``Conversation`` takes
+        them."""
+        return dict(self.info.get("template_options") or {})
 
     @property
     def budget_overrides(self) -> dict:
@@ -244,6 +250,8 @@ class Loaded:
     family: Family
     budget: media.MediaBudget
     source: str
+    template_options: dict = field(default_factory=dict)
+    """The chat-template switches the run trained with (``vlmtune_run.json``); empty for a model without a run."""
 
 
 def load_for_inference(model: str | None, adapter: str | None = None, *, dtype: str | None = None,
@@ -282,4 +290,4 @@ def load_for_inference(model: str | None, adapter: str | None = None, *, dtype: 
         source = model
     loaded.to(device).eval()
     budget = run_budget(run, processor, family, **(budget_overrides or {}))
-    return Loaded(loaded, processor, family, budget, source)
+    return Loaded(loaded, processor, family, budget, source, run.template_options if run is not None else {})

@@ -79,13 +79,24 @@ def check_data(
     allow_urls: bool = False,
     deep: bool = False,
     max_seq_length: int | None = None,
+    conversation: Conversation | None = None,
     box_format: str | None = None,
 ) -> CheckResult:
-    """Validate every record, then measure token lengths (text + vision) of the valid ones."""
+    """Validate every record, check its labels (with ``conversation``: the run's label mode and template switches),
+    then measure token lengths (text + vision) of the valid ones."""
     start = time.perf_counter()
     records, problems = read_records(
         data_path, image_folder, video_folder, allow_urls=allow_urls, deep=deep,
         min_image_side=family.factor, budget=budget, box_target=family.box_format, box_format=box_format,
     )
-    lengths = record_lengths(records, Conversation(processor), budget, family) if records else []
+    conversation = conversation or Conversation(processor)
+    # one pass over the texts: token counts and the label check (data/conversation.py)
+    text_counts, label_problems = conversation.measure(records) if records else ([], [])
+    if label_problems:  # such records are errors, not valid records
+        bad = {p.index for p in label_problems}
+        kept = [(r, n) for r, n in zip(records, text_counts) if r.index not in bad]
+        records, text_counts = [r for r, _ in kept], [n for _, n in kept]
+        problems = sorted(problems + label_problems, key=lambda p: -1 if p.index is None else p.index)
+    lengths = record_lengths(records, conversation, budget, family, text_counts) if records else []
     return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start)
+

@@ -1,25 +1,82 @@
 """Record -> chat messages -> input ids and assistant-only labels, through the family's own chat template.
 
-The text is rendered by ``processor.apply_chat_template`` and tokenized (with vision tokens expanded) by the
-processor itself, so training sees exactly the ids the model sees at inference. Labels are found in those ids:
-every assistant turn opens with ``<|im_start|>assistant\\n`` and closes with ``<|im_end|>`` in all Qwen-VL
-templates; the reply and its closing token are labelled, nothing else.
+How a record becomes ids and labels
+===================================
+
+1. **Render.** ``processor.apply_chat_template`` writes the whole conversation with the checkpoint's own template
+   (and its switches, e.g. ``enable_thinking``). That text is exact ground truth for what trains: validation refuses
+   ``<|im_start|>`` and ``<|im_end|>`` inside records, so every ``<|im_start|>assistant\\n`` in it opens an assistant
+   turn the template wrote, and the next ``<|im_end|>`` closes it.
+2. **Find each reply in the text.** A turn's *reply* is what the model generates at inference: it starts right after
+   the template's generation prompt and ends with ``<|im_end|>`` (included). The generation prompt is
+   ``<|im_start|>assistant\\n`` plus whatever the template adds after it (``generation_prompt``: nothing for the
+   Qwen2-VL / Qwen2.5-VL / Qwen3-VL Instruct templates, ``<think>\\n`` for Qwen3-VL-Thinking and Qwen3.5,
+   ``<think>\\n\\n</think>\\n\\n`` for Qwen3.5 with ``enable_thinking=False``); where a turn does not start with that
+   addition (an earlier turn whose reasoning the template stripped), the reply starts after the header.
+3. **Tokenize piece by piece.** The text is cut at the start and the end of every reply (``Rendered.pieces``:
+   prompt, reply, prompt, ..., prompt) and the processor tokenizes the pieces (expanding the vision pads) as one
+   batch; their ids are joined. The reply pieces are the labels (as the label mode says). Nothing is searched for in
+   the ids.
+
+   Why pieces: a byte-level BPE may merge across the cut. The header ends with ``\\n``; a reply that starts with
+   ``\\n`` (or a thinking reply ``\\n</think>...`` after ``<think>\\n``) makes one ``\\n\\n`` token with it when the
+   whole text is tokenized at once, and the reply has no first token of its own. At inference the prompt ends with
+   the header's own ``\\n`` and the model generates the reply's tokens after it; the pieces give exactly those
+   tokens, so the labelled span decodes exactly to the reply and its ``<|im_end|>``. Where no token crosses a cut
+   (the normal case: ``<|im_end|>`` is a special token, and replies rarely start with a newline), the joined ids are
+   the processor's ids for the whole text, token for token.
+4. **Check every record**, always (``problem``; ``encode`` raises ``LabelError``): the labelled spans (runs of labels
+   that are not -100) are as many as the replies the label mode trains, and each decodes to its reply (after the
+   tokenizer's normalization, e.g. NFC) with its ``<|im_end|>``; in ``all`` mode every reply is labelled.
+   ``check-data`` runs the same check on the text of every record of a file (``measure`` / ``label_problems``).
+
+Counting tokens before training (``token_counts``, or ``measure`` with the check) tokenizes the same pieces, so the
+up-front lengths are the lengths of the ids that train.
+
+Thinking templates (Qwen3-VL-Thinking, Qwen3.5)
+===============================================
+
+These templates take the reasoning of an assistant turn from ``<think>...</think>`` at the start of its text and
+write ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}`` in the turns after the last user message (the last turn, in
+LLaVA data), and the answer alone in earlier turns. What trains:
+
+- **Last turn, data with reasoning**: the reasoning stays in the labelled span. The span starts after the generation
+  prompt's ``<think>\\n`` and holds ``{reasoning}\\n</think>\\n\\n{answer}<|im_end|>``.
+- **Last turn, data without reasoning**: the template writes an empty block ``<think>\\n\\n</think>\\n\\n`` before the
+  answer. With thinking on (Qwen3-VL-Thinking; Qwen3.5 unless ``enable_thinking=False``) ``<think>\\n`` is prompt
+  and ``\\n</think>\\n\\n{answer}<|im_end|>`` is labelled: the model learns to close its reasoning at once and
+  answer. With ``enable_thinking=False`` (Qwen3.5; the default of the 0.8B / 2B template) the whole empty block is
+  prompt and only ``{answer}<|im_end|>`` is labelled.
+- **Earlier turns**: the template drops their reasoning; the answer is labelled as the template writes it.
+  ``keep_earlier_reasoning=True`` (``--keep_earlier_reasoning``) writes every earlier turn as the template writes a
+  last turn (the one ``render(messages[: turn + 1])`` ends with), so its reasoning stays in the text and in the
+  labelled span.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
+from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Problem, Record
 from vlmtune.families.base import ASSISTANT_HEADER, IM_END, IMAGE_PAD, VIDEO_PAD
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 LabelMode = Literal["assistant", "last_assistant", "all"]
 LABEL_MODES = ("assistant", "last_assistant", "all")
 _PLACEHOLDER = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+class LabelError(ValueError):
+    """A record whose labels would not be exactly the replies that train; the message names the turn."""
 
 
 def content_parts(text: str) -> list[dict]:
@@ -44,47 +101,272 @@ def chat_messages(record: Record) -> list[dict]:
     return [{"role": m.role, "content": content_parts(m.text)} for m in record.messages]
 
 
-class Conversation:
-    """Renders records with a processor's chat template and masks labels to the assistant's replies."""
+@dataclass(frozen=True)
+class Rendered:
+    """A rendered conversation, cut at the start and end of every assistant reply."""
 
-    def __init__(self, processor, label_mode: LabelMode = "assistant"):
+    pieces: tuple[str, ...]
+    """Prompt, reply, prompt, reply, ..., prompt: ``pieces[2 * i + 1]`` is reply i, its ``<|im_end|>`` included."""
+    turns: tuple[int, ...]
+    """Index in the record's messages (= in its ``conversations``) of every assistant message, in order."""
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    @property
+    def replies(self) -> tuple[str, ...]:
+        return self.pieces[1::2]
+
+
+def _turn_bounds(text: str, generation_prompt: str) -> list[tuple[int, int, int]]:
+    """(body start, reply start, reply end) of every closed assistant turn in a rendered text.
+
+    The body starts after ``<|im_start|>assistant\\n``; the reply after the generation prompt's addition where the
+    body starts with it; the reply ends after its ``<|im_end|>``. An open turn at the end (a generation prompt) is
+    not a reply.
+    """
+    bounds, search = [], 0
+    while (header := text.find(ASSISTANT_HEADER, search)) >= 0:
+        body = header + len(ASSISTANT_HEADER)
+        end = text.find(IM_END, body)
+        if end < 0:
+            break
+        start = body + len(generation_prompt) if generation_prompt and text.startswith(generation_prompt, body) \
+            else body
+        search = end + len(IM_END)
+        bounds.append((body, start, search))
+    return bounds
+
+
+def _runs(labels: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, end) of every run of labels that are not IGNORE_INDEX."""
+    runs, start = [], None
+    for i, label in enumerate(labels):
+        if label != IGNORE_INDEX and start is None:
+            start = i
+        elif label == IGNORE_INDEX and start is not None:
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, len(labels)))
+    return runs
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+class Conversation:
+    """Renders records with a processor's chat template, tokenizes them reply by reply, labels the replies.
+
+    ``enable_thinking``: passed to the template (None: the template's default); ignored, with one log line, where
+    the template has no such switch. ``keep_earlier_reasoning``: earlier turns keep their reasoning (see the module
+    docstring).
+    """
+
+    add_generation_prompt = False
+    """True: the text ends with the generation prompt (``predict``), so it has no reply of its own."""
+
+    def __init__(self, processor, label_mode: LabelMode = "assistant", *, enable_thinking: bool | None = None,
+                 keep_earlier_reasoning: bool = False):
         if label_mode not in LABEL_MODES:
             raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
         self.processor = processor
         self.label_mode = label_mode
+        self.keep_earlier_reasoning = keep_earlier_reasoning
         tok = processor.tokenizer
-        self.header = tok.encode(ASSISTANT_HEADER, add_special_tokens=False)
-        self.im_end = tok.convert_tokens_to_ids(IM_END)
         self.vision_pads = {tok.convert_tokens_to_ids(IMAGE_PAD), tok.convert_tokens_to_ids(VIDEO_PAD)}
+        self.template_kwargs: dict = {}
+        if enable_thinking is not None:
+            if "enable_thinking" in self.template_source():
+                self.template_kwargs["enable_thinking"] = enable_thinking
+            else:
+                logger.warning("the chat template has no enable_thinking switch: enable_thinking=%s changes nothing",
+                               enable_thinking)
+        self._generation_prompt: str | None = None
+
+    # ------------------------------------------------------------------ rendering
+
+    def template_source(self) -> str:
+        """The processor's chat template (its "default" one where it has several)."""
+        template = getattr(self.processor, "chat_template", None) or ""
+        return template.get("default", "") if isinstance(template, dict) else template
+
+    def _apply_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **self.template_kwargs)
+
+    @property
+    def generation_prompt(self) -> str:
+        """What the template's generation prompt writes after ``<|im_start|>assistant\\n`` (often nothing)."""
+        if self._generation_prompt is None:
+            messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+            without = self._apply_template(messages)
+            with_prompt = self._apply_template(messages, add_generation_prompt=True)
+            added = with_prompt[len(without):]
+            if not (with_prompt.startswith(without) and added.startswith(ASSISTANT_HEADER)):
+                raise LabelError(f"the chat template's generation prompt is {_short(added)}, not "
+                                 f"{ASSISTANT_HEADER!r} (ChatML, as every Qwen-VL template writes it): vlmtune cannot "
+                                 "tell where replies start with this template")
+            self._generation_prompt = added[len(ASSISTANT_HEADER):]
+        return self._generation_prompt
+
+    def render(self, record: Record) -> Rendered:
+        """The record rendered by the chat template and cut at its replies."""
+        messages = chat_messages(record)
+        text = self._apply_template(messages, self.add_generation_prompt)
+        turns = tuple(i for i, m in enumerate(record.messages) if m.role == "assistant")
+        if self.keep_earlier_reasoning:
+            text = self._with_earlier_reasoning(text, messages, turns)
+        pieces, pos = [], 0
+        for _, start, end in _turn_bounds(text, self.generation_prompt):
+            pieces += [text[pos:start], text[start:end]]
+            pos = end
+        pieces.append(text[pos:])
+        return Rendered(tuple(pieces), turns)
+
+    def _with_earlier_reasoning(self, text: str, messages: list[dict], turns: tuple[int, ...]) -> str:
+        """``text`` with the body of every assistant turn but the last as the template writes a last turn."""
+        bounds = _turn_bounds(text, self.generation_prompt)
+        if len(bounds) != len(turns):
+            return text  # the check reports it
+        out, pos = [], 0
+        for (body, _, end), turn in zip(bounds[:-1], turns[:-1]):
+            alone = self._apply_template(messages[: turn + 1])
+            last_body, _, last_end = _turn_bounds(alone, self.generation_prompt)[-1]
+            out += [text[pos:body], alone[last_body:last_end]]
+            pos = end
+        out.append(text[pos:])
+        return "".join(out)
 
     def text(self, record: Record) -> str:
         """The chat-template text of the whole conversation (one pad token per image / video)."""
-        return self.processor.apply_chat_template(chat_messages(record), tokenize=False)
+        return self.render(record).text
 
-    def assistant_spans(self, input_ids: list[int]) -> list[tuple[int, int]]:
-        """[start, end) of each assistant reply, its ``<|im_end|>`` included."""
-        spans, n, i = [], len(self.header), 0
-        while i <= len(input_ids) - n:
-            if input_ids[i : i + n] == self.header:
-                start = end = i + n
-                while end < len(input_ids) and input_ids[end] != self.im_end:
-                    end += 1
-                spans.append((start, min(end + 1, len(input_ids))))
-                i = end
-            else:
-                i += 1
+    def fingerprint(self) -> str:
+        """What a record's text tokens depend on besides the record and the tokenizer: the template, its switches
+        and how replies are cut. A cache of ``token_counts`` keys on it (the label check also on ``label_mode``)."""
+        import hashlib
+        import json
+
+        facts = {"template": self.template_source(), "template_kwargs": self.template_kwargs,
+                 "keep_earlier_reasoning": self.keep_earlier_reasoning,
+                 "add_generation_prompt": self.add_generation_prompt, "cut": "reply pieces v1"}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ labels and their check
+
+    def trained(self, rendered: Rendered) -> list[int]:
+        """Indices of the replies the label mode trains."""
+        n = len(rendered.replies)
+        return [n - 1] if self.label_mode == "last_assistant" and n else list(range(n))
+
+    def labels(self, ids: Sequence[int], piece_lengths: Sequence[int], rendered: Rendered) -> list[int]:
+        """Labels of a sequence tokenized piece by piece: -100 outside what the label mode trains."""
+        if self.label_mode == "all":
+            return [IGNORE_INDEX if t in self.vision_pads else t for t in ids]
+        labels = [IGNORE_INDEX] * len(ids)
+        spans = self._reply_spans(piece_lengths)
+        for i in self.trained(rendered):
+            start, end = spans[i]
+            labels[start:end] = ids[start:end]
+        return labels
+
+    @staticmethod
+    def _reply_spans(piece_lengths: Sequence[int]) -> list[tuple[int, int]]:
+        spans, pos = [], 0
+        for k, n in enumerate(piece_lengths):
+            if k % 2:
+                spans.append((pos, pos + n))
+            pos += n
         return spans
 
-    def labels(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Labels for one sequence: -100 outside the spans the label mode trains on."""
-        ids = input_ids.tolist()
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
+    def _normalize(self, text: str) -> str:
+        """The text as the tokenizer normalizes it (e.g. NFC), which is what its tokens decode to."""
+        backend = getattr(self.processor.tokenizer, "backend_tokenizer", None)
+        normalizer = getattr(backend, "normalizer", None)
+        return normalizer.normalize_str(text) if normalizer is not None else text
+
+    def problem(self, ids: Sequence[int], labels: Sequence[int], piece_lengths: Sequence[int],
+                rendered: Rendered) -> str | None:
+        """What is wrong with a record's labels, naming the turn (None: the labels are exactly the replies)."""
+        replies = rendered.replies
+        if len(replies) != len(rendered.turns):
+            return (f"the chat template wrote {len(replies)} assistant turn(s) between {ASSISTANT_HEADER!r} and "
+                    f"{IM_END!r} for the record's {len(rendered.turns)} assistant repl(ies) (turns "
+                    f"{list(rendered.turns)}); its labels cannot be found")
+        trained = self.trained(rendered)
         if self.label_mode == "all":
-            keep = torch.tensor([t not in self.vision_pads for t in ids], dtype=torch.bool)
-            return torch.where(keep, input_ids, labels)
-        spans = self.assistant_spans(ids)
-        if self.label_mode == "last_assistant":
-            spans = spans[-1:]
-        for start, end in spans:
-            labels[start:end] = input_ids[start:end]
-        return labels
+            spans = self._reply_spans(piece_lengths)
+            for i, (start, end) in enumerate(spans):
+                if list(labels[start:end]) != list(ids[start:end]):
+                    return f"turn {rendered.turns[i]}: its reply is not labelled (label_mode all)"
+        else:
+            spans = _runs(labels)
+            if len(spans) != len(trained):
+                return (f"{len(spans)} labelled span(s) for the {len(trained)} repl(ies) that train (label_mode "
+                        f"{self.label_mode}: turns {[rendered.turns[i] for i in trained]})")
+        tok = self.processor.tokenizer
+        for (start, end), i in zip(spans, trained):
+            got = tok.decode(list(ids[start:end]), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            want = self._normalize(replies[i])
+            if got != want:
+                return f"turn {rendered.turns[i]}: the labelled tokens decode to {_short(got)}, not to the reply " \
+                       f"{_short(want)}"
+        return None
+
+    # ------------------------------------------------------------------ text only: lengths and the data check
+
+    def measure(self, records: Sequence[Record], check: bool = True) -> tuple[list[int], list[Problem]]:
+        """Token count of each record's text (one pad per image / video: vision tokens not expanded), tokenized
+        piece by piece exactly as ``encode`` does, and (``check``) the label problems of the records."""
+        rendered = [self.render(r) for r in records]
+        flat = [piece for rd in rendered for piece in rd.pieces]
+        tokenized = self.processor.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        counts, problems, pos = [], [], 0
+        for record, rd in zip(records, rendered):
+            pieces = tokenized[pos: pos + len(rd.pieces)]
+            pos += len(rd.pieces)
+            lengths = [len(p) for p in pieces]
+            counts.append(sum(lengths))
+            if check:
+                ids = [t for p in pieces for t in p]
+                message = self.problem(ids, self.labels(ids, lengths, rd), lengths, rd)
+                if message:
+                    problems.append(Problem("error", message, record.index, record.id))
+        return counts, problems
+
+    def token_counts(self, records: Sequence[Record]) -> list[int]:
+        """Text tokens of each record (one pad per image / video), exactly as ``encode`` tokenizes them."""
+        return self.measure(records, check=False)[0]
+
+    def label_problems(self, records: Sequence[Record]) -> list[Problem]:
+        """The label check of every record (errors naming record and turn), from its text alone."""
+        return self.measure(records)[1]
+
+    # ------------------------------------------------------------------ model inputs
+
+    def encode(self, record: Record, images=None, videos=None, video_metadata=None, **processor_kwargs) -> dict:
+        """Model inputs of a record with its decoded media: the processor's tensors, ids tokenized piece by piece,
+        ``labels``; raises ``LabelError`` when the labels are not exactly the replies that train."""
+        rendered = self.render(record)
+        encoded = self.processor(
+            text=list(rendered.pieces), images=images or None, videos=videos or None,
+            video_metadata=video_metadata or None, padding=True, return_tensors="pt", **processor_kwargs,
+        )
+        keep = encoded["attention_mask"].bool()
+        rows = [encoded["input_ids"][i][keep[i]] for i in range(len(rendered.pieces))]
+        item = {k: v for k, v in encoded.items() if k not in _PER_TOKEN}
+        item["input_ids"] = input_ids = torch.cat(rows)
+        item["attention_mask"] = torch.ones_like(input_ids)
+        if "mm_token_type_ids" in encoded:
+            types = encoded["mm_token_type_ids"]
+            item["mm_token_type_ids"] = torch.cat([types[i][keep[i]] for i in range(len(rows))])
+        ids, lengths = input_ids.tolist(), [len(r) for r in rows]
+        labels = self.labels(ids, lengths, rendered)
+        message = self.problem(ids, labels, lengths, rendered)
+        if message:
+            raise LabelError(message)
+        item["labels"] = torch.tensor(labels, dtype=input_ids.dtype)
+        return item

@@ -68,12 +68,15 @@ def _vision_token_counts(record: Record, budget: media.MediaBudget, family: Fami
     return extra
 
 
-def record_lengths(records: list[Record], conversation: Conversation, budget, family: Family) -> list[int]:
-    """Sequence length of every record (text + vision tokens), without decoding any media."""
-    texts = [conversation.text(r) for r in records]
-    tokenized = conversation.processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [len(ids) + _vision_token_counts(r, budget, family, conversation.processor)
-            for r, ids in zip(records, tokenized)]
+def record_lengths(records: list[Record], conversation: Conversation, budget, family: Family,
+                   text_counts: list[int] | None = None) -> list[int]:
+    """Sequence length of every record (text + vision tokens), without decoding any media.
+
+    ``text_counts``: the records' ``conversation.token_counts`` when already measured (``conversation.measure``).
+    """
+    if text_counts is None:  # the text's tokens as encode() cuts them (reply by reply)
+        text_counts = conversation.token_counts(records)
+    return [n + _vision_token_counts(r, budget, family, conversation.processor) for r, n in zip(records, text_counts)]
 
 
 class VisionLanguageDataset(Dataset):
@@ -124,25 +127,15 @@ class VisionLanguageDataset(Dataset):
             raise RecordError(message) from exc
 
     def encode(self, record: Record) -> dict[str, torch.Tensor]:
-        """Decode the record's media and run the processor on the rendered conversation."""
+        """Decode the record's media and run the processor on the rendered conversation, cut at its replies."""
         images = [media.load_image(p, self.budget) for p in record.images]
         videos, metadata = [], []
         for path in record.videos:
             frames, meta = media.load_video(path, self.budget)
             videos.append(frames)
             metadata.append(meta)
-        encoded = self.processor(
-            text=[self.conversation.text(record)],
-            images=images or None,
-            videos=videos or None,
-            video_metadata=metadata or None,
-            do_resize=False,
-            do_sample_frames=False,
-            return_tensors="pt",
-        )
-        per_token = ("input_ids", "attention_mask", "mm_token_type_ids")
-        item = {k: (v[0] if k in per_token else v) for k, v in encoded.items()}
+        # the processor's tensors; ids tokenized reply by reply, labels, and their check (data/conversation.py)
+        item = self.conversation.encode(record, images, videos, metadata, do_resize=False, do_sample_frames=False)
         if "second_per_grid_ts" in item:
             item["second_per_grid_ts"] = torch.as_tensor(item["second_per_grid_ts"], dtype=torch.float32)
-        item["labels"] = self.conversation.labels(item["input_ids"])
         return item

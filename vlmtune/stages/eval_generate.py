@@ -30,7 +30,7 @@ class EvalGenerator:
 
     def __init__(self, records: list[Record], processor, family: Family, budget: media.MediaBudget, *,
                  metric_names: list[str] | None, max_new_tokens: int, batch_size: int, output_dir: str | Path,
-                 limit: int | None = None):
+                 limit: int | None = None, enable_thinking: bool | None = None):
         self.records = records[:limit] if limit else records
         self.processor = processor
         self.family = family
@@ -39,6 +39,7 @@ class EvalGenerator:
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.predictions_path = Path(output_dir) / PREDICTIONS_FILE
+        self.enable_thinking = enable_thinking  # the template switch the run trains with
 
     def __call__(self, model, prefix: str, is_main: bool) -> dict[str, float]:
         dist = torch.distributed
@@ -48,7 +49,8 @@ class EvalGenerator:
         share = prompts[rank::world]
         per_rank = -(-len(prompts) // world)
         padded = share + [prompts[0]] * (per_rank - len(share))  # same batch count on every rank
-        predictor = Predictor(model, self.processor, self.family, self.budget, self.max_new_tokens)
+        predictor = Predictor(model, self.processor, self.family, self.budget, self.max_new_tokens,
+                              enable_thinking=self.enable_thinking)
         replies = predictor.replies(padded, self.batch_size, desc="eval generate", progress=is_main)[:len(share)]
         if world > 1:
             gathered: list = [None] * world

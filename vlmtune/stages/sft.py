@@ -39,15 +39,15 @@ logger = logging.getLogger(__name__)
 
 def build_datasets(data_args: DataArguments, processor, family: Family, budget: media.MediaBudget, seed: int):
     """(train, eval or None) datasets; the data check's summary is logged and errors raise ``DataError``."""
+    conversation = Conversation(processor, data_args.label_mode, **data_args.template_options())
     result = check_data(
         data_args.data_path, processor, family, budget, image_folder=data_args.image_folder,
         video_folder=data_args.video_folder, allow_urls=data_args.allow_urls, deep=data_args.deep_check,
-        max_seq_length=data_args.max_seq_length, box_format=data_args.box_format,
+        max_seq_length=data_args.max_seq_length, conversation=conversation, box_format=data_args.box_format,
     )
     logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
     if result.errors:
         raise DataError(result.file, result.problems)
-    conversation = Conversation(processor, data_args.label_mode)
     records = result.records
     eval_records = []
     if data_args.eval_data_path:
@@ -56,6 +56,8 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
             allow_urls=data_args.allow_urls, min_image_side=family.factor, budget=budget,
             box_target=family.box_format, box_format=data_args.box_format,
         )
+        if label_problems := conversation.label_problems(eval_records):  # the training file's check did the same
+            raise DataError(data_args.eval_data_path, label_problems)
     elif data_args.val_ratio:
         shuffled = records[:]
         random.Random(seed).shuffle(shuffled)
@@ -153,14 +155,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     else:
         collator = Collator(processor.tokenizer.pad_token_id, fillers=fillers)
     run_info = run.run_record(stage="sft", base_model=model_path, family=family, plan=plan, dtype=dtype,
-                              bits=model_args.bits, budget_overrides=data_args.budget_overrides())
+                              bits=model_args.bits, budget_overrides=data_args.budget_overrides(),
+                              template_options=data_args.template_options())
     generator = None
     if train_args.eval_generate and eval_set is not None:
         eval_records = getattr(eval_set, "dataset", eval_set).records  # packed sets wrap the record dataset
         generator = EvalGenerator(eval_records, processor, family, budget, metric_names=metric_names,
                                   max_new_tokens=train_args.eval_max_new_tokens,
                                   batch_size=train_args.per_device_eval_batch_size,
-                                  output_dir=train_args.output_dir, limit=train_args.eval_generate_limit)
+                                  output_dir=train_args.output_dir, limit=train_args.eval_generate_limit,
+                                  enable_thinking=data_args.template_options().get("enable_thinking"))
     trainer = VisionLanguageTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         processing_class=processor, family=family, run_info=run_info, eval_generator=generator,
