@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("the two models kept different records (their pixel budgets differ); "
                               "give both the same budget flags")
         evals.append(second)
-        write_predictions(out_dir / "predictions_compare.jsonl", records, second)
+        write_predictions(out_dir / "predictions_compare.jsonl", records_b, second)
 
     result: dict = {"data": args.data, "records": len(records),
                     "models": {ev.label: {"source": ev.source, "metrics": ev.summary} for ev in evals}}
