@@ -141,3 +141,14 @@ def test_early_stopping_stops_when_the_metric_stalls(tmp_path):
 def test_evaluation_flags_are_checked_before_the_model_loads(args, message, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(message)):
         train(args, tmp_path)
+
+
+def test_eval_generate_runs_in_bf16_beside_fp32_master_weights(tmp_path):
+    # lora_vision trains the merger fully: with --bf16 it keeps fp32 masters beside bf16 frozen weights, and
+    # generation must run under the same autocast as the forward (it failed with a dtype mismatch without it)
+    folder = train(["--val_ratio", "0.25", "--max_steps", "1", "--mode", "lora_vision", "--bf16", "True",
+                    "--eval_generate", "True", "--eval_max_new_tokens", "3", "--eval_metrics", "exact_match"],
+                   tmp_path)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert [set(e) & {"eval_exact_match", "eval_anls"} for e in state["log_history"] if "eval_loss" in e] == [
+        {"eval_exact_match"}]

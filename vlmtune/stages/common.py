@@ -82,7 +82,9 @@ class VisionLanguageTrainer(Trainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
         if self.eval_generator is not None:  # task metrics join the eval loss before they are logged and compared
-            with self.autocast_smart_context_manager():
+            # generate() reaches the inner model's forward, not the one accelerate wrapped in autocast: fp32 master
+            # weights beside half-precision frozen ones need the autocast here
+            with self.accelerator.autocast():
                 output.metrics.update(self.eval_generator(self.model, metric_key_prefix, self.is_world_process_zero()))
         return output
 
