@@ -147,8 +147,15 @@ def test_eval_generate_runs_in_bf16_beside_fp32_master_weights(tmp_path):
     # lora_vision trains the merger fully: with --bf16 it keeps fp32 masters beside bf16 frozen weights, and
     # generation must run under the same autocast as the forward (it failed with a dtype mismatch without it)
     folder = train(["--val_ratio", "0.25", "--max_steps", "1", "--mode", "lora_vision", "--bf16", "True",
-                    "--eval_generate", "True", "--eval_max_new_tokens", "3", "--eval_metrics", "exact_match"],
-                   tmp_path)
+                    "--eval_generate", "True", "--eval_max_new_tokens", "3", "--eval_metrics", "exact_match",
+                    "--report_to", "tensorboard"], tmp_path)
     state = json.loads((folder / "trainer_state.json").read_text())
     assert [set(e) & {"eval_exact_match", "eval_anls"} for e in state["log_history"] if "eval_loss" in e] == [
         {"eval_exact_match"}]
+    # and TensorBoard gets the metric like the eval loss
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run_dir,) = (folder / "runs").iterdir()
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert {"eval/loss", "eval/exact_match"} <= set(events.Tags()["scalars"])
