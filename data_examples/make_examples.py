@@ -1,5 +1,5 @@
 """Regenerate data_examples/: shapes drawn with PIL, short clips written with PyAV, data.json (SFT),
-preference.json (DPO) and grpo.json (GRPO prompts with gold answers).
+preference.json (DPO), grpo.json (GRPO prompts with gold answers) and grounding.json.
 
     python data_examples/make_examples.py
 
@@ -113,6 +113,7 @@ def main() -> None:
     (HERE / "data.json").write_text(json.dumps(records, indent=2) + "\n")
     (HERE / "preference.json").write_text(json.dumps(PREFERENCE, indent=2) + "\n")
     (HERE / "grpo.json").write_text(json.dumps(GRPO, indent=2) + "\n")
+    grounding_examples()
 
 
 def human(text: str) -> dict:
@@ -179,6 +180,55 @@ GRPO = [
     {"id": "grpo_gpt_turn_answer", "image": "images/yellow_circle.png",
      "conversations": [human("<image>\nName the shape in one word."), {"from": "gpt", "value": "circle"}]},
 ]
+
+
+def scene_image() -> Image.Image:
+    """160x120: a blue square at (16, 20)-(64, 68) and a yellow circle in (96, 50)-(144, 98)."""
+    img = Image.new("RGB", (160, 120), (250, 250, 250))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((16, 20, 63, 67), fill=COLORS["blue"])  # PIL's corners are inclusive: 48x48 pixels
+    draw.ellipse((96, 50, 143, 97), fill=COLORS["yellow"])
+    return img
+
+
+def grounding_examples() -> None:
+    """grounding.json: boxes in original-image pixels (each record says so with "box_format"), in the forms
+    Qwen models write: JSON bbox_2d / point_2d and Qwen2-VL's box tokens; one EXIF-rotated image (its boxes are
+    on the image as a viewer shows it) and one multi-image record ("box_image" names the image)."""
+    scene_image().save(HERE / "images" / "scene.png")
+    locate = "Locate {} in the image and give its bbox_2d in JSON."
+    records = [
+        # shape_image's box: (w * 0.25, h * 0.2, w * 0.75, h * 0.8) on 96x72
+        {"id": "ground_red_circle", "image": "images/red_circle.png", "box_format": "pixel_original",
+         "conversations": [
+            {"from": "human", "value": "<image>\n" + locate.format("the red circle")},
+            {"from": "gpt", "value": '{"bbox_2d": [24, 14, 72, 58], "label": "red circle"}'}]},
+        {"id": "ground_scene", "image": "images/scene.png", "box_format": "pixel_original", "conversations": [
+            {"from": "human", "value": "<image>\nLocate every shape and give their bbox_2d in JSON."},
+            {"from": "gpt", "value": '[{"bbox_2d": [16, 20, 64, 68], "label": "blue square"}, '
+                                     '{"bbox_2d": [96, 50, 144, 98], "label": "yellow circle"}]'}]},
+        # stored sideways, shown 72x96: the triangle (36, 14.4), (14.4, 81.6), (57.6, 81.6)
+        {"id": "ground_exif_rotated", "image": "images/red_triangle_rotated.jpg", "box_format": "pixel_original",
+         "conversations": [
+            {"from": "human", "value": "<image>\n" + locate.format("the triangle")},
+            {"from": "gpt", "value": '{"bbox_2d": [14, 14, 58, 82], "label": "red triangle"}'}]},
+        # Qwen2-VL's own form; the triangle (48, 10.8), (19.2, 61.2), (76.8, 61.2) on 96x72
+        {"id": "ground_box_tokens", "image": "images/green_triangle.png", "box_format": "pixel_original",
+         "conversations": [
+            {"from": "human", "value": "<image>\nWhere is the green triangle?"},
+            {"from": "gpt", "value": "<|object_ref_start|>the green triangle<|object_ref_end|>"
+                                     "<|box_start|>(19,11),(77,61)<|box_end|>"}]},
+        {"id": "ground_point", "image": "images/yellow_circle.png", "box_format": "pixel_original",
+         "conversations": [
+            {"from": "human", "value": "<image>\nPoint at the center of the circle (point_2d in JSON)."},
+            {"from": "gpt", "value": '{"point_2d": [48, 36], "label": "circle center"}'}]},
+        {"id": "ground_second_image", "image": ["images/red_circle.png", "images/scene.png"],
+         "box_format": "pixel_original", "box_image": 2, "conversations": [
+            {"from": "human", "value": "Image 1: <image>\nImage 2: <image>\n"
+                                       "Locate the yellow circle of image 2 (bbox_2d in JSON)."},
+            {"from": "gpt", "value": '{"bbox_2d": [96, 50, 144, 98], "label": "yellow circle"}'}]},
+    ]
+    (HERE / "grounding.json").write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``vlmtune train | dpo | grpo | check-data | tiny-model | merge | predict | estimate-memory``: parse, call, report."""
+"""``vlmtune train | dpo | grpo | check-data | tiny-model | merge | predict | eval | plot | estimate-memory``: parse,
+call, report."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ commands:
   check-data       validate a data file and summarise it
   merge            merge LoRA adapters and trained parts into a standalone model folder
   predict          generate replies with a model (and adapters) for images, videos or a data file
+  eval             score a model (or two, --compare) on a data file with task metrics
+  plot             draw the plots of a training run (loss, learning rates, grad norm, tokens/s, eval)
   estimate-memory  estimate GPU memory per device for a training setup
   tiny-model       write the embedded tiny model (random weights) to a folder
 
@@ -90,6 +93,9 @@ def cmd_check_data(argv: list[str]) -> int:
     parser.add_argument("--stage", choices=["sft", "dpo", "grpo"], default="sft",
                         help="what the records are for: sft (conversations with replies), dpo (prompt turns plus "
                         "'chosen' and 'rejected'), grpo (prompt turns plus reward fields)")
+    parser.add_argument("--box_format", choices=["pixel_original", "pixel_resized", "norm1000", "norm1"],
+                        help="convention of the boxes in the data: they are checked, converted to the model "
+                        "family's convention and listed (default: used as written)")
     # what trains, as in `vlmtune train`: every record's labels are checked under these
     parser.add_argument("--label_mode", choices=LABEL_MODES, default="assistant")
     parser.add_argument("--enable_thinking", type=boolean_flag, metavar="{true,false}",
@@ -107,7 +113,7 @@ def cmd_check_data(argv: list[str]) -> int:
     result = check_data(args.data_path, processor, family, budget, image_folder=args.image_folder,
                         video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
                         max_seq_length=args.max_seq_length, conversation=conversation, processes=args.processes,
-                        stage=args.stage)
+                        stage=args.stage, box_format=args.box_format)
     print(result.summary())
     return 1 if result.errors else 0
 
@@ -137,6 +143,18 @@ def cmd_predict(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_eval(argv: list[str]) -> int:
+    from vlmtune.evaluate import main
+
+    return main(argv)
+
+
+def cmd_plot(argv: list[str]) -> int:
+    from vlmtune.plots import main
+
+    return main(argv)
+
+
 def cmd_estimate_memory(argv: list[str]) -> int:
     from vlmtune.memory import main
 
@@ -144,8 +162,8 @@ def cmd_estimate_memory(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "dpo": cmd_dpo, "grpo": cmd_grpo, "check-data": cmd_check_data,
-            "tiny-model": cmd_tiny_model, "merge": cmd_merge, "predict": cmd_predict,
-            "estimate-memory": cmd_estimate_memory}
+            "tiny-model": cmd_tiny_model, "merge": cmd_merge, "predict": cmd_predict, "eval": cmd_eval,
+            "plot": cmd_plot, "estimate-memory": cmd_estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

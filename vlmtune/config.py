@@ -106,6 +106,13 @@ class DataArguments:
     video_min_frames: int | None = field(default=None, metadata={"help": "Fewest frames sampled per video."})
     video_max_frames: int | None = field(default=None, metadata={"help": "Most frames sampled per video."})
     allow_urls: bool = field(default=False, metadata={"help": "Accept http(s) URLs as media (fetched when read)."})
+    box_format: Literal["pixel_original", "pixel_resized", "norm1000", "norm1"] | None = field(
+        default=None,
+        metadata={"help": "Convention of the grounding boxes in the data (<|box_start|>(x1,y1),(x2,y2)<|box_end|>, "
+                  "\"bbox_2d\" / \"point_2d\"); they are checked and rewritten in the model family's convention "
+                  "for each image as the model sees it (EXIF applied, resized). A record's own \"box_format\" wins. "
+                  "Default: boxes are used as written."},
+    )
     deep_check: bool = field(
         default=False, metadata={"help": "Decode every image and video before training, not only the headers."}
     )
@@ -208,6 +215,29 @@ class TrainingArguments(HfTrainingArguments):
         default=None,
         metadata={"help": "A checkpoint-N folder to continue from, `last` (the newest complete checkpoint in "
                   "--output_dir; stops if there is none) or `auto` (the same, or a fresh start if there is none)."},
+    )
+    eval_generate: bool = field(
+        default=False,
+        metadata={"help": "At every evaluation, generate a reply for each eval record and report task metrics "
+                  "(eval_exact_match, eval_anls, ...) beside the eval loss; --metric_for_best_model and early "
+                  "stopping can use them."},
+    )
+    eval_metrics: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated metrics for --eval_generate: exact_match, relaxed, anls, rouge_l, bleu, "
+                  "choice, iou, acc@0.5 (default: what fits the references)."},
+    )
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "Reply length limit for --eval_generate."})
+    eval_generate_limit: int | None = field(
+        default=None, metadata={"help": "Generate on the first N eval records only (default: all)."}
+    )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={"help": "Stop after this many evaluations without improvement of --metric_for_best_model "
+                  "(0: never)."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Smallest change of --metric_for_best_model that counts as improvement."}
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (vision tensors)."})
     dataloader_pin_memory: bool = field(

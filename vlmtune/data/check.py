@@ -11,10 +11,13 @@ import numpy as np
 
 from vlmtune.data import media
 from vlmtune.data.conversation import Conversation
+from vlmtune.data.dataset import record_lengths
 from vlmtune.data.prompts import stage_lengths
 from vlmtune.data.records import FileError, Problem, Record, read_records
 from vlmtune.data.store import DataStore, RecordSequence, open_store
 from vlmtune.families import Family
+
+BOXES_SHOWN = 10
 
 
 @dataclass
@@ -64,6 +67,21 @@ class CheckResult:
                 shown = ", ".join(repr(self.records[int(i)].id) for i in over[:10]) + (" ..." if len(over) > 10 else "")
                 ids = f" (ids {shown})" if len(over) else ""
                 lines.append(f"  over {self.max_seq_length:,} tokens: {len(over):,}{ids}")
+        # boxes are converted on the in-memory path only (the store holds no box records: see check_data)
+        with_boxes = [] if isinstance(self.records, RecordSequence) else [r for r in self.records if r.boxes]
+        if with_boxes:
+            n = sum(len(r.boxes) for r in with_boxes)
+            lines.append(f"  boxes: {n:,} in {len(with_boxes):,} record(s), converted to {with_boxes[0].box_format} "
+                         "for the images as the model sees them:")
+            shown = [(r, c) for r in with_boxes for c in r.boxes][:BOXES_SHOWN]
+            for record, c in shown:
+                source = ", ".join(f"{v:g}" for v in c.source)
+                converted = ", ".join(f"{v:g}" for v in c.converted)
+                g = c.geometry
+                lines.append(f"    {record.id}: [{source}] -> [{converted}] (image {c.image + 1}: {g.width}x{g.height} "
+                             f"px, seen as {g.resized_width}x{g.resized_height})")
+            if n > len(shown):
+                lines.append(f"    ... and {n - len(shown):,} more")
         for p in self.problems if with_problems else []:
             lines.append(f"{p.level.upper()}: {p.format(self.file)}")
         return "\n".join(lines)
@@ -83,6 +101,7 @@ def check_data(
     conversation: Conversation | None = None,
     processes: int | None = None,
     stage: str = "sft",
+    box_format: str | None = None,
 ) -> CheckResult:
     """Validate every record, check its labels (with ``conversation``: the run's label mode and template switches),
     then measure token lengths (text + vision) of the valid ones.
@@ -96,7 +115,7 @@ def check_data(
     """
     start = time.perf_counter()
     conversation = conversation or Conversation(processor)
-    if stage == "sft":
+    if stage == "sft" and box_format is None:
         try:
             store = open_store(data_path, processor, family, budget, conversation, image_folder=image_folder,
                                video_folder=video_folder, allow_urls=allow_urls, deep=deep,
@@ -104,18 +123,26 @@ def check_data(
         except FileError as exc:
             return CheckResult(str(data_path), [], [exc.problem], np.zeros(0, np.int64), max_seq_length,
                                time.perf_counter() - start)
-        return CheckResult(str(data_path), store.records(), store.problems, store.valid_lengths(), max_seq_length,
-                           time.perf_counter() - start, store)
+        if not store.meta.get("box_records"):
+            return CheckResult(str(data_path), store.records(), store.problems, store.valid_lengths(),
+                               max_seq_length, time.perf_counter() - start, store)
+        # Records that declare a box convention: their boxes are rewritten for the images as the model sees them,
+        # which changes their text; that happens in memory, below.
     records, problems = read_records(
         data_path, image_folder, video_folder, allow_urls=allow_urls, deep=deep,
-        min_image_side=family.factor, budget=budget, stage=stage,
+        min_image_side=family.factor, budget=budget, stage=stage, box_target=family.box_format, box_format=box_format,
     )
-    lengths, parts, label_problems = stage_lengths(records, conversation, budget, family, stage)
+    parts: dict[str, list[int]] = {}
+    if stage == "sft":  # one pass over the texts: token counts and the label check (data/conversation.py)
+        counts, label_problems = conversation.measure(records) if records else ([], [])
+    else:  # the longest sequence of each record, text and vision
+        counts, parts, label_problems = stage_lengths(records, conversation, budget, family, stage)
     if label_problems:  # such records are errors, not valid records
         bad = {p.index for p in label_problems}
         keep = [i for i, r in enumerate(records) if r.index not in bad]
-        records, lengths = [records[i] for i in keep], [lengths[i] for i in keep]
+        records, counts = [records[i] for i in keep], [counts[i] for i in keep]
         parts = {k: [v[i] for i in keep] for k, v in parts.items()}
         problems = sorted(problems + label_problems, key=lambda p: -1 if p.index is None else p.index)
+    lengths = record_lengths(records, conversation, budget, family, counts) if stage == "sft" else counts
     return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start,
                        parts=parts)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmtune.data import media
+from vlmtune.data import boxes, media
 from vlmtune.families.base import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-KNOWN_KEYS = {"id", "image", "video", "conversations"}
+KNOWN_KEYS = {"id", "image", "video", "conversations", "box_format", "box_image"}
 STAGES = ("sft", "dpo", "grpo")
 """What a data file is for: supervised replies, preference pairs, or prompts with fields for reward functions."""
 MAX_ASPECT_RATIO = 200  # the processors' limit
@@ -57,6 +57,12 @@ class Record:
     """Preference records (DPO): the worse reply to the last prompt."""
     fields: dict = field(default_factory=dict)
     """Prompt records (GRPO): the record's other keys (a gold ``answer``, a ``box``, ...), for reward functions."""
+    box_format: str | None = None
+    """Convention of the boxes in this record's text (the record's ``box_format``, else ``--box_format``)."""
+    box_image: int | list[int] | None = None
+    """1-based image each box refers to, in multi-image records (one for all, or one per box)."""
+    boxes: list[boxes.Converted] = field(default_factory=list)
+    """The boxes found and converted to the family's convention (``vlmtune.data.boxes``)."""
 
     @property
     def shape(self) -> str:
@@ -329,12 +335,23 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver], stage
             err(f"{n} {placeholder} placeholder(s) but {len(files)} {kind}(s); "
                 f"put one {placeholder} in the text where each {kind} goes")
 
+    box_format = raw.get("box_format")
+    if box_format is not None and box_format not in boxes.FORMATS:
+        err(f"'box_format' {box_format!r} is not one of {', '.join(boxes.FORMATS)}")
+    box_image = raw.get("box_image")
+    if box_image is not None and not (
+            (isinstance(box_image, int) and not isinstance(box_image, bool))
+            or (isinstance(box_image, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                    for i in box_image))):
+        err(f"'box_image' must be an image number (1-based) or a list of them, one per box, got "
+            f"{json.dumps(box_image)[:40]}")
+
     image_paths = [resolvers[0](f, err) for f in images or []]
     video_paths = [resolvers[1](f, err) for f in videos or []]
     if problems:  # only errors so far
         return None, problems
     record = Record(index, rid if rid is not None else str(index), messages, image_paths, video_paths,
-                    **stage_parts)
+                    box_format=box_format, box_image=box_image, **stage_parts)
     return record, problems
 
 
@@ -507,6 +524,8 @@ def read_records(
     budget: media.MediaBudget | None = None,
     workers: int = 16,
     stage: str = "sft",
+    box_target: str | None = None,
+    box_format: str | None = None,
 ) -> tuple[list[Record], list[Problem]]:
     """Parse and validate a data file: (valid records, every problem found, sorted by record).
 
@@ -515,6 +534,9 @@ def read_records(
     Records with errors are left out; the others are returned, so a caller may report and go on.
     With ``check_media`` each distinct media file is checked once from its header (existence, size, aspect
     ratio, frame count, and frame sampling under ``budget``); ``deep`` decodes every file, in parallel.
+    With ``box_target`` (the family's box convention) the boxes of records that declare a convention (their
+    ``box_format``, else ``box_format``) are checked and rewritten in the target convention for the image as the
+    model sees it (``convert_boxes``).
     """
     path = Path(path)
     resolvers = resolvers_for(path, image_folder, video_folder, allow_urls)
@@ -539,9 +561,47 @@ def read_records(
 
     if check_media and records:
         problems += check_media_files(records, min_image_side, deep, budget, workers)
+        if box_target is not None:
+            problems += convert_boxes(records, box_target, budget or media.MediaBudget(min_image_side), box_format)
     problems.sort(key=lambda p: -1 if p.index is None else p.index)
     bad = {p.index for p in problems if p.level == "error"}
     return [r for r in records if r.index not in bad], problems
+
+
+def convert_boxes(records: list[Record], target: str, budget: media.MediaBudget,
+                  default_format: str | None = None) -> list[Problem]:
+    """Rewrite the boxes of every record that declares a convention into ``target`` on its images as the model
+    sees them (EXIF applied, resized under ``budget``); fills ``Record.boxes``. A bad box is an error naming the
+    record; boxes in records that declare no convention are left as written (one warning says how many)."""
+    problems: list[Problem] = []
+    undeclared: list[Record] = []
+    for record in records:
+        if any(isinstance(size, str) for size in record.image_sizes):
+            continue  # its media failed their checks; that error is reported already
+        fmt = record.box_format or default_format
+        texts = [m.text for m in record.messages]
+        if fmt is None:
+            if any(boxes.has_box_markers(t) for t in texts):
+                undeclared.append(record)
+            continue
+        geometries = []
+        for width, height in record.image_sizes:
+            rh, rw = media.resized_image_size(width, height, budget)
+            geometries.append(boxes.Geometry(width, height, rw, rh))
+        new_texts, found, bad = boxes.convert_texts(texts, fmt, target, geometries, record.box_image)
+        problems += [Problem("error", f"{message} (--box_format {fmt})", record.index, record.id) for message in bad]
+        if not bad:
+            for message, text in zip(record.messages, new_texts):
+                message.text = text
+            record.box_format = target  # what the text now holds
+            record.boxes = found
+    if undeclared:
+        first = undeclared[0]
+        problems.append(Problem("warning", f"{len(undeclared):,} record(s) hold boxes but declare no box format: "
+                                           f"they are used as written, which must be the model's own convention "
+                                           f"({target}); pass --box_format (or \"box_format\" in the record) to "
+                                           "have them checked and converted", first.index, first.id))
+    return problems
 
 
 def load_records(path: str | Path, *args, **kwargs) -> list[Record]:

@@ -84,6 +84,7 @@ KEEP_STORES = 2
 _ARRAYS = ("offsets", "index", "hashes", "text_tokens", "lengths", "media_offsets", "media_ids", "n_images",
            "media_kind", "media_width", "media_height", "media_frames", "media_fps", "media_ok")
 _IMAGE, _VIDEO = 0, 1
+_BOX_KEY = (b'"box_format"', '"box_format"')  # as bytes, as str
 _KINDS = ("image", "video")
 
 
@@ -488,7 +489,7 @@ class _Builder:
         self.media: dict[tuple[int, str], int] = {}
         self.problems: list[Problem] = []
         self.collection = CollectionCheck()
-        self.count = self.measured = self.reused = 0
+        self.count = self.measured = self.reused = self.box_records = 0
 
     def _stage(self, name: str, start: float) -> float:
         now = time.perf_counter()
@@ -536,6 +537,8 @@ class _Builder:
         try:
             for chunk in _chunks(scan(self.path), CHUNK):
                 self.count += len(chunk)
+                # records that may declare a box convention (check_data converts those in memory)
+                self.box_records += sum(_BOX_KEY[isinstance(text, str)] in text for _, _, text in chunk)
                 digests = [_record_hash(text) for _, _, text in chunk]
                 if reuse_index is not None:
                     reuse = reuse_index.find(np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(-1, 2))
@@ -671,6 +674,7 @@ class _Builder:
             "stored": n,
             "valid": int((lengths >= 0).sum()),
             "measured": self.measured,
+            "box_records": self.box_records,
             "reused": self.reused,
             "media_files": len(rows),
             "media_probed": self.media_probed,
@@ -735,7 +739,8 @@ def open_store(
     path = Path(data_path)
     conversation = conversation or Conversation(processor)
     settings = store_settings(path, processor, family, budget, conversation, image_folder=image_folder,
-                              video_folder=video_folder, allow_urls=allow_urls, deep=deep, min_image_side=min_image_side)
+                              video_folder=video_folder, allow_urls=allow_urls, deep=deep,
+                              min_image_side=min_image_side)
     group = group_folder(settings)
     try:
         content = file_digest(path)

@@ -30,6 +30,10 @@ class Family:
     video_processor_class: str
     liger_patch: str
     """Name of the liger-kernel function that patches this family."""
+    box_format: str
+    """How the family's checkpoints write grounding coordinates (a ``vlmtune.data.boxes.FORMATS`` name):
+    ``pixel_resized`` (absolute pixels of the image after resizing) or ``norm1000`` (0-1000 of width and
+    height). Each family file names its source."""
     patch_size: int = 14
     video_timestamps: bool = False
     """Qwen3-VL writes ``<t seconds>`` text before each frame group of a video."""

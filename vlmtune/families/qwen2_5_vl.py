@@ -2,6 +2,12 @@
 
 from vlmtune.families.base import Family
 
+# Grounding: absolute pixel coordinates on the image as the processor resized it (JSON "bbox_2d" /
+# "point_2d"). Sources: Qwen's qwen-vl-finetune/tools/process_bbox.ipynb ("Qwen2.5-VL using the absolute
+# coordinated for the resized image", convert_to_qwen25vl_format scales by smart_resize's size); QwenLM/Qwen3-VL
+# issue #676, maintainer: "absolute coordinates based on the actual input size of the image ... the size after
+# processer"; issue #1161 (translated): ground-truth boxes must be resized with the image, "because we use
+# absolute coordinates".
 QWEN2_5_VL = Family(
     model_type="qwen2_5_vl",
     model_class="Qwen2_5_VLForConditionalGeneration",
@@ -9,4 +15,5 @@ QWEN2_5_VL = Family(
     image_processor_class="Qwen2VLImageProcessor",
     video_processor_class="Qwen2VLVideoProcessor",
     liger_patch="apply_liger_kernel_to_qwen2_5_vl",
+    box_format="pixel_resized",
 )

@@ -14,6 +14,7 @@ QWEN3_5 = Family(
     image_processor_class="Qwen2VLImageProcessor",
     video_processor_class="Qwen3VLVideoProcessor",
     liger_patch="apply_liger_kernel_to_qwen3_5",
+    box_format="norm1000",  # Qwen3-VL's convention (qwen3_vl.py): Qwen3.5 inherits its vision stack and processor
     patch_size=16,
     video_timestamps=True,
     linear_attention="linear_attn",

@@ -14,6 +14,7 @@ QWEN3_5_MOE = Family(
     image_processor_class="Qwen2VLImageProcessor",
     video_processor_class="Qwen3VLVideoProcessor",
     liger_patch="apply_liger_kernel_to_qwen3_5_moe",
+    box_format="norm1000",  # Qwen3-VL's convention (qwen3_vl.py): Qwen3.5 inherits its vision stack and processor
     patch_size=16,
     video_timestamps=True,
     experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),

@@ -13,6 +13,7 @@ QWEN3_VL_MOE = Family(
     image_processor_class="Qwen2VLImageProcessor",
     video_processor_class="Qwen3VLVideoProcessor",
     liger_patch="apply_liger_kernel_to_qwen3_vl_moe",
+    box_format="norm1000",  # as Qwen3-VL (qwen3_vl.py): the same models' grounding, MoE language model
     patch_size=16,
     video_timestamps=True,
     mergers=("model.visual.merger", "model.visual.deepstack_merger_list"),

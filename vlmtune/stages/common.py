@@ -51,6 +51,7 @@ from vlmtune.model.load import (
     torch_dtype,
     whole_weights,
 )
+from vlmtune.stages import callbacks
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,8 @@ class VisionLanguageTrainer(Trainer):
     """``Trainer`` with part-wise parameter groups, length grouping, trainable-only saving, atomic checkpoints,
     a clean stop on SIGTERM and a check of every loss."""
 
-    def __init__(self, *args, family: Family, run_info: dict, on_nan_loss: str = "stop", **kwargs):
+    def __init__(self, *args, family: Family, run_info: dict, on_nan_loss: str = "stop", eval_generator=None,
+                 **kwargs):
         for key in ("train_dataset", "eval_dataset"):
             if isinstance(kwargs.get(key), Dataset):
                 kwargs[key] = WithRecords(kwargs[key])
@@ -185,6 +187,8 @@ class VisionLanguageTrainer(Trainer):
         self.family = family
         self.run_info = run_info
         self.on_nan_loss = on_nan_loss
+        self.eval_generator = eval_generator  # stages.eval_generate.EvalGenerator (--eval_generate)
+        callbacks.install(self)
         self._tokens_seen = self._samples_seen = 0  # real (non-padding) tokens and records, for the rates
         self._last_log = (time.perf_counter(), 0, 0)  # time, tokens seen, samples seen
         self._staging: str | None = None  # where _save_checkpoint writes before publishing
@@ -301,6 +305,17 @@ class VisionLanguageTrainer(Trainer):
             logs["samples_per_s"] = round((samples - self._last_log[2]) / elapsed, 3)
             self._last_log = (now, tokens, samples)
         super().log(logs, start_time)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.eval_generator is not None:  # task metrics join the eval loss before they are logged and compared
+            # generate() reaches the inner model's forward, not the one accelerate wrapped in autocast: fp32 master
+            # weights beside half-precision frozen ones need the autocast here
+            with self.accelerator.autocast():
+                output.metrics.update(self.eval_generator(self.model, metric_key_prefix, self.is_world_process_zero()))
+        return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not _internal_call and not self.run_info.get("lora") and not self.is_deepspeed_enabled:
@@ -449,6 +464,7 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
             path, processor, family, budget, image_folder=data_args.image_folder,
             video_folder=data_args.video_folder, allow_urls=data_args.allow_urls, deep=data_args.deep_check,
             max_seq_length=data_args.max_seq_length, conversation=conversation, stage=stage,
+            box_format=data_args.box_format,
         )
         logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
         if result.errors:
@@ -524,10 +540,13 @@ def output_lock(output_dir: str):
     return run.RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
 
 
-def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set, resume: str | None) -> Path:
+def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set, resume: str | None,
+        started: float | None = None, predictions: Path | None = None) -> Path:
     """Train (from the checkpoint ``resume``, resolved by ``run.resolve_resume``), then evaluate a held-out split
-    that has not reported yet, save the result and the state, and take the process groups down. A run stopped by
-    SIGTERM raises ``Stopped`` saying how to resume."""
+    that has not reported yet, save the result and the state, draw the plots, log the end-of-run summary (time
+    from ``started``) and take the process groups down. A run stopped by SIGTERM raises ``Stopped`` saying how to
+    resume."""
+    started = started or time.time()
     trainer.train(resume_from_checkpoint=resume)
     if trainer.stopped:
         _leave_together()
@@ -536,7 +555,7 @@ def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set,
                       f"{Path(train_args.output_dir, f'{run.CHECKPOINT_PREFIX}-{step}')}; run the same command with "
                       "--resume_from_checkpoint last to continue", signum)
     if eval_set is not None and train_args.eval_strategy == "no":  # an eval split always reports, at least at the end
-        trainer.log_metrics("eval", trainer.evaluate())
+        trainer.evaluate()
     try:
         trainer.save_model(train_args.output_dir)
         trainer.save_state()
@@ -546,6 +565,16 @@ def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set,
             raise
         raise error from None
     logger.info("saved to %s", train_args.output_dir)
+    if trainer.is_world_process_zero():
+        from vlmtune.plots import plot_run
+
+        try:
+            plot = plot_run(train_args.output_dir)
+        except Exception as exc:  # a plot must never fail a finished run
+            logger.warning("could not draw the plots: %s", exc)
+            plot = None
+        logger.info("%s", callbacks.summary(trainer, started, train_args.output_dir, lora=trainer.run_info.get("lora"),
+                                            plot=plot, predictions=predictions))
     _leave_together()
     return Path(train_args.output_dir)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -25,15 +26,46 @@ from vlmtune.stages.common import (
     output_lock,
     resolve_start,
 )
+from vlmtune.stages.eval_generate import EvalGenerator, generation_metric_names
 
 logger = logging.getLogger(__name__)
+
+
+def check_evaluation(data_args: DataArguments, train_args: TrainingArguments) -> list[str] | None:
+    """Cross-checks of --eval_generate, --metric_for_best_model and early stopping; the metric names to report."""
+    try:
+        names = generation_metric_names(train_args.eval_metrics)
+    except ValueError as exc:
+        raise ConfigError(f"--eval_metrics: {exc}") from None
+    has_eval = bool(data_args.eval_data_path or data_args.val_ratio)
+    if train_args.eval_generate and not has_eval:
+        raise ConfigError("--eval_generate True needs an eval split: give --eval_data_path or --val_ratio")
+    best = train_args.metric_for_best_model
+    if best:
+        from vlmtune.metrics import METRICS
+
+        bare = best[len("eval_"):] if best.startswith("eval_") else best
+        if bare in METRICS and not train_args.eval_generate:
+            raise ConfigError(f"--metric_for_best_model {best} is a generation metric: add --eval_generate True")
+        if names is not None and bare in METRICS and bare not in names:
+            raise ConfigError(f"--metric_for_best_model {best} is not among --eval_metrics {','.join(names)}")
+    if train_args.early_stopping_patience:
+        if not best:
+            raise ConfigError("--early_stopping_patience needs --metric_for_best_model (e.g. eval_loss, or a "
+                              "generation metric with --eval_generate True)")
+        if train_args.eval_strategy == "no" or not has_eval:
+            raise ConfigError("--early_stopping_patience needs evaluations during training: --eval_strategy steps "
+                              "(or epoch) and an eval split")
+    return names
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
           train_args: TrainingArguments) -> Path:
     """Run one training job; returns the output folder."""
+    started = time.time()
     plan = modes.plan_from_args(mode_args)  # contradictions stop here, before anything loads
     check_environment(model_args, train_args, plan)
+    metric_names = check_evaluation(data_args, train_args)
     if not data_args.data_path:
         raise ConfigError("--data_path is required (a LLaVA-style JSON or JSONL file)")
     resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
@@ -52,11 +84,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     if len(train_set) == 0:
         raise ConfigError("no training record is left after the length filter; raise --max_seq_length")
     with output_lock(train_args.output_dir):
-        return _fit(model_args, data_args, mode_args, train_args, plan, start, train_set, eval_set, resume)
+        return _fit(model_args, data_args, mode_args, train_args, plan, start, train_set, eval_set, resume,
+                    metric_names, started)
 
 
 def _fit(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
-         train_args: TrainingArguments, plan: modes.TrainPlan, start, train_set, eval_set, resume: str | None) -> Path:
+         train_args: TrainingArguments, plan: modes.TrainPlan, start, train_set, eval_set, resume: str | None,
+         metric_names: list[str] | None, started: float) -> Path:
     processor, family = start.processor, start.family
     model = load_policy(start, model_args, mode_args, train_args, plan)
     fillers = vision_fillers(processor, family.factor) if is_distributed() else None
@@ -69,8 +103,23 @@ def _fit(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
         collator = Collator(processor.tokenizer.pad_token_id, fillers=fillers)
     run_info = run.run_record(stage="sft", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
                               bits=model_args.bits, template_options=data_args.template_options(), **start.record())
+    generator = None
+    if train_args.eval_generate and eval_set is not None:
+        eval_records = getattr(eval_set, "dataset", eval_set).records  # packed sets wrap the record dataset
+        generator = EvalGenerator(eval_records, processor, family, start.budget, metric_names=metric_names,
+                                  max_new_tokens=train_args.eval_max_new_tokens,
+                                  batch_size=train_args.per_device_eval_batch_size,
+                                  output_dir=train_args.output_dir, limit=train_args.eval_generate_limit,
+                                  enable_thinking=data_args.template_options().get("enable_thinking"))
     trainer = VisionLanguageTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         processing_class=processor, family=family, run_info=run_info, on_nan_loss=train_args.on_nan_loss,
+        eval_generator=generator,
     )
-    return fit(trainer, train_args, eval_set, resume)
+    if train_args.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(train_args.early_stopping_patience,
+                                                   train_args.early_stopping_threshold))
+    return fit(trainer, train_args, eval_set, resume, started,
+               predictions=generator.predictions_path if generator is not None else None)

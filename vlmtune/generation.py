@@ -1,0 +1,302 @@
+"""Generation with the training prompt path, for predict, eval and evaluation during training.
+
+The prompt goes through the same path as training data: a ``Record`` with ``<image>`` / ``<video>``
+placeholders, the family's chat template (with the generation prompt appended), media decoded under the
+same pixel and frame budgets, and the processor call of ``VisionLanguageDataset``. So the model sees at
+inference exactly the token layout it saw in training. Batches are padded on the left, as generation needs.
+
+``predict``, ``evaluate`` and the training stages all import this module; none of them imports another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from vlmtune import metrics as M
+from vlmtune import run
+from vlmtune.config import ConfigError
+from vlmtune.data import boxes, media
+from vlmtune.data.collator import SEQUENCE_KEYS, Collator
+from vlmtune.data.conversation import Conversation
+from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Record
+from vlmtune.families import Family
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class GenerationConversation(Conversation):
+    """The training conversation rendering (same template switches, e.g. ``enable_thinking``), ending with the
+    template's generation prompt, which the model continues from."""
+
+    add_generation_prompt = True
+
+
+def prompt_record(prompt: str, images: list[str] | None = None, videos: list[str] | None = None,
+                  system: str | None = None, record_id: str = "prompt") -> Record:
+    """A one-turn ``Record`` from a prompt: without placeholders the images, then the videos, go before the text
+    (as in LLaVA data); with placeholders their counts must match the files given."""
+    images, videos = list(images or []), list(videos or [])
+    n_img, n_vid = prompt.count(IMAGE_PLACEHOLDER), prompt.count(VIDEO_PLACEHOLDER)
+    if n_img == n_vid == 0:
+        prompt = "".join(f"{IMAGE_PLACEHOLDER}\n" for _ in images) + "".join(
+            f"{VIDEO_PLACEHOLDER}\n" for _ in videos) + prompt
+    elif (n_img, n_vid) != (len(images), len(videos)):
+        raise ConfigError(f"the prompt has {n_img} {IMAGE_PLACEHOLDER} and {n_vid} {VIDEO_PLACEHOLDER} "
+                          f"placeholder(s) but {len(images)} --image and {len(videos)} --video were given")
+    messages = ([Message("system", system)] if system else []) + [Message("user", prompt)]
+    return Record(0, record_id, messages, [str(p) for p in images], [str(p) for p in videos])
+
+
+def prompt_of(record: Record) -> Record:
+    """A data record up to (without) its last assistant reply: the prompt the reply answers."""
+    last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
+    return dataclasses.replace(record, messages=record.messages[:last])
+
+
+def reference_of(record: Record) -> str:
+    """The last assistant reply of a data record."""
+    return next(m.text for m in reversed(record.messages) if m.role == "assistant")
+
+
+def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded batch (``Collator``) with each row's tokens moved to the right end, padding first."""
+    lengths = batch["attention_mask"].sum(dim=1)
+    width = batch["input_ids"].shape[1]
+    for key in SEQUENCE_KEYS:
+        if key in batch:
+            batch[key] = torch.stack([row.roll(int(width - n)) for row, n in zip(batch[key], lengths)])
+    return batch
+
+
+class Progress:
+    """A progress bar with ETA on a terminal; a plain line every tenth of the way otherwise."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.done = total, desc, 0
+        self.start = time.perf_counter()
+        self.bar = None
+        self.next_line = max(1, total // 10)
+        self.enabled = enabled and total > 0
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="rec", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (self.done >= self.next_line or self.done == self.total):
+            elapsed = time.perf_counter() - self.start
+            eta = elapsed / self.done * (self.total - self.done)
+            logger.info("%s: %d/%d records, %s elapsed, ETA %s", self.desc, self.done, self.total,
+                        _duration(elapsed), _duration(eta))
+            self.next_line = self.done + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Predictor:
+    """A loaded model, its processor and budgets; ``reply(record)`` / ``replies(records)`` generate the
+    assistant's next turn."""
+
+    def __init__(self, model, processor, family: Family, budget: media.MediaBudget,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, source: str = "",
+                 enable_thinking: bool | None = None):
+        self.model = model
+        self.processor = processor
+        self.family = family
+        self.budget = budget
+        self.conversation = GenerationConversation(processor, enable_thinking=enable_thinking)
+        self.collate = Collator(processor.tokenizer.pad_token_id)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.source = source
+
+    def encode(self, record: Record) -> dict[str, torch.Tensor]:
+        from vlmtune.data.dataset import VisionLanguageDataset
+
+        item = VisionLanguageDataset([record], self.processor, self.family, self.budget, self.conversation)[0]
+        item.pop("labels")
+        return item
+
+    @torch.no_grad()
+    def generate(self, items: list[dict[str, torch.Tensor]], **generate_kwargs) -> list[str]:
+        """Replies for encoded prompts, in one batch (padded on the left)."""
+        device = next(self.model.parameters()).device
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        batch = left_padded(self.collate(items))
+        batch = {k: v.to(device) for k, v in batch.items()}
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in batch:
+                batch[key] = batch[key].to(dtype)
+        sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {
+            "do_sample": False}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(**batch, max_new_tokens=self.max_new_tokens, use_cache=True,
+                                      pad_token_id=self.processor.tokenizer.pad_token_id, **sampling,
+                                      **generate_kwargs)
+        finally:
+            self.model.train(was_training)
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        return [text.strip() for text in self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def reply(self, record: Record) -> str:
+        return self.generate([self.encode(record)])[0]
+
+    def replies(self, records: Sequence[Record], batch_size: int = 8, desc: str = "generating",
+                progress: bool = True, on_batch: Callable[[list[Record], list[str]], None] | None = None,
+                **generate_kwargs) -> list[str]:
+        """Replies for many prompts, ``batch_size`` at a time, with a progress bar and ETA."""
+        out: list[str] = []
+        bar = Progress(len(records), desc, progress)
+        try:
+            for start in range(0, len(records), max(1, batch_size)):
+                chunk = list(records[start:start + batch_size])
+                texts = self.generate([self.encode(r) for r in chunk], **generate_kwargs)
+                out += texts
+                if on_batch is not None:
+                    on_batch(chunk, texts)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        return out
+
+
+def load_predictor(model: str | None, adapter: str | None = None, *, dtype: str | None = None,
+                   device: str | None = None, budget_overrides: dict | None = None,
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+                   enable_thinking: bool | None = None) -> Predictor:
+    """Load a standalone model, or a base model with a run's adapters (merged in memory), for generation.
+
+    ``enable_thinking`` None: the value the run trained with (its ``vlmtune_run.json``), else the template's default.
+    """
+    loaded = run.load_for_inference(model, adapter, dtype=dtype, device=device, budget_overrides=budget_overrides)
+    logger.info("generating with %s", loaded.source)
+    if enable_thinking is None:
+        enable_thinking = loaded.template_options.get("enable_thinking")
+    return Predictor(loaded.model, loaded.processor, loaded.family, loaded.budget, max_new_tokens, temperature,
+                     loaded.source, enable_thinking)
+
+
+# ---------------------------------------------------------------- boxes in replies
+
+
+def geometries(record: Record, budget: media.MediaBudget) -> list[boxes.Geometry]:
+    """The geometry of each image of a record (sizes after EXIF orientation, from its header; after resizing
+    under ``budget``)."""
+    out = []
+    for width, height in record.image_sizes:
+        rh, rw = media.resized_image_size(width, height, budget)
+        out.append(boxes.Geometry(width, height, rw, rh))
+    return out
+
+
+def boxes_in_pixels(text: str, fmt: str, record: Record, budget: media.MediaBudget,
+                    box_image: int | list[int] | None = None) -> list[dict]:
+    """The boxes and points of a text written in convention ``fmt``, in pixels of the original images
+    (``{"kind", "image" (0-based), "coords"}``). Boxes that do not parse or fit are left out."""
+    if not record.image_sizes:
+        return []
+    geoms = geometries(record, budget)
+    found, _ = boxes.find_boxes(text)
+    where = boxes.image_of_boxes(len(found), geoms, box_image)
+    if isinstance(where, str):  # a reply with another box count than box_image lists, or no box_image at all
+        first = box_image[0] if isinstance(box_image, list) and box_image else box_image
+        where = [first - 1 if isinstance(first, int) and 1 <= first <= len(geoms) else 0] * len(found)
+    out = []
+    for box, image in zip(found, where):
+        if boxes.problem_with(box, fmt, geoms[image]) is not None:
+            continue
+        coords = boxes.convert(box.coords, fmt, "pixel_original", geoms[image], rounded=False)
+        out.append({"kind": box.kind, "image": image, "coords": [round(c, 1) for c in coords]})
+    return out
+
+
+def draw_boxes(record: Record, found: list[dict], out: str | Path) -> list[Path]:
+    """Draw boxes and points (original-image pixels, from ``boxes_in_pixels``) on the record's images as a viewer
+    shows them (EXIF applied); one PNG per image: ``out``, then ``out-2.png``, ..."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    out = Path(out)
+    written = []
+    for i, path in enumerate(record.images):
+        with Image.open(media.local_path(path)) as img:
+            canvas = ImageOps.exif_transpose(img).convert("RGB")
+        draw = ImageDraw.Draw(canvas)
+        width = max(2, round(max(canvas.size) / 200))
+        for b in (b for b in found if b["image"] == i):
+            c = b["coords"]
+            if b["kind"] == "bbox":
+                draw.rectangle(c, outline=(255, 0, 255), width=width)
+            else:
+                r = 2 * width
+                draw.ellipse((c[0] - r, c[1] - r, c[0] + r, c[1] + r), outline=(255, 0, 255), width=width)
+        target = out if i == 0 else out.with_name(f"{out.stem}-{i + 1}{out.suffix or '.png'}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(target)
+        written.append(target)
+    return written
+
+
+def _bboxes(found: list[dict]) -> list[tuple[float, ...]]:
+    return [tuple(b["coords"]) for b in found if b["kind"] == "bbox"]
+
+
+@dataclasses.dataclass
+class Scores:
+    """Predictions on a split scored against the records' references."""
+
+    samples: list[M.Sample]
+    per_record: list[dict[str, float | None]]
+    summary: dict[str, dict]
+    pred_boxes: list[list[dict]]
+
+
+def score(records: Sequence[Record], predictions: Sequence[str], family: Family, budget: media.MediaBudget,
+          metric_names: Sequence[str] | None = None, reference_format: str | None = None) -> Scores:
+    """Score replies against the records' last assistant turns. Boxes are compared in original-image pixels:
+    predicted ones read in the family's convention, reference ones in ``reference_format`` (default: the
+    family's too). ``metric_names`` None: the metrics that fit the references."""
+    ref_fmt = reference_format or family.box_format
+    pred_boxes, samples = [], []
+    for record, prediction in zip(records, predictions):
+        box_image = getattr(record, "box_image", None)
+        pb = boxes_in_pixels(prediction, family.box_format, record, budget, box_image)  # the reference's image
+        rb = boxes_in_pixels(reference_of(record), ref_fmt, record, budget, box_image)
+        pred_boxes.append(pb)
+        points = [tuple(b["coords"]) for b in rb if b["kind"] == "point"]
+        samples.append(M.Sample(prediction, reference_of(record), _bboxes(pb), _bboxes(rb), points))
+    names = list(metric_names or M.default_metrics(samples))
+    per_record = M.score_records(samples, names)
+    return Scores(samples, per_record, M.summarize(samples, per_record, names), pred_boxes)
+
+
+def prediction_lines(records: Sequence[Record], predictions: Sequence[str], scores: Scores) -> list[dict]:
+    """One JSON-able dict per record: id, prompt, reference, prediction, its metrics, its boxes (original pixels)."""
+    lines = []
+    for record, prediction, values, pboxes in zip(records, predictions, scores.per_record, scores.pred_boxes):
+        line = {"id": record.id, "prompt": prompt_of(record).messages[-1].text, "reference": reference_of(record),
+                "prediction": prediction, "metrics": {k: v for k, v in values.items() if v is not None}}
+        if pboxes:
+            line["boxes"] = pboxes
+        lines.append(line)
+    return lines
