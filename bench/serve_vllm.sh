@@ -63,7 +63,6 @@ VENV_SIZE=$(du -sh "$VENV" | cut -f1)
 export ROOT VENV WORK FAMILIES STEPS OUT KIND LOAD_TIMEOUT VENV_SIZE
 exec .venv/bin/python - <<'PY'
 import base64, json, os, shutil, signal, socket, subprocess, sys, time, urllib.error, urllib.request
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -97,20 +96,15 @@ def tail(path, n=5, pattern=("Error", "error", "raise", "Exception", "Unsupporte
 def build_tiny(family, out):
     """vlmtune.tiny's model with one 64-wide attention head (head_dim 64) and M-RoPE sections summing to 32."""
     from vlmtune import tiny
-    from vlmtune.families import FAMILIES
 
-    kwargs = json.loads(json.dumps(FAMILIES[family].tiny_config))
-    text = kwargs["text_config"]
-    text.update(num_attention_heads=text["hidden_size"] // HEAD_DIM, num_key_value_heads=1)
+    text = tiny.TINY_CONFIGS[family]["text_config"]
+    overrides = {"num_attention_heads": text["hidden_size"] // HEAD_DIM, "num_key_value_heads": 1}
     if "head_dim" in text:
-        text["head_dim"] = HEAD_DIM
-    text["rope_scaling"]["mrope_section"] = [8, 12, 12]  # sums to HEAD_DIM / 2
-    saved = FAMILIES[family]
-    FAMILIES[family] = replace(saved, tiny_config=kwargs)
-    try:
-        tiny.build_tiny_model(out, family)
-    finally:
-        FAMILIES[family] = saved
+        overrides["head_dim"] = HEAD_DIM
+    rope = json.loads(json.dumps(text["rope_scaling"]))
+    rope["mrope_section"] = [8, 12, 12]  # sums to HEAD_DIM / 2
+    overrides["rope_scaling"] = rope
+    tiny.build_tiny_model(out, family, text_overrides=overrides)
 
 
 def messages(image):

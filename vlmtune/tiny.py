@@ -218,8 +218,9 @@ def _processor(family: Family, tokenizer):
     )
 
 
-def tiny_config(family: Family, tokenizer):
-    """The family's config at tiny sizes, with token ids from the tiny tokenizer."""
+def tiny_config(family: Family, tokenizer, text_overrides: dict | None = None):
+    """The family's config at tiny sizes, with token ids from the tiny tokenizer; ``text_overrides`` replace
+    entries of its ``text_config`` (e.g. head sizes a server needs)."""
     from transformers import AutoConfig
 
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in [
@@ -236,17 +237,20 @@ def tiny_config(family: Family, tokenizer):
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=TINY_TEXT_INIT_STD,
     )
+    kwargs["text_config"].update(text_overrides or {})
     return AutoConfig.for_model(family.model_type, **kwargs, **ids)
 
 
-def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0) -> Path:
-    """Write a tiny ``family`` model folder (weights, config, processor, chat template) to ``out_dir``."""
+def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0,
+                     text_overrides: dict | None = None) -> Path:
+    """Write a tiny ``family`` model folder (weights, config, processor, chat template) to ``out_dir``;
+    ``text_overrides``: see ``tiny_config``."""
     from transformers import GenerationConfig
 
     fam = FAMILIES[family]
     out = Path(out_dir)
     tokenizer = _train_tokenizer(seed, fam.extra_tokens)
-    config = tiny_config(fam, tokenizer)
+    config = tiny_config(fam, tokenizer, text_overrides)
     torch.manual_seed(seed)
     with whole_weights():
         model = fam.model_cls()(config).eval()
