@@ -408,14 +408,14 @@ def test_instruct_templates_keep_think_blocks_verbatim_in_every_turn(real, tmp_p
 
 def test_enable_thinking_reaches_training_datasets(real, tmp_path):
     from vlmtune.config import DataArguments
-    from vlmtune.stages.sft import build_datasets
+    from vlmtune.stages.sft import sft_datasets
 
     r = real("qwen3_5")
     path = tmp_path / "d.json"
     path.write_text(json.dumps([NO_REASONING, REASONING]))
     args = DataArguments(data_path=str(path), enable_thinking=False, keep_earlier_reasoning=True)
     assert args.template_options() == {"enable_thinking": False, "keep_earlier_reasoning": True}
-    train_set, _ = build_datasets(args, r.processor, r.family, r.budget, seed=0)
+    train_set, _ = sft_datasets(args, r.processor, r.family, r.budget, seed=0)
     assert train_set.conversation.template_kwargs == {"enable_thinking": False}
     assert labelled_runs(r.tok, train_set[0]) == ["A red circle.<|im_end|>"]
     assert labelled_runs(r.tok, train_set[1]) == ["<think>\nR1\n</think>\n\nA1<|im_end|>",

@@ -99,7 +99,9 @@ def processor_fingerprint(processor) -> str:
     backend = getattr(tokenizer, "_tokenizer", None)
     digest = hashlib.sha256()
     if hasattr(backend, "to_str"):
-        digest.update(backend.to_str().encode())
+        # without the truncation and padding settings: a call of the tokenizer sets them, a count ignores them
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        digest.update(json.dumps(state, sort_keys=True).encode())
     else:
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     vision = {}

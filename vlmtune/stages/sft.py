@@ -59,6 +59,18 @@ def check_evaluation(data_args: DataArguments, train_args: TrainingArguments) ->
     return names
 
 
+def sft_datasets(data_args: DataArguments, processor, family, budget, seed: int):
+    """(train, eval or None) datasets of SFT records, every file checked up front with the run's label mode and
+    template switches (``build_datasets``)."""
+    conversation = Conversation(processor, data_args.label_mode, **data_args.template_options())
+
+    def make(records, lengths, source):
+        return VisionLanguageDataset(records, processor, family, budget, conversation, data_args.max_seq_length,
+                                     data_args.strict_length, lengths, source)
+
+    return build_datasets(data_args, processor, family, budget, seed, make, conversation)
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
           train_args: TrainingArguments) -> Path:
     """Run one training job; returns the output folder."""
@@ -73,14 +85,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     processor, family = start.processor, start.family
     if data_args.packing:
         packing.check_packable(AutoConfig.from_pretrained(start.base_model))
-    conversation = Conversation(processor, data_args.label_mode, **data_args.template_options())
-
-    def make(records, lengths, source):
-        return VisionLanguageDataset(records, processor, family, start.budget, conversation,
-                                     data_args.max_seq_length, data_args.strict_length, lengths, source)
-
-    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
-                                         conversation)
+    train_set, eval_set = sft_datasets(data_args, processor, family, start.budget, train_args.seed)
     if len(train_set) == 0:
         raise ConfigError("no training record is left after the length filter; raise --max_seq_length")
     with output_lock(train_args.output_dir):
