@@ -30,6 +30,8 @@ def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(format="[vlmtune] %(message)s", level=logging.WARNING)
     logging.getLogger("vlmtune").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # bitsandbytes' CPU backend warns at import that an optional kernel package is missing; it falls back by itself
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _user_errors():
