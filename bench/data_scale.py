@@ -253,7 +253,7 @@ def bench_size(n: int, work: Path, images: list[str], args, env: dict, model_dir
                      "--disable_tqdm", "True", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0"]
         shutil.rmtree(cache / "data", ignore_errors=True)
         for name in ("train_1st", "train_2nd"):
-            r = run(train_cmd, env, step_marker="'loss'")
+            r = run(train_cmd, env, step_marker="step 1/1  loss")  # the console line of step 1
             shutil.rmtree(out, ignore_errors=True)
             row[name] = r
             show(name.replace("_", ", "), r, f"  first step at {r['first_step_s']:.1f}s")

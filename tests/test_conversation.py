@@ -131,3 +131,20 @@ def test_content_parts_split_placeholders_and_drop_the_llava_newline():
     ]
     assert content_parts("Is <video> yellow?") == [
         {"type": "text", "text": "Is "}, {"type": "video"}, {"type": "text", "text": " yellow?"}]
+
+
+def test_text_counts_hold_after_a_padded_truncated_call_of_the_tokenizer(tiny_model_dir):
+    """The counts use the fast tokenizer's backend directly; a call that padded and truncated (as the processor's
+    batches do) leaves that state in the backend, and it must not reach the counts."""
+    from vlmtune.data.conversation import Conversation
+    from vlmtune.data.records import Message, Record
+    from vlmtune.model.load import load_processor
+
+    processor = load_processor(str(tiny_model_dir()))
+    record = Record(0, "r", [Message("user", "What shape is this?"), Message("assistant", "A red circle.")], [], [])
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What shape is this?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    expected = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    processor.tokenizer(["a", "a b c d"], padding="max_length", truncation=True, max_length=3)
+    assert Conversation(processor).token_counts([record]) == [expected]

@@ -157,6 +157,24 @@ def _short(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(texts, add_special_tokens=False)["input_ids"]``: through a fast tokenizer's own batch call
+    without offsets where it has one (the same ids, built in Rust at a third of the cost: the data check of a large
+    file is mostly this call)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if hasattr(backend, "encode_batch_fast") and not getattr(tokenizer, "split_special_tokens", False):
+        # an earlier call of the tokenizer may have left padding or truncation on in the backend (the wrapper sets
+        # both before each of its own calls, so clearing them here changes nothing it does)
+        if backend.padding is not None:
+            backend.no_padding()
+        if backend.truncation is not None:
+            backend.no_truncation()
+        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
 class Conversation:
     """Renders records with a processor's chat template, tokenizes them reply by reply, labels the replies.
 
@@ -323,7 +341,7 @@ class Conversation:
         piece by piece exactly as ``encode`` does, and (``check``) the label problems of the records."""
         rendered = [self.render(r) for r in records]
         flat = [piece for rd in rendered for piece in rd.pieces]
-        tokenized = self.processor.tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        tokenized = _token_ids(self.processor.tokenizer, flat)
         counts, problems, pos = [], [], 0
         for record, rd in zip(records, rendered):
             pieces = tokenized[pos: pos + len(rd.pieces)]
