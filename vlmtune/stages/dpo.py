@@ -34,8 +34,6 @@ from vlmtune.stages.common import (
     check_environment,
     fit,
     is_distributed,
-    load_policy,
-    load_start_model,
     output_lock,
     resolve_start,
 )
@@ -181,7 +179,6 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArg
         raise ConfigError("--data_path is required (preference records: prompt turns plus 'chosen' and 'rejected')")
     if data_args.packing:
         raise ConfigError("--packing is for SFT; DPO batches pair each chosen sequence with its rejected one")
-    zero3 = ref.is_zero3(train_args)
     resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
@@ -197,17 +194,9 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArg
         raise ConfigError("no preference record is left after the length filter; raise --max_seq_length")
 
     with output_lock(train_args.output_dir):  # one run per output folder
-        model = load_policy(start, model_args, mode_args, train_args, plan)
-        ref.disable_dropout(model)
-        ref.add_log_prob_head(model, "dpo")
-        reference, ref_model = None, None
-        if not dpo_args.precompute_ref_log_probs:
-            if plan.uses_lora:
-                reference = ref.Reference.adapters_off(model, family, plan, zero3, "vlmtune dpo")
-            else:  # a frozen copy of what the policy starts from (partitioned at load under ZeRO-3)
-                ref_model = ref.frozen_copy(load_start_model(start, model_args,
-                                                             torch_dtype(train_args.bf16, train_args.fp16)))
-                ref.add_log_prob_head(ref_model, "dpo")
+        model, reference, ref_model = ref.policy_and_reference(
+            start, model_args, mode_args, train_args, plan, "dpo", "vlmtune dpo",
+            reference=not dpo_args.precompute_ref_log_probs)
         logger.info("DPO: %s loss, beta %g, reference %s", dpo_args.loss_type, dpo_args.beta,
                     "precomputed before step 1" if dpo_args.precompute_ref_log_probs
                     else "adapters off" if plan.uses_lora else "a frozen copy")
@@ -221,8 +210,7 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArg
             data_collator=PreferenceCollator(processor.tokenizer.pad_token_id, fillers=fillers),
             processing_class=processor, family=family, run_info=run_info, dpo=dpo_args, reference=reference,
         )
-        if ref_model is not None:
-            trainer.reference = ref.Reference("copy", ref.prepare_reference_copy(trainer, ref_model))
+        ref.use_reference_copy(trainer, ref_model)
         trainer.load_reference_table(resume)
         return fit(trainer, train_args, eval_set, resume)
 

@@ -44,8 +44,6 @@ from vlmtune.stages.common import (
     check_environment,
     fit,
     is_distributed,
-    load_policy,
-    load_start_model,
     output_lock,
     resolve_start,
 )
@@ -341,7 +339,6 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
     if data_args.packing:
         raise ConfigError("--packing is for SFT; GRPO samples its sequences")
     rewards = reward_lib.load_rewards(grpo_args.reward_funcs, grpo_args.reward_weights)
-    zero3 = ref.is_zero3(train_args)
     resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
@@ -361,16 +358,9 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
                           "--max_seq_length")
 
     with output_lock(train_args.output_dir):  # one run per output folder
-        model = load_policy(start, model_args, mode_args, train_args, plan)
-        ref.disable_dropout(model)
-        ref.add_log_prob_head(model, "grpo", grpo_args.temperature)
-        reference, ref_model = None, None
-        if grpo_args.beta and plan.uses_lora:
-            reference = ref.Reference.adapters_off(model, family, plan, zero3, "vlmtune grpo with --beta > 0")
-        elif grpo_args.beta:
-            dtype = torch_dtype(train_args.bf16, train_args.fp16)
-            ref_model = ref.frozen_copy(load_start_model(start, model_args, dtype))
-            ref.add_log_prob_head(ref_model, "grpo", grpo_args.temperature)
+        model, reference, ref_model = ref.policy_and_reference(
+            start, model_args, mode_args, train_args, plan, "grpo", "vlmtune grpo with --beta > 0",
+            reference=bool(grpo_args.beta), temperature=grpo_args.temperature)
 
         fillers = vision_fillers(processor, family.factor) if is_distributed() else None
         run_info = run.run_record(stage="grpo", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
@@ -381,8 +371,7 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
             processing_class=processor, family=family, run_info=run_info, grpo=grpo_args, rewards=rewards,
             reference=reference, fillers=fillers,
         )
-        if ref_model is not None:
-            trainer.reference = ref.Reference("copy", ref.prepare_reference_copy(trainer, ref_model))
+        ref.use_reference_copy(trainer, ref_model)
         trainer.sampler = choose_sampler(grpo_args, trainer, train_set, start.budget)
         logger.info("GRPO: %d completions per prompt, rewards %s, %s loss, beta %g (reference: %s)",
                     grpo_args.num_generations, ", ".join(f"{r.name} x {r.weight:g}" for r in rewards),

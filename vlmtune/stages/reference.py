@@ -25,6 +25,8 @@ from torch import nn
 
 from vlmtune.config import ConfigError
 from vlmtune.model import modes
+from vlmtune.model.load import torch_dtype
+from vlmtune.stages.common import load_policy, load_start_model
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,30 @@ def prepare_reference_copy(trainer, ref_model: nn.Module) -> nn.Module:
 
         return prepare_deepspeed(ref_model, trainer.accelerator)
     return trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+
+def policy_and_reference(start, model_args, mode_args, train_args, plan: modes.TrainPlan, stage: str, who: str,
+                         reference: bool = True, temperature: float = 1.0):
+    """(policy, ``Reference`` or None, frozen copy or None): the model to train, dropout off and with the fused
+    log-prob head, and (``reference``) what it is compared with: for LoRA runs the same model with its adapters off
+    (``who`` names the run in its errors), for full runs a frozen copy of what the policy starts from (partitioned
+    at load under ZeRO-3), which becomes a ``Reference`` once the Trainer exists (``use_reference_copy``)."""
+    model = load_policy(start, model_args, mode_args, train_args, plan)
+    disable_dropout(model)
+    add_log_prob_head(model, stage, temperature)
+    if not reference:
+        return model, None, None
+    if plan.uses_lora:
+        return model, Reference.adapters_off(model, start.family, plan, is_zero3(train_args), who), None
+    copy = frozen_copy(load_start_model(start, model_args, torch_dtype(train_args.bf16, train_args.fp16)))
+    add_log_prob_head(copy, stage, temperature)
+    return model, None, copy
+
+
+def use_reference_copy(trainer, ref_model: nn.Module | None) -> None:
+    """The trainer's reference becomes the frozen copy, placed as the trainer's model is (nothing without one)."""
+    if ref_model is not None:
+        trainer.reference = Reference("copy", prepare_reference_copy(trainer, ref_model))
 
 
 def is_zero3(train_args) -> bool:
