@@ -39,7 +39,7 @@ from vlmtune.data.dataset import VisionLanguageDataset, record_lengths  # noqa: 
 from vlmtune.data.records import read_records  # noqa: E402
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD  # noqa: E402
 from vlmtune.model.load import load_family, load_processor  # noqa: E402
-from vlmtune.tiny import tiny_model_path  # noqa: E402
+from vlmtune.testing.tiny import tiny_model_path  # noqa: E402
 
 EXAMPLES = ROOT / "data_examples"
 SEEDS = range(5)

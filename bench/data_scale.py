@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vlmtune-data-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "VLMTUNE_CACHE": str(work / "cache"), "PYTHONPATH": str(ROOT)}
-    model_dir = subprocess.run([PY, "-c", "from vlmtune.tiny import tiny_model_path; print(tiny_model_path())"],
+    model_dir = subprocess.run([PY, "-c", "from vlmtune.testing.tiny import tiny_model_path; print(tiny_model_path())"],
                                env=env, capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()[-1]
     images = make_images(work / "images", args.seed)
     import tokenizers

@@ -6,7 +6,7 @@
 #   FAMILIES=qwen2_vl STEPS=2 bash bench/serve_vllm.sh
 #
 # Per family: a tiny model with head_dim 64 (vLLM's CPU attention refuses the package's head_dim 16), built from
-# vlmtune.tiny's pieces; `vlmtune train --mode lora_vision` for $STEPS steps on data_examples/; `vlmtune merge`;
+# vlmtune.testing.tiny's pieces; `vlmtune train --mode lora_vision` for $STEPS steps on data_examples/; `vlmtune merge`;
 # then `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1, one chat request with
 # data_examples/images/red_circle.png as a base64 data URL, the server stopped.
 #
@@ -94,8 +94,8 @@ def tail(path, n=5, pattern=("Error", "error", "raise", "Exception", "Unsupporte
 
 
 def build_tiny(family, out):
-    """vlmtune.tiny's model with one 64-wide attention head (head_dim 64) and M-RoPE sections summing to 32."""
-    from vlmtune import tiny
+    """vlmtune.testing.tiny's model with one 64-wide attention head (head_dim 64) and M-RoPE sections summing to 32."""
+    from vlmtune.testing import tiny
 
     text = tiny.TINY_CONFIGS[family]["text_config"]
     overrides = {"num_attention_heads": text["hidden_size"] // HEAD_DIM, "num_key_value_heads": 1}

@@ -61,8 +61,9 @@ from vlmtune.data.dataset import VisionLanguageDataset  # noqa: E402
 from vlmtune.data.records import load_records  # noqa: E402
 from vlmtune.families import family_for  # noqa: E402
 from vlmtune.model import modes  # noqa: E402
+from vlmtune.model import packing as model_packing  # noqa: E402
 from vlmtune.model.load import apply_liger, liger_unavailable_reason, load_family, load_model, load_processor  # noqa: E402
-from vlmtune.tiny import tiny_model_path  # noqa: E402
+from vlmtune.testing.tiny import tiny_model_path  # noqa: E402
 
 EXAMPLES = ROOT / "data_examples"
 RESULTS = ROOT / "bench" / "results"
@@ -275,7 +276,7 @@ def run_config(model_name, model_path, processor, data, config, args, device) ->
     padding_free = False
     rope = None
     if config.data == "packed":
-        padding_free = packing.prepare_model(model) == "padding_free"
+        padding_free = model_packing.prepare_model(model) == "padding_free"
         rope = packing.RopeIndex(model.config)
     batches = batches_for(config, data, pad_id, args.batch_size, args.warmup + args.steps, rope, padding_free)
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]

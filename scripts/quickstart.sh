@@ -29,7 +29,7 @@ MERGED="$OUT/lora_vision-merged"
 "$VLMTUNE" predict --model "$MERGED" --data data_examples/data.json --output "$OUT/predictions.jsonl"
 
 echo "== 5/5 evaluate: the base tiny model against the fine-tuned one (on its training data: a demo)"
-BASE=$(.venv/bin/python -c "from vlmtune.tiny import tiny_model_path; print(tiny_model_path())")
+BASE=$(.venv/bin/python -c "from vlmtune.testing.tiny import tiny_model_path; print(tiny_model_path())")
 "$VLMTUNE" eval --model "$BASE" --name base --compare "$MERGED" --compare_name fine-tuned \
     --data data_examples/data.json --max_new_tokens 32 --output_dir "$OUT/eval"
 

@@ -32,7 +32,7 @@ def _tiny_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model_dir(_tiny_cache):
     """Path of the tiny model of a family (built on first use, cached for the session)."""
-    from vlmtune.tiny import tiny_model_path
+    from vlmtune.testing.tiny import tiny_model_path
 
     return lambda family="qwen2_vl": tiny_model_path(family)
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from conftest import DATA_JSON
 
-from vlmtune.config import ConfigError, DataArguments, parse_train_args
+from vlmtune.config import DataArguments, parse_train_args
+from vlmtune.errors import ConfigError
 
 
 def test_yaml_gives_defaults_and_flags_override_it(tmp_path):

@@ -10,11 +10,13 @@ import torch
 from conftest import FAMILIES, LINEAR_ATTENTION_FAMILIES, MOE_FAMILIES, ROOT
 from transformers import AutoModelForImageTextToText
 
-from vlmtune.config import ConfigError, ModeArguments
+from vlmtune.config import ModeArguments
 from vlmtune.data import packing
 from vlmtune.data.collator import Collator
+from vlmtune.errors import ConfigError
 from vlmtune.families import FAMILIES as FAMILY_TABLE
 from vlmtune.model import modes
+from vlmtune.model import packing as model_packing
 from vlmtune.model.load import check_quantization, load_model
 
 ROUTERS = {"qwen3_vl_moe": ["mlp.gate.weight"], "qwen3_5_moe": ["mlp.gate.weight", "mlp.shared_expert_gate.weight"]}
@@ -40,7 +42,7 @@ def trainable(model) -> set[str]:
 
 def test_registry_tiny_models_and_cli_choices_cover_every_family(capsys):
     from vlmtune.cli import main
-    from vlmtune.tiny import TINY_CONFIGS, TINY_TEMPLATES
+    from vlmtune.testing.tiny import TINY_CONFIGS, TINY_TEMPLATES
 
     assert set(FAMILY_TABLE) == set(FAMILIES) == set(TINY_CONFIGS) == set(TINY_TEMPLATES)
     with pytest.raises(SystemExit):
@@ -190,8 +192,8 @@ def test_packing_is_refused_through_linear_attention(pipeline, family):
     p = pipeline(family)
     model = p.model()
     with pytest.raises(ConfigError, match=f"--packing is not supported for {family}: its linear-attention"):
-        packing.prepare_model(model)
-    packing.disable_kv_cache(model)
+        model_packing.prepare_model(model)
+    model_packing.disable_kv_cache(model)
     items = [it for it, r in zip((p.dataset[i] for i in range(len(p.dataset))), p.dataset.records)
              if r.id in ("single_red_circle", "text_only")]
     batch = packing.PackedCollator(p.processor.tokenizer.pad_token_id, packing.RopeIndex(model.config))([items])

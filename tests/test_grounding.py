@@ -19,7 +19,8 @@ from vlmtune.data import media
 from vlmtune.data.check import check_data
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import VisionLanguageDataset
-from vlmtune.data.records import DataError, load_records
+from vlmtune.data.records import load_records
+from vlmtune.errors import DataError
 from vlmtune.families import FAMILIES
 from vlmtune.model.load import load_family, load_processor
 

@@ -14,6 +14,7 @@ from PIL import Image, PngImagePlugin
 from qwen_vl_utils import vision_process as qvu
 
 from vlmtune.data import media
+from vlmtune.errors import MediaError
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 ROTATED = EXAMPLES / "images/red_triangle_rotated.jpg"
@@ -74,7 +75,7 @@ def test_png_size_is_read_without_decoding_pixels(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(PngImagePlugin.PngImageFile, "load", no_decode)
         assert media.image_size(tmp_path / "plain.png") == (300, 100)
-        with pytest.raises(media.MediaError, match="decoded"):  # only this one needs its pixels read past
+        with pytest.raises(MediaError, match="decoded"):  # only this one needs its pixels read past
             media.image_size(late)
     # metadata after the pixels is still honoured, and agrees with the decoded image
     assert media.image_size(late) == (30, 60)
@@ -120,10 +121,10 @@ def test_images_are_converted_to_rgb(tmp_path):
 
 
 def test_missing_and_corrupt_images_raise_media_errors(tmp_path):
-    with pytest.raises(media.MediaError, match="image file not found"):
+    with pytest.raises(MediaError, match="image file not found"):
         media.image_size(tmp_path / "nope.png")
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(media.MediaError, match="unreadable image"):
+    with pytest.raises(MediaError, match="unreadable image"):
         media.load_image(tmp_path / "bad.jpg", media.MediaBudget())
 
 
@@ -215,11 +216,11 @@ def test_pyav_is_used_when_decord_is_absent(monkeypatch, restore_video_reader):
 
 def test_video_errors_name_the_real_cause(tmp_path, restore_video_reader):
     (tmp_path / "bad.mp4").write_bytes(b"not a video at all" * 50)
-    with pytest.raises(media.MediaError, match="video file not found"):
+    with pytest.raises(MediaError, match="video file not found"):
         media.video_info(tmp_path / "none.mp4")
-    with pytest.raises(media.MediaError, match="unreadable video") as info:
+    with pytest.raises(MediaError, match="unreadable video") as info:
         media.video_info(tmp_path / "bad.mp4")
-    with pytest.raises(media.MediaError, match="unreadable video") as info:
+    with pytest.raises(MediaError, match="unreadable video") as info:
         media.load_video(tmp_path / "bad.mp4", media.MediaBudget())
     # not qwen-vl-utils' fallback reader, torchvision.io.read_video, which no longer exists
     assert "read_video" not in str(info.value) and "bad.mp4" in str(info.value)

@@ -12,8 +12,9 @@ from conftest import FAMILIES, ROOT
 
 from vlmtune import memory
 from vlmtune.cli import main as cli_main
-from vlmtune.config import ConfigError, ModeArguments
+from vlmtune.config import ModeArguments
 from vlmtune.data.collator import Collator
+from vlmtune.errors import ConfigError
 from vlmtune.model import modes
 from vlmtune.model.load import load_family
 

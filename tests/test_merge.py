@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vlmtune.cli import main as cli
-from vlmtune.config import ConfigError
 from vlmtune.data.collator import Collator
-from vlmtune.merge import MergeError, file_set, merge, verification_batch
+from vlmtune.errors import ConfigError, MergeError
+from vlmtune.merge import file_set, merge, verification_batch
 from vlmtune.run import NON_LORA_FILE, RUN_FILE
 
 TRAIN_FLAGS = [

@@ -9,7 +9,8 @@ import torch
 from conftest import FAMILIES
 from transformers import AutoModelForImageTextToText
 
-from vlmtune.config import ConfigError, ModeArguments
+from vlmtune.config import ModeArguments
+from vlmtune.errors import ConfigError
 from vlmtune.families import FAMILIES as FAMILY_TABLE
 from vlmtune.model import modes
 

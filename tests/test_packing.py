@@ -8,11 +8,12 @@ from conftest import PACKABLE_FAMILIES  # Qwen3.5's refusal: test_families.py
 from torch.utils.data import RandomSampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from vlmtune.config import ConfigError
 from vlmtune.data import packing
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.packing import PackedCollator, PackedDataset, RopeIndex, pack_indices
+from vlmtune.errors import ConfigError
+from vlmtune.model import packing as model_packing
 
 REPEAT = 8
 """data_examples/ (12 records) repeated 8 times: 96 records for the padding measurements."""
@@ -74,7 +75,7 @@ def test_packed_batch_equals_the_records_one_by_one(pipeline, family):
     longest row) equal the sums over the same records run alone through the ordinary padded path."""
     p = pipeline(family)
     model = p.model()
-    layout = packing.prepare_model(model)
+    layout = model_packing.prepare_model(model)
     assert layout == "block_mask"  # sdpa on CPU
     packed = PackedDataset(p.dataset, max_seq_length=256)
     assert len(packed) >= 3 and len(set(packed.lengths)) > 1  # several rows of unequal length: padding included
@@ -100,7 +101,7 @@ def test_padding_free_rows_give_the_same_loss(pipeline):
     the block mask from the same restarting positions that flash-attn's varlen kernel reads."""
     p = pipeline("qwen2_5_vl")
     model = p.model()
-    packing.prepare_model(model)
+    model_packing.prepare_model(model)
     packed = PackedDataset(p.dataset, max_seq_length=256)
     packs = [packed[i] for i in range(len(packed))]
     pad_id = p.processor.tokenizer.pad_token_id
@@ -120,7 +121,7 @@ def test_without_restarted_positions_the_losses_differ(pipeline):
     would do) give another loss, so the equality test above can fail."""
     p = pipeline("qwen2_vl")
     model = p.model()
-    packing.prepare_model(model)
+    model_packing.prepare_model(model)
     packed = PackedDataset(p.dataset, max_seq_length=256)
     pad_id = p.processor.tokenizer.pad_token_id
     batch = PackedCollator(pad_id, RopeIndex(model.config))([packed[i] for i in range(len(packed))])
@@ -139,7 +140,7 @@ def test_zero3_fillers_in_a_packed_batch_change_neither_loss_nor_gradients(pipel
 
     p = pipeline("qwen2_5_vl")
     model = p.model()
-    packing.prepare_model(model)
+    model_packing.prepare_model(model)
     text = [it for it, r in zip(items(p), p.dataset.records) if r.shape == "text"]
     pad_id = p.processor.tokenizer.pad_token_id
     plain = PackedCollator(pad_id, RopeIndex(model.config))([text])
@@ -188,12 +189,12 @@ def test_prepare_model_turns_the_cache_off_and_refuses_unknown_attention(pipelin
     ``use_cache`` from ``text_config``, so that one must be off too."""
     model = pipeline("qwen2_vl").model()
     assert model.config.text_config.use_cache
-    assert packing.prepare_model(model) == "block_mask"
+    assert model_packing.prepare_model(model) == "block_mask"
     assert not model.config.text_config.use_cache
-    assert packing.packing_layout("flash_attention_2") == "padding_free"
+    assert model_packing.packing_layout("flash_attention_2") == "padding_free"
     with pytest.raises(ConfigError, match="--packing cannot keep records apart with attention implementation "
                        "'paged_attention'"):
-        packing.packing_layout("paged_attention")
+        model_packing.packing_layout("paged_attention")
 
 
 # ------------------------------------------------------------------ padding

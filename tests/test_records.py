@@ -17,7 +17,8 @@ from PIL import Image
 
 from vlmtune.cli import main as cli_main
 from vlmtune.data import media
-from vlmtune.data.records import DataError, load_records, read_records
+from vlmtune.data.records import load_records, read_records
+from vlmtune.errors import DataError
 
 RED_CIRCLE = "images/red_circle.png"
 BALL = "videos/ball_right.mp4"

@@ -12,7 +12,8 @@ from conftest import DATA_JSON
 from PIL import Image
 
 from vlmtune.cli import main as cli
-from vlmtune.config import ConfigError, parse_train_args
+from vlmtune.config import parse_train_args
+from vlmtune.errors import ConfigError
 from vlmtune.stages.callbacks import format_log
 
 BASE = ["--data_path", str(DATA_JSON), "--tiny_family", "qwen2_vl", "--lora_rank", "4", "--learning_rate", "1e-2",

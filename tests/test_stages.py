@@ -386,8 +386,8 @@ def test_grpo_step_on_mixed_prompts_matches_a_hand_computed_clipped_objective(ti
 
 
 def test_reward_builtins_and_failures(tmp_path):
-    from vlmtune.config import ConfigError
-    from vlmtune.rewards import RewardError, load_rewards, score
+    from vlmtune.errors import ConfigError, RewardError
+    from vlmtune.rewards import load_rewards, score
 
     exact, fmt, box, maths = (r.func for r in load_rewards(["exact_match", "format", "box_iou", "math"]))
     assert exact(["The Circle!", "<think>x</think><answer> circle </answer>", "a square"], answer="circle") == [

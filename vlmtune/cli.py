@@ -34,16 +34,6 @@ def _setup_logging() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-def _user_errors():
-    from vlmtune.config import ConfigError
-    from vlmtune.data.dataset import RecordError
-    from vlmtune.data.media import MediaError
-    from vlmtune.data.records import DataError
-    from vlmtune.stages.common import NonFiniteLoss
-
-    return (ConfigError, DataError, MediaError, RecordError, NonFiniteLoss, FileNotFoundError)
-
-
 def _close_progress_bars() -> None:
     """End a progress bar the error interrupted, so the error starts on a line of its own."""
     from tqdm import tqdm
@@ -122,7 +112,7 @@ def cmd_check_data(argv: list[str]) -> int:
 
 def cmd_tiny_model(argv: list[str]) -> int:
     from vlmtune.families import FAMILIES
-    from vlmtune.tiny import build_tiny_model
+    from vlmtune.testing.tiny import build_tiny_model
 
     parser = argparse.ArgumentParser(prog="vlmtune tiny-model", description="Write the embedded tiny model.")
     parser.add_argument("out_dir")
@@ -187,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmtune {argv[0]}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from vlmtune.stages.common import Stopped
+        from vlmtune.errors import USER_ERRORS, Stopped
 
         _close_progress_bars()
         if isinstance(exc, Stopped):  # a clean stop (SIGTERM): a checkpoint was saved
@@ -195,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         if debug:
             raise
-        if isinstance(exc, _user_errors()):
+        if isinstance(exc, USER_ERRORS):
             print(f"vlmtune {argv[0]}: error: {exc}", file=sys.stderr)
         else:  # a fault vlmtune did not foresee: one line still, the traceback on request
             message = " ".join(str(exc).split())[:500]

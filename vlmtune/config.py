@@ -15,11 +15,8 @@ import yaml
 from transformers import HfArgumentParser
 from transformers import TrainingArguments as HfTrainingArguments
 
+from vlmtune.errors import ConfigError
 from vlmtune.families import FAMILIES
-
-
-class ConfigError(ValueError):
-    """Contradictory or impossible settings, found before the model loads."""
 
 
 def boolean_flag(value: str) -> bool:

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from vlmtune import metrics as M
-from vlmtune.config import ConfigError, DataArguments, boolean_flag
+from vlmtune.config import DataArguments, boolean_flag
 from vlmtune.data import boxes
 from vlmtune.data.records import Record, load_records
+from vlmtune.errors import ConfigError
 from vlmtune.generation import (
     DEFAULT_MAX_NEW_TOKENS,
     Predictor,

@@ -21,11 +21,11 @@ import torch
 
 from vlmtune import metrics as M
 from vlmtune import run
-from vlmtune.config import ConfigError
 from vlmtune.data import boxes, media
 from vlmtune.data.collator import SEQUENCE_KEYS, Collator
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Record
+from vlmtune.errors import ConfigError
 from vlmtune.families import Family
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vlmtune.config import ConfigError
+from vlmtune.errors import ConfigError
 
 GB = 1e9
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -132,7 +132,7 @@ def load_config(model: str | None):
     from transformers import AutoConfig
 
     if not model or model == "tiny" or model.startswith("tiny:"):
-        from vlmtune.tiny import DEFAULT_FAMILY, tiny_model_path
+        from vlmtune.testing.tiny import DEFAULT_FAMILY, tiny_model_path
 
         family = model.split(":", 1)[1] if model and ":" in model else DEFAULT_FAMILY
         return AutoConfig.from_pretrained(tiny_model_path(family))

@@ -37,13 +37,12 @@ from pathlib import Path
 
 import torch
 
-from vlmtune.config import ConfigError
 from vlmtune.data import media
+from vlmtune.errors import ConfigError, MergeError
 from vlmtune.families import Family, family_for
 from vlmtune.model.load import dtype_name, parse_dtype, saved_dtype
 from vlmtune.run import (
     RUN_FILE,
-    MergeError,
     RunInfo,
     base_model_of,
     load_model_with_adapters,

@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 
 from vlmtune.config import DataArguments, boolean_flag
-from vlmtune.data import media
 from vlmtune.data.records import check_media_files
+from vlmtune.errors import MediaError
 from vlmtune.generation import (  # noqa: F401  (re-exported: the names predict has always had)
     DEFAULT_MAX_NEW_TOKENS,
     GenerationConversation,
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     record = prompt_record(args.prompt, args.image, args.video, args.system)
     problems = check_media_files([record], predictor.family.factor, deep=False, budget=predictor.budget)
     if problems:  # the same header checks as for a data file
-        raise media.MediaError("; ".join(p.message for p in problems))
+        raise MediaError("; ".join(p.message for p in problems))
     reply = predictor.reply(record)
     if not reply:
         logger.warning("the reply is empty: the model ended its turn at once (or wrote only special tokens)")

@@ -35,8 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmtune.config import ConfigError
-from vlmtune.data.dataset import RecordError
+from vlmtune.errors import ConfigError, RewardError
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
@@ -163,10 +162,6 @@ def load_rewards(specs: list[str], weights: list[float] | None = None) -> list[R
                 raise ConfigError("--reward_funcs math needs math-verify: pip install 'vlmtune[rl]'") from None
         rewards.append(Reward(spec, func, 1.0 if weights is None else float(weights[i]), required_fields(func)))
     return rewards
-
-
-class RewardError(RecordError):
-    """A reward function that raised or returned something unusable, on one record."""
 
 
 def score(reward: Reward, completions: list[str], record: dict) -> list[float]:

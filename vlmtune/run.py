@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmtune.config import ConfigError
 from vlmtune.data import media
+from vlmtune.errors import ConfigError, MergeError
 from vlmtune.families import Family
 from vlmtune.model import modes
 from vlmtune.model.load import DTYPES, dtype_name, load_family, load_model, parse_dtype, saved_dtype
@@ -40,10 +40,6 @@ RUN_FILE = "vlmtune_run.json"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PROCESSOR_FILE = "processor_config.json"
-
-
-class MergeError(ConfigError):
-    """Adapters or saved trainables that do not fit the base model, or a merge that did not verify."""
 
 
 @dataclass
@@ -341,10 +337,6 @@ _WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safete
                  "pytorch_model.bin", "pytorch_model.bin.index.json", "latest")  # latest: a DeepSpeed checkpoint
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
 _STAGING_NAME = re.compile(rf"^{STAGING_PREFIX}-(\d+)")
-
-
-class SaveError(ConfigError):
-    """A checkpoint or model that could not be written (a full disk, a quota)."""
 
 
 def checkpoint_problem(folder: Path) -> str | None:

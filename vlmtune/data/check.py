@@ -13,8 +13,9 @@ from vlmtune.data import media
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import record_lengths
 from vlmtune.data.prompts import stage_lengths
-from vlmtune.data.records import FileError, Problem, Record, read_records
+from vlmtune.data.records import Record, read_records
 from vlmtune.data.store import DataStore, RecordSequence, open_store
+from vlmtune.errors import FileError, Problem
 from vlmtune.families import Family
 
 BOXES_SHOWN = 10

@@ -63,7 +63,8 @@ from typing import Literal
 
 import torch
 
-from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Problem, Record
+from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
+from vlmtune.errors import LabelError, Problem
 from vlmtune.families.base import ASSISTANT_HEADER, IM_END, IMAGE_PAD, VIDEO_PAD
 
 logger = logging.getLogger(__name__)
@@ -73,10 +74,6 @@ LabelMode = Literal["assistant", "last_assistant", "all"]
 LABEL_MODES = ("assistant", "last_assistant", "all")
 _PLACEHOLDER = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
-
-
-class LabelError(ValueError):
-    """A record whose labels would not be exactly the replies that train; the message names the turn."""
 
 
 def content_parts(text: str) -> list[dict]:

@@ -15,27 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vlmtune.config import ConfigError
 from vlmtune.data import media
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.records import Record
+from vlmtune.errors import ConfigError, RecordError
 from vlmtune.families import Family
 
 logger = logging.getLogger(__name__)
-
-
-class RecordError(RuntimeError):
-    """A record that failed while being turned into model inputs (a file that only breaks when decoded).
-
-    A DataLoader worker's exception comes back rebuilt from its whole traceback text; this keeps only the
-    sentence that says which record and what went wrong, so the user reads one line.
-    """
-
-    def __init__(self, message: str):
-        marker = f"{RecordError.__module__}.RecordError: "
-        if marker in message:
-            message = message.rsplit(marker, 1)[1].strip()
-        super().__init__(message)
 
 
 @dataclass

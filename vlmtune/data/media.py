@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 from qwen_vl_utils import vision_process as qvu
 
 from vlmtune import cache_root
+from vlmtune.errors import MediaError
 
 # EXIF orientations that rotate by 90 or 270 degrees, so width and height swap.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
@@ -70,10 +71,6 @@ class VideoInfo:
     fps: float
     width: int
     height: int
-
-
-class MediaError(ValueError):
-    """A media file that cannot be used, with a message fit for the user."""
 
 
 # ---------------------------------------------------------------- files and URLs

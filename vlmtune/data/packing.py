@@ -1,6 +1,7 @@
 """Packing: several records in one row, with no attention across records and M-RoPE restarted per record.
 
-Three pieces, used together by ``train.py`` when ``--packing`` is on:
+The data half (the model half, which readies a loaded model and refuses what cannot be exact, is
+``vlmtune.model.packing``), used by ``stages/sft.py`` when ``--packing`` is on:
 
 * ``pack_indices``: greedy first-fit decreasing over the lengths the dataset already knows (text + vision tokens,
   no media decoded), then the same number of packs evened out, so every pack holds at most ``max_seq_length``
@@ -40,15 +41,9 @@ import sys
 import torch
 from torch.utils.data import Dataset
 
-from vlmtune.config import ConfigError
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
-from vlmtune.model.load import disable_kv_cache, has_linear_attention
-
-BLOCK_MASK_ATTENTION = ("sdpa", "eager", "flex_attention")
-"""Attention implementations that get an exact block-diagonal mask built from the restarting positions."""
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
-"""Attention implementations that run packed rows padding-free through varlen kernels."""
+from vlmtune.errors import ConfigError
 
 
 def pack_indices(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -178,18 +173,6 @@ class RopeIndex:
         return positions[:, 0]
 
 
-def packing_layout(attn_implementation: str | None) -> str:
-    """'padding_free' (flash-attn varlen) or 'block_mask' (sdpa / eager / flex); anything else is refused."""
-    if attn_implementation in VARLEN_ATTENTION:
-        return "padding_free"
-    if attn_implementation in BLOCK_MASK_ATTENTION:
-        return "block_mask"
-    raise ConfigError(
-        f"--packing cannot keep records apart with attention implementation {attn_implementation!r}: use "
-        f"flash_attention_2 (padding-free, CUDA) or sdpa / eager (block-diagonal mask), or drop --packing"
-    )
-
-
 class PackedCollator(Collator):
     """Packs -> batch: ``input_ids``, ``labels``, ``mm_token_type_ids``, ``position_ids`` (4, B, L), vision tensors.
 
@@ -250,38 +233,3 @@ def _real_tokens(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> to
         return torch.ones_like(ids, dtype=torch.bool)
     trailing = ids.eq(pad_token_id).flip(-1).long().cumprod(-1).flip(-1).bool()
     return ~trailing
-
-
-def check_packable(config) -> None:
-    """Refuse packing for models whose layers would carry state from one packed record into the next."""
-    if has_linear_attention(config):
-        raise ConfigError(f"--packing is not supported for {config.model_type}: its linear-attention (Gated DeltaNet) "
-                          "layers carry a convolution and a recurrent state from one packed record into the next "
-                          "(transformers restarts them only with CUDA kernels and sequence boundaries this packer "
-                          "does not give), so packed records would not train as they do alone; drop --packing "
-                          "(--group_by_length cuts padding instead)")
-
-
-def prepare_model(model) -> str:
-    """Make a loaded model ready for packed batches; returns its layout ('padding_free' or 'block_mask').
-
-    Refuses models and attention implementations that cannot keep records apart, and turns the KV cache off: a cache,
-    even an empty one, stops the mask builder from seeing the packed boundaries, so records would silently
-    attend to each other.
-    """
-    check_packable(model.config)
-    layout = packing_layout(getattr(model.config, "_attn_implementation", None))
-    disable_kv_cache(model)
-    return layout
-
-
-def packed_data(train_set, eval_set, model, pad_token_id: int, max_seq_length: int,
-                fillers: dict[str, dict[str, torch.Tensor]] | None = None):
-    """(packed train set, packed eval set or None, collator) for a loaded model; refuses what cannot be exact."""
-    config = model.config
-    layout = prepare_model(model)
-    collator = PackedCollator(pad_token_id, RopeIndex(config), padding_free=layout == "padding_free",
-                              fillers=fillers)
-    train = PackedDataset(train_set, max_seq_length)
-    evaluation = PackedDataset(eval_set, max_seq_length) if eval_set is not None else None
-    return train, evaluation, collator

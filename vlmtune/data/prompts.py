@@ -15,7 +15,8 @@ import torch
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX, Conversation
 from vlmtune.data.dataset import VisionLanguageDataset, encode_with, load_media, record_lengths
-from vlmtune.data.records import Message, Problem, Record
+from vlmtune.data.records import Message, Record
+from vlmtune.errors import Problem
 from vlmtune.families import Family
 
 REPLIES = ("chosen", "rejected")

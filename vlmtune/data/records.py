@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmtune.data import boxes, media
+from vlmtune.errors import DataError, FileError, MediaError, Problem
 from vlmtune.families.base import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -74,41 +75,6 @@ class Record:
         if len(self.images) > 1:
             return "multi_image"
         return "image" if self.images else "text"
-
-
-@dataclass(frozen=True)
-class Problem:
-    level: str  # "error" | "warning"
-    message: str
-    index: int | None = None
-    id: str | None = None
-
-    def format(self, file: str | Path) -> str:
-        where = f"{file}"
-        if self.index is not None:
-            where += f": record {self.index}"
-            if self.id is not None:
-                where += f" (id {self.id!r})"
-        return f"{where}: {self.message}"
-
-
-class DataError(ValueError):
-    """A data file with errors; ``str()`` lists every one of them."""
-
-    def __init__(self, file: str | Path, problems: list[Problem]):
-        self.file = str(file)
-        self.problems = problems
-        errors = [p for p in problems if p.level == "error"]
-        lines = [p.format(file) for p in errors]
-        super().__init__(f"{len(errors)} error(s) in {file}:\n  " + "\n  ".join(lines))
-
-
-class FileError(Exception):
-    """A data file that cannot be read as records at all (missing, unreadable, not JSON, wrong top level)."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.problem = Problem("error", message)
 
 
 RawItem = tuple[int, "int | None", "bytes | str"]
@@ -355,7 +321,7 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver], stage
     return record, problems
 
 
-def _advice(exc: media.MediaError, path: str, folder_flag: str) -> str:
+def _advice(exc: MediaError, path: str, folder_flag: str) -> str:
     if media.is_url(path) or os.path.exists(path):
         return f"{exc}; replace the file or drop the record"
     return f"{exc}; check the name and {folder_flag} (relative paths are resolved against it)"
@@ -375,7 +341,7 @@ def _probe_image(path: str, min_side: int, deep: bool, budget: media.MediaBudget
                     "it, or drop the record")
         if deep:
             media.load_image(path, budget or media.MediaBudget())
-    except media.MediaError as exc:
+    except MediaError as exc:
         return _advice(exc, path, "--image_folder")
     return width, height
 
@@ -396,7 +362,7 @@ def _probe_video(path: str, deep: bool, budget: media.MediaBudget | None):
                         f"{sampling}: {exc}; lower --nframes or drop the record")
         if deep:
             media.load_video(path, budget or media.MediaBudget())
-    except media.MediaError as exc:
+    except MediaError as exc:
         return _advice(exc, path, "--video_folder")
     return info
 

@@ -59,9 +59,7 @@ from vlmtune.data.dataset import image_extra_tokens, video_extra_tokens
 from vlmtune.data.records import (
     NO_RECORDS,
     CollectionCheck,
-    FileError,
     Message,
-    Problem,
     RawItem,
     Record,
     media_folders,
@@ -70,6 +68,7 @@ from vlmtune.data.records import (
     resolvers_for,
     scan,
 )
+from vlmtune.errors import FileError, Problem
 from vlmtune.families import Family
 
 logger = logging.getLogger(__name__)

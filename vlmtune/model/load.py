@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import logging
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from vlmtune.config import ConfigError
+from vlmtune.errors import ConfigError
 from vlmtune.families import Family, family_for
 from vlmtune.families.base import LINEAR_ATTENTION_KERNELS
 
@@ -21,7 +20,7 @@ def resolve_model_path(model_name_or_path: str | None, tiny_family: str = "qwen2
     """The model to load: the user's, or the embedded tiny model (built on first use)."""
     if model_name_or_path:
         return model_name_or_path
-    from vlmtune.tiny import tiny_model_path
+    from vlmtune.testing.tiny import tiny_model_path
 
     path = str(tiny_model_path(tiny_family))
     logger.info("no model given: using the embedded tiny %s model at %s (random weights)", tiny_family, path)
@@ -151,21 +150,6 @@ def linear_attention_kernels(family: Family, config) -> str | None:
     where = "pip install 'vlmtune[gpu]' on a CUDA machine" if torch.cuda.is_available() else "CUDA only"
     return (f"linear-attention kernels off: {' and '.join(missing)} not installed ({where}); {family.model_type}'s "
             "Gated DeltaNet layers run transformers' PyTorch path (correct, much slower)")
-
-
-@contextlib.contextmanager
-def whole_weights():
-    """Build or load models with whole weights even inside a ZeRO-3 run: transformers would otherwise partition
-    them through the run's DeepSpeed config (save_pretrained would then write empty shards, and weights could not
-    be merged)."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def torch_dtype(bf16: bool, fp16: bool) -> torch.dtype:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from vlmtune.config import ConfigError, ModeArguments
+from vlmtune.config import ModeArguments
+from vlmtune.errors import ConfigError
 from vlmtune.families import Family
 
 logger = logging.getLogger(__name__)

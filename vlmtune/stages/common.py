@@ -34,11 +34,11 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from vlmtune import run
-from vlmtune.config import ConfigError, DataArguments, ModeArguments, ModelArguments, TrainingArguments
+from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data import media, packing
 from vlmtune.data.check import check_data
 from vlmtune.data.dataset import take
-from vlmtune.data.records import DataError
+from vlmtune.errors import ConfigError, DataError, NonFiniteLoss, SaveError, Stopped
 from vlmtune.families import Family
 from vlmtune.model import modes
 from vlmtune.model.load import (
@@ -49,8 +49,8 @@ from vlmtune.model.load import (
     load_model,
     resolve_model_path,
     torch_dtype,
-    whole_weights,
 )
+from vlmtune.model.zero3 import whole_weights
 from vlmtune.stages import callbacks
 
 logger = logging.getLogger(__name__)
@@ -58,18 +58,6 @@ logger = logging.getLogger(__name__)
 
 RECORD_IDS = "vlmtune_records"
 """Batch key of the records a batch holds (``record N (id 'x')``), removed before the forward."""
-
-
-class Stopped(Exception):
-    """Training stopped on a signal after saving a checkpoint; the CLI says so in one line and exits 128 + signal."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-class NonFiniteLoss(ValueError):
-    """A NaN or inf loss, with the step and the records of the batch."""
 
 
 def _records_of(dataset, i: int) -> list[str]:
@@ -159,7 +147,7 @@ def _free_space(folder: Path) -> str:
     return "unknown"
 
 
-def save_failed(exc: BaseException, what: str, folder: Path) -> run.SaveError | None:
+def save_failed(exc: BaseException, what: str, folder: Path) -> SaveError | None:
     """The one-line error for a failed write of ``what`` into ``folder``, or None when ``exc`` is no write failure."""
     reason = _write_failure(exc)
     if reason is None:
@@ -167,7 +155,7 @@ def save_failed(exc: BaseException, what: str, folder: Path) -> run.SaveError | 
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(exc)
     found = run.scan_checkpoints(folder).complete
     last = f"the last complete checkpoint is {found[-1][1]}" if found else "no checkpoint is complete yet"
-    return run.SaveError(f"writing {what} failed: {reason} ({_free_space(folder)} free on the disk of {folder}); "
+    return SaveError(f"writing {what} failed: {reason} ({_free_space(folder)} free on the disk of {folder}); "
                          f"{last}. {'Free space' if full else 'Fix the disk'} or give another --output_dir, then "
                          "run the same command with --resume_from_checkpoint last")
 

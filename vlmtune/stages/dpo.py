@@ -21,10 +21,11 @@ from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune import run
-from vlmtune.config import ConfigError, DataArguments, DPOArguments, ModeArguments, ModelArguments, TrainingArguments
+from vlmtune.config import DataArguments, DPOArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data.collator import vision_fillers
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.prompts import PreferenceCollator, PreferenceDataset
+from vlmtune.errors import ConfigError
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype
 from vlmtune.stages import reference as ref

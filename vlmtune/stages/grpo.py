@@ -28,12 +28,12 @@ import torch
 
 from vlmtune import rewards as reward_lib
 from vlmtune import run
-from vlmtune.config import ConfigError, DataArguments, GRPOArguments, ModeArguments, ModelArguments, TrainingArguments
+from vlmtune.config import DataArguments, GRPOArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data import media
 from vlmtune.data.collator import Collator, vision_fillers
 from vlmtune.data.conversation import IGNORE_INDEX, Conversation
 from vlmtune.data.prompts import PromptDataset, collate_prompts
-from vlmtune.data.records import DataError, Problem
+from vlmtune.errors import ConfigError, DataError, Problem
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype

@@ -23,7 +23,7 @@ import logging
 import torch
 from torch import nn
 
-from vlmtune.config import ConfigError
+from vlmtune.errors import ConfigError
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype
 from vlmtune.stages.common import load_policy, load_start_model

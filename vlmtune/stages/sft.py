@@ -9,12 +9,12 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from vlmtune import run
-from vlmtune.config import ConfigError, DataArguments, ModeArguments, ModelArguments, TrainingArguments
-from vlmtune.data import packing
+from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data.collator import Collator, vision_fillers
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import VisionLanguageDataset
-from vlmtune.model import modes
+from vlmtune.errors import ConfigError
+from vlmtune.model import modes, packing
 from vlmtune.model.load import torch_dtype
 from vlmtune.stages.common import (
     VisionLanguageTrainer,
@@ -99,7 +99,7 @@ def _fit(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
     processor, family = start.processor, start.family
     model = load_policy(start, model_args, mode_args, train_args, plan)
     fillers = vision_fillers(processor, family.factor) if is_distributed() else None
-    if data_args.packing:  # several records per row, attention kept inside each record (vlmtune/data/packing.py)
+    if data_args.packing:  # several records per row, attention kept inside each record
         train_set, eval_set, collator = packing.packed_data(
             train_set, eval_set, model, processor.tokenizer.pad_token_id, data_args.max_seq_length, fillers)
         logger.info("packing: %d records in %d rows (%.1f%% full), %s", len(train_set.dataset), len(train_set),

@@ -14,7 +14,7 @@ import torch
 from vlmtune import cache_root
 from vlmtune.families import FAMILIES, Family
 from vlmtune.families.base import SPECIAL_TOKENS
-from vlmtune.model.load import whole_weights
+from vlmtune.model.zero3 import whole_weights
 
 TINY_VOCAB_SIZE = 1024
 TINY_TEXT_INIT_STD = 0.1
@@ -94,11 +94,11 @@ def chatml_template(default_system: str | None) -> str:
 
 
 def _official_template(name: str) -> str:
-    """An official Qwen chat template shipped as package data (``vlmtune/tiny_templates/``, byte for byte the files
+    """An official Qwen chat template shipped as package data (``vlmtune/testing/templates/``, byte for byte the files
     of tests/fixtures/chat_templates/, whose SOURCES.md names where each comes from)."""
     from importlib.resources import files
 
-    return files("vlmtune").joinpath("tiny_templates", name).read_text(encoding="utf-8")
+    return files("vlmtune.testing").joinpath("templates", name).read_text(encoding="utf-8")
 
 
 TINY_CONFIGS: dict[str, dict] = {
