@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from vlmtune import run
+from vlmtune import checkpoints, run
 from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data import media, packing
 from vlmtune.data.check import check_data
@@ -153,7 +153,7 @@ def save_failed(exc: BaseException, what: str, folder: Path) -> SaveError | None
     if reason is None:
         return None
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(exc)
-    found = run.scan_checkpoints(folder).complete
+    found = checkpoints.scan_checkpoints(folder).complete
     last = f"the last complete checkpoint is {found[-1][1]}" if found else "no checkpoint is complete yet"
     return SaveError(f"writing {what} failed: {reason} ({_free_space(folder)} free on the disk of {folder}); "
                          f"{last}. {'Free space' if full else 'Fix the disk'} or give another --output_dir, then "
@@ -326,8 +326,8 @@ class VisionLanguageTrainer(Trainer):
         """The Trainer's checkpoint, written by every rank into ``tmp-checkpoint-N/checkpoint-N`` (its own
         rotation sees only that folder), then renamed to ``checkpoint-N`` once all ranks are done, then rotated."""
         run_dir = Path(self._get_output_dir(trial))
-        final = run_dir / f"{run.CHECKPOINT_PREFIX}-{self.state.global_step}"
-        staging = run.staging_dir(run_dir, self.state.global_step)
+        final = checkpoints.checkpoint_dir(run_dir, self.state.global_step)
+        staging = checkpoints.staging_dir(run_dir, self.state.global_step)
         staged = staging / final.name
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)  # what a killed save of this step left
@@ -350,8 +350,8 @@ class VisionLanguageTrainer(Trainer):
                 self.state.save_to_json(str(staged / run.TRAINER_STATE))
         self.accelerator.wait_for_everyone()  # every rank's files (DeepSpeed shards, RNG states) are written
         if self.args.should_save:
-            run.publish_checkpoint(staged, final)
-            run.rotate_checkpoints(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
+            checkpoints.publish_checkpoint(staged, final)
+            checkpoints.rotate_checkpoints(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -525,13 +525,13 @@ def is_distributed() -> bool:
 
 def output_lock(output_dir: str):
     """One run per output folder: the first process holds the lock until it ends, however it ends."""
-    return run.RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    return checkpoints.RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
 
 
 def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set, resume: str | None,
         started: float | None = None, predictions: Path | None = None) -> Path:
-    """Train (from the checkpoint ``resume``, resolved by ``run.resolve_resume``), then evaluate a held-out split
-    that has not reported yet, save the result and the state, draw the plots, log the end-of-run summary (time
+    """Train (from the checkpoint ``resume``, resolved by ``checkpoints.resolve_resume``), then evaluate a held-out
+    split that has not reported yet, save the result and the state, draw the plots, log the end-of-run summary (time
     from ``started``) and take the process groups down. A run stopped by SIGTERM raises ``Stopped`` saying how to
     resume."""
     started = started or time.time()
@@ -540,7 +540,7 @@ def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set,
         _leave_together()
         signum, step = trainer.stopped
         raise Stopped(f"stopped by {signal.Signals(signum).name} after step {step}, saved in "
-                      f"{Path(train_args.output_dir, f'{run.CHECKPOINT_PREFIX}-{step}')}; run the same command with "
+                      f"{checkpoints.checkpoint_dir(train_args.output_dir, step)}; run the same command with "
                       "--resume_from_checkpoint last to continue", signum)
     if eval_set is not None and train_args.eval_strategy == "no":  # an eval split always reports, at least at the end
         trainer.evaluate()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import get_last_checkpoint
 
-from vlmtune import run
+from vlmtune import checkpoints, run
 from vlmtune.config import DataArguments, DPOArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data.collator import vision_fillers
 from vlmtune.data.conversation import Conversation
@@ -180,7 +180,7 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArg
         raise ConfigError("--data_path is required (preference records: prompt turns plus 'chosen' and 'rejected')")
     if data_args.packing:
         raise ConfigError("--packing is for SFT; DPO batches pair each chosen sequence with its rejected one")
-    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
     conversation = Conversation(processor, "last_assistant", **data_args.template_options())  # the reply only

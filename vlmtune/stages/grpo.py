@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from vlmtune import checkpoints, run
 from vlmtune import rewards as reward_lib
-from vlmtune import run
 from vlmtune.config import DataArguments, GRPOArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data import media
 from vlmtune.data.collator import Collator, vision_fillers
@@ -339,7 +339,7 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
     if data_args.packing:
         raise ConfigError("--packing is for SFT; GRPO samples its sequences")
     rewards = reward_lib.load_rewards(grpo_args.reward_funcs, grpo_args.reward_weights)
-    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
     conversation = Conversation(processor, **data_args.template_options())  # prompts rendered with its switches
