@@ -41,6 +41,7 @@ from vlmtune.data.dataset import take
 from vlmtune.errors import ConfigError, DataError, NonFiniteLoss, SaveError, Stopped
 from vlmtune.families import Family
 from vlmtune.model import modes
+from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.model.load import (
     check_quantization,
     disable_kv_cache,
@@ -311,6 +312,8 @@ class VisionLanguageTrainer(Trainer):
             # (Checkpoints keep them in fp32, so a resumed run continues exactly.)
             modes.cast_trained(self.model, getattr(torch, self.run_info["dtype"]))
         super().save_model(output_dir, _internal_call)
+        if not _internal_call and not self.run_info.get("lora") and self.args.should_save:
+            write_hub_layout(output_dir or self.args.output_dir, self.family)  # a model folder, as the hub's
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
