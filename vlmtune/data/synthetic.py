@@ -16,7 +16,7 @@ from vlmtune.data import media
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import Media, encode_with
-from vlmtune.data.records import IMAGE_PLACEHOLDER, Message, Record
+from vlmtune.data.schema import IMAGE_PLACEHOLDER, Message, Record
 
 
 def drawn_image(width: int, height: int, seed: int) -> Image.Image:
