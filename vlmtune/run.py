@@ -40,6 +40,16 @@ RUN_FILE = "vlmtune_run.json"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PROCESSOR_FILE = "processor_config.json"
+LOG_FILE = "log_history.jsonl"
+"""One line per logging step, written while the run goes (``vlmtune plot`` reads it)."""
+PLOT_FILE = "plots/run.png"
+"""The run's plots, drawn at its end and by ``vlmtune plot``."""
+PREDICTIONS_FILE = "eval_predictions.jsonl"
+"""``--eval_generate``: the predictions of each evaluation."""
+REF_FILE = "ref_log_probs.safetensors"
+"""DPO ``--precompute_ref_log_probs``: reference log-probs (chosen, rejected) per pair, beside each checkpoint."""
+COMPLETIONS_FILE = "completions.jsonl"
+"""GRPO ``--log_completions``: sample completions of each logging step, with their rewards and advantages."""
 
 
 @dataclass
