@@ -31,6 +31,7 @@ from vlmtune.data import packing
 from vlmtune.errors import NonFiniteLoss
 from vlmtune.families import Family
 from vlmtune.model import modes
+from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.stages import callbacks
 from vlmtune.stages.saving import save_failed
 
@@ -270,6 +271,8 @@ class VisionLanguageTrainer(Trainer):
             # (Checkpoints keep them in fp32, so a resumed run continues exactly.)
             modes.cast_trained(self.model, getattr(torch, self.run_info["dtype"]))
         super().save_model(output_dir, _internal_call)
+        if not _internal_call and not self.run_info.get("lora") and self.args.should_save:
+            write_hub_layout(output_dir or self.args.output_dir, self.family)  # a model folder, as the hub's
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
