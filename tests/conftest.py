@@ -6,8 +6,10 @@ whichever worker asks first), and every multi-process test takes a port that is 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -27,6 +29,12 @@ THINKING_TEMPLATE_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 ``<think>\n\n</think>\n\n`` block that the reply does not contain."""
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# DeepSpeed builds its CPU ops (shm_comm, cpu_adam) on first use into torch's extension folder, and rebuilds them
+# whenever the include paths change: one folder per Python environment, so checkouts that share a machine do not
+# rebuild each other's ops (the tests' subprocesses inherit it).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / (
+    "vlmtune-" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:12])))
 
 
 def free_port() -> int:

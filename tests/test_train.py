@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,7 @@ def test_launcher_builds_the_command_a_cluster_needs(env, pairs, absent, tmp_pat
     assert [flag for flag in absent if flag in argv] == [], argv
 
 
+@pytest.mark.slow  # a training process
 @pytest.mark.parametrize("pure", [False, True])
 def test_a_bf16_full_run_trains_fp32_masters_and_writes_a_bf16_model(tmp_path, pure):
     """Checkpoints keep the fp32 masters of what trains (a resume continues exactly); the final folder is
@@ -209,9 +211,26 @@ def test_zero3_two_processes_train_a_moe_with_text_only_on_one_rank(tmp_path):
 
 
 NO_FILLERS = """
-import sys
+import os, sys, threading
+from transformers import Trainer
 import vlmtune.stages.sft as T
 T.vision_fillers = lambda *args, **kwargs: None
+step = Trainer.training_step
+def watched_step(self, *args, **kwargs):
+    if self.state.global_step > 0:
+        return step(self, *args, **kwargs)
+    rank = os.environ["RANK"]
+    print(f"[control] rank {rank} starts step 1", flush=True)
+    def stuck():
+        print(f"[control] rank {rank} still in step 1 after 60 s: the ranks wait in different collectives", flush=True)
+        os._exit(3)
+    watchdog = threading.Timer(60, stuck)
+    watchdog.start()
+    try:
+        return step(self, *args, **kwargs)
+    finally:
+        watchdog.cancel()
+Trainer.training_step = watched_step
 from vlmtune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -219,15 +238,22 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_zero3_mixed_ranks_break_without_the_vision_fillers(tmp_path):
-    """Control for the test above: the same run without fillers dies (or hangs) at its first step."""
+    """Control for the test above: the same run without fillers dies in its first step, or hangs there (the ranks
+    wait in different collectives). A watchdog armed when step 1 starts, and disarmed when it returns, ends a rank
+    still in step 1 after 60 s, so that a hang ends there; the test's own limit stays as a backstop, after which
+    the whole process group (launcher and ranks) is killed."""
     script = tmp_path / "no_fillers.py"
     script.write_text(NO_FILLERS)
+    launched = subprocess.Popen(mixed_ranks_command(tmp_path, [str(script)]), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        result = subprocess.run(mixed_ranks_command(tmp_path, [str(script)]), cwd=ROOT, capture_output=True,
-                                text=True, timeout=180)
+        launched.communicate(timeout=180)
     except subprocess.TimeoutExpired:
+        os.killpg(launched.pid, signal.SIGKILL)
+        launched.communicate()
         return  # hung: what the fillers prevent
-    assert result.returncode != 0
+    assert launched.returncode != 0
     assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 
