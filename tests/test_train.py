@@ -238,22 +238,25 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_zero3_mixed_ranks_break_without_the_vision_fillers(tmp_path):
-    """Control for the test above: the same run without fillers dies in its first step, or hangs there (the ranks
-    wait in different collectives). A watchdog armed when step 1 starts, and disarmed when it returns, ends a rank
-    still in step 1 after 60 s, so that a hang ends there; the test's own limit stays as a backstop, after which
-    the whole process group (launcher and ranks) is killed."""
+    """Control for the test above: the same run without fillers dies in its first step (measured: gloo's
+    "collective mismatch" on rank 0 once both ranks had started step 1), or hangs there (the ranks wait in
+    different collectives). A watchdog armed when step 1 starts, and disarmed when it returns, ends a rank still in
+    step 1 after 60 s, so that a hang ends there; the test's own limit stays as a backstop, after which the whole
+    process group (launcher and ranks) is killed."""
     script = tmp_path / "no_fillers.py"
     script.write_text(NO_FILLERS)
     launched = subprocess.Popen(mixed_ranks_command(tmp_path, [str(script)]), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        launched.communicate(timeout=180)
+        out, err = launched.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         os.killpg(launched.pid, signal.SIGKILL)
         launched.communicate()
         return  # hung: what the fillers prevent
     assert launched.returncode != 0
+    started = [f"[control] rank {rank} starts step 1" in out for rank in (0, 1)]
+    assert started == [True, True], out[-3000:] + err[-3000:]  # it died in step 1, not before
     assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 
