@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, free_port
 
 from vlmtune.config import DPOArguments, GRPOArguments, ModeArguments, TrainingArguments
 from vlmtune.data import media
@@ -538,8 +538,9 @@ def test_a_missing_reward_field_stops_before_the_model_loads(tmp_path):
     assert "loaded Qwen2VL" not in result.stderr
 
 
-def deepspeed_cmd(port: int, stage: str, *args: str) -> list[str]:
-    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
+def deepspeed_cmd(stage: str, *args: str) -> list[str]:
+    """torchrun of a stage under ZeRO-2, on a port free at run time."""
+    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
             *stage_cli(stage, "--deepspeed", "scripts/zero2.json", "--save_strategy", "no", *args)[1:]]
 
 
@@ -547,7 +548,7 @@ def deepspeed_cmd(port: int, stage: str, *args: str) -> list[str]:
 def test_zero2_dpo_lora_vision(tmp_path):
     """ZeRO-2, a LoRA plan with a fully trained merger (the reference swaps its starting values back)."""
     out = tmp_path / "out"
-    run(deepspeed_cmd(29631, "dpo", "--data_path", str(PREFS), "--output_dir", str(out), "--mode", "lora_vision",
+    run(deepspeed_cmd("dpo", "--data_path", str(PREFS), "--output_dir", str(out), "--mode", "lora_vision",
                       "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
                       "--lora_rank", "8", "--seed", "0"))
     chosen = history(out, "rewards/chosen")
@@ -561,7 +562,7 @@ def test_zero2_grpo_full_with_a_reference_copy(tmp_path):
     --num_iterations 2 each batch of completions trains two steps."""
     out = tmp_path / "out"
     (tmp_path / "rewards.py").write_text("def length(completions, **kw):\n    return [len(c) for c in completions]\n")
-    run(deepspeed_cmd(29632, "grpo", "--data_path", str(GRPO_JSON), "--output_dir", str(out), "--mode", "full",
+    run(deepspeed_cmd("grpo", "--data_path", str(GRPO_JSON), "--output_dir", str(out), "--mode", "full",
                       "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
                       "--num_generations", "3", "--max_completion_length", "3", "--beta", "0.1",
                       "--num_iterations", "2", "--reward_funcs", "format", f"{tmp_path}/rewards.py:length"))
