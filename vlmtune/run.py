@@ -40,6 +40,8 @@ RUN_FILE = "vlmtune_run.json"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PROCESSOR_FILE = "processor_config.json"
+MIXTURE_FILE = "mixture.json"
+"""Runs on a list of data files: what was drawn from each (``data/mixture.py``), written when the run starts."""
 
 
 @dataclass
@@ -96,6 +98,14 @@ def save_run_files(output_dir: str | Path, model: torch.nn.Module, info: dict,
             tensors = {modes.clean_name(n): state[n].detach().cpu().contiguous() for n in sorted(trainable)}
             save_file(tensors, os.path.join(output_dir, NON_LORA_FILE), metadata={"format": "pt"})
     Path(output_dir, RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_mixture(output_dir: str | Path, drawn: dict) -> None:
+    """Write ``mixture.json``: the seed, and per file (train, eval) the weight or count asked, its valid and
+    held-out records, how many were drawn and which (file record indices, or their digest in large draws)."""
+    if drawn:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        Path(output_dir, MIXTURE_FILE).write_text(json.dumps(drawn, indent=1) + "\n")
 
 
 def load_non_lora_trainables(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
