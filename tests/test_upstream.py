@@ -205,3 +205,35 @@ def test_tqdm_keeps_its_live_bars_where_the_cli_closes_them():
     finally:
         bar.close()
     assert bar not in list(tqdm._instances)
+
+
+def test_the_trainer_and_trl_internals_the_stages_build_on():
+    """vlmtune/stages/trainer.py and policy.py override these Trainer internals (a rename upstream would bypass
+    the atomic checkpoints, the trainable-only saving or the length grouping silently rather than fail), and
+    reference.py / grpo.py call these TRL utilities."""
+    import inspect
+
+    from torch import nn
+    from transformers import Trainer, TrainerState
+
+    missing = [name for name in ("_save_checkpoint", "_get_output_dir", "_save", "_load_from_checkpoint",
+                                 "_get_train_sampler", "_get_eval_sampler", "_prepare_inputs",
+                                 "compute_loss_context_manager", "get_optimizer_cls_and_kwargs")
+               if not callable(getattr(Trainer, name, None))]
+    assert not missing, f"transformers' Trainer no longer has {missing}: vlmtune/stages/trainer.py overrides them"
+    source = inspect.getsource(Trainer)
+    for flag in ("model_accepts_loss_kwargs", "loss_is_scaled_for_ga"):  # PolicyTrainer sets both to False
+        assert f"self.{flag}" in source, f"the Trainer no longer reads {flag}"
+    # tokens/s sums every rank's counts inside log(): every process must call log() with the training loss
+    step_log = inspect.getsource(Trainer._maybe_log_save_evaluate)
+    assert "self.log(logs" in step_log and "is_world_process_zero" not in step_log
+    assert "num_input_tokens_seen" in TrainerState.__dataclass_fields__
+
+    from trl.models.utils import prepare_deepspeed, unwrap_model_for_generation
+    from trl.trainer import utils
+
+    assert callable(prepare_deepspeed) and callable(unwrap_model_for_generation)
+    assert callable(utils.add_fused_lm_head) and callable(utils.RepeatSampler)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.3), nn.Sequential(nn.Dropout(0.1)))
+    utils.disable_dropout_in_model(model)
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0, 0]

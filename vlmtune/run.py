@@ -48,6 +48,16 @@ STAGING_PREFIX = "tmp-checkpoint"
 """A checkpoint being written: ``tmp-checkpoint-N/checkpoint-N``, renamed to ``checkpoint-N`` when complete."""
 TRAINER_STATE = "trainer_state.json"
 LOCK_FILE = ".vlmtune.lock"
+LOG_FILE = "log_history.jsonl"
+"""One line per logging step, written while the run goes (``vlmtune plot`` reads it)."""
+PLOT_FILE = "plots/run.png"
+"""The run's plots, drawn at its end and by ``vlmtune plot``."""
+PREDICTIONS_FILE = "eval_predictions.jsonl"
+"""``--eval_generate``: the predictions of each evaluation."""
+REF_FILE = "ref_log_probs.safetensors"
+"""DPO ``--precompute_ref_log_probs``: reference log-probs (chosen, rejected) per pair, beside each checkpoint."""
+COMPLETIONS_FILE = "completions.jsonl"
+"""GRPO ``--log_completions``: sample completions of each logging step, with their rewards and advantages."""
 
 
 @dataclass

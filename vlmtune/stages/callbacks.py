@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from vlmtune.generation import format_duration
-from vlmtune.plots import LOG_FILE
+from vlmtune.run import LOG_FILE
 
 HIDDEN_KEYS = {"total_flos", "epoch", "step", "learning_rate", "samples_per_s", "eval_runtime",
                "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time"}

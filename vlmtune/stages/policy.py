@@ -59,6 +59,10 @@ class PolicyTrainer(VisionLanguageTrainer):
         """One value of a metric, averaged with the others of its mode into the next log line."""
         self._metrics[mode][key].append(value)
 
+    def reference_log_probs(self, model, batch: dict) -> torch.Tensor:
+        """Per-token log-probs of the batch under the reference policy (``model`` as the Trainer calls it)."""
+        return self.reference.log_probs(model, batch, self.accelerator.unwrap_model)
+
     def eval_inputs(self, model, inputs: dict) -> dict:
         """The batch an evaluation step computes the loss on (the collated batch; GRPO samples first)."""
         return inputs

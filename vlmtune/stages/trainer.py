@@ -88,6 +88,16 @@ def _any_rank(flag: bool, device) -> bool:
     return bool(value.item())
 
 
+def _sum_over_ranks(values: list[int], device) -> list[int]:
+    """``values`` summed over the processes (a collective: every rank must call it at the same point)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 class _StopOnSignal(TrainerCallback):
     """At the first step boundary after SIGTERM reached any rank: save a checkpoint and stop, on every rank."""
 
@@ -122,8 +132,8 @@ class VisionLanguageTrainer(Trainer):
         self.on_nan_loss = on_nan_loss
         self.eval_generator = eval_generator  # stages.eval_generate.EvalGenerator (--eval_generate)
         callbacks.install(self)
-        self._tokens_seen = self._samples_seen = 0  # real (non-padding) tokens and records, for the rates
-        self._last_log = (time.perf_counter(), 0, 0)  # time, tokens seen, samples seen
+        self._tokens_seen = self._samples_seen = 0  # this process's real (non-padding) tokens and records since
+        self._last_log = time.perf_counter()  # the last training log line, when it was written
         self._staging: str | None = None  # where _save_checkpoint writes before publishing
         self._nonfinite: list[str] = []  # the micro-batches of this step whose loss was NaN or inf (skip mode)
         self._stop = _StopOnSignal()
@@ -232,11 +242,16 @@ class VisionLanguageTrainer(Trainer):
         if "loss" in logs and self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 logs[f"lr/{group.get('name', 'group')}"] = group["lr"]
-            now, tokens, samples = time.perf_counter(), self._tokens_seen, self._samples_seen
-            elapsed = max(now - self._last_log[0], 1e-9)
-            logs["tokens_per_s"] = round((tokens - self._last_log[1]) / elapsed, 1)
-            logs["samples_per_s"] = round((samples - self._last_log[2]) / elapsed, 3)
-            self._last_log = (now, tokens, samples)
+            # The whole job's throughput: every rank's counts since the last log line, summed (every rank logs here)
+            tokens, samples = _sum_over_ranks([self._tokens_seen, self._samples_seen], self.args.device)
+            now = time.perf_counter()
+            elapsed = max(now - self._last_log, 1e-9)
+            logs["tokens_per_s"] = round(tokens / elapsed, 1)
+            logs["samples_per_s"] = round(samples / elapsed, 3)
+            self._tokens_seen = self._samples_seen = 0
+            self._last_log = now
+            if self.args.include_num_input_tokens_seen == "no":  # else the Trainer counts them its own way
+                self.state.num_input_tokens_seen += tokens  # the job's real tokens, kept in trainer_state.json
         super().log(logs, start_time)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
