@@ -9,7 +9,8 @@ A run's output folder (and each ``checkpoint-N`` inside it) holds:
 * ``vlmtune_run.json``: the stage, base model, family, training plan, dtype, quantization bits and the budget
   options the user set (some, such as ``nframes`` or fixed image sizes, have no field in the processor's files);
   ``init_run`` when the run started from another LoRA run (DPO / GRPO after SFT): that run's adapters were merged
-  into the base model first, and are merged again whenever this run's adapters are loaded.
+  into the base model first, and are merged again whenever this run's adapters are loaded;
+* ``mixture.json`` (the output folder only, runs on a list of data files): what was drawn from each file.
 
 Every file name of the run folder is defined here. Everything that writes or reads the run's metadata and model
 lives here, so the commands that need them (train, merge, predict, eval) never import one another; the checkpoint
@@ -39,6 +40,8 @@ RUN_FILE = "vlmtune_run.json"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PROCESSOR_FILE = "processor_config.json"
+MIXTURE_FILE = "mixture.json"
+"""Runs on a list of data files: what was drawn from each (``data/mixture.py``), written when the run starts."""
 CHECKPOINT_PREFIX = "checkpoint"
 """transformers' ``PREFIX_CHECKPOINT_DIR``: checkpoints are ``checkpoint-<global step>``."""
 STAGING_PREFIX = "tmp-checkpoint"
@@ -111,6 +114,14 @@ def save_run_files(output_dir: str | Path, model: torch.nn.Module, info: dict,
             tensors = {modes.clean_name(n): state[n].detach().cpu().contiguous() for n in sorted(trainable)}
             save_file(tensors, os.path.join(output_dir, NON_LORA_FILE), metadata={"format": "pt"})
     Path(output_dir, RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_mixture(output_dir: str | Path, drawn: dict) -> None:
+    """Write ``mixture.json``: the seed, and per file (train, eval) the weight or count asked, its valid and
+    held-out records, how many were drawn and which (file record indices, or their digest in large draws)."""
+    if drawn:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        Path(output_dir, MIXTURE_FILE).write_text(json.dumps(drawn, indent=1) + "\n")
 
 
 def load_non_lora_trainables(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ the run started from, ``vlmtune.stages.reference``). Beyond that it is its loss 
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,8 +139,9 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
     def make(records, lengths, source):
         return stage.dataset(records, lengths, source, start, conversation)
 
+    drawn: dict = {}
     train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
-                                         conversation, stage.name)
+                                         conversation, stage.name, drawn)
     for dataset in (train_set, eval_set):
         if dataset is not None and stage.check is not None:
             stage.check(dataset)
@@ -147,6 +149,8 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
         raise ConfigError(stage.empty)
 
     with output_lock(train_args.output_dir):  # one run per output folder
+        if int(os.environ.get("RANK", "0")) == 0:
+            run.write_mixture(train_args.output_dir, drawn)
         model, reference, ref_model = ref.policy_and_reference(
             start, model_args, mode_args, train_args, plan, stage.name, stage.reference_user,
             reference=stage.reference, temperature=stage.temperature)

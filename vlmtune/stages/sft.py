@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -52,16 +53,16 @@ def check_evaluation(data_args: DataArguments, train_args: TrainingArguments) ->
     return names
 
 
-def sft_datasets(data_args: DataArguments, processor, family, budget, seed: int):
+def sft_datasets(data_args: DataArguments, processor, family, budget, seed: int, drawn: dict | None = None):
     """(train, eval or None) datasets of SFT records, every file checked up front with the run's label mode and
-    template switches (``build_datasets``)."""
+    template switches (``build_datasets``; ``drawn`` receives what a list of files gave)."""
     conversation = Conversation(processor, data_args.label_mode, **data_args.template_options())
 
     def make(records, lengths, source):
         return VisionLanguageDataset(records, processor, family, budget, conversation, data_args.max_seq_length,
                                      data_args.strict_length, lengths, source)
 
-    return build_datasets(data_args, processor, family, budget, seed, make, conversation)
+    return build_datasets(data_args, processor, family, budget, seed, make, conversation, drawn=drawn)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
@@ -78,10 +79,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     processor, family = start.processor, start.family
     if data_args.packing:
         packing.check_packable(AutoConfig.from_pretrained(start.base_model))
-    train_set, eval_set = sft_datasets(data_args, processor, family, start.budget, train_args.seed)
+    drawn: dict = {}
+    train_set, eval_set = sft_datasets(data_args, processor, family, start.budget, train_args.seed, drawn)
     if len(train_set) == 0:
         raise ConfigError("no training record is left after the length filter; raise --max_seq_length")
     with output_lock(train_args.output_dir):
+        if int(os.environ.get("RANK", "0")) == 0:
+            run.write_mixture(train_args.output_dir, drawn)
         return _fit(model_args, data_args, mode_args, train_args, plan, start, train_set, eval_set, resume,
                     metric_names, started)
 
