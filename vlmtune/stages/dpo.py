@@ -26,6 +26,7 @@ from vlmtune.data.collator import vision_fillers
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.prompts import PreferenceCollator, PreferenceDataset
 from vlmtune.errors import ConfigError
+from vlmtune.flags import check_paths
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype
 from vlmtune.stages import reference as ref
@@ -178,6 +179,7 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArg
     check_environment(model_args, train_args, plan)
     if not data_args.data_path:
         raise ConfigError("--data_path is required (preference records: prompt turns plus 'chosen' and 'rejected')")
+    check_paths(data_args)  # every file and folder named, before anything loads
     if data_args.packing:
         raise ConfigError("--packing is for SFT; DPO batches pair each chosen sequence with its rejected one")
     resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)

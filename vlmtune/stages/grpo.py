@@ -35,6 +35,7 @@ from vlmtune.data.conversation import IGNORE_INDEX, Conversation
 from vlmtune.data.prompts import PromptDataset, collate_prompts
 from vlmtune.errors import ConfigError, DataError, Problem
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from vlmtune.flags import check_paths
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype
 from vlmtune.stages import reference as ref
@@ -336,6 +337,7 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
     check_environment(model_args, train_args, plan)
     if not data_args.data_path:
         raise ConfigError("--data_path is required (prompt records, with the fields the reward functions read)")
+    check_paths(data_args)  # every file and folder named, before anything loads
     if data_args.packing:
         raise ConfigError("--packing is for SFT; GRPO samples its sequences")
     rewards = reward_lib.load_rewards(grpo_args.reward_funcs, grpo_args.reward_weights)
