@@ -324,3 +324,30 @@ def test_predict_eval_and_check_data_declare_shared_flags_from_the_same_fields(c
             first_words = " ".join(fields[name].metadata["help"].split()[:4])
             assert f"--{name}" in text and first_words in text, (command, name)
         assert "{" + ",".join(FORMATS) + "}" in text
+
+
+def test_a_new_field_gets_the_checks_by_declaring_its_range():
+    """What another stage's flags get: a range declared once in the field's metadata, checked from Python, from
+    `vlmtune train`-style flags (transformers' parser) and from argparse flags made by add_fields."""
+    import argparse
+    from dataclasses import dataclass, field
+
+    from vlmtune.errors import ConfigError
+    from vlmtune.flags import add_fields, check_fields, dataclass_parser, fields_of, within
+
+    @dataclass
+    class NewStageArguments:
+        mix: float = field(default=0.5, metadata={"help": "share of the new loss", **within(0, 1)})
+        scales: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "one per head"})
+
+        def __post_init__(self):
+            check_fields(self)
+
+    with pytest.raises(ConfigError, match=r"--mix must be in \[0, 1\], got 1.5"):
+        NewStageArguments(mix=1.5)
+    with pytest.raises(ConfigError, match=r"--scales must be a finite number each, got \[1.0, inf\]"):
+        dataclass_parser(NewStageArguments).parse_args_into_dataclasses(["--scales", "1", "inf"])
+    parser = argparse.ArgumentParser()
+    add_fields(parser, NewStageArguments, "mix")
+    with pytest.raises(ConfigError, match="--mix must be a finite number, got nan"):
+        fields_of(parser.parse_args(["--mix", "nan"]), NewStageArguments, "mix")
