@@ -50,12 +50,17 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = field(default=None, metadata={"help": "Training data: LLaVA-style JSON array or JSONL."})
+    data_path: str | None = field(default=None, metadata={"help": "Training data: a JSON array or JSON lines file "
+                                                                  "(LLaVA, ShareGPT or messages records)."})
     image_folder: str | None = field(
         default=None, metadata={"help": "Folder that relative image paths start from (default: the data file's)."}
     )
     video_folder: str | None = field(
         default=None, metadata={"help": "Folder that relative video paths start from (default: image_folder)."}
+    )
+    data_format: Literal["llava", "sharegpt", "messages"] | None = field(
+        default=None, metadata={"help": "Format of the data files (default: detected from each file's first "
+                                "record): LLaVA, ShareGPT (LLaMA-Factory / ms-swift) or typed-part messages."},
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same format."})
     val_ratio: float = field(
@@ -393,12 +398,10 @@ class InferenceArguments:
     model: str | None = field(default=None, metadata={
         "help": "model folder (base, merged or full fine-tune), or a training output with adapters; with --adapter: "
                 "the base model (default: the run's)"})
-    adapter: str | None = field(
-        default=None, metadata={"help": "training output or checkpoint with LoRA adapters to apply to --model"})
+    adapter: str | None = field(default=None, metadata={"help": "training output or checkpoint with LoRA adapters"})
     limit: int | None = field(default=None, metadata={"help": "only the first N records of --data", **within(1)})
     batch_size: int = field(default=8, metadata={"help": "prompts generated together (--data)", **within(1)})
-    max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "reply length limit in tokens",
-                                                                          **within(1)})
+    max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "longest reply", **within(1)})
     dtype: str | None = field(default=None, metadata={"help": "bfloat16, float16 or float32 (default: the model's)"})
     device: str | None = field(default=None, metadata={"help": "default: cuda if present, else cpu"})
 
@@ -406,9 +409,8 @@ class InferenceArguments:
         check_fields(self)
 
 
-INFERENCE_DATA_FIELDS = ("image_folder", "video_folder", "box_format", "enable_thinking",
+INFERENCE_DATA_FIELDS = ("image_folder", "video_folder", "box_format", "enable_thinking",  # shared with train
                          *DataArguments().budget_overrides())
-"""The ``DataArguments`` flags predict and eval share with ``vlmtune train`` (same names, types and help)."""
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ModeArguments, TrainingArguments)
 STAGE_ARGUMENTS = {"dpo": DPOArguments, "grpo": GRPOArguments}

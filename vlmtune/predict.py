@@ -25,7 +25,6 @@ from vlmtune.errors import ConfigError, MediaError
 from vlmtune.flags import add_fields, check_value, fields_of, need_file, need_folder
 from vlmtune.generation import (  # noqa: F401  (re-exported: the names predict has always had)
     DEFAULT_MAX_NEW_TOKENS,
-    GenerationConversation,
     Predictor,
     boxes_in_pixels,
     draw_boxes,

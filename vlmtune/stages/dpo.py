@@ -127,8 +127,8 @@ class DPOTrainer(PolicyTrainer):
                       str(Path(output_dir or self.args.output_dir, REF_FILE)))
 
     def load_reference_table(self, checkpoint: str | None) -> None:
-        """Resume: the precomputed reference log-probs saved with the checkpoint folder (``run.resolve_resume``'s
-        answer), if any."""
+        """Resume: the precomputed reference log-probs saved with the checkpoint folder
+        (``checkpoints.resolve_resume``'s answer), if any."""
         path = Path(checkpoint or "", REF_FILE)
         if checkpoint and path.is_file():
             self.ref_table = {k: v for k, v in load_file(str(path)).items()}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vlmtune import run
+from vlmtune import checkpoints, run
 from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data.collator import vision_fillers
 from vlmtune.data.conversation import Conversation
@@ -128,7 +128,7 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
     check_paths(data_args)  # every file and folder named, before anything loads
     if data_args.packing:
         raise ConfigError(f"--packing is for SFT; {stage.no_packing}")
-    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
     conversation = Conversation(processor, stage.label_mode, **data_args.template_options())

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from vlmtune import run
+from vlmtune import checkpoints, run
 from vlmtune.data import packing
 from vlmtune.errors import NonFiniteLoss
 from vlmtune.families import Family
@@ -273,8 +273,8 @@ class VisionLanguageTrainer(Trainer):
         """The Trainer's checkpoint, written by every rank into ``tmp-checkpoint-N/checkpoint-N`` (its own
         rotation sees only that folder), then renamed to ``checkpoint-N`` once all ranks are done, then rotated."""
         run_dir = Path(self._get_output_dir(trial))
-        final = run_dir / f"{run.CHECKPOINT_PREFIX}-{self.state.global_step}"
-        staging = run.staging_dir(run_dir, self.state.global_step)
+        final = checkpoints.checkpoint_dir(run_dir, self.state.global_step)
+        staging = checkpoints.staging_dir(run_dir, self.state.global_step)
         staged = staging / final.name
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)  # what a killed save of this step left
@@ -297,8 +297,8 @@ class VisionLanguageTrainer(Trainer):
                 self.state.save_to_json(str(staged / run.TRAINER_STATE))
         self.accelerator.wait_for_everyone()  # every rank's files (DeepSpeed shards, RNG states) are written
         if self.args.should_save:
-            run.publish_checkpoint(staged, final)
-            run.rotate_checkpoints(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
+            checkpoints.publish_checkpoint(staged, final)
+            checkpoints.rotate_checkpoints(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
