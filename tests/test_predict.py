@@ -126,6 +126,6 @@ def test_predict_user_mistakes_are_one_line_errors(run_and_merged, tmp_path, cap
     assert cli(["predict", "--model", str(merged), "--prompt", "<image> and <image>", "--image", str(IMAGE)]) == 1
     assert "2 <image>" in capsys.readouterr().err
     assert cli(["predict", "--model", str(merged), "--prompt", "hi", "--image", str(tmp_path / "no.png")]) == 1
-    assert "not found" in capsys.readouterr().err.splitlines()[-1]
+    assert "--image" in (line := capsys.readouterr().err.splitlines()[-1]) and "no.png does not exist" in line
     assert cli(["predict", "--model", str(tmp_path / "nothing"), "--prompt", "hi"]) == 1
     assert "does not exist" in capsys.readouterr().err.splitlines()[-1]

@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 USAGE = """usage: vlmtune [--debug] COMMAND [options]
 
@@ -68,47 +69,46 @@ def cmd_grpo(argv: list[str]) -> int:
 
 
 def cmd_check_data(argv: list[str]) -> int:
-    from vlmtune.config import boolean_flag
+    from vlmtune.config import DataArguments
     from vlmtune.data import media, mixture
     from vlmtune.data.check import check_data
-    from vlmtune.data.conversation import LABEL_MODES, Conversation
+    from vlmtune.data.conversation import Conversation
     from vlmtune.data.formats import FORMATS
+    from vlmtune.flags import add_fields, check_value, fields_of, need_file, need_folder
     from vlmtune.model.load import load_family, load_processor, resolve_model_path
 
     parser = argparse.ArgumentParser(prog="vlmtune check-data",
                                      description="Validate a data file (LLaVA, ShareGPT or messages records).")
     parser.add_argument("data_path", help="a data file, or a mixture as `vlmtune train --data_path` takes it "
                         "(a.json:0.3,b.parquet:0.7): each file is checked and reported, then what each gives")
-    parser.add_argument("--image_folder", help="folder of relative image paths (default: the data file's)")
-    parser.add_argument("--video_folder", help="folder of relative video paths (default: image_folder)")
     parser.add_argument("--model", help="model whose tokenizer and pixel budgets measure lengths "
                         "(default: the embedded tiny model)")
-    parser.add_argument("--max_seq_length", type=int, default=4096)
     parser.add_argument("--deep", action="store_true", help="decode every image and video (slower)")
-    parser.add_argument("--allow_urls", action="store_true")
     parser.add_argument("--data_format", choices=FORMATS, help="format of the records (default: detected from "
                         "the first record): llava, sharegpt (LLaMA-Factory / ms-swift) or messages (typed parts)")
     parser.add_argument("--stage", choices=["sft", "dpo", "grpo"], default="sft",
                         help="what the records are for: sft (conversations with replies), dpo (prompt turns plus "
                         "'chosen' and 'rejected'), grpo (prompt turns plus reward fields)")
-    parser.add_argument("--box_format", choices=["pixel_original", "pixel_resized", "norm1000", "norm1"],
-                        help="convention of the boxes in the data: they are checked, converted to the model "
-                        "family's convention and listed (default: used as written)")
-    # what trains, as in `vlmtune train`: every record's labels are checked under these
-    parser.add_argument("--label_mode", choices=LABEL_MODES, default="assistant")
-    parser.add_argument("--enable_thinking", type=boolean_flag, metavar="{true,false}",
-                        help="passed to the chat template (default: the template's)")
-    parser.add_argument("--keep_earlier_reasoning", type=boolean_flag, default=False, metavar="{true,false}")
+    # as in `vlmtune train`: every record's labels are checked under the label mode and template switches
+    shared = ("image_folder", "video_folder", "max_seq_length", "allow_urls", "box_format", "label_mode",
+              "enable_thinking", "keep_earlier_reasoning")
+    add_fields(parser, DataArguments, *shared)
     parser.add_argument("--processes", type=int, help="worker processes measuring a file the first time "
                         "(default: every core); later checks of the same file read the stored results")
     args = parser.parse_args(argv)
+    fields_of(args, DataArguments, *shared)  # ranges, as in training
+    check_value("--processes", args.processes, (1, None, False, False))
+    entries = mixture.parse_mixture(args.data_path, "check-data DATA_PATH")  # None: one plain file
+    if entries is None:
+        need_file(args.data_path, "data file", "data file (JSON or JSONL)")
+    need_folder(args.image_folder, "--image_folder")
+    need_folder(args.video_folder, "--video_folder")
     model_path = resolve_model_path(args.model)
-    family = load_family(model_path)
+    family = load_family(model_path, f"--model {model_path}")
     processor = load_processor(model_path)
     budget = media.budget_from_processor(processor, family.factor)
     conversation = Conversation(processor, args.label_mode, enable_thinking=args.enable_thinking,
                                 keep_earlier_reasoning=args.keep_earlier_reasoning)
-    entries = mixture.parse_mixture(args.data_path, "check-data DATA_PATH")  # None: one plain file
     results = [check_data(path, processor, family, budget, image_folder=args.image_folder,
                           video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
                           max_seq_length=args.max_seq_length, conversation=conversation, processes=args.processes,
@@ -129,6 +129,10 @@ def cmd_tiny_model(argv: list[str]) -> int:
     parser.add_argument("--family", default="qwen2_vl", choices=list(FAMILIES))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if Path(args.out_dir).is_file():
+        from vlmtune.errors import ConfigError
+
+        raise ConfigError(f"{args.out_dir} is a file; give a folder for the tiny model")
     print(build_tiny_model(args.out_dir, args.family, args.seed))
     return 0
 

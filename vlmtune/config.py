@@ -6,30 +6,19 @@ flags override: ``vlmtune train config.yaml --learning_rate 1e-4``.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from transformers import HfArgumentParser
 from transformers import TrainingArguments as HfTrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
+from vlmtune.data.boxes import FORMATS as BOX_FORMATS
 from vlmtune.errors import ConfigError
 from vlmtune.families import FAMILIES
-
-
-def boolean_flag(value: str) -> bool:
-    """An argparse type: true / false (any case; also yes / no, 1 / 0), as ``vlmtune train``'s flags take them."""
-    lowered = value.lower()
-    if lowered in ("true", "yes", "1"):
-        return True
-    if lowered in ("false", "no", "0"):
-        return False
-    import argparse
-
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+from vlmtune.flags import boolean_flag, check_fields, dataclass_parser, suggest, within, yaml_to_argv  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -55,6 +44,9 @@ class ModelArguments:
     )
     bits: Literal[4, 8, 16] = field(default=16, metadata={"help": "4 or 8: QLoRA through bitsandbytes (CUDA)."})
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass
 class DataArguments:
@@ -77,10 +69,10 @@ class DataArguments:
                                                                         "too)."})
     val_ratio: float = field(
         default=0.0, metadata={"help": "Fraction of the training records held out for evaluation (seeded; of each "
-                              "file of a mixture)."}
+                              "file of a mixture).", **within(0, 1, high_open=True)}
     )
     max_seq_length: int = field(
-        default=4096, metadata={"help": "Longest sequence in tokens, vision tokens included."}
+        default=4096, metadata={"help": "Longest sequence in tokens, vision tokens included.", **within(1)}
     )
     strict_length: bool = field(
         default=False,
@@ -101,20 +93,26 @@ class DataArguments:
         metadata={"help": "Thinking templates drop the <think> reasoning of assistant turns before the last user "
                   "message; True keeps it there, written as in a last turn, so it trains too."},
     )
-    image_min_pixels: int | None = field(default=None, metadata={"help": "Min pixels per image (default: the "
-                                                                 "processor's)."})
-    image_max_pixels: int | None = field(default=None, metadata={"help": "Max pixels per image (default: the "
-                                                                 "processor's)."})
-    image_resized_width: int | None = field(default=None, metadata={"help": "Resize every image to this width."})
-    image_resized_height: int | None = field(default=None, metadata={"help": "Resize every image to this height."})
-    video_min_pixels: int | None = field(default=None, metadata={"help": "Min pixels per video frame."})
-    video_max_pixels: int | None = field(default=None, metadata={"help": "Max pixels per video frame."})
-    fps: float | None = field(default=None, metadata={"help": "Frames sampled per second of video (e.g. 1.0)."})
-    nframes: int | None = field(default=None, metadata={"help": "Frames sampled per video (instead of fps)."})
-    video_min_frames: int | None = field(default=None, metadata={"help": "Fewest frames sampled per video."})
-    video_max_frames: int | None = field(default=None, metadata={"help": "Most frames sampled per video."})
+    image_min_pixels: int | None = field(
+        default=None, metadata={"help": "Min pixels per image (default: the processor's).", **within(1)})
+    image_max_pixels: int | None = field(
+        default=None, metadata={"help": "Max pixels per image (default: the processor's).", **within(1)})
+    image_resized_width: int | None = field(
+        default=None, metadata={"help": "Resize every image to this width.", **within(1)})
+    image_resized_height: int | None = field(
+        default=None, metadata={"help": "Resize every image to this height.", **within(1)})
+    video_min_pixels: int | None = field(default=None, metadata={"help": "Min pixels per video frame.", **within(1)})
+    video_max_pixels: int | None = field(default=None, metadata={"help": "Max pixels per video frame.", **within(1)})
+    fps: float | None = field(
+        default=None, metadata={"help": "Frames sampled per second of video (e.g. 1.0).", **within(0, low_open=True)})
+    nframes: int | None = field(
+        default=None, metadata={"help": "Frames sampled per video (instead of fps).", **within(1)})
+    video_min_frames: int | None = field(default=None, metadata={"help": "Fewest frames sampled per video.",
+                                                                 **within(1)})
+    video_max_frames: int | None = field(default=None, metadata={"help": "Most frames sampled per video.",
+                                                                 **within(1)})
     allow_urls: bool = field(default=False, metadata={"help": "Accept http(s) URLs as media (fetched when read)."})
-    box_format: Literal["pixel_original", "pixel_resized", "norm1000", "norm1"] | None = field(
+    box_format: Literal[BOX_FORMATS] | None = field(  # type: ignore[valid-type]
         default=None,
         metadata={"help": "Convention of the grounding boxes in the data (<|box_start|>(x1,y1),(x2,y2)<|box_end|>, "
                   "\"bbox_2d\" / \"point_2d\"); they are checked and rewritten in the model family's convention "
@@ -130,10 +128,9 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        check_fields(self)
         if self.fps is not None and self.nframes is not None:
             raise ConfigError("--fps and --nframes are two ways to sample video frames: give one of them")
-        if not 0 <= self.val_ratio < 1:
-            raise ConfigError(f"--val_ratio must be in [0, 1), got {self.val_ratio}")
         if (self.image_resized_width is None) != (self.image_resized_height is None):
             raise ConfigError("--image_resized_width and --image_resized_height go together")
 
@@ -174,14 +171,17 @@ class ModeArguments:
     freeze_llm: bool | None = field(default=None, metadata={"help": "True: language model frozen."})
     lora_enable: bool | None = field(default=None, metadata={"help": "LoRA on the language model (False: full)."})
     vision_lora: bool | None = field(default=None, metadata={"help": "LoRA on the vision tower."})
-    unfreeze_topk_llm: int = field(default=0, metadata={"help": "Train the last N LLM layers fully (beside LoRA)."})
+    unfreeze_topk_llm: int = field(default=0, metadata={"help": "Train the last N LLM layers fully (beside LoRA).",
+                                                        **within(0)})
     unfreeze_topk_vision: int = field(
-        default=0, metadata={"help": "Train the last N vision blocks fully (beside LoRA or a frozen tower)."}
+        default=0, metadata={"help": "Train the last N vision blocks fully (beside LoRA or a frozen tower).",
+                           **within(0)}
     )
-    lora_rank: int = field(default=64, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_rank: int = field(default=64, metadata={"help": "LoRA rank.", **within(1)})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha.", **within(0, low_open=True)})
     lora_dropout: float = field(
-        default=0.05, metadata={"help": "LoRA dropout (0 when LoRA reaches MoE experts: PEFT has none there)."}
+        default=0.05, metadata={"help": "LoRA dropout (0 when LoRA reaches MoE experts: PEFT has none there).",
+                             **within(0, 1, high_open=True)}
     )
     lora_target: str | None = field(
         default=None,
@@ -198,14 +198,25 @@ class ModeArguments:
                   "load-balancing loss is added at the config's router_aux_loss_coef either way)."},
     )
 
+    def __post_init__(self):
+        check_fields(self)
+
+
+HF_RANGES = {**dict.fromkeys(("learning_rate", "weight_decay", "max_grad_norm", "num_train_epochs"), within(0)),
+             **dict.fromkeys(("adam_beta1", "adam_beta2"), within(0, 1, high_open=True)),
+             **dict.fromkeys(("warmup_ratio", "label_smoothing_factor"), within(0, 1)),
+             **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size",
+                              "gradient_accumulation_steps"), within(1)), "adam_epsilon": within(0, low_open=True)}
+"""Ranges of transformers' own training flags (vlmtune's fields declare theirs with ``within``)."""
+
 
 @dataclass
 class TrainingArguments(HfTrainingArguments):
     """``transformers.TrainingArguments`` plus the learning rates per part and length grouping."""
 
     output_dir: str = field(default="outputs/run", metadata={"help": "Where checkpoints and the result go."})
-    vision_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower."})
-    merger_lr: float | None = field(default=None, metadata={"help": "Learning rate of the merger."})
+    vision_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower.", **within(0)})
+    merger_lr: float | None = field(default=None, metadata={"help": "Learning rate of the merger.", **within(0)})
     group_by_length: bool = field(
         default=False, metadata={"help": "Batch records of similar length (text + vision tokens) to cut padding."}
     )
@@ -235,17 +246,19 @@ class TrainingArguments(HfTrainingArguments):
         metadata={"help": "Comma-separated metrics for --eval_generate: exact_match, relaxed, anls, rouge_l, bleu, "
                   "choice, iou, acc@0.5 (default: what fits the references)."},
     )
-    eval_max_new_tokens: int = field(default=128, metadata={"help": "Reply length limit for --eval_generate."})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "Reply length limit for --eval_generate.",
+                                                            **within(1)})
     eval_generate_limit: int | None = field(
-        default=None, metadata={"help": "Generate on the first N eval records only (default: all)."}
+        default=None, metadata={"help": "Generate on the first N eval records only (default: all).", **within(1)}
     )
     early_stopping_patience: int = field(
         default=0,
         metadata={"help": "Stop after this many evaluations without improvement of --metric_for_best_model "
-                  "(0: never)."},
+                  "(0: never).", **within(0)},
     )
     early_stopping_threshold: float = field(
-        default=0.0, metadata={"help": "Smallest change of --metric_for_best_model that counts as improvement."}
+        default=0.0, metadata={"help": "Smallest change of --metric_for_best_model that counts as improvement.",
+                              **within(0)}
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (vision tensors)."})
     dataloader_pin_memory: bool = field(
@@ -253,6 +266,10 @@ class TrainingArguments(HfTrainingArguments):
     )
 
     def __post_init__(self):
+        check_fields(self, HF_RANGES)
+        if self.load_best_model_at_end and self.eval_strategy in ("no", IntervalStrategy.NO):
+            raise ConfigError("--load_best_model_at_end needs evaluations: give an eval split (--eval_data_path or "
+                              "--val_ratio) and --eval_strategy steps or epoch, as --save_strategy")
         if self.group_by_length:
             self.train_sampling_strategy = "group_by_length"
         if self.gradient_checkpointing_kwargs is None:
@@ -272,7 +289,7 @@ class DPOArguments:
     beta: float = field(
         default=0.1,
         metadata={"help": "How far the policy may move from the reference: the scale of the implicit rewards "
-                  "beta * (log pi - log pi_ref). For IPO, the regularisation tau."},
+                  "beta * (log pi - log pi_ref). For IPO, the regularisation tau.", **within(0, low_open=True)},
     )
     loss_type: Literal["sigmoid", "ipo", "hinge"] = field(
         default="sigmoid",
@@ -282,7 +299,7 @@ class DPOArguments:
     label_smoothing: float = field(
         default=0.0,
         metadata={"help": "Sigmoid loss only: the assumed probability that a pair's labels are flipped (cDPO), "
-                  "in [0, 0.5)."},
+                  "in [0, 0.5).", **within(0, 0.5, high_open=True)},
     )
     precompute_ref_log_probs: bool = field(
         default=False,
@@ -291,10 +308,7 @@ class DPOArguments:
     )
 
     def __post_init__(self):
-        if self.beta <= 0:
-            raise ConfigError(f"--beta must be positive, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        check_fields(self)
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError(f"--label_smoothing applies to the sigmoid loss, not --loss_type {self.loss_type}")
 
@@ -304,13 +318,17 @@ class GRPOArguments:
     """``vlmtune grpo``: group relative policy optimisation with reward functions on prompt records."""
 
     num_generations: int = field(
-        default=4, metadata={"help": "Completions sampled per prompt; their rewards are compared within the group."}
+        default=4, metadata={"help": "Completions sampled per prompt; their rewards are compared within the group.",
+                              **within(2)}
     )
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (log-probs use it too).",
+                                                      **within(0, low_open=True)})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens whose "
-                                                "probability reaches top_p."})
-    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens only (0: all)."})
-    max_completion_length: int = field(default=64, metadata={"help": "Most tokens generated per completion."})
+                                                "probability reaches top_p.", **within(0, 1, low_open=True)})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens only (0: all).",
+                                                **within(0)})
+    max_completion_length: int = field(default=64, metadata={"help": "Most tokens generated per completion.",
+                                                                 **within(1)})
     reward_funcs: list[str] = field(
         default_factory=lambda: ["exact_match"],
         metadata={"help": "Reward functions, summed with --reward_weights: built-ins exact_match, math, format, "
@@ -321,16 +339,19 @@ class GRPOArguments:
     )
     beta: float = field(
         default=0.0,
-        metadata={"help": "Weight of the KL penalty to the reference policy (0: no KL term and no reference)."},
+        metadata={"help": "Weight of the KL penalty to the reference policy (0: no KL term and no reference).",
+                  **within(0)},
     )
-    epsilon: float = field(default=0.2, metadata={"help": "Clipping range of the probability ratio (lower side)."})
+    epsilon: float = field(default=0.2, metadata={"help": "Clipping range of the probability ratio (lower side).",
+                                                  **within(0, low_open=True)})
     epsilon_high: float | None = field(
-        default=None, metadata={"help": "Upper clipping range (default: --epsilon; DAPO raises it, e.g. 0.28)."}
+        default=None, metadata={"help": "Upper clipping range (default: --epsilon; DAPO raises it, e.g. 0.28).",
+                              **within(0, low_open=True)}
     )
     num_iterations: int = field(
         default=1,
         metadata={"help": "Optimizer steps per batch of completions (above 1 the ratio moves from 1 and the clip "
-                  "acts); each step group of prompts is then sampled again that many times."},
+                  "acts); each step group of prompts is then sampled again that many times.", **within(1)},
     )
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = field(
         default="grpo",
@@ -345,7 +366,7 @@ class GRPOArguments:
     )
     log_completions: int = field(
         default=2, metadata={"help": "Sample completions written to completions.jsonl in the run folder at each "
-                             "logging step (0: none)."}
+                             "logging step (0: none).", **within(0)}
     )
     use_vllm: bool | None = field(
         default=None,
@@ -358,27 +379,42 @@ class GRPOArguments:
     vllm_server_base_url: str | None = field(default=None, metadata={"help": "URL of the vLLM server (server "
                                                                             "mode)."})
     vllm_gpu_memory_utilization: float = field(
-        default=0.3, metadata={"help": "Share of GPU memory vLLM may take in colocate mode."}
+        default=0.3, metadata={"help": "Share of GPU memory vLLM may take in colocate mode.",
+                              **within(0, 1, low_open=True)}
     )
 
     def __post_init__(self):
-        if self.num_generations < 2:
-            raise ConfigError(f"--num_generations must be at least 2 (advantages compare completions of one "
-                              f"prompt), got {self.num_generations}")
-        if self.temperature <= 0:
-            raise ConfigError(f"--temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"--top_p must be in (0, 1], got {self.top_p}")
-        if self.max_completion_length < 1:
-            raise ConfigError(f"--max_completion_length must be at least 1, got {self.max_completion_length}")
+        check_fields(self)  # ranges and finite numbers (--reward_weights too)
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"{len(self.reward_weights)} --reward_weights for {len(self.reward_funcs)} "
                               "--reward_funcs; give one weight per function")
-        if self.beta < 0 or self.epsilon <= 0 or self.num_iterations < 1:
-            raise ConfigError("--beta must be >= 0, --epsilon > 0 and --num_iterations >= 1")
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
 
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass
+class InferenceArguments:
+    """The flags ``vlmtune predict`` and ``vlmtune eval`` share: the model and how replies are generated."""
+
+    model: str | None = field(default=None, metadata={
+        "help": "model folder (base, merged or full fine-tune), or a training output with adapters; with --adapter: "
+                "the base model (default: the run's)"})
+    adapter: str | None = field(default=None, metadata={"help": "training output or checkpoint with LoRA adapters"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N records of --data", **within(1)})
+    batch_size: int = field(default=8, metadata={"help": "prompts generated together (--data)", **within(1)})
+    max_new_tokens: int = field(default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "longest reply", **within(1)})
+    dtype: str | None = field(default=None, metadata={"help": "bfloat16, float16 or float32 (default: the model's)"})
+    device: str | None = field(default=None, metadata={"help": "default: cuda if present, else cpu"})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+INFERENCE_DATA_FIELDS = ("image_folder", "video_folder", "box_format", "enable_thinking",  # shared with train
+                         *DataArguments().budget_overrides())
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ModeArguments, TrainingArguments)
 STAGE_ARGUMENTS = {"dpo": DPOArguments, "grpo": GRPOArguments}
@@ -390,44 +426,29 @@ def parse_train_args(argv: list[str] | None = None, prog: str = "vlmtune train",
     ``stage`` "dpo" / "grpo" adds that stage's arguments (``DPOArguments``, ``GRPOArguments``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     classes = ARGUMENT_CLASSES + ((STAGE_ARGUMENTS[stage],) if stage in STAGE_ARGUMENTS else ())
-    parser = HfArgumentParser(classes, prog=prog, allow_abbrev=False)  # a typo never means another flag
+    parser = dataclass_parser(classes, prog=prog, allow_abbrev=False)  # a typo never means another flag
     if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
-        argv = yaml_to_argv(Path(argv.pop(0))) + argv
+        argv = yaml_to_argv(Path(argv.pop(0)), parser, prog) + argv
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as exc:  # transformers' own checks of the arguments (e.g. an unknown scheduler name)
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(" ".join(str(exc).split())) from None
     if unknown:
         raise ConfigError(_unknown_flags_message(parser, unknown, prog))
+    _check_eval_split(parsed[1], parsed[3])
     return tuple(parsed)
 
 
-def _unknown_flags_message(parser: HfArgumentParser, unknown: list[str], prog: str = "vlmtune train") -> str:
-    import difflib
+def _check_eval_split(data: DataArguments, training: TrainingArguments) -> None:
+    """Evaluation settings that need an eval split, checked before anything loads."""
+    evaluates = training.eval_strategy not in ("no", IntervalStrategy.NO)
+    for flag, on in (("--load_best_model_at_end", training.load_best_model_at_end), ("--eval_strategy", evaluates)):
+        if on and not (data.eval_data_path or data.val_ratio):
+            raise ConfigError(f"{flag} needs an eval split: give --eval_data_path or --val_ratio")
 
-    known = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--")]
-    parts = []
-    for flag in (u for u in unknown if u.startswith("-")):
-        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.8)
-        parts.append(f"{flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+def _unknown_flags_message(parser: HfArgumentParser, unknown: list[str], prog: str = "vlmtune train") -> str:
+    parts = [suggest(parser, flag) for flag in unknown if flag.startswith("-")]
     if not parts:
         return f"unexpected argument(s): {' '.join(unknown)}; every value follows its --flag"
     return f"unknown option(s): {', '.join(parts)}; `{prog} --help` lists them"
-
-
-def yaml_to_argv(path: Path) -> list[str]:
-    """A flat YAML mapping as command-line flags, so flags given after it override it."""
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value")
-    argv: list[str] = []
-    for key, value in values.items():
-        if isinstance(value, list) and key in ("data_path", "eval_data_path"):  # a mixture (data/mixture.py)
-            argv += [f"--{key}", json.dumps(value)]
-        elif isinstance(value, list):
-            argv += [f"--{key}", *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [f"--{key}", json.dumps(value)]
-        elif value is not None:
-            argv += [f"--{key}", str(value)]
-    return argv

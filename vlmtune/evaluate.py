@@ -13,7 +13,6 @@ and ``metrics.json``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import logging
@@ -23,12 +22,12 @@ from pathlib import Path
 import torch
 
 from vlmtune import metrics as M
-from vlmtune.config import DataArguments, boolean_flag
-from vlmtune.data import boxes
+from vlmtune import run
+from vlmtune.config import INFERENCE_DATA_FIELDS, DataArguments, InferenceArguments
 from vlmtune.data.records import Record, load_records
 from vlmtune.errors import ConfigError
+from vlmtune.flags import add_fields, fields_of, need_file, need_folder
 from vlmtune.generation import (
-    DEFAULT_MAX_NEW_TOKENS,
     Predictor,
     Scores,
     load_predictor,
@@ -150,15 +149,26 @@ def _label(model: str | None, adapter: str | None) -> str:
     return Path(path.rstrip("/")).name or path
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """The files, folders and models ``eval`` will read, checked before any model loads."""
+    need_file(args.data, "--data", "data file (JSON or JSONL)")
+    need_folder(args.image_folder, "--image_folder")
+    need_folder(args.video_folder, "--video_folder")
+    run.check_inference_source(args.model, args.adapter)
+    if args.compare or args.compare_adapter:
+        run.check_inference_source(args.compare, args.compare_adapter, ("--compare", "--compare_adapter"))
+    if Path(args.output_dir).is_file():
+        raise ConfigError(f"--output_dir {args.output_dir} is a file; give a folder for the predictions")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``vlmtune eval``."""
     parser = argparse.ArgumentParser(
         prog="vlmtune eval",
         description="Generate a reply for every record of a data file (the last assistant turn is the reference) "
                     "and score it with task metrics; --compare scores a second model side by side.")
-    parser.add_argument("--model", help="model folder (base, merged or full fine-tune), or a training output with "
-                        "adapters; with --adapter: the base model (default: the run's)")
-    parser.add_argument("--adapter", help="training output or checkpoint with LoRA adapters to apply to --model")
+    add_fields(parser, InferenceArguments)
+    add_fields(parser, DataArguments, *INFERENCE_DATA_FIELDS)
     parser.add_argument("--data", required=True, help="LLaVA-style data file (JSON / JSONL) to evaluate on")
     parser.add_argument("--compare", help="a second model (folder or training output) scored on the same records")
     parser.add_argument("--compare_adapter", help="adapters to apply to --compare")
@@ -166,34 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare_name", help="column title of --compare (default: its folder name)")
     parser.add_argument("--metrics", help=f"comma-separated, from {', '.join(M.METRICS)} (default: what fits the "
                         "references: choices, numbers, short answers, free text, boxes)")
-    parser.add_argument("--box_format", choices=boxes.FORMATS, help="convention of the boxes in --data: converted "
-                        "to each model family's convention before generation and scoring (default: as written)")
     parser.add_argument("--output_dir", default="outputs/eval", help="where predictions and metrics.json go")
-    parser.add_argument("--image_folder", help="folder of relative image paths in --data (default: the file's)")
-    parser.add_argument("--video_folder", help="folder of relative video paths in --data (default: image_folder)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N records")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together")
-    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--enable_thinking", type=boolean_flag, metavar="{true,false}",
-                        help="passed to the chat template of both models (default: each run's value, else the "
-                        "template's)")
-    parser.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the model's / the run's)")
-    parser.add_argument("--device", help="default: cuda if present, else cpu")
-    help_of = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(DataArguments)}
-    for name in BUDGET_FIELDS:
-        parser.add_argument(f"--{name}", type=float if name == "fps" else int, help=help_of.get(name))
     args = parser.parse_args(argv)
     if not args.model and not args.adapter:
         parser.error("give --model (a model folder or a training output)")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        parser.error("--batch_size and --max_new_tokens must be at least 1")
+    fields_of(args, InferenceArguments)  # the same checks as training: ranges, cross-checks
+    fields_of(args, DataArguments, *INFERENCE_DATA_FIELDS)
     names = None
     if args.metrics:
         try:
             names = M.check_metrics([n.strip() for n in args.metrics.split(",") if n.strip()])
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    DataArguments(**{k: getattr(args, k) for k in BUDGET_FIELDS if getattr(args, k) is not None})
+    check_inputs(args)  # every file and both models, before the first model loads
 
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

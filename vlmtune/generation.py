@@ -21,6 +21,7 @@ import torch
 
 from vlmtune import metrics as M
 from vlmtune import run
+from vlmtune.config import DEFAULT_MAX_NEW_TOKENS
 from vlmtune.data import boxes, media
 from vlmtune.data.collator import SEQUENCE_KEYS, Collator
 from vlmtune.data.conversation import PromptConversation
@@ -29,8 +30,6 @@ from vlmtune.errors import ConfigError
 from vlmtune.families import Family
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def prompt_record(prompt: str, images: list[str] | None = None, videos: list[str] | None = None,

@@ -44,6 +44,7 @@ from vlmtune.data import media
 from vlmtune.data.synthetic import synthetic_batch
 from vlmtune.errors import ConfigError, MergeError
 from vlmtune.families import Family, family_for
+from vlmtune.flags import check_value, need_file, need_folder
 from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.model.load import dtype_name, parse_dtype, saved_dtype
 from vlmtune.run import (
@@ -277,6 +278,9 @@ def merge(
 
     start = time.perf_counter()
     run = read_run(run_dir)
+    need_file(data_path, "--data_path", "data file (JSON or JSONL) to verify on")
+    need_folder(image_folder, "--image_folder")
+    need_folder(video_folder, "--video_folder")
     if not run.has_adapter:
         return verify_standalone(run, data_path, image_folder, video_folder, samples, device)
     if output_dir is None:
@@ -388,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
                         "folder's largest shard, so the files match)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     args = parser.parse_args(argv)
+    check_value("--samples", args.samples, (1, None, False, False))
+    check_value("--atol", args.atol, (0, None, True, False))
     if args.output_dir and args.output_flag and args.output_dir != args.output_flag:
         parser.error("the output folder is given twice, differently")
     output_dir = args.output_dir or args.output_flag or args.run_dir.rstrip("/") + "-merged"

@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+from vlmtune.errors import ConfigError
 from vlmtune.run import LOG_FILE, PLOT_FILE, TRAINER_STATE
 
 SMOOTHING = 0.9  # TensorBoard's default EMA weight
@@ -172,5 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--output", help=f"PNG file to write (default: RUN_DIR/{PLOT_FILE})")
     args = parser.parse_args(argv)
+    if args.output and Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} is a folder; give a PNG file name")
     print(f"plots written to {plot_run(args.run_dir, args.output)}")
     return 0

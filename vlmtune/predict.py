@@ -13,15 +13,16 @@ output / checkpoint with adapters (the base model then comes from its ``vlmtune_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
-from vlmtune.config import DataArguments, boolean_flag
+from vlmtune import run
+from vlmtune.config import INFERENCE_DATA_FIELDS, DataArguments, InferenceArguments
 from vlmtune.data.records import check_media_files
-from vlmtune.errors import MediaError
+from vlmtune.errors import ConfigError, MediaError
+from vlmtune.flags import add_fields, check_value, fields_of, need_file, need_folder
 from vlmtune.generation import (  # noqa: F401  (re-exported: the names predict has always had)
     DEFAULT_MAX_NEW_TOKENS,
     Predictor,
@@ -71,6 +72,20 @@ def predict_file(predictor: Predictor, data_path: str, output, *, image_folder: 
     return len(records)
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """The files and folders ``predict`` will read, checked before the model loads."""
+    run.check_inference_source(args.model, args.adapter)
+    need_file(args.data, "--data", "data file (JSON or JSONL)")
+    need_folder(args.image_folder, "--image_folder")
+    need_folder(args.video_folder, "--video_folder")
+    for flag, paths in (("--image", args.image), ("--video", args.video)):
+        for path in paths:
+            if "://" not in path:
+                need_file(path, flag, "media file")
+    if args.output and Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output} is a folder; give a file name for the JSONL predictions")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``vlmtune predict``."""
     parser = argparse.ArgumentParser(
@@ -78,35 +93,18 @@ def main(argv: list[str] | None = None) -> int:
         description="Generate a reply for a prompt with images / videos, or for every record of a data file, "
                     "using the family's chat template and the training pixel budgets.",
     )
-    parser.add_argument("--model", help="model folder (base, merged or full fine-tune), or a training output with "
-                        "adapters; with --adapter: the base model (default: the run's)")
-    parser.add_argument("--adapter", help="training output or checkpoint with LoRA adapters to apply to --model")
+    add_fields(parser, InferenceArguments)
+    add_fields(parser, DataArguments, *INFERENCE_DATA_FIELDS)
     parser.add_argument("--prompt", help="the user's message; <image> / <video> mark where media go (default: "
                         "images, then videos, before the text)")
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     parser.add_argument("--video", action="append", default=[], help="a video file (repeat for several)")
     parser.add_argument("--system", help="system message (default: the chat template's)")
     parser.add_argument("--data", help="LLaVA-style data file: predict the last reply of every record")
-    parser.add_argument("--image_folder", help="folder of relative image paths in --data (default: the file's)")
-    parser.add_argument("--video_folder", help="folder of relative video paths in --data (default: image_folder)")
     parser.add_argument("--output", help="JSONL file for --data predictions (default: standard output)")
-    parser.add_argument("--limit", type=int, help="predict only the first N records of --data")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts generated together (--data)")
-    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
-    parser.add_argument("--enable_thinking", type=boolean_flag, metavar="{true,false}",
-                        help="passed to the chat template (Qwen3.5: false opens the reply after an empty <think> "
-                        "block); default: the run's value (vlmtune train --enable_thinking), else the template's")
-    parser.add_argument("--box_format", choices=["pixel_original", "pixel_resized", "norm1000", "norm1"],
-                        help="convention of the boxes in --data (converted to the family's before generation)")
     parser.add_argument("--draw", help="with --prompt and --image: draw the boxes and points of the reply on the "
                         "image into this PNG (several images: NAME-2.png, ...)")
-    parser.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the model's / the run's)")
-    parser.add_argument("--device", help="default: cuda if present, else cpu")
-    help_of = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(DataArguments)}
-    types = {"fps": float}
-    for name in BUDGET_FIELDS:
-        parser.add_argument(f"--{name}", type=types.get(name, int), help=help_of.get(name))
     args = parser.parse_args(argv)
 
     if bool(args.data) == bool(args.prompt):
@@ -115,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--draw goes with --prompt and --image")
     if args.data and (args.image or args.video):
         parser.error("--image / --video go with --prompt; --data records name their own media")
-    if args.max_new_tokens < 1:
-        parser.error("--max_new_tokens must be at least 1")
+    fields_of(args, InferenceArguments)  # the same checks as training: ranges, cross-checks
+    fields_of(args, DataArguments, *INFERENCE_DATA_FIELDS)
+    check_value("--temperature", args.temperature, (0, None, False, False))
+    check_inputs(args)  # before any model loads
     budget = {name: getattr(args, name) for name in BUDGET_FIELDS}
-    DataArguments(**{k: v for k, v in budget.items() if v is not None})  # the same cross-checks as training
     predictor = load_predictor(args.model, args.adapter, dtype=args.dtype, device=args.device,
                                budget_overrides=budget, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, enable_thinking=args.enable_thinking)

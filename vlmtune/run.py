@@ -42,6 +42,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 PROCESSOR_FILE = "processor_config.json"
 MIXTURE_FILE = "mixture.json"
 """Runs on a list of data files: what was drawn from each (``data/mixture.py``), written when the run starts."""
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 CHECKPOINT_PREFIX = "checkpoint"
 """transformers' ``PREFIX_CHECKPOINT_DIR``: checkpoints are ``checkpoint-<global step>``."""
 STAGING_PREFIX = "tmp-checkpoint"
@@ -169,7 +172,38 @@ def read_run(folder: str | Path) -> RunInfo:
     if not has_adapter and not has_model:
         raise ConfigError(f"{path} holds neither LoRA adapters ({ADAPTER_CONFIG}) nor a model (config.json); "
                           "give a training output or checkpoint-N folder")
+    weights = ADAPTER_WEIGHTS if has_adapter else MODEL_WEIGHTS
+    if not any((path / name).is_file() for name in weights):
+        held = ADAPTER_CONFIG if has_adapter else "config.json"
+        raise ConfigError(f"run {path} lacks {weights[0]} (the {'LoRA' if has_adapter else 'model'} weights beside "
+                          f"its {held}): the run is incomplete or the file was moved; give a complete training "
+                          "output or checkpoint-N folder")
     return RunInfo(path, info, has_adapter, has_model)
+
+
+def check_inference_source(model: str | None, adapter: str | None, flags: tuple[str, str] = ("--model", "--adapter")
+                           ) -> None:
+    """What ``load_for_inference`` will load, checked without loading it: the run folder and its files, the base
+    model, or the model folder; a ``ConfigError`` names the flag. Cheap (config files only)."""
+    if not model and not adapter:
+        raise ConfigError(f"give {flags[0]} (a model folder, or a training output with adapters)")
+    if model and not adapter and _is_adapter_run(Path(model)):
+        model, adapter, flags = None, model, (flags[1], flags[0])
+    if adapter:
+        run = read_run(adapter)
+        if not run.has_adapter:
+            raise ConfigError(f"{flags[1]} {adapter} holds no LoRA adapters ({ADAPTER_CONFIG}); it is a full model: "
+                              f"pass it as {flags[0]}")
+        load_family(base_model_of(run, model), f"the base model of {adapter}")
+    else:
+        load_family(model, f"{flags[0]} {model}")
+        if Path(model).is_dir() and not any(Path(model, name).is_file() for name in MODEL_WEIGHTS):
+            raise ConfigError(f"{flags[0]} {model} holds config.json but no weights ({MODEL_WEIGHTS[0]}); give a "
+                              "complete model folder")
+
+
+def _is_adapter_run(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
 def base_model_of(run: RunInfo, base_model: str | None) -> str:
@@ -198,7 +232,7 @@ def start_of(model_name_or_path: str) -> tuple[str, RunInfo | None]:
     """Where a training run starts: (base model, None) for a model folder or hub name; (its base model, the run)
     for a LoRA run's output folder (e.g. an SFT run), whose adapters are then merged into the base first."""
     path = Path(model_name_or_path)
-    if not (path / ADAPTER_CONFIG).is_file() or (path / "config.json").is_file():
+    if not _is_adapter_run(path):
         return model_name_or_path, None
     init_run = read_run(path)
     return base_model_of(init_run, None), init_run
@@ -310,18 +344,12 @@ def load_for_inference(model: str | None, adapter: str | None = None, *, dtype: 
     memory (``adapter``, or ``model`` when it is a training output), on ``device`` in eval mode."""
     from transformers import AutoConfig
 
-    if not model and not adapter:
-        raise ConfigError("give --model (a model folder, or a training output with adapters)")
-    if model and not adapter:
-        path = Path(model)
-        if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
-            model, adapter = None, model  # a training output: its run file names the base model
+    check_inference_source(model, adapter)
+    if model and not adapter and _is_adapter_run(Path(model)):
+        model, adapter = None, model  # a training output: its run file names the base model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if adapter:
         run = read_run(adapter)
-        if not run.has_adapter:
-            raise ConfigError(f"{adapter} holds no LoRA adapters ({ADAPTER_CONFIG}); it is a full model: "
-                              "pass it as --model")
         base = base_model_of(run, model)
         work_dtype = parse_dtype(dtype) or run.run_dtype or torch.float32
         peft_model, family = load_model_with_adapters(run, base, work_dtype, device)
@@ -329,11 +357,7 @@ def load_for_inference(model: str | None, adapter: str | None = None, *, dtype: 
         processor = load_run_processor(run, base)
         source = f"{base} + adapters from {adapter}"
     else:
-        try:
-            config = AutoConfig.from_pretrained(model)
-        except OSError:
-            what = "is not a model folder (no config.json)" if Path(model).is_dir() else "does not exist"
-            raise ConfigError(f"--model {model} {what}; give a model folder or a training output") from None
+        config = AutoConfig.from_pretrained(model)
         run = read_run(model) if Path(model, RUN_FILE).is_file() else None
         loaded, family = load_model(model, dtype=parse_dtype(dtype) or saved_dtype(config) or torch.float32)
         processor = load_run_processor(run, model)

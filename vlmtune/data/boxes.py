@@ -117,6 +117,9 @@ def problem_with(box: Box, fmt: str, geometry: Geometry) -> str | None:
     shown = ", ".join(f"{c:g}" for c in box.coords)
     if box.kind == "bbox" and (xs[1] < xs[0] or ys[1] < ys[0]):
         return f"box [{shown}] has x2 < x1 or y2 < y1; write [x1, y1, x2, y2] with the top-left corner first"
+    if box.kind == "bbox" and (xs[1] == xs[0] or ys[1] == ys[0]):
+        side = "zero width (x1 = x2)" if xs[1] == xs[0] else "zero height (y1 = y2)"
+        return f"box [{shown}] has {side}: it encloses nothing; fix it, or write a single location as a point"
     if min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height:
         frame = f"{width:g}x{height:g}" + (" px" if fmt.startswith("pixel") else "")
         where = {"pixel_original": "the image", "pixel_resized": "the resized image"}.get(fmt, "the range")

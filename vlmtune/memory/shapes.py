@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from vlmtune.errors import ConfigError
+from vlmtune.families import FAMILIES
+from vlmtune.flags import check_value
 
 _QWEN2_VISION = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4}
 _QWEN25_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
@@ -107,6 +109,8 @@ def load_config(model: str | None):
         from vlmtune.testing.tiny import DEFAULT_FAMILY, tiny_model_path
 
         family = model.split(":", 1)[1] if model and ":" in model else DEFAULT_FAMILY
+        if family not in FAMILIES:
+            raise ConfigError(f"model {model}: no tiny {family!r} family; use one of {', '.join(FAMILIES)}")
         return AutoConfig.from_pretrained(tiny_model_path(family))
     path = Path(model)
     if path.is_file() and path.name.endswith(".json"):
@@ -114,7 +118,10 @@ def load_config(model: str | None):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(f"{path}: no config.json in this folder")
-        return AutoConfig.from_pretrained(path)
+        try:
+            return AutoConfig.from_pretrained(path)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: its config.json is not a model's ({exc})") from None
     key = known_model_key(model)
     if key is None:
         raise ConfigError(f"unknown model {model!r}: give a local folder with config.json, 'tiny[:family]', or one "
@@ -220,7 +227,10 @@ def model_shape(config, lora_target: str | None = None) -> ModelShape:
     from vlmtune.families import family_for
     from vlmtune.model import modes
 
-    family = family_for(config)
+    try:
+        family = family_for(config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     with torch.device("meta"):
         model = family.model_cls()._from_config(config)
     params = dict(model.named_parameters())
@@ -345,6 +355,10 @@ class Setup:
             raise ConfigError("--offload all (parameters too) needs --zero 3")
         if self.gpus < 1 or self.batch_size < 1 or self.seq_len < 1:
             raise ConfigError("--gpus, --batch_size and --seq_len must be positive")
+        for name in ("images", "image_pixels", "videos", "video_frames", "video_pixels"):
+            check_value(f"--{name}", getattr(self, name), (0, None, False, False))
+        check_value("--lora_rank", self.lora_rank, (1, None, False, False))
+        check_value("--lora_dropout", self.lora_dropout, (0, 1, False, True))
         if self.optim not in ("adamw_torch_fused", "adamw_torch"):
             raise ConfigError(f"--optim must be adamw_torch_fused or adamw_torch, got {self.optim!r}")
         if self.attn not in ("sdpa", "flash_attention_2", "eager"):

@@ -27,11 +27,38 @@ def resolve_model_path(model_name_or_path: str | None, tiny_family: str = "qwen2
     return path
 
 
-def load_family(model_path: str) -> Family:
-    """The family named by the model's config (never guessed from the path)."""
+def load_config(model_path: str, what: str = "model"):
+    """The model's config, or a ``ConfigError`` naming ``what`` (e.g. "--model X") when it is not a model: a
+    missing folder, a folder without config.json, a config without a model_type, a Hub name that cannot load."""
     from transformers import AutoConfig
 
-    return family_for(AutoConfig.from_pretrained(model_path))
+    path = Path(model_path)
+    local = path.is_absolute() or model_path.startswith((".", "~")) or model_path.count("/") != 1
+    if path.is_file():
+        raise ConfigError(f"{what} is a file; give a model folder or a Hub name")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"{what} is not a model folder (no config.json); give a model folder or a training output")
+    if not path.exists() and local:
+        raise ConfigError(f"{what} does not exist; give a model folder or a Hub name (org/name)")
+    try:
+        return AutoConfig.from_pretrained(model_path)
+    except ValueError as exc:  # a config.json without a model_type transformers knows
+        raise ConfigError(f"{what}: its config.json is not a model's ({' '.join(str(exc).split())[:160]})") from None
+    except OSError:
+        raise ConfigError(f"{what} is not a folder here and cannot be loaded from the Hub (offline, or no such "
+                          "model); give a model folder") from None
+
+
+def load_family(model_path: str, what: str | None = None) -> Family:
+    """The family named by the model's config (never guessed from the path); a model that is not one vlmtune
+    trains raises ``ConfigError`` naming ``what`` (default: "model PATH")."""
+    what = what or f"model {model_path}"
+    try:
+        return family_for(load_config(model_path, what))
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def load_processor(model_path: str):

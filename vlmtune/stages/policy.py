@@ -27,6 +27,7 @@ from vlmtune.config import DataArguments, ModeArguments, ModelArguments, Trainin
 from vlmtune.data.collator import vision_fillers
 from vlmtune.data.conversation import Conversation
 from vlmtune.errors import ConfigError
+from vlmtune.flags import check_paths
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype
 from vlmtune.stages import reference as ref
@@ -129,6 +130,7 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
     check_environment(model_args, train_args, plan)
     if not data_args.data_path:
         raise ConfigError(f"--data_path is required ({stage.data_path})")
+    check_paths(data_args)  # every file and folder named, before anything loads
     if data_args.packing:
         raise ConfigError(f"--packing is for SFT; {stage.no_packing}")
     resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)

@@ -106,7 +106,7 @@ def resolve_start(model_args: ModelArguments, data_args: DataArguments, plan: mo
                               "merge into quantized weights is lossy; `vlmtune merge` the run first and start from "
                               "the merged folder")
         logger.info("starting from the run in %s: %s with its adapters merged in", model_path, base_model)
-    family = load_family(base_model)
+    family = load_family(base_model, f"--model_name_or_path {model_path}" if init_run is None else None)
     modes.check_family(plan, family)  # what cannot train on this family stops here, before anything loads
     check_quantization(family, model_args.bits)
     processor = run.load_run_processor(init_run, base_model)

@@ -15,6 +15,7 @@ from vlmtune.data.collator import Collator, vision_fillers
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import VisionLanguageDataset
 from vlmtune.errors import ConfigError
+from vlmtune.flags import check_paths
 from vlmtune.model import modes, packing
 from vlmtune.model.load import torch_dtype
 from vlmtune.stages.eval_generate import EvalGenerator, generation_metric_names
@@ -74,6 +75,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     metric_names = check_evaluation(data_args, train_args)
     if not data_args.data_path:
         raise ConfigError("--data_path is required (a LLaVA-style JSON or JSONL file)")
+    check_paths(data_args)  # every file and folder named, before anything loads
     resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
