@@ -9,7 +9,8 @@ second data path beside vlmtune's processor-exact one.
 A step of one process, for each of its ``per_device_train_batch_size`` prompts:
 
 1. sample ``num_generations`` completions (HF ``generate``, or vLLM) from the prompt's processor ids and pixels;
-2. score them with every reward function, sum with the weights, and normalise within the group: advantage =
+2. score them with every reward function (and ``--reward_model``, on the prompt + completion rows), sum with the
+   weights, and normalise within the group: advantage =
    (reward - group mean) / (group std + 1e-4) (``--scale_rewards``);
 3. train on prompt + completion rows (labels on the completion and its end-of-turn token only) with the clipped
    objective ``-min(r A, clip(r, 1 - eps, 1 + eps_high) A)`` per token, ``r`` the probability ratio to the policy
@@ -37,6 +38,7 @@ from vlmtune.errors import ConfigError, DataError, Problem
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype
+from vlmtune.model.reward import check_folder
 from vlmtune.stages import reference as ref
 from vlmtune.stages.common import (
     VisionLanguageTrainer,
@@ -47,6 +49,7 @@ from vlmtune.stages.common import (
     output_lock,
     resolve_start,
 )
+from vlmtune.stages.scoring import load_reward_model, score_rows
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +136,13 @@ class GRPOTrainer(VisionLanguageTrainer):
     """``VisionLanguageTrainer`` that samples, scores and trains on completions in each step."""
 
     def __init__(self, *args, grpo: GRPOArguments, rewards: list[reward_lib.Reward],
-                 reference: ref.Reference | None, fillers=None, **kwargs):
+                 reference: ref.Reference | None, fillers=None, reward_model=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.grpo = grpo
         self.rewards = rewards
+        self.reward_model = reward_model  # --reward_model: scores each prompt + completion row, after the functions
+        self.reward_names = [r.name for r in rewards] + (["reward_model"] if reward_model is not None else [])
+        self.reward_weights = [r.weight for r in rewards] + [grpo.reward_model_weight] * (reward_model is not None)
         self.reference = reference
         self.model_accepts_loss_kwargs = False  # a per-batch mean: the Trainer divides it for accumulation
         self.loss_is_scaled_for_ga = False
@@ -208,14 +214,6 @@ class GRPOTrainer(VisionLanguageTrainer):
         tokenizer = self.processing_class.tokenizer
         flat = [c for group in completions for c in group]
         texts = tokenizer.batch_decode(flat, skip_special_tokens=True)
-        per_reward = torch.tensor([
-            [v for i, prompt in enumerate(prompts)
-             for v in reward_lib.score(reward, texts[i * n:(i + 1) * n], prompt["record"])]
-            for reward in self.rewards], dtype=torch.float32)  # (rewards, completions)
-        weights = torch.tensor([r.weight for r in self.rewards])
-        total = (per_reward * weights[:, None]).sum(0)
-        advantages = group_advantages(total, n, self.grpo.scale_rewards)
-
         rows = []
         for prompt, group in zip(prompts, completions):
             item = {k: v for k, v in prompt.items() if k != "record"}
@@ -229,6 +227,14 @@ class GRPOTrainer(VisionLanguageTrainer):
                 rows.append(row)
         batch = self.rollout_collator(rows)
         device = batch["input_ids"].device
+        per_reward = [[v for i, prompt in enumerate(prompts)
+                       for v in reward_lib.score(reward, texts[i * n:(i + 1) * n], prompt["record"])]
+                      for reward in self.rewards]
+        if self.reward_model is not None:
+            per_reward.append(score_rows(self.reward_model, batch).tolist())
+        per_reward = torch.tensor(per_reward, dtype=torch.float32)  # (rewards, completions)
+        total = (per_reward * torch.tensor(self.reward_weights)[:, None]).sum(0)
+        advantages = group_advantages(total, n, self.grpo.scale_rewards)
         batch["advantages"] = advantages.to(device)
 
         lengths = torch.tensor([len(c) for c in flat], dtype=torch.float32)
@@ -237,16 +243,16 @@ class GRPOTrainer(VisionLanguageTrainer):
                  "frac_reward_zero_std": (total.view(-1, n).std(1) < 1e-6).float().mean(),
                  "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
                  "completions/max_length": lengths.max(), "completions/clipped_ratio": (~ended).float().mean()}
-        for reward, values in zip(self.rewards, per_reward):
-            stats[f"rewards/{reward.name}/mean"] = values.mean()
-            stats[f"rewards/{reward.name}/std"] = values.std()
+        for name, values in zip(self.reward_names, per_reward):
+            stats[f"rewards/{name}/mean"] = values.mean()
+            stats[f"rewards/{name}/std"] = values.std()
         for key, value in stats.items():
             self._metrics[mode][key].append(self.accelerator.gather(value.to(device)[None]).mean().item())
         if mode == "train" and self.grpo.log_completions and self.accelerator.is_main_process:
             for i, text in enumerate(texts):
                 record = prompts[i // n]["record"]
                 self._samples.append({"id": record["id"], "prompt": record["prompt"], "completion": text,
-                                      "rewards": {r.name: float(v[i]) for r, v in zip(self.rewards, per_reward)},
+                                      "rewards": {k: float(v[i]) for k, v in zip(self.reward_names, per_reward)},
                                       "reward": float(total[i]), "advantage": float(advantages[i])})
         return batch
 
@@ -339,6 +345,8 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
     if data_args.packing:
         raise ConfigError("--packing is for SFT; GRPO samples its sequences")
     rewards = reward_lib.load_rewards(grpo_args.reward_funcs, grpo_args.reward_weights)
+    if grpo_args.reward_model:
+        check_folder(grpo_args.reward_model, "--reward_model")
     resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
@@ -366,15 +374,19 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
         run_info = run.run_record(stage="grpo", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
                                   bits=model_args.bits, template_options=data_args.template_options(),
                                   grpo=dict(vars(grpo_args)), **start.record())
+        scorer = None
+        if grpo_args.reward_model:
+            scorer = load_reward_model(grpo_args.reward_model, processor, family, train_args.device)
         trainer = GRPOTrainer(
             model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate_prompts,
             processing_class=processor, family=family, run_info=run_info, grpo=grpo_args, rewards=rewards,
-            reference=reference, fillers=fillers,
+            reference=reference, fillers=fillers, reward_model=scorer,
         )
         ref.use_reference_copy(trainer, ref_model)
         trainer.sampler = choose_sampler(grpo_args, trainer, train_set, start.budget)
         logger.info("GRPO: %d completions per prompt, rewards %s, %s loss, beta %g (reference: %s)",
-                    grpo_args.num_generations, ", ".join(f"{r.name} x {r.weight:g}" for r in rewards),
+                    grpo_args.num_generations,
+                    ", ".join(f"{k} x {w:g}" for k, w in zip(trainer.reward_names, trainer.reward_weights)),
                     grpo_args.loss_type, grpo_args.beta,
                     "none" if not grpo_args.beta else "adapters off" if plan.uses_lora else "a frozen copy")
         return fit(trainer, train_args, eval_set, resume)
