@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -26,25 +25,16 @@ import torch.nn.functional as F
 
 from vlmtune import run
 from vlmtune.config import DataArguments, DistillArguments, ModeArguments, ModelArguments, TrainingArguments
-from vlmtune.data.collator import Collator, vision_fillers
+from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
+from vlmtune.data.dataset import VisionLanguageDataset
 from vlmtune.errors import ConfigError
-from vlmtune.model import modes
 from vlmtune.model.compat import check_compatible
-from vlmtune.model.load import dtype_name, torch_dtype
+from vlmtune.model.load import dtype_name, load_family, torch_dtype
 from vlmtune.stages import reference as ref
-from vlmtune.stages.common import (
-    RECORD_IDS,
-    VisionLanguageTrainer,
-    check_environment,
-    fit,
-    is_distributed,
-    load_policy,
-    output_lock,
-    resolve_start,
-)
 from vlmtune.stages.grpo import VISION_TOKENS, _eos_ids, cut_at_eos
-from vlmtune.stages.sft import sft_datasets
+from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
+from vlmtune.stages.trainer import RECORD_IDS
 
 logger = logging.getLogger(__name__)
 
@@ -68,22 +58,19 @@ def prompt_end(labels: torch.Tensor) -> int:
     return int(starts[-1]) + 1 if len(starts) else int(labelled.argmax())
 
 
-class DistillTrainer(VisionLanguageTrainer):
-    """``VisionLanguageTrainer`` whose loss is the student's divergence from a frozen teacher (plus CE)."""
+class DistillTrainer(PolicyTrainer):
+    """``PolicyTrainer`` whose loss is the student's divergence from a frozen teacher (plus CE); no reference."""
 
-    def __init__(self, *args, distill: DistillArguments, teacher, fillers=None, **kwargs):
+    def __init__(self, *args, distill: DistillArguments, teacher=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.distill = distill
         self.teacher = teacher
-        self.model_accepts_loss_kwargs = False  # a per-batch mean: the Trainer divides it for accumulation
-        self.loss_is_scaled_for_ga = False
         tokenizer = self.processing_class.tokenizer
-        self.rows = Collator(tokenizer.pad_token_id, fillers=fillers)
+        self.rows = Collator(tokenizer.pad_token_id, fillers=self.fillers)
         self.sampler_rows = Collator(tokenizer.pad_token_id)
         self.eos_ids = _eos_ids(self.model, tokenizer)
         self.suppressed = tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
         self._coin = random.Random(self.args.seed)
-        self._metrics: dict[str, defaultdict] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # ------------------------------------------------------------ batches: the records', or the student's samples
 
@@ -91,7 +78,7 @@ class DistillTrainer(VisionLanguageTrainer):
         on_policy = self._coin.random() < self.distill.lmbda
         batch = self._on_policy(model, inputs["items"]) if on_policy else self.rows(inputs["items"])
         batch[RECORD_IDS] = inputs.get(RECORD_IDS, [])
-        self._metrics["train"]["distill/on_policy"].append(float(on_policy))
+        self.record_metric("train", "distill/on_policy", float(on_policy))
         return super().training_step(model, batch, num_items_in_batch)
 
     @torch.no_grad()
@@ -131,7 +118,7 @@ class DistillTrainer(VisionLanguageTrainer):
     # ------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if model.training else "eval"
+        mode = self.mode_of(model)
         on_policy = inputs.pop("on_policy", False)
         labels = inputs.pop("labels")
         model_inputs = {k: v for k, v in inputs.items() if k in ref.MODEL_KEYS}
@@ -141,30 +128,16 @@ class DistillTrainer(VisionLanguageTrainer):
         divergence = distill_loss(logits, teacher_logits.to(logits.dtype), labels, self.distill.beta,
                                   self.distill.temperature)
         loss = divergence
-        self._metrics[mode]["distill/kl"].append(self.accelerator.gather(divergence.detach()[None]).mean().item())
+        self.record_metric(mode, "distill/kl", self.accelerator.gather(divergence.detach()[None]).mean().item())
         if self.distill.ce_weight and not on_policy:
             ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                  ignore_index=IGNORE_INDEX)
             loss = loss + self.distill.ce_weight * ce
-            self._metrics[mode]["distill/ce"].append(self.accelerator.gather(ce.detach()[None]).mean().item())
+            self.record_metric(mode, "distill/ce", self.accelerator.gather(ce.detach()[None]).mean().item())
         return (loss, {"logits": logits.detach()}) if return_outputs else loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs.pop(RECORD_IDS, None)
-        batch = self._prepare_inputs(self.rows(inputs["items"]))
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, batch)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else None
-        if mode is not None:
-            prefix = "eval_" if mode == "eval" else ""
-            for key, values in self._metrics[mode].items():
-                if values:
-                    logs[prefix + key] = sum(values) / len(values)
-            self._metrics[mode].clear()
-        super().log(logs, start_time)
+    def eval_inputs(self, model, inputs: dict) -> dict:
+        return self.rows(inputs["items"])  # evaluation is off-policy: the records' own replies
 
 
 def collate_items(items: list[dict]) -> dict:
@@ -172,14 +145,20 @@ def collate_items(items: list[dict]) -> dict:
     return {"items": items}
 
 
-def load_teacher(path: str, start, train_args: TrainingArguments):
-    """The teacher in ``path`` (a model folder, a training output or a merged folder), in the run's dtype, eval mode,
-    no gradients; checked to read the student's ids and pixels."""
+def check_teacher(path: str, start) -> None:
+    """The teacher's folder exists and its processor reads the student's batches as they are (one line if not)."""
     if not Path(path).exists():
         raise ConfigError(f"--teacher {path} does not exist; give a model folder or a training output")
+    base, init_run = run.start_of(path)
+    check_compatible(start.processor, start.family, run.load_run_processor(init_run, base), load_family(base),
+                     f"--teacher {path}")
+
+
+def load_teacher(path: str, train_args: TrainingArguments):
+    """The teacher in ``path`` (a model folder, a training output or a merged folder), in the run's dtype, eval mode,
+    no gradients."""
     loaded = run.load_for_inference(path, dtype=dtype_name(torch_dtype(train_args.bf16, train_args.fp16)),
                                     device="cpu")
-    check_compatible(start.processor, start.family, loaded.processor, loaded.family, f"--teacher {path}")
     logger.info("teacher: %s (%s parameters), eval mode, no gradients", loaded.source,
                 f"{sum(p.numel() for p in loaded.model.parameters()):,}")
     return ref.frozen_copy(loaded.model)
@@ -188,36 +167,27 @@ def load_teacher(path: str, start, train_args: TrainingArguments):
 def distill(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
             train_args: TrainingArguments, distill_args: DistillArguments) -> Path:
     """Run one distillation job; returns the output folder."""
-    ref.require_trl("distill")
-    plan = modes.plan_from_args(mode_args)
-    check_environment(model_args, train_args, plan)
     if not distill_args.teacher:
         raise ConfigError("--teacher is required: the model folder (or training output) to distil from")
-    if not data_args.data_path:
-        raise ConfigError("--data_path is required (SFT records: the replies whose tokens the student learns)")
-    if data_args.packing:
-        raise ConfigError("--packing is for SFT; distillation runs teacher and student on unpacked rows")
-    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
-    start = resolve_start(model_args, data_args, plan)
-    teacher = load_teacher(distill_args.teacher, start, train_args)
-    train_set, eval_set = sft_datasets(data_args, start.processor, start.family, start.budget, train_args.seed)
-    if len(train_set) == 0:
-        raise ConfigError("no training record is left after the length filter; raise --max_seq_length")
-    with output_lock(train_args.output_dir):
-        model = load_policy(start, model_args, mode_args, train_args, plan)
-        ref.disable_dropout(model)
-        fillers = vision_fillers(start.processor, start.family.factor) if is_distributed() else None
-        run_info = run.run_record(stage="distill", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
-                                  bits=model_args.bits, template_options=data_args.template_options(),
-                                  distill=dict(vars(distill_args)), **start.record())
-        trainer = DistillTrainer(
-            model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set,
-            data_collator=collate_items, processing_class=start.processor, family=start.family, run_info=run_info,
-            distill=distill_args, teacher=teacher, fillers=fillers,
-        )
-        trainer.teacher = ref.prepare_reference_copy(trainer, teacher)
+
+    def dataset(records, lengths, source, start, conversation):
+        check_teacher(distill_args.teacher, start)  # before the student loads
+        return VisionLanguageDataset(records, start.processor, start.family, start.budget, conversation,
+                                     data_args.max_seq_length, data_args.strict_length, lengths, source)
+
+    def prepare(trainer: DistillTrainer, start, plan, resume: str | None, train_set) -> None:
+        trainer.teacher = ref.prepare_reference_copy(trainer, load_teacher(distill_args.teacher, train_args))
         logger.info("distillation: %s at temperature %g%s%s", "forward KL" if distill_args.beta == 0 else
                     "reverse KL" if distill_args.beta == 1 else f"generalized JSD (beta {distill_args.beta:g})",
                     distill_args.temperature, f", plus {distill_args.ce_weight:g} x CE" if distill_args.ce_weight
                     else "", f", on-policy in {distill_args.lmbda:.0%} of the steps" if distill_args.lmbda else "")
-        return fit(trainer, train_args, eval_set, resume)
+
+    return run_policy_stage(PolicyStage(
+        name="distill", args=distill_args, trainer=DistillTrainer, trainer_kwargs={"distill": distill_args},
+        dataset=dataset, records="sft", label_mode=data_args.label_mode,
+        collator=lambda processor, fillers: collate_items,  # items: the trainer decides whether the step samples
+        data_path="SFT records: the replies whose token distributions the student learns",
+        no_packing="distillation runs teacher and student on unpacked rows",
+        empty="no training record is left after the length filter; raise --max_seq_length",
+        reference=False, prepare=prepare,
+    ), model_args, data_args, mode_args, train_args)
