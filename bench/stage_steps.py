@@ -1,11 +1,14 @@
-"""Steps per second of the SFT, DPO and GRPO stages on the same tiny model and the same records, in one run.
+"""Steps per second of every training stage (SFT, DPO, GRPO, reward model, distillation off- and on-policy) on the
+same tiny model and the same records, in one run.
 
-    .venv/bin/python bench/stage_steps.py [--steps 12] [--batch-size 4] [--threads 1] [--rounds 2]
+    .venv/bin/python bench/stage_steps.py [--steps 12] [--batch-size 4] [--threads 1] [--rounds 2] [--stages ...]
 
 Data: data_examples/preference.json, read three ways so every stage sees the same prompts and media: SFT trains
 on prompt + chosen reply, DPO on (chosen, rejected), GRPO samples ``--num-generations`` completions of up to
-``--max-completion-length`` tokens per prompt (reward: exact match with the chosen reply). Each stage runs
-through its own recipe (``vlmtune.stages.sft.train``, ``dpo.dpo``, ``grpo.grpo``), LoRA on the language model,
+``--max-completion-length`` tokens per prompt (reward: exact match with the chosen reply), the reward model on
+(chosen, rejected), distillation on the SFT records from a teacher that is the tiny model with 4 layers (``gkd``:
+every step on-policy, the student sampling ``--max-completion-length`` tokens per record). Each stage runs
+through its own recipe (``vlmtune.stages.sft.train``, ``dpo.dpo``, ``grpo.grpo``, ...), LoRA on the language model,
 fp32 on CPU, ``--batch-size`` records per optimizer step, no gradient checkpointing; the time of each optimizer
 step is taken from the Trainer's step callbacks, the first two steps of a run are dropped (warm-up), and a
 stage's figure is the median step time over ``--rounds`` runs, interleaved (SFT, DPO, GRPO, SFT, ...) so that a
@@ -74,9 +77,16 @@ def stage_files(folder: Path) -> dict[str, Path]:
     return paths
 
 
+STAGES = {"sft": ("sft", "sft"), "dpo": ("dpo", "dpo"), "grpo": ("grpo", "grpo"),
+          "reward_model": ("reward_model", "dpo"), "distill": ("distill", "sft"), "gkd": ("distill", "sft")}
+"""Benchmarked stage -> (the recipe's stage, the data file it reads)."""
+
+
 def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], float]:
     """(step times, seconds spent sampling) of one run of a stage."""
+    from vlmtune.stages.distill import distill
     from vlmtune.stages.dpo import dpo
+    from vlmtune.stages.reward_model import reward_model
     from vlmtune.stages.sft import train
 
     argv = ["--data_path", str(data), "--image_folder", str(EXAMPLES), "--output_dir", str(out), "--use_cpu", "True",
@@ -86,6 +96,10 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
     if stage == "grpo":
         argv += ["--num_generations", str(args.num_generations), "--max_completion_length",
                  str(args.max_completion_length), "--reward_funcs", "exact_match", "--log_completions", "0"]
+    if stage in ("distill", "gkd"):
+        argv += ["--teacher", str(args.teacher)]
+    if stage == "gkd":
+        argv += ["--lmbda", "1", "--max_new_tokens", str(args.max_completion_length)]
     timer = StepTimer()
     hf_trainer.DEFAULT_CALLBACKS.append(timer)
     sampling = [0.0]
@@ -100,7 +114,9 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
 
     grpo_stage.HFSampler.sample = timed_sample
     try:
-        {"sft": train, "dpo": dpo, "grpo": grpo_stage.grpo}[stage](*parse_train_args(argv, stage=stage))
+        recipe = STAGES[stage][0]
+        run = {"sft": train, "dpo": dpo, "grpo": grpo_stage.grpo, "reward_model": reward_model, "distill": distill}
+        run[recipe](*parse_train_args(argv, stage=recipe))
     finally:
         hf_trainer.DEFAULT_CALLBACKS.remove(timer)
         grpo_stage.HFSampler.sample = sample
@@ -115,18 +131,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--max-completion-length", type=int, default=16)
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    times: dict[str, list[float]] = {"sft": [], "dpo": [], "grpo": []}
+    times: dict[str, list[float]] = {stage: [] for stage in dict.fromkeys(["sft", *args.stages])}
     sampling_share: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
+        from vlmtune.testing.tiny import build_tiny_model
+
         files = stage_files(Path(tmp))
+        args.teacher = build_tiny_model(Path(tmp) / "teacher", text_overrides={"num_hidden_layers": 4})
         for round_ in range(args.rounds):
             for stage in times:
-                steps, sampled = run_stage(stage, files[stage], Path(tmp) / f"{stage}-{round_}", args)
+                steps, sampled = run_stage(stage, files[STAGES[stage][1]], Path(tmp) / f"{stage}-{round_}", args)
                 kept = steps[2:]
                 times[stage] += kept
                 if stage == "grpo":
@@ -144,7 +164,7 @@ def main() -> None:
         "seconds_per_step": {k: round(v, 4) for k, v in median.items()},
         "steps_per_s": {k: round(1 / v, 3) for k, v in median.items()},
         "steps_per_s_vs_sft": {k: round(median["sft"] / v, 3) for k, v in median.items()},
-        "grpo_sampling_share": round(statistics.mean(sampling_share), 3),
+        "grpo_sampling_share": round(statistics.mean(sampling_share), 3) if sampling_share else None,
     }
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)

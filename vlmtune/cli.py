@@ -1,5 +1,5 @@
-"""``vlmtune train | dpo | grpo | check-data | convert | tiny-model | merge | predict | eval | plot |
-estimate-memory``: parse, call, report."""
+"""``vlmtune train | dpo | grpo | distill | reward-model | check-data | convert | tiny-model | merge | predict | eval |
+plot | estimate-memory``: parse, call, report."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ commands:
   train            fine-tune a Qwen-VL model (vlmtune train --help; a YAML config may come first)
   dpo              preference-tune on chosen / rejected replies (vlmtune dpo --help)
   grpo             reinforce with reward functions on sampled replies (vlmtune grpo --help)
+  distill          distil a teacher's token distributions into the model (vlmtune distill --teacher PATH --help)
+  reward-model     train a reward model (scalar head) on chosen / rejected replies (vlmtune reward-model --help)
   check-data       validate a data file and summarise it
   convert          write a data file as LLaVA JSON plus images, or as Parquet with embedded images
   merge            merge LoRA adapters and trained parts into a standalone model folder
@@ -65,6 +67,22 @@ def cmd_grpo(argv: list[str]) -> int:
     from vlmtune.stages.grpo import grpo
 
     grpo(*parse_train_args(argv, prog="vlmtune grpo", stage="grpo"))
+    return 0
+
+
+def cmd_distill(argv: list[str]) -> int:
+    from vlmtune.config import parse_train_args
+    from vlmtune.stages.distill import distill
+
+    distill(*parse_train_args(argv, prog="vlmtune distill", stage="distill"))
+    return 0
+
+
+def cmd_reward_model(argv: list[str]) -> int:
+    from vlmtune.config import parse_train_args
+    from vlmtune.stages.reward_model import reward_model
+
+    reward_model(*parse_train_args(argv, prog="vlmtune reward-model", stage="reward_model"))
     return 0
 
 
@@ -173,8 +191,8 @@ def cmd_estimate_memory(argv: list[str]) -> int:
     return main(argv)
 
 
-COMMANDS = {"train": cmd_train, "dpo": cmd_dpo, "grpo": cmd_grpo, "check-data": cmd_check_data,
-            "convert": cmd_convert,
+COMMANDS = {"train": cmd_train, "dpo": cmd_dpo, "grpo": cmd_grpo, "reward-model": cmd_reward_model,
+            "distill": cmd_distill, "check-data": cmd_check_data, "convert": cmd_convert,
             "tiny-model": cmd_tiny_model, "merge": cmd_merge, "predict": cmd_predict, "eval": cmd_eval,
             "plot": cmd_plot, "estimate-memory": cmd_estimate_memory}
 

@@ -329,14 +329,20 @@ class GRPOArguments:
                                                 **within(0)})
     max_completion_length: int = field(default=64, metadata={"help": "Most tokens generated per completion.",
                                                                  **within(1)})
-    reward_funcs: list[str] = field(
-        default_factory=lambda: ["exact_match"],
+    reward_funcs: list[str] | None = field(
+        default=None,
         metadata={"help": "Reward functions, summed with --reward_weights: built-ins exact_match, math, format, "
-                  "box_iou, or FILE.py:FUNCTION (called as FUNCTION(completions, **fields) -> list of floats)."},
+                  "box_iou, or FILE.py:FUNCTION (called as FUNCTION(completions, **fields) -> list of floats). "
+                  "Default: exact_match, or none beside --reward_model."},
     )
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "One weight per reward function (default: 1 each)."}
     )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "A `vlmtune reward-model` output (or its merged folder) scoring each "
+                                "completion, added to the reward functions at --reward_model_weight."}
+    )
+    reward_model_weight: float = field(default=1.0, metadata={"help": "Weight of --reward_model's score."})
     beta: float = field(
         default=0.0,
         metadata={"help": "Weight of the KL penalty to the reference policy (0: no KL term and no reference).",
@@ -385,6 +391,10 @@ class GRPOArguments:
 
     def __post_init__(self):
         check_fields(self)  # ranges and finite numbers (--reward_weights too)
+        if self.reward_funcs is None:
+            self.reward_funcs = [] if self.reward_model else ["exact_match"]
+        if not self.reward_funcs and not self.reward_model:
+            raise ConfigError("no reward: give --reward_funcs, --reward_model or both")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ConfigError(f"{len(self.reward_weights)} --reward_weights for {len(self.reward_funcs)} "
                               "--reward_funcs; give one weight per function")
@@ -416,8 +426,35 @@ class InferenceArguments:
 INFERENCE_DATA_FIELDS = ("image_folder", "video_folder", "box_format", "enable_thinking",  # shared with train
                          *DataArguments().budget_overrides())
 
+
+
+@dataclass
+class DistillArguments:
+    """``vlmtune distill``: a student learns a teacher's token distributions on SFT records (and, GKD, on its own
+    samples)."""
+
+    teacher: str | None = field(default=None, metadata={"help": "The teacher: a model folder or training output "
+                                                         "with the student's tokenizer and vision tokens."})
+    beta: float = field(default=0.0, metadata={"help": "Generalized JSD interpolation: 0 forward KL(teacher || "
+                                               "student), 1 reverse KL(student || teacher), between: JSD(beta)."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of both distributions (and of "
+                                                      "on-policy sampling)."})
+    ce_weight: float = field(default=0.0, metadata={"help": "Weight of the plain cross-entropy on the labels, added "
+                                                    "to the divergence (off-policy steps)."})
+    lmbda: float = field(default=0.0, metadata={"help": "Share of steps on-policy (GKD): the student samples its "
+                                                "replies and the divergence is taken on them."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens per on-policy sample."})
+
+    def __post_init__(self):
+        check_fields(self)  # finite numbers
+        if not 0 <= self.beta <= 1 or not 0 <= self.lmbda <= 1:
+            raise ConfigError(f"--beta and --lmbda must be in [0, 1], got {self.beta} and {self.lmbda}")
+        if self.temperature <= 0 or self.ce_weight < 0 or self.max_new_tokens < 1:
+            raise ConfigError("--temperature must be positive, --ce_weight >= 0 and --max_new_tokens >= 1")
+
+
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ModeArguments, TrainingArguments)
-STAGE_ARGUMENTS = {"dpo": DPOArguments, "grpo": GRPOArguments}
+STAGE_ARGUMENTS = {"dpo": DPOArguments, "grpo": GRPOArguments, "distill": DistillArguments}
 """Each stage's own knobs, parsed after the shared ones."""
 
 

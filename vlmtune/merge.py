@@ -47,6 +47,7 @@ from vlmtune.families import Family, family_for
 from vlmtune.flags import check_value, need_file, need_folder
 from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.model.load import dtype_name, parse_dtype, saved_dtype
+from vlmtune.model.reward import HEAD_FILE
 from vlmtune.run import (
     RUN_FILE,
     RunInfo,
@@ -326,6 +327,8 @@ def merge(
         processor.save_pretrained(tmp)
         info = {**run.info, "merged_from": str(run.folder), "merged_dtype": dtype_name(out_dtype)}
         (tmp / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")  # budgets no processor field holds
+        if (run.folder / HEAD_FILE).is_file():  # a reward model's head travels beside the merged body
+            shutil.copy2(run.folder / HEAD_FILE, tmp / HEAD_FILE)
         copied = _copy_other_files(base, tmp)
         if copied:
             logger.info("copied from the base folder: %s", ", ".join(copied))

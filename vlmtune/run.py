@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from vlmtune.data import media
 from vlmtune.errors import ConfigError, MergeError
 from vlmtune.families import Family
-from vlmtune.model import modes
+from vlmtune.model import modes, reward
 from vlmtune.model.load import DTYPES, dtype_name, load_family, load_model, parse_dtype, saved_dtype
 
 logger = logging.getLogger(__name__)
@@ -109,9 +109,14 @@ def run_record(*, stage: str, base_model: str, family: Family, plan: modes.Train
 
 def save_run_files(output_dir: str | Path, model: torch.nn.Module, info: dict,
                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """Write ``vlmtune_run.json`` and, in LoRA runs, the non-LoRA trainables beside what the Trainer saved."""
+    """Write ``vlmtune_run.json`` and, in LoRA runs, the non-LoRA trainables beside what the Trainer saved; a reward
+    model's head goes to its own file (``model.reward``)."""
+    if reward.has_head(model):
+        reward.save_head(output_dir, state_dict if state_dict is not None else
+                         {n: p for n, p in model.named_parameters() if reward.is_head_name(n)})
     if info.get("lora"):
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad and not modes.is_lora_name(n)}
+        trainable = {n for n, p in model.named_parameters()
+                     if p.requires_grad and not modes.is_lora_name(n) and not reward.is_head_name(n)}
         if trainable:
             state = state_dict if state_dict is not None else model.state_dict()
             tensors = {modes.clean_name(n): state[n].detach().cpu().contiguous() for n in sorted(trainable)}

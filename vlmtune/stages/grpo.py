@@ -9,7 +9,8 @@ second data path beside vlmtune's processor-exact one.
 A step of one process, for each of its ``per_device_train_batch_size`` prompts:
 
 1. sample ``num_generations`` completions (HF ``generate``, or vLLM) from the prompt's processor ids and pixels;
-2. score them with every reward function, sum with the weights, and normalise within the group: advantage =
+2. score them with every reward function (and ``--reward_model``, on the prompt + completion rows), sum with the
+   weights, and normalise within the group: advantage =
    (reward - group mean) / (group std + 1e-4) (``--scale_rewards``);
 3. train on prompt + completion rows (labels on the completion and its end-of-turn token only) with the clipped
    objective ``-min(r A, clip(r, 1 - eps, 1 + eps_high) A)`` per token, ``r`` the probability ratio to the policy
@@ -33,9 +34,11 @@ from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.prompts import PromptDataset, collate_prompts
 from vlmtune.errors import ConfigError, DataError, Problem
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from vlmtune.model.reward import check_folder
 from vlmtune.run import COMPLETIONS_FILE
 from vlmtune.stages import reference as ref
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
+from vlmtune.stages.scoring import load_reward_model, score_rows
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +127,7 @@ class GRPOTrainer(PolicyTrainer):
         super().__init__(*args, **kwargs)
         self.grpo = grpo
         self.rewards = rewards
+        self.use_reward_model(None)
         tokenizer = self.processing_class.tokenizer
         self.eos_ids = _eos_ids(self.model, tokenizer)
         self.rollout_collator = Collator(tokenizer.pad_token_id, fillers=self.fillers)
@@ -132,6 +136,13 @@ class GRPOTrainer(PolicyTrainer):
                                  self.vision_ids)
         self._rollouts: dict[tuple, list] = {}  # --num_iterations > 1: a batch's rollout and its uses
         self._samples: list[dict] = []
+
+    def use_reward_model(self, reward_model) -> None:
+        """``--reward_model``: it scores each prompt + completion row, after the reward functions."""
+        self.reward_model = reward_model
+        self.reward_names = [r.name for r in self.rewards] + ["reward_model"] * (reward_model is not None)
+        self.reward_weights = [r.weight for r in self.rewards] + [self.grpo.reward_model_weight] * (
+            reward_model is not None)
 
     # ------------------------------------------------------------ sampling and scoring
 
@@ -191,14 +202,6 @@ class GRPOTrainer(PolicyTrainer):
         tokenizer = self.processing_class.tokenizer
         flat = [c for group in completions for c in group]
         texts = tokenizer.batch_decode(flat, skip_special_tokens=True)
-        per_reward = torch.tensor([
-            [v for i, prompt in enumerate(prompts)
-             for v in reward_lib.score(reward, texts[i * n:(i + 1) * n], prompt["record"])]
-            for reward in self.rewards], dtype=torch.float32)  # (rewards, completions)
-        weights = torch.tensor([r.weight for r in self.rewards])
-        total = (per_reward * weights[:, None]).sum(0)
-        advantages = group_advantages(total, n, self.grpo.scale_rewards)
-
         rows = []
         for prompt, group in zip(prompts, completions):
             item = {k: v for k, v in prompt.items() if k != "record"}
@@ -212,6 +215,14 @@ class GRPOTrainer(PolicyTrainer):
                 rows.append(row)
         batch = self.rollout_collator(rows)
         device = batch["input_ids"].device
+        per_reward = [[v for i, prompt in enumerate(prompts)
+                       for v in reward_lib.score(reward, texts[i * n:(i + 1) * n], prompt["record"])]
+                      for reward in self.rewards]
+        if self.reward_model is not None:
+            per_reward.append(score_rows(self.reward_model, batch).tolist())
+        per_reward = torch.tensor(per_reward, dtype=torch.float32)  # (rewards, completions)
+        total = (per_reward * torch.tensor(self.reward_weights)[:, None]).sum(0)
+        advantages = group_advantages(total, n, self.grpo.scale_rewards)
         batch["advantages"] = advantages.to(device)
 
         lengths = torch.tensor([len(c) for c in flat], dtype=torch.float32)
@@ -220,16 +231,16 @@ class GRPOTrainer(PolicyTrainer):
                  "frac_reward_zero_std": (total.view(-1, n).std(1) < 1e-6).float().mean(),
                  "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
                  "completions/max_length": lengths.max(), "completions/clipped_ratio": (~ended).float().mean()}
-        for reward, values in zip(self.rewards, per_reward):
-            stats[f"rewards/{reward.name}/mean"] = values.mean()
-            stats[f"rewards/{reward.name}/std"] = values.std()
+        for name, values in zip(self.reward_names, per_reward):
+            stats[f"rewards/{name}/mean"] = values.mean()
+            stats[f"rewards/{name}/std"] = values.std()
         for key, value in stats.items():
             self.record_metric(mode, key, self.accelerator.gather(value.to(device)[None]).mean().item())
         if mode == "train" and self.grpo.log_completions and self.accelerator.is_main_process:
             for i, text in enumerate(texts):
                 record = prompts[i // n]["record"]
                 self._samples.append({"id": record["id"], "prompt": record["prompt"], "completion": text,
-                                      "rewards": {r.name: float(v[i]) for r, v in zip(self.rewards, per_reward)},
+                                      "rewards": {k: float(v[i]) for k, v in zip(self.reward_names, per_reward)},
                                       "reward": float(total[i]), "advantage": float(advantages[i])})
         return batch
 
@@ -305,6 +316,8 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
          train_args: TrainingArguments, grpo_args: GRPOArguments) -> Path:
     """Run one GRPO job; returns the output folder."""
     rewards = reward_lib.load_rewards(grpo_args.reward_funcs, grpo_args.reward_weights)
+    if grpo_args.reward_model:
+        check_folder(grpo_args.reward_model, "--reward_model")
 
     def dataset(records, lengths, source, start, conversation):  # room for the completion beside each prompt
         return PromptDataset(records, start.processor, start.family, start.budget, conversation,
@@ -313,8 +326,12 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
 
     def prepare(trainer: GRPOTrainer, start, plan, resume: str | None, train_set) -> None:
         trainer.sampler = choose_sampler(grpo_args, trainer, train_set, start.budget)
+        if grpo_args.reward_model:
+            trainer.use_reward_model(load_reward_model(grpo_args.reward_model, start.processor, start.family,
+                                                       trainer.args.device))
         logger.info("GRPO: %d completions per prompt, rewards %s, %s loss, beta %g (reference: %s)",
-                    grpo_args.num_generations, ", ".join(f"{r.name} x {r.weight:g}" for r in rewards),
+                    grpo_args.num_generations,
+                    ", ".join(f"{k} x {w:g}" for k, w in zip(trainer.reward_names, trainer.reward_weights)),
                     grpo_args.loss_type, grpo_args.beta,
                     "none" if not grpo_args.beta else "adapters off" if plan.uses_lora else "a frozen copy")
 

@@ -106,6 +106,8 @@ class PolicyStage:
     """Why ``--packing`` does not apply."""
     empty: str
     """The error when the length filter leaves no record (and what to do)."""
+    records: str = ""
+    """The record format its data files are checked as (``sft``, ``dpo``, ``grpo``; default: ``name``)."""
     label_mode: str = "assistant"
     """Which turns the ``Conversation`` labels."""
     reference: bool = True
@@ -143,7 +145,7 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
 
     drawn: dict = {}
     train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
-                                         conversation, stage.name, drawn)
+                                         conversation, stage.records or stage.name, drawn)
     for dataset in (train_set, eval_set):
         if dataset is not None and stage.check is not None:
             stage.check(dataset)

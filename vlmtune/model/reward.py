@@ -1,0 +1,116 @@
+"""A reward model: a vision-language model with a scalar head (``score``) on its last hidden state.
+
+The head is a ``Linear(hidden_size, 1, bias=False)`` attached to the transformers model as ``score``, the name
+and shape of transformers' sequence-classification models (``Qwen3_5ForSequenceClassification``). It reads the
+final (normed) hidden state at one position per row: the reply's end-of-turn token when training on pairs, the
+last token of a sampled completion when scoring.
+
+The model body is saved as any run saves it (adapters, non-LoRA trainables or the whole model, which ``merge``,
+``predict`` and the resume read as usual); the head is left out of those files (``_keys_to_ignore_on_save``) and
+saved on its own as ``reward_head.safetensors`` beside them, in the run folder, its checkpoints and the merged
+folder. ``load_head`` puts it back on a model loaded from any of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vlmtune.errors import ConfigError
+
+HEAD = "score"
+HEAD_FILE = "reward_head.safetensors"
+HEAD_KEY = f"{HEAD}.weight"
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / DeepSpeed / PEFT wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attach_head(model: nn.Module, std: float | None = None, seed: int = 0) -> nn.Linear:
+    """Give the transformers model inside ``model`` a fresh ``score`` head (normal init, ``std`` default
+    1 / sqrt(hidden_size + 1)), trainable, in float32; left out of
+    ``save_pretrained``."""
+    inner = _inner(model)
+    hidden = inner.config.get_text_config().hidden_size
+    head = nn.Linear(hidden, 1, bias=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * (std or 1 / (hidden + 1) ** 0.5))
+    inner.score = head.to(next(inner.parameters()).device)  # float32, as the fp32 masters of what trains
+    inner._keys_to_ignore_on_save = {*(inner._keys_to_ignore_on_save or ()), HEAD_KEY}
+    return inner.score
+
+
+def has_head(model: nn.Module) -> bool:
+    """Whether the model carries a reward head."""
+    return isinstance(getattr(_inner(model), HEAD, None), nn.Linear)
+
+
+def is_head_name(name: str) -> bool:
+    """Whether a parameter name (possibly with PEFT / DeepSpeed prefixes) is the head's."""
+    return name == HEAD_KEY or name.endswith("." + HEAD_KEY)
+
+
+def save_head(folder: str | Path, state: dict[str, torch.Tensor]) -> bool:
+    """Write the head's weight from a state dict (any prefixes) to ``folder/reward_head.safetensors``; False when
+    the state holds no head."""
+    found = [v for k, v in state.items() if is_head_name(k)]
+    if not found:
+        return False
+    save_file({HEAD_KEY: found[0].detach().cpu().float().contiguous()}, str(Path(folder, HEAD_FILE)),
+              metadata={"format": "pt"})
+    return True
+
+
+def check_folder(folder: str | Path, flag: str) -> None:
+    """``ConfigError`` naming ``flag`` unless ``folder`` holds a reward model's head."""
+    if not Path(folder).is_dir():
+        raise ConfigError(f"{flag} {folder} does not exist; give the output folder of `vlmtune reward-model` "
+                          "(or its merged folder)")
+    if not Path(folder, HEAD_FILE).is_file():
+        raise ConfigError(f"{flag} {folder} is not a reward model: it has no {HEAD_FILE}; give the output folder of "
+                          "`vlmtune reward-model` (or its merged folder)")
+
+
+def load_head(model: nn.Module, folder: str | Path) -> nn.Linear:
+    """Attach (if needed) and load the head saved in ``folder``; ``ConfigError`` when the folder has none or it
+    does not fit the model."""
+    check_folder(folder, "reward model")
+    path = Path(folder, HEAD_FILE)
+    weight = load_file(str(path))[HEAD_KEY]
+    head = getattr(_inner(model), HEAD, None) if has_head(model) else attach_head(model)
+    if weight.shape != head.weight.shape:
+        raise ConfigError(f"{path}: the head has shape {tuple(weight.shape)} but the model's hidden size needs "
+                          f"{tuple(head.weight.shape)}; the reward model was trained on another base model")
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.dtype))
+    return head
+
+
+MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+              "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "position_ids")
+
+
+def sequence_rewards(model: nn.Module, batch: dict[str, torch.Tensor], positions: torch.Tensor) -> torch.Tensor:
+    """(rows,) float32 rewards: the head applied to the final hidden state of each row at ``positions``, from one
+    forward of ``model`` (through its wrappers; the LM head runs on one position only)."""
+    inputs = {k: v for k, v in batch.items() if k in MODEL_KEYS}
+    outputs = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    hidden = outputs.hidden_states[-1]
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    picked = hidden[rows, positions.to(hidden.device)]
+    head = getattr(_inner(model), HEAD)
+    return head(picked.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def last_label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Each row's position of its last labelled token (the reply's end-of-turn token in a pair's row)."""
+    index = torch.arange(labels.shape[1], device=labels.device)
+    return ((labels != -100) * index).argmax(-1)

@@ -1,0 +1,36 @@
+"""A trained reward model as a reward (``vlmtune grpo --reward_model``, ``vlmtune sample --reward_model``)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from vlmtune import run
+from vlmtune.model import reward
+from vlmtune.model.compat import check_compatible
+
+logger = logging.getLogger(__name__)
+
+
+def load_reward_model(path: str, processor, family, device, flag: str = "--reward_model") -> nn.Module:
+    """The reward model in ``path`` (a `vlmtune reward-model` output, a checkpoint of one, or its merged folder):
+    body and head, eval mode, no gradients, on ``device``; checked to read the run's ids and pixels."""
+    loaded = run.load_for_inference(path, device=str(device))
+    reward.load_head(loaded.model, path)
+    check_compatible(processor, family, loaded.processor, loaded.family, f"{flag} {path}")
+    model = loaded.model.eval().requires_grad_(False)
+    logger.info("reward model: %s", loaded.source)
+    return model
+
+
+@torch.no_grad()
+def score_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(rows,) rewards of prompt + reply rows (no padding after a row's tokens but the collator's): the head at each
+    row's last real token, as the reward model was trained (the reply's end-of-turn token)."""
+    mask = batch["attention_mask"]
+    positions = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
+    device = next(model.parameters()).device
+    return reward.sequence_rewards(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()},
+                                   positions).cpu()
