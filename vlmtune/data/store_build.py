@@ -78,9 +78,9 @@ Measured = tuple  # (index, blob or None, text tokens, raw id, unknown keys or N
 
 def _measure(items: list[RawItem]) -> list[Measured]:
     """Parse, validate, render and tokenize some records: the work split across processes."""
-    resolvers, conversation = _WORKER["resolvers"], _WORKER["conversation"]
+    resolvers, conversation, data_format = _WORKER["resolvers"], _WORKER["conversation"], _WORKER["data_format"]
     with _no_gc():
-        parsed = [parse_item(item, resolvers) for item in items]
+        parsed = [parse_item(item, resolvers, data_format=data_format) for item in items]
         valid = [record for _, record, _, _, _ in parsed if record is not None]
         counts, label_problems = conversation.measure(valid)  # text tokens as encode() cuts them; the label check
         counts, broken = iter(counts), {p.index: p for p in label_problems}
@@ -255,7 +255,8 @@ class Builder:
         jobs = _Jobs(self.processes)
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers fork from here; they are the parallelism
-        _WORKER.update(resolvers=self.resolvers, conversation=self.conversation)
+        _WORKER.update(resolvers=self.resolvers, conversation=self.conversation,
+                       data_format=self.settings["data_format"])
         try:
             for chunk in _chunks(scan(self.path), CHUNK):
                 self.count += len(chunk)
