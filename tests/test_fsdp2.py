@@ -119,3 +119,15 @@ def test_what_fsdp2_saved_merges_and_predicts(runs, tmp_path, capsys):
         assert main(["predict", "--model", str(model), "--image", str(EXAMPLES / "images" / "red_circle.png"),
                      "--prompt", "What shape?", "--max_new_tokens", "3"]) == 0
         assert capsys.readouterr().out.strip()
+
+
+def test_fsdp_and_deepspeed_together_stop_in_one_line(capsys, tmp_path):
+    from vlmtune.cli import main
+
+    code = main(["train", "--data_path", str(DATA_JSON), "--output_dir", str(tmp_path / "out"), "--use_cpu", "True",
+                 "--fsdp", "full_shard", "--fsdp_config", "scripts/fsdp2.json", "--deepspeed", "scripts/zero2.json"])
+    err = capsys.readouterr().err  # transformers also warns that a string --fsdp is deprecated
+    ours = [line for line in err.splitlines() if not line.startswith("[transformers]")]
+    assert code == 1 and "Traceback" not in err and len(ours) == 1, err
+    assert ours[0].startswith("vlmtune train: error: --fsdp and --deepspeed are two engines for the same job")
+    assert not (tmp_path / "out").exists()
