@@ -217,7 +217,8 @@ def test_a_bad_resume_path_stops_in_one_line_before_anything_loads(case, tmp_pat
 
 
 def test_an_output_folder_in_use_stops_the_second_run(tmp_path, capsys):
-    from vlmtune.run import LOCK_FILE, RunLock
+    from vlmtune.checkpoints import RunLock
+    from vlmtune.run import LOCK_FILE
 
     out = tmp_path / "out"
     with RunLock(out):

@@ -226,6 +226,8 @@ def test_dpo_loss_equals_one_from_independent_forwards(tiny, tmp_path, mode):
     """One mixed batch (image, video, text, multi-turn pairs in one forward): the trainer's loss equals the DPO
     loss computed here from plain forwards of the policy and of the base model loaded again; under LoRA the
     reference (adapters off, the merger swapped back) scores exactly like the base model."""
+    from trl.trainer.utils import disable_dropout_in_model
+
     from vlmtune.data.prompts import PreferenceCollator
     from vlmtune.model import modes
     from vlmtune.stages import reference as ref
@@ -237,7 +239,7 @@ def test_dpo_loss_equals_one_from_independent_forwards(tiny, tmp_path, mode):
     torch.manual_seed(0)
     plan = modes.plan_from_args(ModeArguments(mode=mode, lora_rank=8))
     model = modes.apply_plan(fresh_model(path), family, plan, ModeArguments(mode=mode, lora_rank=8))
-    ref.disable_dropout(model)
+    disable_dropout_in_model(model)
     if plan.uses_lora:
         reference = ref.Reference.adapters_off(model, family, plan, False, "test")
         perturb(model, "lora_B,merger", 0.05, 1)  # the policy moves away from the base, the merger too
@@ -313,6 +315,8 @@ def test_grpo_step_on_mixed_prompts_matches_a_hand_computed_clipped_objective(ti
     """Image, video and text prompts in one step: completions sampled per prompt, rewarded, and the loss equals
     the clipped objective with KL computed here from plain forwards (policy, and the base model loaded again as
     the reference), at the sampling temperature, with old log-probs moved off the policy so the clip acts."""
+    from trl.trainer.utils import disable_dropout_in_model
+
     from vlmtune.data.conversation import Conversation
     from vlmtune.data.prompts import PromptDataset, collate_prompts, stage_lengths
     from vlmtune.model import modes
@@ -334,7 +338,7 @@ def test_grpo_step_on_mixed_prompts_matches_a_hand_computed_clipped_objective(ti
     torch.manual_seed(0)
     plan = modes.plan_from_args(ModeArguments(mode="lora", lora_rank=8))
     model = modes.apply_plan(fresh_model(path), family, plan, ModeArguments(mode="lora", lora_rank=8))
-    ref.disable_dropout(model)
+    disable_dropout_in_model(model)
     ref.add_log_prob_head(model, "grpo", temperature)
     length = Reward("length", lambda completions, **kw: [float(len(c)) for c in completions])
     trainer = GRPOTrainer(model=model, args=train_args(tmp_path), train_dataset=dataset,

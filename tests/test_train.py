@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -308,3 +309,43 @@ def test_a_deepspeed_checkpoint_is_published_only_when_every_rank_wrote_its_part
     assert f"[vlmtune] skipping {out / 'tmp-checkpoint-2'}: incomplete (a save that did not finish)" in resumed.stderr
     assert sorted(history(out)) == [1, 2, 3]
     assert not list(out.glob("tmp-*")) and (out / "checkpoint-3" / "rng_state_1.pth").is_file()
+
+
+def free_port() -> int:
+    """A port no one listens on now (other tests launch processes at the same time)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_the_token_count_is_the_whole_jobs_on_two_processes(tiny_model_dir, tmp_path):
+    """Two processes (gloo): the tokens behind tokens/s are every rank's, not rank 0's. After one epoch the run's
+    count equals the real tokens of all four records (of different lengths), counted here from the processor's own
+    chat template; rank 0 alone saw two of them."""
+    from transformers import AutoProcessor
+
+    pairs = [("Say one word.", "Yes"), ("Count to three, please.", "One two three"), ("Name a colour.", "Red"),
+             ("What is two plus two? Say why.", "Four, since two and two make four.")]
+    records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+               for i, (q, a) in enumerate(pairs)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    model = tiny_model_dir()
+    processor = AutoProcessor.from_pretrained(model)
+    lengths = []
+    for question, answer in pairs:
+        messages = [{"role": "user", "content": [{"type": "text", "text": question}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        lengths.append(len(processor.tokenizer(processor.apply_chat_template(messages, tokenize=False))["input_ids"]))
+    assert len(set(lengths)) > 1
+    out = tmp_path / "out"
+    run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "vlmtune.cli", "train", "--model_name_or_path", str(model), "--data_path", str(data), "--use_cpu",
+         "True", "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1", "--num_train_epochs", "1",
+         "--per_device_train_batch_size", "1", "--mode", "lora", "--save_strategy", "no", "--output_dir", str(out)],
+        timeout=420)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert state["num_input_tokens_seen"] == sum(lengths)
+    assert len(history(out, "tokens_per_s")) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from vlmtune import run
+from vlmtune import checkpoints, run
 from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data.collator import Collator, vision_fillers
 from vlmtune.data.conversation import Conversation
@@ -73,7 +73,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     metric_names = check_evaluation(data_args, train_args)
     if not data_args.data_path:
         raise ConfigError("--data_path is required (a LLaVA-style JSON or JSONL file)")
-    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
     if data_args.packing:
