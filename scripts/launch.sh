@@ -9,6 +9,8 @@
 # RESUME=auto continues from the newest complete checkpoint in OUTPUT_DIR when there is one (the same command
 # for the first start and every restart of a preempted job); RESUME=last insists on one.
 # Several devices or nodes, or DEEPSPEED set, launch through torchrun; HOSTFILE launches through `deepspeed`.
+# ENGINE=fsdp2 trains with PyTorch FSDP2 (the Trainer's --fsdp full_shard --fsdp_config FSDP_CONFIG, default
+# scripts/fsdp2.json) instead of DeepSpeed: DEEPSPEED is then ignored.
 
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -47,6 +49,12 @@ launch() {
 
     # Workers decode media ahead of the GPU (each item's media once); on CPU they would compete with training.
     local workers=$([ "$HAS_CUDA" = 1 ] && echo 4 || echo 1)
+    local engine=()
+    case "${ENGINE:-deepspeed}" in
+        deepspeed) ;;
+        fsdp2) DEEPSPEED=""; engine=(--fsdp full_shard --fsdp_config "${FSDP_CONFIG:-scripts/fsdp2.json}") ;;
+        *) echo "[launch] ENGINE must be deepspeed or fsdp2, got ${ENGINE}" >&2; exit 1 ;;
+    esac
     local precision=()
     if [ "$HAS_CUDA" = 1 ]; then
         precision=(--bf16 True)
@@ -56,6 +64,9 @@ launch() {
         echo "[launch] device: CPU (no CUDA found): fp32, DeepSpeed" \
              "$([ -n "${DEEPSPEED:-}" ] && echo "on through gloo ($DEEPSPEED)" || echo off)"
     fi
+    if [ ${#engine[@]} -gt 0 ]; then
+        echo "[launch] engine: FSDP2 (${FSDP_CONFIG:-scripts/fsdp2.json})"
+    fi
 
     local args=(
         --data_path "$DATA_PATH" --image_folder "$IMAGE_FOLDER" --output_dir "$OUTPUT_DIR"
@@ -64,7 +75,7 @@ launch() {
         --max_seq_length "$MAX_SEQ_LENGTH" --save_steps "$SAVE_STEPS" --logging_steps "$LOGGING_STEPS"
         --report_to "${REPORT_TO:-none}" --weight_decay 0.0 --warmup_steps 0.03 --lr_scheduler_type cosine
         --dataloader_num_workers "${NUM_WORKERS:-$workers}" --save_total_limit 2
-        "${precision[@]}"
+        "${precision[@]}" "${engine[@]}"
     )
     if [ "${NUM_WORKERS:-$workers}" -gt 0 ]; then  # torch refuses these options without worker processes
         args+=(--dataloader_persistent_workers True --dataloader_prefetch_factor 2)
@@ -81,7 +92,7 @@ launch() {
     if [ -n "${HOSTFILE:-}" ]; then
         exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
             --module vlmtune.cli "$command" "${args[@]}" "$@"
-    elif [ "$world" -gt 1 ] || [ -n "${DEEPSPEED:-}" ]; then
+    elif [ "$world" -gt 1 ] || [ -n "${DEEPSPEED:-}" ] || [ ${#engine[@]} -gt 0 ]; then
         exec "$PYTHON" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" \
             --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" \
             --master_port "${MASTER_PORT:-29500}" -m vlmtune.cli "$command" "${args[@]}" "$@"

@@ -95,6 +95,9 @@ printf '%s\\n' "$@" > {out}
       ("--gradient_accumulation_steps", "4")], []),
     ({"NUM_WORKERS": "0"}, [("--dataloader_num_workers", "0")], ["--dataloader_prefetch_factor"]),
     ({"RESUME": "auto"}, [("--resume_from_checkpoint", "auto")], []),
+    ({"ENGINE": "fsdp2", "DEEPSPEED": "scripts/zero2.json"},
+     [("-m", "torch.distributed.run"), ("--fsdp", "full_shard"), ("--fsdp_config", "scripts/fsdp2.json")],
+     ["--deepspeed"]),
 ])
 def test_launcher_builds_the_command_a_cluster_needs(env, pairs, absent, tmp_path):
     """launch.sh's device arithmetic and command line, checked without launching anything."""

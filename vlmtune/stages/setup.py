@@ -70,6 +70,9 @@ def check_environment(model_args: ModelArguments, train_args: TrainingArguments,
     if train_args.on_nan_loss == "skip" and train_args.deepspeed:
         raise ConfigError("--on_nan_loss skip does not work with DeepSpeed (its engine steps the optimizer inside "
                           "the backward pass, where vlmtune cannot drop the step); use --on_nan_loss stop")
+    if train_args.fsdp and train_args.deepspeed:  # sp: the two engines (stages/engines.py)
+        raise ConfigError("--fsdp and --deepspeed are two engines for the same job: give one of them (ENGINE=fsdp2 "
+                          "in the scripts drops DEEPSPEED)")
 
 
 

@@ -32,7 +32,7 @@ from vlmtune.errors import NonFiniteLoss
 from vlmtune.families import Family
 from vlmtune.model import modes
 from vlmtune.model.hub_layout import write_hub_layout
-from vlmtune.stages import callbacks
+from vlmtune.stages import callbacks, engines
 from vlmtune.stages.saving import save_failed
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,10 @@ class VisionLanguageTrainer(Trainer):
             logger.info("MoE: the routers' load-balancing loss is on, added to the loss at router_aux_loss_coef %g "
                         "(the model's text_config) and logged as aux_loss",
                         self.model.config.get_text_config().router_aux_loss_coef)
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        engines.enable_fsdp_on_cpu(self)  # sp: FSDP2 hook (vlmtune/stages/engines.py)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -266,15 +270,19 @@ class VisionLanguageTrainer(Trainer):
         return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if not _internal_call and not self.run_info.get("lora") and not self.is_deepspeed_enabled:
+        final_full = not _internal_call and not self.run_info.get("lora") and not self.is_deepspeed_enabled
+        if final_full and not self.is_fsdp_enabled:
             # The end of a full run: its folder is the model, so the fp32 masters go back to the training dtype.
             # (Checkpoints keep them in fp32, so a resumed run continues exactly.)
             modes.cast_trained(self.model, getattr(torch, self.run_info["dtype"]))
+        self._save_dtype = getattr(torch, self.run_info["dtype"]) if final_full and self.is_fsdp_enabled else None
         super().save_model(output_dir, _internal_call)
         if not _internal_call and not self.run_info.get("lora") and self.args.should_save:
             write_hub_layout(output_dir or self.args.output_dir, self.family)  # a model folder, as the hub's
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is not None and getattr(self, "_save_dtype", None) is not None:
+            state_dict = engines.cast_state_dict(state_dict, self._save_dtype)  # FSDP: the gathered masters
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             run.save_run_files(output_dir or self.args.output_dir, self.model, self.run_info, state_dict)
@@ -318,5 +326,5 @@ class VisionLanguageTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.run_info.get("lora"):
+        if self.run_info.get("lora") and not self.is_fsdp_enabled:  # FSDP's own checkpoint holds every weight
             run.restore_non_lora_trainables(resume_from_checkpoint, model or self.model)
