@@ -1,15 +1,16 @@
-"""Steps per second of the SFT, DPO and GRPO stages on the same tiny model and the same records, in one run.
+"""Steps per second of the SFT, CPT, DPO and GRPO stages on the same tiny model and the same records, in one run.
 
-    .venv/bin/python bench/stage_steps.py [--steps 12] [--batch-size 4] [--threads 1] [--rounds 2]
+    .venv/bin/python bench/stage_steps.py [--steps 12] [--batch-size 4] [--threads 1] [--rounds 2] [--stages sft,cpt]
 
-Data: data_examples/preference.json, read three ways so every stage sees the same prompts and media: SFT trains
-on prompt + chosen reply, DPO on (chosen, rejected), GRPO samples ``--num-generations`` completions of up to
+Data: data_examples/preference.json, read four ways so every stage sees the same prompts and media: SFT trains
+on prompt + chosen reply, CPT (``--stage cpt``) on the same turns and reply as one document (no chat template, every
+text token trains), DPO on (chosen, rejected), GRPO samples ``--num-generations`` completions of up to
 ``--max-completion-length`` tokens per prompt (reward: exact match with the chosen reply). Each stage runs
 through its own recipe (``vlmtune.stages.sft.train``, ``dpo.dpo``, ``grpo.grpo``), LoRA on the language model,
 fp32 on CPU, ``--batch-size`` records per optimizer step, no gradient checkpointing; the time of each optimizer
 step is taken from the Trainer's step callbacks, the first two steps of a run are dropped (warm-up), and a
-stage's figure is the median step time over ``--rounds`` runs, interleaved (SFT, DPO, GRPO, SFT, ...) so that a
-busy machine slows all three alike. GRPO's sampling time is measured apart (HF generate).
+stage's figure is the median step time over ``--rounds`` runs, interleaved (SFT, CPT, DPO, GRPO, SFT, ...) so that
+a busy machine slows all of them alike. GRPO's sampling time is measured apart (HF generate).
 
 Results go to bench/results/stages-<device>-<date>.json, with the ratios to SFT.
 """
@@ -57,9 +58,9 @@ class StepTimer(TrainerCallback):
 
 
 def stage_files(folder: Path) -> dict[str, Path]:
-    """The example preference records as SFT, DPO and GRPO data files (same prompts, same media)."""
+    """The example preference records as SFT, CPT, DPO and GRPO data files (same prompts, same media)."""
     records = json.loads((EXAMPLES / "preference.json").read_text())
-    paths = {"dpo": folder / "dpo.json", "sft": folder / "sft.json", "grpo": folder / "grpo.json"}
+    paths = {stage: folder / f"{stage}.json" for stage in ("sft", "cpt", "dpo", "grpo")}
     paths["dpo"].write_text(json.dumps(records))
 
     def reply(value):
@@ -68,6 +69,9 @@ def stage_files(folder: Path) -> dict[str, Path]:
     sft = [{**{k: v for k, v in r.items() if k not in ("chosen", "rejected")},
             "conversations": [*r["conversations"], {"from": "gpt", "value": reply(r["chosen"])}]} for r in records]
     paths["sft"].write_text(json.dumps(sft))
+    cpt = [{**{k: v for k, v in r.items() if k != "conversations"},
+            "text": "\n".join(turn["value"] for turn in r["conversations"])} for r in sft]
+    paths["cpt"].write_text(json.dumps(cpt))
     grpo = [{**{k: v for k, v in r.items() if k not in ("chosen", "rejected")}, "answer": reply(r["chosen"])}
             for r in records]
     paths["grpo"].write_text(json.dumps(grpo))
@@ -83,6 +87,8 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
             "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no", "--max_steps", str(args.steps),
             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", "1e-3", "--mode", "lora",
             "--lora_rank", "8", "--logging_steps", str(args.steps), "--seed", "0", "--dataloader_num_workers", "0"]
+    if stage == "cpt":
+        argv += ["--stage", "cpt"]
     if stage == "grpo":
         argv += ["--num_generations", str(args.num_generations), "--max_completion_length",
                  str(args.max_completion_length), "--reward_funcs", "exact_match", "--log_completions", "0"]
@@ -100,7 +106,8 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
 
     grpo_stage.HFSampler.sample = timed_sample
     try:
-        {"sft": train, "dpo": dpo, "grpo": grpo_stage.grpo}[stage](*parse_train_args(argv, stage=stage))
+        {"sft": train, "cpt": train, "dpo": dpo, "grpo": grpo_stage.grpo}[stage](
+            *parse_train_args(argv, stage="sft" if stage == "cpt" else stage))
     finally:
         hf_trainer.DEFAULT_CALLBACKS.remove(timer)
         grpo_stage.HFSampler.sample = sample
@@ -115,12 +122,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--max-completion-length", type=int, default=16)
+    parser.add_argument("--stages", default="sft,cpt,dpo,grpo", help="the stages to run (sft always runs: the "
+                        "baseline)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    times: dict[str, list[float]] = {"sft": [], "dpo": [], "grpo": []}
+    times: dict[str, list[float]] = {s: [] for s in ("sft", "cpt", "dpo", "grpo")
+                                     if s == "sft" or s in args.stages.split(",")}
     sampling_share: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         files = stage_files(Path(tmp))
@@ -144,11 +154,12 @@ def main() -> None:
         "seconds_per_step": {k: round(v, 4) for k, v in median.items()},
         "steps_per_s": {k: round(1 / v, 3) for k, v in median.items()},
         "steps_per_s_vs_sft": {k: round(median["sft"] / v, 3) for k, v in median.items()},
-        "grpo_sampling_share": round(statistics.mean(sampling_share), 3),
+        "grpo_sampling_share": round(statistics.mean(sampling_share), 3) if sampling_share else None,
     }
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"stages-cpu-{args.threads}t-{result['date']}.json"
+    subset = "" if len(times) == 4 else "-" + "-".join(times)
+    path = RESULTS / f"stages-cpu-{args.threads}t{subset}-{result['date']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {path}")
 

@@ -11,7 +11,8 @@ import sys
 USAGE = """usage: vlmtune [--debug] COMMAND [options]
 
 commands:
-  train            fine-tune a Qwen-VL model (vlmtune train --help; a YAML config may come first)
+  train            fine-tune a Qwen-VL model (vlmtune train --help; a YAML config may come first);
+                   --stage cpt: continued pre-training on documents (text with images / videos, no chat)
   dpo              preference-tune on chosen / rejected replies (vlmtune dpo --help)
   grpo             reinforce with reward functions on sampled replies (vlmtune grpo --help)
   check-data       validate a data file and summarise it
@@ -82,9 +83,10 @@ def cmd_check_data(argv: list[str]) -> int:
     parser.add_argument("--max_seq_length", type=int, default=4096)
     parser.add_argument("--deep", action="store_true", help="decode every image and video (slower)")
     parser.add_argument("--allow_urls", action="store_true")
-    parser.add_argument("--stage", choices=["sft", "dpo", "grpo"], default="sft",
+    parser.add_argument("--stage", choices=["sft", "dpo", "grpo", "cpt"], default="sft",
                         help="what the records are for: sft (conversations with replies), dpo (prompt turns plus "
-                        "'chosen' and 'rejected'), grpo (prompt turns plus reward fields)")
+                        "'chosen' and 'rejected'), grpo (prompt turns plus reward fields), cpt (documents: 'text' "
+                        "with media, no chat)")
     parser.add_argument("--box_format", choices=["pixel_original", "pixel_resized", "norm1000", "norm1"],
                         help="convention of the boxes in the data: they are checked, converted to the model "
                         "family's convention and listed (default: used as written)")
@@ -100,8 +102,13 @@ def cmd_check_data(argv: list[str]) -> int:
     family = load_family(model_path)
     processor = load_processor(model_path)
     budget = media.budget_from_processor(processor, family.factor)
-    conversation = Conversation(processor, args.label_mode, enable_thinking=args.enable_thinking,
-                                keep_earlier_reasoning=args.keep_earlier_reasoning)
+    if args.stage == "cpt":
+        from vlmtune.data.document import Document
+
+        conversation = Document(processor)
+    else:
+        conversation = Conversation(processor, args.label_mode, enable_thinking=args.enable_thinking,
+                                    keep_earlier_reasoning=args.keep_earlier_reasoning)
     result = check_data(args.data_path, processor, family, budget, image_folder=args.image_folder,
                         video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
                         max_seq_length=args.max_seq_length, conversation=conversation, processes=args.processes,

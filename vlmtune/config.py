@@ -58,6 +58,12 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str | None = field(default=None, metadata={"help": "Training data: LLaVA-style JSON array or JSONL."})
+    stage: Literal["sft", "cpt"] = field(
+        default="sft",
+        metadata={"help": "vlmtune train only. sft: conversations, the replies train. cpt: continued pre-training "
+                  "on documents ({\"text\", \"image\" / \"video\"}, <image> / <video> tags where the media go), no "
+                  "chat template, every text token trains."},
+    )
     image_folder: str | None = field(
         default=None, metadata={"help": "Folder that relative image paths start from (default: the data file's)."}
     )
@@ -263,15 +269,18 @@ class DPOArguments:
         metadata={"help": "How far the policy may move from the reference: the scale of the implicit rewards "
                   "beta * (log pi - log pi_ref). For IPO, the regularisation tau."},
     )
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = field(
+    loss_type: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = field(
         default="sigmoid",
         metadata={"help": "sigmoid: the DPO paper's loss. ipo: (length-normalised margin - 1 / (2 beta))^2. "
-                  "hinge: relu(1 - beta * margin) (SLiC)."},
+                  "hinge: relu(1 - beta * margin) (SLiC). Reference-free (no reference model): orpo: the chosen "
+                  "reply's NLL + beta x the odds-ratio loss (beta 0.1 as the paper's lambda); simpo: -log sigmoid("
+                  "beta x mean-logp margin - simpo_gamma) (the paper uses beta 2 to 10)."},
     )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin gamma."})
     label_smoothing: float = field(
         default=0.0,
-        metadata={"help": "Sigmoid loss only: the assumed probability that a pair's labels are flipped (cDPO), "
-                  "in [0, 0.5)."},
+        metadata={"help": "Sigmoid and SimPO losses: the assumed probability that a pair's labels are flipped "
+                  "(cDPO), in [0, 0.5)."},
     )
     precompute_ref_log_probs: bool = field(
         default=False,
@@ -284,8 +293,17 @@ class DPOArguments:
             raise ConfigError(f"--beta must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError(f"--label_smoothing applies to the sigmoid loss, not --loss_type {self.loss_type}")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise ConfigError(f"--label_smoothing applies to the sigmoid and simpo losses, not --loss_type "
+                              f"{self.loss_type}")
+        if self.precompute_ref_log_probs and self.reference_free:
+            raise ConfigError(f"--precompute_ref_log_probs: --loss_type {self.loss_type} uses no reference model; "
+                              "drop the flag")
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether the loss compares no reference policy (ORPO, SimPO)."""
+        return self.loss_type in ("orpo", "simpo")
 
 
 @dataclass
@@ -327,6 +345,26 @@ class GRPOArguments:
                   "(mean over the batch's completion tokens), dr_grpo (sum / (completions x "
                   "max_completion_length))."},
     )
+    importance_sampling_level: Literal["token", "sequence"] = field(
+        default="token",
+        metadata={"help": "token: a probability ratio per token (GRPO). sequence: one ratio per completion, the "
+                  "geometric mean of its tokens', clipped as a whole (GSPO; with --loss_type grpo)."},
+    )
+    dynamic_sampling: int = field(
+        default=0,
+        metadata={"help": "DAPO's dynamic sampling: groups whose rewards are all equal (zero advantages) are sampled "
+                  "again, up to this many times; groups still equal are dropped from the step (0: off)."},
+    )
+    overlong_buffer: int = field(
+        default=0,
+        metadata={"help": "DAPO's overlong penalty: completions longer than max_completion_length - N tokens lose "
+                  "up to --overlong_penalty_factor of reward, linearly to the limit (0: off)."},
+    )
+    overlong_penalty_factor: float = field(default=1.0, metadata={"help": "The overlong penalty at the limit."})
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "Overlong filter: completions cut by max_completion_length (no end token) train nothing."},
+    )
     scale_rewards: Literal["group", "batch", "none"] = field(
         default="group",
         metadata={"help": "Advantages = reward - group mean, divided by the group's std (group), the batch's "
@@ -367,6 +405,12 @@ class GRPOArguments:
             raise ConfigError("--beta must be >= 0, --epsilon > 0 and --num_iterations >= 1")
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
+        if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
+            raise ConfigError(f"--importance_sampling_level sequence (GSPO) gives one loss per completion, averaged "
+                              f"with --loss_type grpo; --loss_type {self.loss_type} would weigh it by token count")
+        if self.dynamic_sampling < 0 or not 0 <= self.overlong_buffer <= self.max_completion_length:
+            raise ConfigError("--dynamic_sampling must be >= 0 and --overlong_buffer within [0, "
+                              f"--max_completion_length {self.max_completion_length}]")
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, ModeArguments, TrainingArguments)
@@ -388,6 +432,8 @@ def parse_train_args(argv: list[str] | None = None, prog: str = "vlmtune train",
         raise ConfigError(str(exc)) from None
     if unknown:
         raise ConfigError(_unknown_flags_message(parser, unknown, prog))
+    if stage != "sft" and parsed[1].stage != "sft":
+        raise ConfigError(f"--stage {parsed[1].stage} is for `vlmtune train`; {prog} trains its own stage")
     return tuple(parsed)
 
 

@@ -98,27 +98,31 @@ def check_output_dir(output_dir: str | Path, force: bool, protected: list[str | 
 # ---------------------------------------------------------------- verification batch
 
 
-def default_data_path() -> Path:
-    """data_examples/data.json of the source tree (present in a clone / editable install)."""
-    return Path(__file__).resolve().parents[1] / "data_examples" / "data.json"
+def default_data_path(documents: bool = False) -> Path:
+    """data_examples/data.json (``documents``: documents.json) of the source tree (in a clone / editable install)."""
+    return Path(__file__).resolve().parents[1] / "data_examples" / ("documents.json" if documents else "data.json")
 
 
 def verification_batch(processor, family: Family, budget: media.MediaBudget, data_path: str | Path | None = None,
                        image_folder: str | None = None, video_folder: str | None = None,
                        samples: int = DEFAULT_VERIFY_SAMPLES) -> tuple[dict[str, torch.Tensor], int]:
     """(batch, number of records): up to ``samples`` records of the data file, one of each shape first
-    (image, video, multi-image, ...), encoded by the project's dataset and collator."""
+    (image, video, multi-image, ...), encoded by the project's dataset and collator. A processor without a chat
+    template (a base model's) reads the data as CPT documents (``--stage cpt``)."""
     from vlmtune.data.collator import Collator
     from vlmtune.data.conversation import Conversation
     from vlmtune.data.dataset import VisionLanguageDataset
+    from vlmtune.data.document import Document
     from vlmtune.data.records import load_records
 
+    documents = not getattr(processor, "chat_template", None)
     if data_path is None:
-        data_path = default_data_path()
+        data_path = default_data_path(documents)
         if not data_path.is_file():
             raise ConfigError("no data to verify the merge on (data_examples/ is not beside the package): "
                               "pass --data_path with a few records of your data")
-    records = load_records(data_path, image_folder, video_folder, budget=budget, min_image_side=family.factor)
+    records = load_records(data_path, image_folder, video_folder, budget=budget, min_image_side=family.factor,
+                           stage="cpt" if documents else "sft")
     preferred = ("image+video", "video", "multi_image", "image", "text")
     chosen, shapes = [], set()
     for shape in preferred:
@@ -128,7 +132,8 @@ def verification_batch(processor, family: Family, budget: media.MediaBudget, dat
                 shapes.add(shape)
     chosen += [r for r in records if r not in chosen]
     chosen = sorted(chosen[: max(1, samples)], key=lambda r: r.index)
-    dataset = VisionLanguageDataset(chosen, processor, family, budget, Conversation(processor))
+    encoder = Document(processor) if documents else Conversation(processor)
+    dataset = VisionLanguageDataset(chosen, processor, family, budget, encoder)
     batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     batch.pop("labels", None)
     return batch, len(dataset)

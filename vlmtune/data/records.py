@@ -27,8 +27,11 @@ IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 KNOWN_KEYS = {"id", "image", "video", "conversations", "box_format", "box_image"}
-STAGES = ("sft", "dpo", "grpo")
-"""What a data file is for: supervised replies, preference pairs, or prompts with fields for reward functions."""
+STAGES = ("sft", "dpo", "grpo", "cpt")
+"""What a data file is for: supervised replies, preference pairs, prompts with fields for reward functions, or
+documents (continued pre-training: ``text`` with media, no chat)."""
+DOCUMENT_ROLE = "document"
+"""The role of a CPT record's one message: its whole text, placeholders where the media go."""
 MAX_ASPECT_RATIO = 200  # the processors' limit
 URL_PREFIXES = media.URL_PREFIXES
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -189,7 +192,7 @@ def scan(path: str | Path) -> Iterator[RawItem]:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
             return _lines(path)
         raise _invalid_json(exc) from None
-    if isinstance(data, dict) and "conversations" in data:
+    if isinstance(data, dict) and ("conversations" in data or "text" in data):
         return iter([(0, None, text)])  # a single record (one-line JSON lines file)
     got = f"an object with keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
     raise FileError(f"the top level must be a JSON array of records ([{{...}}, ...]) or "
@@ -243,6 +246,14 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver], stage
 
     images = _as_list(raw.get("image"), "image", err)
     videos = _as_list(raw.get("video"), "video", err)
+    if stage == "cpt":
+        text = _document_text(raw, images, videos, err)
+        image_paths = [resolvers[0](f, err) for f in images or []]
+        video_paths = [resolvers[1](f, err) for f in videos or []]
+        if problems:
+            return None, problems
+        return Record(index, rid if rid is not None else str(index), [Message(DOCUMENT_ROLE, text)], image_paths,
+                      video_paths), problems
 
     turns = raw.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -584,6 +595,8 @@ def load_records(path: str | Path, *args, **kwargs) -> list[Record]:
 # ---------------------------------------------------------------- preference (DPO) and prompt (GRPO) records
 
 STAGE_KEYS = {"sft": frozenset(), "dpo": frozenset({"chosen", "rejected"})}
+DOCUMENT_KEYS = frozenset({"id", "image", "video", "text"})
+"""The keys of a CPT record."""
 """Keys each stage reads beside ``KNOWN_KEYS``; GRPO reads every other key (as reward fields)."""
 _REPLY_KEYS = ("chosen", "rejected")
 
@@ -592,13 +605,51 @@ def known_keys(stage: str) -> set[str] | None:
     """The keys a record of ``stage`` may have, or None when any key is accepted (GRPO: reward fields)."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage == "cpt":
+        return set(DOCUMENT_KEYS)
     return None if stage == "grpo" else KNOWN_KEYS | STAGE_KEYS[stage]
 
 
 def _stage_hint(key: str, stage: str) -> str:
     if stage == "sft" and key in _REPLY_KEYS:
         return "; preference data (chosen / rejected) trains with `vlmtune dpo`"
+    if stage == "sft" and key == "text":
+        return "; documents ('text', no chat) train with `vlmtune train --stage cpt`"
     return ""
+
+
+def _document_text(raw: dict, images: list | None, videos: list | None, err) -> str | None:
+    """A CPT record's text with one placeholder per medium: as written where it places its media with <image> /
+    <video> tags, else with every image, then every video, before the text (an image and its caption)."""
+    text = raw.get("text")
+    if text is None:
+        hint = (" (this is chat data: train it with `vlmtune train`, --stage sft)" if "conversations" in raw
+                else "")
+        err(f"'text' is missing; a CPT record holds its document in 'text', with <image> / <video> where the media "
+            f"go{hint}")
+        return None
+    if not isinstance(text, str):
+        err(f"'text' must be a string (the document), got {type(text).__name__}")
+        return None
+    if not text.strip():
+        err("'text' is empty; write the document or drop the record")
+        return None
+    reserved = [tok for tok in SPECIAL_TOKENS if tok in text] if "<|" in text else None
+    if reserved:
+        err(f"'text' contains the reserved token(s) {reserved}; remove them (write <image> / <video> where the "
+            "media go)")
+        return None
+    counts = {kind: text.count(tag) for kind, tag in (("image", IMAGE_PLACEHOLDER), ("video", VIDEO_PLACEHOLDER))}
+    if images is None or videos is None:
+        return None
+    if not any(counts.values()):
+        return IMAGE_PLACEHOLDER * len(images) + VIDEO_PLACEHOLDER * len(videos) + text
+    for kind, files in (("image", images), ("video", videos)):
+        if counts[kind] != len(files):
+            err(f"{counts[kind]} <{kind}> tag(s) in 'text' but {len(files)} {kind}(s); put one <{kind}> where each "
+                f"{kind} goes (or none at all: the media then come before the text)")
+            return None
+    return text
 
 
 def _reply_text(key: str, value, err) -> str | None:

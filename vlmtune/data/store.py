@@ -122,7 +122,7 @@ def processor_fingerprint(processor) -> str:
 def store_settings(data_path: str | Path, processor, family: Family, budget: media.MediaBudget,
                    conversation: Conversation, *,
                    image_folder: str | Path | None, video_folder: str | Path | None, allow_urls: bool, deep: bool,
-                   min_image_side: int) -> dict:
+                   min_image_side: int, stage: str = "sft") -> dict:
     """Everything a store's contents depend on, except the data file's bytes."""
     import tokenizers
     import transformers
@@ -148,6 +148,7 @@ def store_settings(data_path: str | Path, processor, family: Family, budget: med
         # the template's switches and how replies are cut (text tokens), and what the label check trains
         "conversation": conversation.fingerprint(),
         "label_mode": conversation.label_mode,
+        **({"stage": stage} if stage != "sft" else {}),  # what the records are (SFT stores keep their key)
     }
 
 
@@ -358,9 +359,9 @@ Measured = tuple  # (index, blob or None, text tokens, raw id, unknown keys or N
 
 def _measure(items: list[RawItem]) -> list[Measured]:
     """Parse, validate, render and tokenize some records: the work split across processes."""
-    resolvers, conversation = _WORKER["resolvers"], _WORKER["conversation"]
+    resolvers, conversation, stage = _WORKER["resolvers"], _WORKER["conversation"], _WORKER["stage"]
     with _no_gc():
-        parsed = [parse_item(item, resolvers) for item in items]
+        parsed = [parse_item(item, resolvers, stage) for item in items]
         valid = [record for _, record, _, _, _ in parsed if record is not None]
         counts, label_problems = conversation.measure(valid)  # text tokens as encode() cuts them; the label check
         counts, broken = iter(counts), {p.index: p for p in label_problems}
@@ -466,8 +467,9 @@ class _Builder:
 
     def __init__(self, folder: Path, path: Path, source: DataStore | None, processor, family: Family,
                  budget: media.MediaBudget, conversation: Conversation, settings: dict, *, image_folder,
-                 video_folder, allow_urls: bool, deep: bool, min_image_side: int, processes: int, media_workers: int):
-        self.folder, self.path, self.source = folder, path, source
+                 video_folder, allow_urls: bool, deep: bool, min_image_side: int, processes: int, media_workers: int,
+                 stage: str = "sft"):
+        self.folder, self.path, self.source, self.stage = folder, path, source, stage
         self.processor, self.family, self.budget, self.settings = processor, family, budget, settings
         self.conversation = conversation
         self.deep, self.min_image_side, self.media_workers = deep, min_image_side, media_workers
@@ -489,7 +491,7 @@ class _Builder:
         self.n_images = array("q")
         self.media: dict[tuple[int, str], int] = {}
         self.problems: list[Problem] = []
-        self.collection = CollectionCheck()
+        self.collection = CollectionCheck(self.stage)
         self.count = self.measured = self.reused = self.box_records = 0
 
     def _stage(self, name: str, start: float) -> float:
@@ -534,7 +536,7 @@ class _Builder:
         jobs = _Jobs(self.processes)
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers fork from here; they are the parallelism
-        _WORKER.update(resolvers=self.resolvers, conversation=self.conversation)
+        _WORKER.update(resolvers=self.resolvers, conversation=self.conversation, stage=self.stage)
         try:
             for chunk in _chunks(scan(self.path), CHUNK):
                 self.count += len(chunk)
@@ -731,8 +733,10 @@ def open_store(
     min_image_side: int = 28,
     processes: int | None = None,
     media_workers: int = 16,
+    stage: str = "sft",
 ) -> DataStore:
     """The checked store of a data file: opened if it exists and its media are unchanged, else built once.
+    ``stage``: "sft" (conversations, ``conversation`` a ``Conversation``) or "cpt" (documents, a ``Document``).
 
     Every process of a node may call this at once: one builds under the group's lock while the others wait,
     then all read the same files. Raises ``FileError`` only when the file cannot be read at all.
@@ -741,7 +745,7 @@ def open_store(
     conversation = conversation or Conversation(processor)
     settings = store_settings(path, processor, family, budget, conversation, image_folder=image_folder,
                               video_folder=video_folder, allow_urls=allow_urls, deep=deep,
-                              min_image_side=min_image_side)
+                              min_image_side=min_image_side, stage=stage)
     group = group_folder(settings)
     try:
         content = file_digest(path)
@@ -774,7 +778,7 @@ def open_store(
             meta = _Builder(tmp, path, source, processor, family, budget, conversation, settings,
                             image_folder=image_folder, video_folder=video_folder, allow_urls=allow_urls, deep=deep,
                             min_image_side=min_image_side, processes=processes or default_processes(),
-                            media_workers=media_workers).build()
+                            media_workers=media_workers, stage=stage).build()
             old = group / f"old-{uuid.uuid4().hex[:8]}"
             if folder.exists():
                 os.rename(folder, old)  # readers that opened it keep their mapped files

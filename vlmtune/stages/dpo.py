@@ -7,6 +7,8 @@ tokenizes prompt and replies apart (images only), which is a second data path be
 A batch of B pairs is one forward of 2B rows: the B chosen sequences, then the B rejected ones, each with its
 pixels (``PreferenceCollator``). The summed log-probability of each reply's tokens (its end-of-turn token
 included) under the policy and under the reference gives the implicit rewards ``beta * (logp - ref_logp)``.
+The reference-free losses (``--loss_type orpo|simpo``, ``vlmtune.stages.losses``) use the replies' mean token
+log-probabilities under the policy alone (rewards ``beta * mean logp``, as TRL logs them); no reference is loaded.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from vlmtune.data.prompts import PreferenceCollator, PreferenceDataset
 from vlmtune.errors import ConfigError
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype
+from vlmtune.stages import losses as variants
 from vlmtune.stages import reference as ref
 from vlmtune.stages.common import (
     VisionLanguageTrainer,
@@ -79,6 +82,8 @@ class DPOTrainer(VisionLanguageTrainer):
         mode = "train" if model.training else "eval"
         pair_index = inputs.pop("pair_index")
         mask = inputs["labels"][:, 1:] != -100
+        if self.dpo.reference_free:
+            return self._reference_free_loss(model, inputs, mask, mode, return_outputs)
         if self.dpo.precompute_ref_log_probs:
             ref_logps = self._reference_table(model, mode)[pair_index.cpu()].T.flatten()
         else:
@@ -88,18 +93,35 @@ class DPOTrainer(VisionLanguageTrainer):
         ref_chosen, ref_rejected = ref_logps.to(logps).chunk(2)
         tokens_chosen, tokens_rejected = mask.sum(-1).chunk(2)
         losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.dpo, tokens_chosen, tokens_rejected)
-        self._record(mode, chosen.detach(), rejected.detach(), ref_chosen, ref_rejected)
+        beta = self.dpo.beta
+        self._record(mode, chosen.detach(), rejected.detach(), beta * (chosen.detach() - ref_chosen),
+                     beta * (rejected.detach() - ref_rejected))
         loss = losses.mean()
         return (loss, {"logps": logps.detach()}) if return_outputs else loss
 
-    def _record(self, mode: str, chosen, rejected, ref_chosen, ref_rejected) -> None:
-        beta = self.dpo.beta
-        rewards_chosen, rewards_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    def _reference_free_loss(self, model, inputs, mask, mode: str, return_outputs: bool):
+        """ORPO or SimPO from the policy's mean token log-probability of each reply."""
+        logps = ref.token_log_probs(model, inputs).sum(-1)
+        means = logps / mask.sum(-1).clamp(min=1)
+        chosen, rejected = means.chunk(2)
+        extra = {}
+        if self.dpo.loss_type == "orpo":
+            losses, log_odds = variants.orpo_loss(chosen, rejected, self.dpo.beta)
+            extra = {"log_odds_ratio": log_odds.detach(), "nll_loss": -chosen.detach()}
+        else:
+            losses = variants.simpo_loss(chosen, rejected, self.dpo.beta, self.dpo.simpo_gamma,
+                                         self.dpo.label_smoothing)
+        sums = logps.detach().chunk(2)
+        self._record(mode, *sums, self.dpo.beta * chosen.detach(), self.dpo.beta * rejected.detach(), extra)
+        loss = losses.mean()
+        return (loss, {"logps": logps.detach()}) if return_outputs else loss
+
+    def _record(self, mode: str, chosen, rejected, rewards_chosen, rewards_rejected, extra: dict | None = None):
         values = {
             "rewards/chosen": rewards_chosen, "rewards/rejected": rewards_rejected,
             "rewards/margins": rewards_chosen - rewards_rejected,
             "rewards/accuracies": (rewards_chosen > rewards_rejected).float(),
-            "logps/chosen": chosen, "logps/rejected": rejected,
+            "logps/chosen": chosen, "logps/rejected": rejected, **(extra or {}),
         }
         for key, value in values.items():
             self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
@@ -197,9 +219,10 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArg
     with output_lock(train_args.output_dir):  # one run per output folder
         model, reference, ref_model = ref.policy_and_reference(
             start, model_args, mode_args, train_args, plan, "dpo", "vlmtune dpo",
-            reference=not dpo_args.precompute_ref_log_probs)
+            reference=not (dpo_args.precompute_ref_log_probs or dpo_args.reference_free))
         logger.info("DPO: %s loss, beta %g, reference %s", dpo_args.loss_type, dpo_args.beta,
-                    "precomputed before step 1" if dpo_args.precompute_ref_log_probs
+                    "none (a reference-free loss)" if dpo_args.reference_free
+                    else "precomputed before step 1" if dpo_args.precompute_ref_log_probs
                     else "adapters off" if plan.uses_lora else "a frozen copy")
 
         fillers = vision_fillers(processor, family.factor) if is_distributed() else None
