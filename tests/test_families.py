@@ -157,7 +157,7 @@ def hand_aux_loss(router_logits, experts: int, top_k: int) -> torch.Tensor:
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_training_loss_adds_the_aux_loss_at_the_config_coefficient_and_logs_it(pipeline, family, tmp_path):
     from vlmtune.config import TrainingArguments
-    from vlmtune.stages.common import VisionLanguageTrainer
+    from vlmtune.stages.trainer import VisionLanguageTrainer
 
     p = pipeline(family)
     batch = Collator(p.processor.tokenizer.pad_token_id)([p.dataset[i] for i in range(4)])

@@ -265,7 +265,7 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypat
 @pytest.fixture
 def nan_at_step_2(monkeypatch):
     """The loss of step 2 (both of its records) is NaN: what a blown-up forward gives, gradients included."""
-    from vlmtune.stages.common import VisionLanguageTrainer
+    from vlmtune.stages.trainer import VisionLanguageTrainer
 
     compute_loss = VisionLanguageTrainer.compute_loss
 

@@ -21,7 +21,7 @@ from conftest import DATA_JSON, EXAMPLES, FAMILIES, ROOT
 from PIL import Image
 
 import vlmtune
-from vlmtune.data import media, store
+from vlmtune.data import media, store, store_build
 from vlmtune.data.check import check_data
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import VisionLanguageDataset
@@ -215,8 +215,8 @@ def test_worker_processes_build_the_same_store(setup, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "data.jsonl", rows)
     alone = check(path, processor, family, budget, processes=1)
     monkeypatch.setenv("VLMTUNE_CACHE", str(tmp_path / "cache2"))
-    monkeypatch.setattr(store, "CHUNK", 4)
-    monkeypatch.setattr(store, "INLINE_LIMIT", 8)
+    monkeypatch.setattr(store_build, "CHUNK", 4)
+    monkeypatch.setattr(store_build, "INLINE_LIMIT", 8)
     pooled = check(path, processor, family, budget, processes=2)
     assert pooled.store.meta["processes"] == 2 and alone.store.meta["processes"] == 1
     assert pooled.problems == alone.problems and len(pooled.errors) == 1

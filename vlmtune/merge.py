@@ -40,6 +40,7 @@ import torch
 from vlmtune.data import media
 from vlmtune.errors import ConfigError, MergeError
 from vlmtune.families import Family, family_for
+from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.model.load import dtype_name, parse_dtype, saved_dtype
 from vlmtune.run import (
     RUN_FILE,
@@ -342,6 +343,7 @@ def merge(
     try:
         shard_size = max_shard_size or _default_shard_size(base, base_dtype, out_dtype)
         merged.save_pretrained(tmp, max_shard_size=shard_size)
+        write_hub_layout(tmp, family)  # the layout vLLM and a ZeRO-3 load read (vlmtune/model/hub_layout.py)
         processor.save_pretrained(tmp)
         info = {**run.info, "merged_from": str(run.folder), "merged_dtype": dtype_name(out_dtype)}
         (tmp / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")  # budgets no processor field holds

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from vlmtune.data.conversation import _PER_TOKEN, IGNORE_INDEX, _token_ids
-from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
+from vlmtune.data.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
 from vlmtune.errors import Problem
 from vlmtune.families.base import ENDOFTEXT, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 

@@ -1,8 +1,9 @@
-"""LLaVA-style JSON / JSONL -> validated ``Record``s. Every format error of a data file is found here.
+"""Raw records of any format -> validated ``Record``s. Every format error of a data file is found here.
 
 Validation runs over the whole file before a model is loaded and reports every problem at once, each
 naming the file, the record (index and id) and what to do. Media are checked from their headers (fast on
-100k records); ``deep=True`` decodes every file, in parallel.
+100k records, ``vlmtune.data.probe``); ``deep=True`` decodes every file, in parallel. How a file is read into
+raw records is the formats' job (``vlmtune.data.formats``).
 """
 
 from __future__ import annotations
@@ -10,193 +11,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmtune.data import boxes, media
-from vlmtune.errors import DataError, FileError, MediaError, Problem
+from vlmtune.data.formats.jsonfile import scan
+from vlmtune.data.probe import check_media_files, probe_media  # noqa: F401  (re-exported)
+from vlmtune.data.schema import (  # noqa: F401  (re-exported: the names every reader of records uses)
+    DOCUMENT_ROLE,
+    IMAGE_PLACEHOLDER,
+    KNOWN_KEYS,
+    ROLES,
+    STAGES,
+    VIDEO_PLACEHOLDER,
+    Message,
+    RawItem,
+    Record,
+    known_keys,
+)
+from vlmtune.data.stage_records import check_prompt_turns, document_text, stage_hint, stage_parts
+from vlmtune.errors import DataError, FileError, Problem
 from vlmtune.families.base import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
-VIDEO_PLACEHOLDER = "<video>"
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-KNOWN_KEYS = {"id", "image", "video", "conversations", "box_format", "box_image"}
-STAGES = ("sft", "dpo", "grpo", "cpt")
-"""What a data file is for: supervised replies, preference pairs, prompts with fields for reward functions, or
-documents (continued pre-training: ``text`` with media, no chat)."""
-DOCUMENT_ROLE = "document"
-"""The role of a CPT record's one message: its whole text, placeholders where the media go."""
-MAX_ASPECT_RATIO = 200  # the processors' limit
 URL_PREFIXES = media.URL_PREFIXES
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
-
-
-@dataclass
-class Message:
-    role: str  # "system" | "user" | "assistant"
-    text: str  # with <image> / <video> placeholders where the media go
-
-
-@dataclass
-class Record:
-    """One validated sample: messages plus resolved media paths in placeholder order."""
-
-    index: int
-    id: str
-    messages: list[Message]
-    images: list[str] = field(default_factory=list)
-    videos: list[str] = field(default_factory=list)
-    image_sizes: list[tuple[int, int]] = field(default_factory=list)
-    """(width, height) of each image after EXIF orientation, read from its header."""
-    video_infos: list[media.VideoInfo] = field(default_factory=list)
-    chosen: str | None = None
-    """Preference records (DPO): the better reply to the last prompt; ``messages`` end with that prompt."""
-    rejected: str | None = None
-    """Preference records (DPO): the worse reply to the last prompt."""
-    fields: dict = field(default_factory=dict)
-    """Prompt records (GRPO): the record's other keys (a gold ``answer``, a ``box``, ...), for reward functions."""
-    box_format: str | None = None
-    """Convention of the boxes in this record's text (the record's ``box_format``, else ``--box_format``)."""
-    box_image: int | list[int] | None = None
-    """1-based image each box refers to, in multi-image records (one for all, or one per box)."""
-    boxes: list[boxes.Converted] = field(default_factory=list)
-    """The boxes found and converted to the family's convention (``vlmtune.data.boxes``)."""
-
-    @property
-    def shape(self) -> str:
-        """'text', 'image', 'multi_image', 'video' or 'image+video' (for summaries)."""
-        if self.images and self.videos:
-            return "image+video"
-        if self.videos:
-            return "video"
-        if len(self.images) > 1:
-            return "multi_image"
-        return "image" if self.images else "text"
-
-
-RawItem = tuple[int, "int | None", "bytes | str"]
-"""(record index, line number in a JSON lines file or None, the record's JSON text)."""
-
-_JSON_WS = re.compile(r"[ \t\n\r]*")
-_BLOCK = 1 << 22  # bytes read at a time from a JSON lines file
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise FileError("data file not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FileError(f"cannot read the data file: {exc}") from None
-
-
-def _invalid_json(exc: json.JSONDecodeError) -> FileError:
-    return FileError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; "
-                     "fix the file (a JSON array of records, or one record per line)")
-
-
-def _blank(line: bytes) -> bool:
-    if not line.strip():
-        return True
-    return not line.isascii() and not line.decode("utf-8", "replace").strip()  # Unicode spaces only
-
-
-def _lines(path: Path) -> Iterator[RawItem]:
-    """The non-blank lines of a JSON lines file, read in blocks (the file is never held whole)."""
-    index = lineno = 0
-    rest = b""
-    with open(path, "rb") as f:
-        first = True
-        while True:
-            block = f.read(_BLOCK)
-            if first and block.startswith(b"\xef\xbb\xbf"):
-                block = block[3:]
-            first = False
-            if not block:
-                break
-            lines = (rest + block).split(b"\n")  # not splitlines(): U+2028 may sit inside a string
-            rest = lines.pop()
-            for line in lines:
-                lineno += 1
-                if not _blank(line):
-                    yield index, lineno, line
-                    index += 1
-    if not _blank(rest):
-        yield index, lineno + 1, rest
-
-
-def _array(text: str) -> Iterator[RawItem]:
-    """The elements of a JSON array, each as its own text, parsed one at a time (in file order)."""
-    decode = json.JSONDecoder().raw_decode
-    index = pos = 0
-    try:
-        pos = _JSON_WS.match(text).end()
-        if text[pos : pos + 1] != "[":
-            raise ValueError("not an array")
-        pos = _JSON_WS.match(text, pos + 1).end()
-        if text[pos : pos + 1] != "]":
-            while True:
-                _, end = decode(text, pos)
-                yield index, None, text[pos:end]
-                index += 1
-                pos = _JSON_WS.match(text, end).end()
-                sep = text[pos : pos + 1]
-                pos = _JSON_WS.match(text, pos + 1).end()
-                if sep == "]":
-                    break
-                if sep != ",":
-                    raise ValueError("not an array")
-        else:
-            pos = _JSON_WS.match(text, pos + 1).end()
-        if pos != len(text):
-            raise ValueError("data after the array")
-    except ValueError:
-        try:  # the whole-file parse names the first error exactly as json reports it
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise _invalid_json(exc) from None
-        raise FileError(f"unexpected layout of a valid JSON array (at character {pos}); "
-                        f"please report it: {type(data).__name__}") from None
-
-
-def scan(path: str | Path) -> Iterator[RawItem]:
-    """Every record of a data file as ``(index, line number, JSON text)``, in file order, lazily.
-
-    A JSON array, JSON lines (``.jsonl`` / ``.ndjson``, or one record per line under another name) and a single
-    record are read. Records are not parsed here; a JSON lines file is read in blocks, never whole. Raises
-    ``FileError`` for a file that holds no readable records (possibly after yielding some: discard them).
-    """
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_BLOCK).decode("utf-8-sig", "replace").lstrip()
-    except FileNotFoundError:
-        raise FileError("data file not found; check the path") from None
-    except OSError as exc:
-        raise FileError(f"cannot read the data file: {exc}") from None
-    if head.startswith("["):
-        return _array(_read_text(path))
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        return _lines(path)
-    text = _read_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        # Several JSON objects one per line in a .json file: JSON lines under another name.
-        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
-            return _lines(path)
-        raise _invalid_json(exc) from None
-    if isinstance(data, dict) and ("conversations" in data or "text" in data):
-        return iter([(0, None, text)])  # a single record (one-line JSON lines file)
-    got = f"an object with keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
-    raise FileError(f"the top level must be a JSON array of records ([{{...}}, ...]) or "
-                    f"one record per line (JSON lines), got {got}")
 
 
 def _as_list(value, key: str, err) -> list[str] | None:
@@ -246,14 +85,12 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver], stage
 
     images = _as_list(raw.get("image"), "image", err)
     videos = _as_list(raw.get("video"), "video", err)
-    if stage == "cpt":
-        text = _document_text(raw, images, videos, err)
-        image_paths = [resolvers[0](f, err) for f in images or []]
-        video_paths = [resolvers[1](f, err) for f in videos or []]
+    if stage == "cpt":  # a document: its text and media, no conversation
+        text = document_text(raw, images, videos, err)
+        paths = [[resolver(f, err) for f in files or []] for resolver, files in zip(resolvers, (images, videos))]
         if problems:
             return None, problems
-        return Record(index, rid if rid is not None else str(index), [Message(DOCUMENT_ROLE, text)], image_paths,
-                      video_paths), problems
+        return Record(index, rid if rid is not None else str(index), [Message(DOCUMENT_ROLE, text)], *paths), problems
 
     turns = raw.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -293,9 +130,9 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver], stage
         messages.append(Message(role, value))
         names.append(role_name)
 
-    stage_parts = _stage_parts(raw, stage, messages, names, err) if len(messages) == len(turns) else {}
+    extra = stage_parts(raw, stage, messages, names, err) if len(messages) == len(turns) else {}
     if len(messages) == len(turns) and stage != "sft":
-        _check_prompt_turns(messages, names, stage, err)
+        check_prompt_turns(messages, names, stage, err)
     elif len(messages) == len(turns):
         roles = [m.role for m in messages]
         body = roles[1:] if roles[0] == "system" else roles
@@ -328,82 +165,8 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver], stage
     if problems:  # only errors so far
         return None, problems
     record = Record(index, rid if rid is not None else str(index), messages, image_paths, video_paths,
-                    box_format=box_format, box_image=box_image, **stage_parts)
+                    box_format=box_format, box_image=box_image, **extra)
     return record, problems
-
-
-def _advice(exc: MediaError, path: str, folder_flag: str) -> str:
-    if media.is_url(path) or os.path.exists(path):
-        return f"{exc}; replace the file or drop the record"
-    return f"{exc}; check the name and {folder_flag} (relative paths are resolved against it)"
-
-
-def _probe_image(path: str, min_side: int, deep: bool, budget: media.MediaBudget | None):
-    """(width, height) of an image, or the message of what is wrong with it."""
-    try:
-        width, height = media.image_size(path)
-        # under a fixed size every image is resized to it: its own size and shape do not matter
-        fixed = budget is not None and budget.image_resized_height and budget.image_resized_width
-        if not fixed and min(width, height) < min_side:
-            return (f"image {path} is {width}x{height} px; the processor needs at least {min_side} px a side: "
-                    "upscale it or drop the record")
-        if not fixed and max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            return (f"image {path} is {width}x{height} px, an aspect ratio over {MAX_ASPECT_RATIO}: crop or pad "
-                    "it, or drop the record")
-        if deep:
-            media.load_image(path, budget or media.MediaBudget())
-    except MediaError as exc:
-        return _advice(exc, path, "--image_folder")
-    return width, height
-
-
-def _probe_video(path: str, deep: bool, budget: media.MediaBudget | None):
-    """The ``VideoInfo`` of a video, or the message of what is wrong with it."""
-    try:
-        info = media.video_info(path)
-        if max(info.width, info.height) / min(info.width, info.height) > MAX_ASPECT_RATIO:
-            return (f"video {path} is {info.width}x{info.height} px, an aspect ratio over {MAX_ASPECT_RATIO}: "
-                    "crop it or drop the record")
-        if budget is not None:
-            try:
-                media.video_grid(info, budget)
-            except ValueError as exc:
-                sampling = f"nframes={budget.nframes}" if budget.nframes else f"fps={budget.fps:g}"
-                return (f"video {path} ({info.frames} frames at {info.fps:g} fps) cannot be sampled with "
-                        f"{sampling}: {exc}; lower --nframes or drop the record")
-        if deep:
-            media.load_video(path, budget or media.MediaBudget())
-    except MediaError as exc:
-        return _advice(exc, path, "--video_folder")
-    return info
-
-
-def probe_media(images: Iterable[str], videos: Iterable[str], min_side: int, deep: bool,
-                budget: media.MediaBudget | None, workers: int = 16) -> tuple[dict, dict]:
-    """Header checks (existence, size, frame count) of each listed file; ``deep`` decodes too. Returns
-    ({image: (width, height) or error message}, {video: VideoInfo or error message})."""
-    images, videos = list(images), list(videos)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        image_results = dict(zip(images, pool.map(lambda p: _probe_image(p, min_side, deep, budget), images)))
-        video_results = dict(zip(videos, pool.map(lambda p: _probe_video(p, deep, budget), videos)))
-    return image_results, video_results
-
-
-def check_media_files(records: list[Record], min_side: int, deep: bool, budget: media.MediaBudget | None,
-                      workers: int = 16) -> list[Problem]:
-    """Header checks (existence, size, frame count) of every distinct file once, then per record; ``deep``
-    decodes too. Fills the records' ``image_sizes`` and ``video_infos``."""
-    image_results, video_results = probe_media(
-        dict.fromkeys(p for r in records for p in r.images), dict.fromkeys(p for r in records for p in r.videos),
-        min_side, deep, budget, workers)
-    problems = []
-    for record in records:
-        record.image_sizes = [image_results[p] for p in record.images]
-        record.video_infos = [video_results[p] for p in record.videos]
-        for result in (*record.image_sizes, *record.video_infos):
-            if isinstance(result, str):
-                problems.append(Problem("error", result, record.index, record.id))
-    return problems
 
 
 def _shown(count: int, first: list[int]) -> str:
@@ -443,7 +206,7 @@ class CollectionCheck:
             problems.append(Problem("warning", f"duplicate id: records {_shown(count, first)} all use it; give each "
                                                "record its own id, so that reports name one record", first[1], rid))
         for key, (count, first, rid) in sorted(self.unknown.items()):
-            hint = f"; did you mean {key[:-1]!r}?" if key in ("images", "videos") else _stage_hint(key, self.stage)
+            hint = f"; did you mean {key[:-1]!r}?" if key in ("images", "videos") else stage_hint(key, self.stage)
             problems.append(Problem("warning", f"unknown key {key!r} ignored (in {count:,} record(s): "
                                                f"{_shown(count, first)}); known keys: {sorted(self.known)}{hint}",
                                     first[0], rid))
@@ -590,147 +353,3 @@ def load_records(path: str | Path, *args, **kwargs) -> list[Record]:
     if any(p.level == "error" for p in problems):
         raise DataError(path, problems)
     return records
-
-
-# ---------------------------------------------------------------- preference (DPO) and prompt (GRPO) records
-
-STAGE_KEYS = {"sft": frozenset(), "dpo": frozenset({"chosen", "rejected"})}
-DOCUMENT_KEYS = frozenset({"id", "image", "video", "text"})
-"""The keys of a CPT record."""
-"""Keys each stage reads beside ``KNOWN_KEYS``; GRPO reads every other key (as reward fields)."""
-_REPLY_KEYS = ("chosen", "rejected")
-
-
-def known_keys(stage: str) -> set[str] | None:
-    """The keys a record of ``stage`` may have, or None when any key is accepted (GRPO: reward fields)."""
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    if stage == "cpt":
-        return set(DOCUMENT_KEYS)
-    return None if stage == "grpo" else KNOWN_KEYS | STAGE_KEYS[stage]
-
-
-def _stage_hint(key: str, stage: str) -> str:
-    if stage == "sft" and key in _REPLY_KEYS:
-        return "; preference data (chosen / rejected) trains with `vlmtune dpo`"
-    if stage == "sft" and key == "text":
-        return "; documents ('text', no chat) train with `vlmtune train --stage cpt`"
-    return ""
-
-
-def _document_text(raw: dict, images: list | None, videos: list | None, err) -> str | None:
-    """A CPT record's text with one placeholder per medium: as written where it places its media with <image> /
-    <video> tags, else with every image, then every video, before the text (an image and its caption)."""
-    text = raw.get("text")
-    if text is None:
-        hint = (" (this is chat data: train it with `vlmtune train`, --stage sft)" if "conversations" in raw
-                else "")
-        err(f"'text' is missing; a CPT record holds its document in 'text', with <image> / <video> where the media "
-            f"go{hint}")
-        return None
-    if not isinstance(text, str):
-        err(f"'text' must be a string (the document), got {type(text).__name__}")
-        return None
-    if not text.strip():
-        err("'text' is empty; write the document or drop the record")
-        return None
-    reserved = [tok for tok in SPECIAL_TOKENS if tok in text] if "<|" in text else None
-    if reserved:
-        err(f"'text' contains the reserved token(s) {reserved}; remove them (write <image> / <video> where the "
-            "media go)")
-        return None
-    counts = {kind: text.count(tag) for kind, tag in (("image", IMAGE_PLACEHOLDER), ("video", VIDEO_PLACEHOLDER))}
-    if images is None or videos is None:
-        return None
-    if not any(counts.values()):
-        return IMAGE_PLACEHOLDER * len(images) + VIDEO_PLACEHOLDER * len(videos) + text
-    for kind, files in (("image", images), ("video", videos)):
-        if counts[kind] != len(files):
-            err(f"{counts[kind]} <{kind}> tag(s) in 'text' but {len(files)} {kind}(s); put one <{kind}> where each "
-                f"{kind} goes (or none at all: the media then come before the text)")
-            return None
-    return text
-
-
-def _reply_text(key: str, value, err) -> str | None:
-    """A preference reply: a string, or a turn object ``{"from": "gpt", "value": ...}``; None (and an error)."""
-    if isinstance(value, dict):
-        role_name = value.get("from", value.get("role"))
-        if role_name is not None and ROLES.get(role_name) != "assistant":
-            err(f"'{key}' is a turn from {role_name!r}; a reply comes from 'gpt' (or give the text as a string)")
-            return None
-        value = value.get("value", value.get("content"))
-        if not isinstance(value, str):
-            err(f"'{key}' turn: 'value' must be a string, got {type(value).__name__}")
-            return None
-    if not isinstance(value, str):
-        err(f"'{key}' must be the reply as a string (or a {{\"from\": \"gpt\", \"value\": ...}} turn), "
-            f"got {type(value).__name__}")
-        return None
-    if not value.strip():
-        err(f"'{key}' is an empty reply; write the reply or drop the record")
-        return None
-    reserved = [tok for tok in SPECIAL_TOKENS if tok in value] if "<|" in value else None
-    if reserved:
-        err(f"'{key}' contains the reserved token(s) {reserved}; remove them")
-        return None
-    if IMAGE_PLACEHOLDER in value or VIDEO_PLACEHOLDER in value:
-        err(f"'{key}' contains an <image> / <video> placeholder; media belong in the human turns")
-        return None
-    return value
-
-
-def _stage_parts(raw: dict, stage: str, messages: list[Message], names: list, err) -> dict:
-    """The ``Record`` fields a stage adds: ``chosen`` and ``rejected`` (DPO), ``fields`` (GRPO).
-
-    A GRPO record whose conversation ends with a gpt turn (as in Qwen2-VL-Finetune's GRPO data) has that turn
-    taken out of the prompt as its ``answer`` field.
-    """
-    if stage == "dpo":
-        parts = {}
-        for key in _REPLY_KEYS:
-            if key not in raw:
-                err(f"'{key}' is missing; a preference record gives the better reply in 'chosen' and the worse "
-                    "in 'rejected'")
-            else:
-                parts[key] = _reply_text(key, raw[key], err)
-        if len(parts) == 2 and None not in parts.values() and parts["chosen"].strip() == parts["rejected"].strip():
-            err("'chosen' and 'rejected' are the same reply; a preference pair needs two different replies")
-        return parts
-    if stage != "grpo":
-        return {}
-    fields = {k: v for k, v in raw.items() if k not in KNOWN_KEYS}
-    if len(messages) >= 2 and messages[-1].role == "assistant":
-        if "answer" in fields:
-            err("the conversation ends with a gpt turn and the record has an 'answer': a GRPO record's "
-                "conversation ends with the prompt; keep the gold answer in 'answer' only")
-        names.pop()
-        fields.setdefault("answer", messages.pop().text)
-    answer = fields.get("answer")
-    if "answer" in fields and (isinstance(answer, bool) or not isinstance(answer, str | int | float)):
-        err(f"'answer' must be a string or a number, got {json.dumps(fields['answer'])[:60]}")
-    box = fields.get("box")
-    if box is not None and not (isinstance(box, list) and len(box) == 4
-                                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)):
-        err(f"'box' must be [x1, y1, x2, y2] (four numbers), got {json.dumps(box)[:60]}")
-    return {"fields": fields}
-
-
-def _check_prompt_turns(messages: list[Message], names: list, stage: str, err) -> None:
-    """A DPO / GRPO conversation: an optional system turn, then human and gpt alternating, ending with the human
-    prompt that the replies answer."""
-    roles = [m.role for m in messages]
-    body = roles[1:] if roles and roles[0] == "system" else roles
-    expected = ["user", "assistant"] * (len(body) // 2 + 1)
-    if not body:
-        err(f"empty prompt: no human turn in {names}; add the question the replies answer")
-    elif body != expected[: len(body)]:
-        err(f"roles out of order: {names}; after an optional system turn, human and gpt alternate, "
-            "starting with human and ending with human (the prompt)")
-    elif body[-1] != "user":
-        where = ("the replies go in 'chosen' and 'rejected'" if stage == "dpo"
-                 else "the gold answer goes in 'answer'")
-        err(f"the conversation ends with a gpt turn; a {stage.upper()} record's conversation ends with the "
-            f"prompt (a human turn), and {where}")
-    elif not messages[-1].text.strip():
-        err("empty prompt: the last human turn has no text or media; write the question")

@@ -44,6 +44,11 @@ class Family:
     experts: tuple[str, ...] = ()
     """Name suffixes of the fused MoE expert weights: ``nn.Parameter`` stacks of all experts (not ``nn.Linear``),
     which LoRA reaches through PEFT's ``target_parameters``. Empty for dense models."""
+    hub_transposed: tuple[str, ...] = ()
+    """Name suffixes of the expert weights that the family's hub checkpoints store transposed (Qwen3-VL-MoE:
+    ``[E, H, 2I]`` / ``[E, I, H]``, where transformers keeps ``[E, 2I, H]`` / ``[E, H, I]`` in memory and writes
+    that). vlmtune writes model folders in the hub's layout (``vlmtune.model.hub_layout``): the one vLLM reads, and
+    the only one transformers loads under ZeRO-3."""
     routers: tuple[str, ...] = ()
     """Name suffixes of the modules that route tokens between experts (the top-k router; Qwen3.5-MoE's
     shared-expert gate too): frozen unless ``--train_router``."""

@@ -1,7 +1,8 @@
 """Qwen3-VL-MoE (Qwen3-VL-30B-A3B, 235B-A22B): Qwen3-VL's vision side and template, a sparse-MoE language model.
 
 Every decoder layer's MLP is ``Qwen3VLMoeTextSparseMoeBlock``: a top-k router ``mlp.gate`` (weight [E, H]) and the
-experts as two fused parameters ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I].
+experts as two fused parameters ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``mlp.experts.down_proj`` [E, H, I]
+in memory; the hub checkpoints store both transposed ([E, H, 2I], [E, I, H]), and so does vlmtune.
 """
 
 from vlmtune.families.base import THINK_TOKENS, Family
@@ -18,6 +19,7 @@ QWEN3_VL_MOE = Family(
     video_timestamps=True,
     mergers=("model.visual.merger", "model.visual.deepstack_merger_list"),
     experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
+    hub_transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     routers=("mlp.gate",),
     extra_tokens=THINK_TOKENS,
 )

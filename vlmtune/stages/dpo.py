@@ -1,8 +1,9 @@
 """Direct preference optimisation, ``dpo(config)``: config -> model -> preference pairs -> Trainer, top to bottom.
 
-Engine: our ``VisionLanguageTrainer`` with the DPO loss in ``compute_loss``; TRL supplies the fused log-prob head
-(``vlmtune.stages.reference``). TRL's ``DPOTrainer`` is not used: it takes a ``datasets.Dataset`` only and
-tokenizes prompt and replies apart (images only), which is a second data path beside vlmtune's processor-exact one.
+Engine: ``PolicyTrainer`` (``vlmtune.stages.policy``) with the DPO loss in ``compute_loss``, run by
+``run_policy_stage``; TRL supplies the fused log-prob head (``vlmtune.stages.reference``). TRL's ``DPOTrainer`` is
+not used: it takes a ``datasets.Dataset`` only and tokenizes prompt and replies apart (images only), which is a
+second data path beside vlmtune's processor-exact one.
 
 A batch of B pairs is one forward of 2B rows: the B chosen sequences, then the B rejected ones, each with its
 pixels (``PreferenceCollator``). The summed log-probability of each reply's tokens (its end-of-turn token
@@ -14,33 +15,18 @@ log-probabilities under the policy alone (rewards ``beta * mean logp``, as TRL l
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers.trainer_utils import get_last_checkpoint
 
-from vlmtune import run
 from vlmtune.config import DataArguments, DPOArguments, ModeArguments, ModelArguments, TrainingArguments
-from vlmtune.data.collator import vision_fillers
-from vlmtune.data.conversation import Conversation
 from vlmtune.data.prompts import PreferenceCollator, PreferenceDataset
 from vlmtune.errors import ConfigError
-from vlmtune.model import modes
-from vlmtune.model.load import torch_dtype
 from vlmtune.stages import losses as variants
 from vlmtune.stages import reference as ref
-from vlmtune.stages.common import (
-    VisionLanguageTrainer,
-    build_datasets,
-    check_environment,
-    fit,
-    is_distributed,
-    output_lock,
-    resolve_start,
-)
+from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
 
 logger = logging.getLogger(__name__)
 
@@ -64,22 +50,18 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
     return -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
 
 
-class DPOTrainer(VisionLanguageTrainer):
-    """``VisionLanguageTrainer`` whose loss is DPO's, against a ``Reference`` or precomputed reference log-probs."""
+class DPOTrainer(PolicyTrainer):
+    """``PolicyTrainer`` whose loss is DPO's, against a ``Reference`` or precomputed reference log-probs."""
 
-    def __init__(self, *args, dpo: DPOArguments, reference: ref.Reference | None, **kwargs):
+    def __init__(self, *args, dpo: DPOArguments, **kwargs):
         super().__init__(*args, **kwargs)
         self.dpo = dpo
-        self.reference = reference
-        self.model_accepts_loss_kwargs = False  # a per-batch mean: the Trainer divides it for accumulation
-        self.loss_is_scaled_for_ga = False
-        self._metrics: dict[str, defaultdict] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.ref_table: dict[str, torch.Tensor] = {}  # "train" / "eval" -> (pairs, 2), precomputed
 
     # ------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if model.training else "eval"
+        mode = self.mode_of(model)
         pair_index = inputs.pop("pair_index")
         mask = inputs["labels"][:, 1:] != -100
         if self.dpo.reference_free:
@@ -124,23 +106,7 @@ class DPOTrainer(VisionLanguageTrainer):
             "logps/chosen": chosen, "logps/rejected": rejected, **(extra or {}),
         }
         for key, value in values.items():
-            self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else None
-        if mode is not None:
-            prefix = "eval_" if mode == "eval" else ""
-            for key, values in self._metrics[mode].items():
-                if values:
-                    logs[prefix + key] = sum(values) / len(values)
-            self._metrics[mode].clear()
-        super().log(logs, start_time)
+            self.record_metric(mode, key, self.accelerator.gather(value).mean().item())
 
     # ------------------------------------------------------------ precomputed reference
 
@@ -182,59 +148,36 @@ class DPOTrainer(VisionLanguageTrainer):
             save_file({k: v.contiguous() for k, v in self.ref_table.items()},
                       str(Path(output_dir or self.args.output_dir, REF_FILE)))
 
-    def load_reference_table(self, checkpoint: str | bool | None) -> None:
-        """Resume: the precomputed reference log-probs saved with the checkpoint (if any)."""
-        if not checkpoint:
-            return
-        folder = get_last_checkpoint(self.args.output_dir) if checkpoint is True or checkpoint == "last" else checkpoint
-        path = Path(folder or "", REF_FILE)
-        if folder and path.is_file():
+    def load_reference_table(self, checkpoint: str | None) -> None:
+        """Resume: the precomputed reference log-probs saved with the checkpoint folder (``run.resolve_resume``'s
+        answer), if any."""
+        path = Path(checkpoint or "", REF_FILE)
+        if checkpoint and path.is_file():
             self.ref_table = {k: v for k, v in load_file(str(path)).items()}
 
 
 def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
         train_args: TrainingArguments, dpo_args: DPOArguments) -> Path:
     """Run one DPO job; returns the output folder."""
-    ref.require_trl("dpo")
-    plan = modes.plan_from_args(mode_args)
-    check_environment(model_args, train_args, plan)
-    if not data_args.data_path:
-        raise ConfigError("--data_path is required (preference records: prompt turns plus 'chosen' and 'rejected')")
-    if data_args.packing:
-        raise ConfigError("--packing is for SFT; DPO batches pair each chosen sequence with its rejected one")
-    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
-    start = resolve_start(model_args, data_args, plan)
-    processor, family = start.processor, start.family
-    conversation = Conversation(processor, "last_assistant", **data_args.template_options())  # the reply only
 
-    def make(records, lengths, source):
-        return PreferenceDataset(records, processor, family, start.budget, conversation, data_args.max_seq_length,
-                                 data_args.strict_length, lengths, source)
+    def dataset(records, lengths, source, start, conversation):
+        return PreferenceDataset(records, start.processor, start.family, start.budget, conversation,
+                                 data_args.max_seq_length, data_args.strict_length, lengths, source)
 
-    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
-                                         conversation, "dpo")
-    if len(train_set) == 0:
-        raise ConfigError("no preference record is left after the length filter; raise --max_seq_length")
-
-    with output_lock(train_args.output_dir):  # one run per output folder
-        model, reference, ref_model = ref.policy_and_reference(
-            start, model_args, mode_args, train_args, plan, "dpo", "vlmtune dpo",
-            reference=not (dpo_args.precompute_ref_log_probs or dpo_args.reference_free))
+    def prepare(trainer: DPOTrainer, start, plan, resume: str | None, train_set) -> None:
         logger.info("DPO: %s loss, beta %g, reference %s", dpo_args.loss_type, dpo_args.beta,
                     "none (a reference-free loss)" if dpo_args.reference_free
                     else "precomputed before step 1" if dpo_args.precompute_ref_log_probs
                     else "adapters off" if plan.uses_lora else "a frozen copy")
-
-        fillers = vision_fillers(processor, family.factor) if is_distributed() else None
-        run_info = run.run_record(stage="dpo", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
-                                  bits=model_args.bits, template_options=data_args.template_options(),
-                                  dpo=dict(vars(dpo_args)), **start.record())
-        trainer = DPOTrainer(
-            model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set,
-            data_collator=PreferenceCollator(processor.tokenizer.pad_token_id, fillers=fillers),
-            processing_class=processor, family=family, run_info=run_info, dpo=dpo_args, reference=reference,
-        )
-        ref.use_reference_copy(trainer, ref_model)
         trainer.load_reference_table(resume)
-        return fit(trainer, train_args, eval_set, resume)
 
+    return run_policy_stage(PolicyStage(
+        name="dpo", args=dpo_args, trainer=DPOTrainer, trainer_kwargs={"dpo": dpo_args},
+        dataset=dataset, label_mode="last_assistant",  # the reply only
+        collator=lambda processor, fillers: PreferenceCollator(processor.tokenizer.pad_token_id, fillers=fillers),
+        data_path="preference records: prompt turns plus 'chosen' and 'rejected'",
+        no_packing="DPO batches pair each chosen sequence with its rejected one",
+        empty="no preference record is left after the length filter; raise --max_seq_length",
+        reference=not (dpo_args.precompute_ref_log_probs or dpo_args.reference_free), reference_user="vlmtune dpo",
+        prepare=prepare,
+    ), model_args, data_args, mode_args, train_args)

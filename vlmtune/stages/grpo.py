@@ -26,33 +26,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from vlmtune import rewards as reward_lib
-from vlmtune import run
 from vlmtune.config import DataArguments, GRPOArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data import media
-from vlmtune.data.collator import Collator, vision_fillers
-from vlmtune.data.conversation import IGNORE_INDEX, Conversation
+from vlmtune.data.collator import Collator
+from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.prompts import PromptDataset, collate_prompts
 from vlmtune.errors import ConfigError, DataError, Problem
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
-from vlmtune.model import modes
-from vlmtune.model.load import torch_dtype
 from vlmtune.stages import losses
 from vlmtune.stages import reference as ref
-from vlmtune.stages.common import (
-    VisionLanguageTrainer,
-    build_datasets,
-    check_environment,
-    fit,
-    is_distributed,
-    output_lock,
-    resolve_start,
-)
+from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
 
 logger = logging.getLogger(__name__)
 
@@ -135,25 +123,20 @@ def cut_at_eos(row: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     return row[: int(ends[0]) + 1] if len(ends) else row
 
 
-class GRPOTrainer(VisionLanguageTrainer):
-    """``VisionLanguageTrainer`` that samples, scores and trains on completions in each step."""
+class GRPOTrainer(PolicyTrainer):
+    """``PolicyTrainer`` that samples, scores and trains on completions in each step."""
 
-    def __init__(self, *args, grpo: GRPOArguments, rewards: list[reward_lib.Reward],
-                 reference: ref.Reference | None, fillers=None, **kwargs):
+    def __init__(self, *args, grpo: GRPOArguments, rewards: list[reward_lib.Reward], **kwargs):
         super().__init__(*args, **kwargs)
         self.grpo = grpo
         self.rewards = rewards
-        self.reference = reference
-        self.model_accepts_loss_kwargs = False  # a per-batch mean: the Trainer divides it for accumulation
-        self.loss_is_scaled_for_ga = False
         tokenizer = self.processing_class.tokenizer
         self.eos_ids = _eos_ids(self.model, tokenizer)
-        self.rollout_collator = Collator(tokenizer.pad_token_id, fillers=fillers)
+        self.rollout_collator = Collator(tokenizer.pad_token_id, fillers=self.fillers)
         self.vision_ids = tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
         self.sampler = HFSampler(grpo, Collator(tokenizer.pad_token_id), self.eos_ids, tokenizer.pad_token_id,
                                  self.vision_ids)
         self._rollouts: dict[tuple, list] = {}  # --num_iterations > 1: a batch's rollout and its uses
-        self._metrics: dict[str, defaultdict] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._samples: list[dict] = []
 
     # ------------------------------------------------------------ sampling and scoring
@@ -213,7 +196,7 @@ class GRPOTrainer(VisionLanguageTrainer):
             equal = ~losses.varied_groups(self._rewards(prompts, completions)[2], n)
         dropped = equal.float().mean() if not equal.all() else torch.tensor(0.0)
         for key, value in (("dynamic_sampling/equal_groups", first), ("dynamic_sampling/dropped_groups", dropped)):
-            self._metrics["train"][key].append(self.accelerator.gather(value.to(self.args.device)[None]).mean().item())
+            self.record_metric("train", key, self.accelerator.gather(value.to(self.args.device)[None]).mean().item())
         if equal.all():
             return prompts, completions
         keep = (~equal).nonzero().flatten().tolist()
@@ -288,7 +271,7 @@ class GRPOTrainer(VisionLanguageTrainer):
                 lengths, self.grpo.max_completion_length, self.grpo.overlong_buffer,
                 self.grpo.overlong_penalty_factor).mean()
         for key, value in stats.items():
-            self._metrics[mode][key].append(self.accelerator.gather(value.to(device)[None]).mean().item())
+            self.record_metric(mode, key, self.accelerator.gather(value.to(device)[None]).mean().item())
         if mode == "train" and self.grpo.log_completions and self.accelerator.is_main_process:
             for i, text in enumerate(texts):
                 record = prompts[i // n]["record"]
@@ -300,7 +283,7 @@ class GRPOTrainer(VisionLanguageTrainer):
     # ------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        mode = "train" if model.training else "eval"
+        mode = self.mode_of(model)
         advantages = inputs["advantages"][:, None]
         mask = (inputs["labels"][:, 1:] != IGNORE_INDEX).float()
         logps = ref.token_log_probs(model, inputs)
@@ -325,28 +308,18 @@ class GRPOTrainer(VisionLanguageTrainer):
             totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]).detach(), "sum")
             return (totals[0] / totals[1].clamp(min=1)).item()
 
-        self._metrics[mode]["clip_ratio"].append(masked_mean(is_clipped.float().expand_as(mask)))
+        self.record_metric(mode, "clip_ratio", masked_mean(is_clipped.float().expand_as(mask)))
         if self.grpo.beta:
-            self._metrics[mode]["kl"].append(masked_mean(kl))
+            self.record_metric(mode, "kl", masked_mean(kl))
         return (loss, {"log_probs": logps.detach()}) if return_outputs else loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        batch = self._rollout(model, inputs["prompts"], "eval")
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, self._prepare_inputs(batch))
-        return loss.detach(), None, None
+    def eval_inputs(self, model, inputs: dict) -> dict:
+        return self._rollout(model, inputs["prompts"], "eval")
 
     # ------------------------------------------------------------ logs
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else None
-        if mode is not None:
-            prefix = "eval_" if mode == "eval" else ""
-            for key, values in self._metrics[mode].items():
-                if values:
-                    logs[prefix + key] = sum(values) / len(values)
-            self._metrics[mode].clear()
-        if mode == "train" and self._samples:
+        if "loss" in logs and self._samples:  # a training log line: the completions sampled since the last one
             if self.args.should_save:
                 path = Path(self.args.output_dir, COMPLETIONS_FILE)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -377,53 +350,30 @@ def check_reward_fields(rewards: list[reward_lib.Reward], dataset: PromptDataset
 def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
          train_args: TrainingArguments, grpo_args: GRPOArguments) -> Path:
     """Run one GRPO job; returns the output folder."""
-    ref.require_trl("grpo")
-    plan = modes.plan_from_args(mode_args)
-    check_environment(model_args, train_args, plan)
-    if not data_args.data_path:
-        raise ConfigError("--data_path is required (prompt records, with the fields the reward functions read)")
-    if data_args.packing:
-        raise ConfigError("--packing is for SFT; GRPO samples its sequences")
     rewards = reward_lib.load_rewards(grpo_args.reward_funcs, grpo_args.reward_weights)
-    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
-    start = resolve_start(model_args, data_args, plan)
-    processor, family = start.processor, start.family
-    conversation = Conversation(processor, **data_args.template_options())  # prompts rendered with its switches
 
-    def make(records, lengths, source):  # room for the completion beside each prompt
-        return PromptDataset(records, processor, family, start.budget, conversation, data_args.max_seq_length,
-                             data_args.strict_length, [n + grpo_args.max_completion_length for n in lengths], source)
+    def dataset(records, lengths, source, start, conversation):  # room for the completion beside each prompt
+        return PromptDataset(records, start.processor, start.family, start.budget, conversation,
+                             data_args.max_seq_length, data_args.strict_length,
+                             [n + grpo_args.max_completion_length for n in lengths], source)
 
-    train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
-                                         conversation, "grpo")
-    for dataset in (train_set, eval_set):
-        if dataset is not None:
-            check_reward_fields(rewards, dataset, dataset.source)
-    if len(train_set) == 0:
-        raise ConfigError("no prompt is left after the length filter (prompt + --max_completion_length); raise "
-                          "--max_seq_length")
-
-    with output_lock(train_args.output_dir):  # one run per output folder
-        model, reference, ref_model = ref.policy_and_reference(
-            start, model_args, mode_args, train_args, plan, "grpo", "vlmtune grpo with --beta > 0",
-            reference=bool(grpo_args.beta), temperature=grpo_args.temperature)
-
-        fillers = vision_fillers(processor, family.factor) if is_distributed() else None
-        run_info = run.run_record(stage="grpo", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
-                                  bits=model_args.bits, template_options=data_args.template_options(),
-                                  grpo=dict(vars(grpo_args)), **start.record())
-        trainer = GRPOTrainer(
-            model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collate_prompts,
-            processing_class=processor, family=family, run_info=run_info, grpo=grpo_args, rewards=rewards,
-            reference=reference, fillers=fillers,
-        )
-        ref.use_reference_copy(trainer, ref_model)
+    def prepare(trainer: GRPOTrainer, start, plan, resume: str | None, train_set) -> None:
         trainer.sampler = choose_sampler(grpo_args, trainer, train_set, start.budget)
         logger.info("GRPO: %d completions per prompt, rewards %s, %s loss, beta %g (reference: %s)",
                     grpo_args.num_generations, ", ".join(f"{r.name} x {r.weight:g}" for r in rewards),
                     grpo_args.loss_type, grpo_args.beta,
                     "none" if not grpo_args.beta else "adapters off" if plan.uses_lora else "a frozen copy")
-        return fit(trainer, train_args, eval_set, resume)
+
+    return run_policy_stage(PolicyStage(
+        name="grpo", args=grpo_args, trainer=GRPOTrainer, trainer_kwargs={"grpo": grpo_args, "rewards": rewards},
+        dataset=dataset, collator=lambda processor, fillers: collate_prompts,  # prompts: the trainer samples
+        check=lambda dataset: check_reward_fields(rewards, dataset, dataset.source),
+        data_path="prompt records, with the fields the reward functions read",
+        no_packing="GRPO samples its sequences",
+        empty="no prompt is left after the length filter (prompt + --max_completion_length); raise --max_seq_length",
+        reference=bool(grpo_args.beta), reference_user="vlmtune grpo with --beta > 0",
+        temperature=grpo_args.temperature, prepare=prepare,
+    ), model_args, data_args, mode_args, train_args)
 
 
 def choose_sampler(args: GRPOArguments, trainer: GRPOTrainer, dataset: PromptDataset, budget: media.MediaBudget):

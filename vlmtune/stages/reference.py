@@ -26,7 +26,7 @@ from torch import nn
 from vlmtune.errors import ConfigError
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype
-from vlmtune.stages.common import load_policy, load_start_model
+from vlmtune.stages.setup import load_policy, load_start_model
 
 logger = logging.getLogger(__name__)
 

@@ -21,17 +21,10 @@ from vlmtune.data.document import Document
 from vlmtune.errors import ConfigError
 from vlmtune.model import modes, packing
 from vlmtune.model.load import torch_dtype
-from vlmtune.stages.common import (
-    VisionLanguageTrainer,
-    build_datasets,
-    check_environment,
-    fit,
-    is_distributed,
-    load_policy,
-    output_lock,
-    resolve_start,
-)
 from vlmtune.stages.eval_generate import EvalGenerator, generation_metric_names
+from vlmtune.stages.fit import fit, output_lock
+from vlmtune.stages.setup import build_datasets, check_environment, is_distributed, load_policy, resolve_start
+from vlmtune.stages.trainer import VisionLanguageTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -14,13 +14,14 @@ import torch
 from vlmtune import cache_root
 from vlmtune.families import FAMILIES, Family
 from vlmtune.families.base import SPECIAL_TOKENS
+from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.model.zero3 import whole_weights
 
 TINY_VOCAB_SIZE = 1024
 TINY_TEXT_INIT_STD = 0.1
 """Larger than transformers' 0.02: with a 64-wide hidden state, 0.02 leaves the frozen lm_head too weak to
 express a peaked distribution, so LoRA-only runs could not fit the examples the way a pretrained model does."""
-TINY_SPEC_VERSION = 2  # bump when the tiny model changes, so cached copies are rebuilt
+TINY_SPEC_VERSION = 3  # bump when the tiny model changes, so cached copies are rebuilt
 DEFAULT_FAMILY = "qwen2_vl"
 
 # Pixel budgets of the tiny processor, in tokens (one token = one merged 2x2 patch group).
@@ -127,6 +128,7 @@ TINY_CONFIGS: dict[str, dict] = {
             "moe_intermediate_size": 24,  # 2 x 24 != hidden 64: a transposed expert layout would show in the shapes
             "num_experts": 4,
             "num_experts_per_tok": 2,
+            "norm_topk_prob": True,  # as the real configs: transformers always normalises, vLLM reads the key
         },
         "vision_config": TINY_QWEN3_VISION,
     },
@@ -142,14 +144,6 @@ TINY_CONFIGS: dict[str, dict] = {
     },
 }
 """Config kwargs (without vocabulary and token ids) of each family's embedded tiny model."""
-
-HUB_TRANSPOSED_EXPERTS: dict[str, tuple[str, ...]] = {"qwen3_vl_moe": ("mlp.experts.gate_up_proj",
-                                                                       "mlp.experts.down_proj")}
-"""Expert weights that the family's hub checkpoints store transposed ([E, H, 2I] and [E, I, H]; transformers 5.22
-keeps [E, 2I, H] / [E, H, I] in memory and writes that layout). The tiny model is written in the hub's layout, so
-loading exercises transformers' conversion as a real checkpoint does. (It also matters under ZeRO-3: transformers
-5.22 decides whether to transpose by comparing with the partitioned, empty parameter, so it always transposes,
-and only the hub layout loads.)"""
 
 TINY_TEMPLATES: dict[str, str] = {
     "qwen2_vl": chatml_template("You are a helpful assistant."),
@@ -264,19 +258,9 @@ def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: in
     # transformers would write weights from global rank 0 only, leaving other builders a folder without them.
     model.should_save_on_this_rank = lambda is_main_process: is_main_process
     model.save_pretrained(out)
-    if family in HUB_TRANSPOSED_EXPERTS:
-        _transpose_experts(out / "model.safetensors", HUB_TRANSPOSED_EXPERTS[family])
+    write_hub_layout(out, fam)  # as a real checkpoint of the family: loading exercises transformers' conversion
     _processor(fam, tokenizer).save_pretrained(out)
     return out
-
-
-def _transpose_experts(weights: Path, suffixes: tuple[str, ...]) -> None:
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(weights))
-    for key in [k for k in tensors if k.endswith(suffixes)]:
-        tensors[key] = tensors[key].transpose(1, 2).contiguous()
-    save_file(tensors, str(weights), metadata={"format": "pt"})
 
 
 def tiny_model_path(family: str = DEFAULT_FAMILY) -> Path:

@@ -1,6 +1,6 @@
-"""What every stage shares: the Trainer subclass, the checks of the environment, and the model set-up.
+"""``VisionLanguageTrainer``: the Hugging Face ``Trainer`` every stage trains with.
 
-The Hugging Face ``Trainer`` brings DeepSpeed, FSDP, resume, evaluation, logging and multi-node launch.
+The ``Trainer`` brings DeepSpeed, FSDP, resume, evaluation, logging and multi-node launch.
 ``VisionLanguageTrainer`` adds only what it lacks: our parameter groups, length grouping from lengths known
 without decoding media, saving just what trains (through ``vlmtune.run``), per-group learning rates and
 throughput in the logs, and what a run needs to survive faults:
@@ -14,44 +14,26 @@ throughput in the logs, and what a run needs to survive faults:
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import os
-import random
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from vlmtune import run
-from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
-from vlmtune.data import media, packing
-from vlmtune.data.check import check_data
-from vlmtune.data.dataset import take
-from vlmtune.errors import ConfigError, DataError, NonFiniteLoss, SaveError, Stopped
+from vlmtune.data import packing
+from vlmtune.errors import NonFiniteLoss
 from vlmtune.families import Family
 from vlmtune.model import modes
-from vlmtune.model.load import (
-    check_quantization,
-    disable_kv_cache,
-    dtype_name,
-    load_family,
-    load_model,
-    resolve_model_path,
-    torch_dtype,
-)
-from vlmtune.model.zero3 import whole_weights
+from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.stages import callbacks
+from vlmtune.stages.saving import save_failed
 
 logger = logging.getLogger(__name__)
 
@@ -121,43 +103,6 @@ class _StopOnSignal(TrainerCallback):
             logger.warning("%s: saving checkpoint-%d, then stopping", signal.Signals(self.signum).name,
                            state.global_step)
         return control
-
-
-def _write_failure(exc: BaseException) -> str | None:
-    """What went wrong, when ``exc`` is a failed write (a full disk, a quota, an I/O error), else None.
-
-    torch.save reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:...] unexpected pos``,
-    safetensors as ``SafetensorError: ... No space left on device (os error 28)`` (measured on a full tmpfs)."""
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    text = str(exc)
-    if type(exc).__name__ == "SafetensorError" or "inline_container" in text or "PytorchStreamWriter" in text:
-        return text.splitlines()[0] if text else type(exc).__name__
-    return None
-
-
-def _free_space(folder: Path) -> str:
-    for path in (folder, *folder.parents):
-        if path.exists():
-            free = shutil.disk_usage(path).free
-            for unit in ("B", "KiB", "MiB", "GiB"):
-                if free < 1024 or unit == "GiB":
-                    return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
-                free /= 1024
-    return "unknown"
-
-
-def save_failed(exc: BaseException, what: str, folder: Path) -> SaveError | None:
-    """The one-line error for a failed write of ``what`` into ``folder``, or None when ``exc`` is no write failure."""
-    reason = _write_failure(exc)
-    if reason is None:
-        return None
-    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(exc)
-    found = run.scan_checkpoints(folder).complete
-    last = f"the last complete checkpoint is {found[-1][1]}" if found else "no checkpoint is complete yet"
-    return SaveError(f"writing {what} failed: {reason} ({_free_space(folder)} free on the disk of {folder}); "
-                         f"{last}. {'Free space' if full else 'Fix the disk'} or give another --output_dir, then "
-                         "run the same command with --resume_from_checkpoint last")
 
 
 class VisionLanguageTrainer(Trainer):
@@ -311,6 +256,8 @@ class VisionLanguageTrainer(Trainer):
             # (Checkpoints keep them in fp32, so a resumed run continues exactly.)
             modes.cast_trained(self.model, getattr(torch, self.run_info["dtype"]))
         super().save_model(output_dir, _internal_call)
+        if not _internal_call and not self.run_info.get("lora") and self.args.should_save:
+            write_hub_layout(output_dir or self.args.output_dir, self.family)  # a model folder, as the hub's
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
@@ -358,218 +305,3 @@ class VisionLanguageTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.run_info.get("lora"):
             run.restore_non_lora_trainables(resume_from_checkpoint, model or self.model)
-
-
-def deepspeed_config(value) -> dict:
-    """The DeepSpeed config ``--deepspeed`` names: a JSON file, a JSON string or (from Python) a dict."""
-    if isinstance(value, dict):
-        return value
-    path = Path(value)
-    if not path.is_file() and not str(value).lstrip().startswith("{"):
-        raise ConfigError(f"--deepspeed {value}: no such file")
-    try:
-        return json.loads(path.read_text() if path.is_file() else value)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--deepspeed {value}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-
-
-def check_environment(model_args: ModelArguments, train_args: TrainingArguments, plan: modes.TrainPlan) -> None:
-    if model_args.bits in (4, 8) and (plan.llm == "full" or plan.topk_llm):
-        raise ConfigError(f"--bits {model_args.bits} quantizes the language model, whose weights then cannot train "
-                          "fully (--mode full, --lora_enable False or --unfreeze_topk_llm); QLoRA trains LoRA on it: "
-                          "use --mode lora or lora_vision")
-    if model_args.bits in (4, 8) and not torch.cuda.is_available():
-        raise ConfigError(f"--bits {model_args.bits} (QLoRA through bitsandbytes) needs a CUDA device; none is here")
-    if train_args.fp16 and not torch.cuda.is_available():
-        raise ConfigError("--fp16 needs a CUDA device; use --bf16 or fp32 on CPU")
-    if train_args.deepspeed and "optimizer" in deepspeed_config(train_args.deepspeed):
-        raise ConfigError(f"the DeepSpeed config {train_args.deepspeed} has an \"optimizer\" block: DeepSpeed would "
-                          "build its own optimizer over every trainable weight at one learning rate, dropping "
-                          "vlmtune's rates per part (--vision_lr, --merger_lr) and the groups without weight decay "
-                          "(biases, norms). Remove the block; --learning_rate, --weight_decay, --adam_beta1, "
-                          "--adam_beta2 and --adam_epsilon set what it held")
-    if train_args.on_nan_loss == "skip" and train_args.deepspeed:
-        raise ConfigError("--on_nan_loss skip does not work with DeepSpeed (its engine steps the optimizer inside "
-                          "the backward pass, where vlmtune cannot drop the step); use --on_nan_loss stop")
-
-
-
-
-# ---------------------------------------------------------------- the set-up every stage shares
-
-
-@dataclass
-class Start:
-    """What a run starts from: the base model, the LoRA run merged into it first (if any), and the processor,
-    family and media budgets of the run."""
-
-    base_model: str
-    init_run: run.RunInfo | None
-    family: Family
-    processor: object
-    budget: media.MediaBudget
-    budget_overrides: dict
-
-    def record(self, **extra) -> dict:
-        """The ``run_record`` keyword arguments that say where the run started."""
-        if self.init_run is not None:
-            extra["init_run"] = str(self.init_run.folder.resolve())
-        return {"base_model": self.base_model, "family": self.family,
-                "budget_overrides": self.budget_overrides, **extra}
-
-
-def resolve_start(model_args: ModelArguments, data_args: DataArguments, plan: modes.TrainPlan) -> Start:
-    """The model, processor and budgets a run starts from. ``--model_name_or_path`` may be a model, or the output
-    folder of a LoRA run (an SFT run before DPO or GRPO): its processor and budget options carry over (flags given
-    now win), and its adapters are merged into its base model when the model loads."""
-    model_path = resolve_model_path(model_args.model_name_or_path, model_args.tiny_family)
-    base_model, init_run = run.start_of(model_path)
-    if init_run is not None:
-        if model_args.bits in (4, 8):
-            raise ConfigError(f"--bits {model_args.bits} cannot start from LoRA adapters ({model_path}): their "
-                              "merge into quantized weights is lossy; `vlmtune merge` the run first and start from "
-                              "the merged folder")
-        logger.info("starting from the run in %s: %s with its adapters merged in", model_path, base_model)
-    family = load_family(base_model)
-    modes.check_family(plan, family)  # what cannot train on this family stops here, before anything loads
-    check_quantization(family, model_args.bits)
-    processor = run.load_run_processor(init_run, base_model)
-    overrides = {**(init_run.budget_overrides if init_run else {}),
-                 **{k: v for k, v in data_args.budget_overrides().items() if v is not None}}
-    budget = media.budget_from_processor(processor, family.factor, **overrides)
-    media.set_processor_budget(processor, budget)  # saved with every checkpoint: serving uses the same budgets
-    return Start(base_model, init_run, family, processor, budget, overrides)
-
-
-def build_datasets(data_args: DataArguments, processor, family: Family, budget: media.MediaBudget, seed: int,
-                   make: Callable, conversation, stage: str = "sft"):
-    """(train, eval or None) datasets of a stage: every file checked up front, labels included, with
-    ``conversation`` (the summary logged, errors raised as ``DataError``), a held-out split drawn with ``seed``,
-    and ``make(records, lengths, source)`` building each dataset from its records and measured lengths."""
-
-    def checked(path: str):
-        result = check_data(
-            path, processor, family, budget, image_folder=data_args.image_folder,
-            video_folder=data_args.video_folder, allow_urls=data_args.allow_urls, deep=data_args.deep_check,
-            max_seq_length=data_args.max_seq_length, conversation=conversation, stage=stage,
-            box_format=data_args.box_format,
-        )
-        logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
-        if result.errors:
-            raise DataError(result.file, result.problems)
-        return result.records, result.lengths
-
-    records, lengths = checked(data_args.data_path)  # SFT: lazy records from the data store, and their lengths
-    eval_records, eval_lengths = [], []
-    if data_args.eval_data_path:
-        eval_records, eval_lengths = checked(data_args.eval_data_path)
-    elif data_args.val_ratio:
-        order = list(range(len(records)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, int(len(records) * data_args.val_ratio))
-        eval_at, train_at = order[:n_eval], sorted(order[n_eval:])
-        eval_records, eval_lengths = take(records, eval_at), [lengths[i] for i in eval_at]
-        records, lengths = take(records, train_at), [lengths[i] for i in train_at]
-    train_set = make(records, lengths, data_args.data_path)
-    if not len(eval_records):
-        return train_set, None
-    return train_set, make(eval_records, eval_lengths, data_args.eval_data_path or data_args.data_path)
-
-
-def init_distributed(train_args: TrainingArguments) -> None:
-    """DeepSpeed's communication layer, before any model loads: ZeRO-3 partitions weights while from_pretrained
-    builds the model, and must know the world size by then (on CPU, accelerate's set-up does not do it)."""
-    logger.info("device: %s", f"CUDA x{torch.cuda.device_count()}" if torch.cuda.is_available() else "CPU")
-    if train_args.deepspeed:
-        import deepspeed
-
-        _ = train_args.device  # torch.distributed first
-        deepspeed.init_distributed()
-
-
-def load_start_model(start: Start, model_args: ModelArguments, dtype: torch.dtype):
-    """The model a run starts from, in ``dtype``: the base model, or the base with the start run's adapters (and
-    fully trained parts) merged in. Merged models are built whole, also under ZeRO-3 (DeepSpeed partitions them
-    when the engine starts)."""
-    if start.init_run is None:
-        model, _ = load_model(start.base_model, dtype=dtype, attn_implementation=model_args.attn_implementation,
-                              bits=model_args.bits, use_liger=model_args.use_liger)
-        return model
-    with whole_weights():
-        peft_model, _ = run.load_model_with_adapters(start.init_run, start.base_model, dtype,
-                                                     attn_implementation=model_args.attn_implementation,
-                                                     use_liger=model_args.use_liger)
-        return peft_model.merge_and_unload()
-
-
-def load_policy(start: Start, model_args: ModelArguments, mode_args: ModeArguments,
-                train_args: TrainingArguments, plan: modes.TrainPlan):
-    """The model to train: loaded, KV cache off, the plan applied (LoRA, what trains), fp32 masters of what
-    trains unless DeepSpeed or --pure_bf16 keeps its own."""
-    init_distributed(train_args)
-    dtype = torch_dtype(train_args.bf16, train_args.fp16)
-    model = load_start_model(start, model_args, dtype)
-    disable_kv_cache(model)
-    set_seed(train_args.seed)  # LoRA's initial weights are drawn here, before the Trainer seeds anything
-    model = modes.apply_plan(model, start.family, plan, mode_args)
-    logger.info("training plan: %s\n%s", plan.describe(), modes.trainable_report(model, start.family))
-    if not (train_args.deepspeed or train_args.pure_bf16) and (upcast := modes.fp32_master_weights(model)):
-        logger.info("fp32 master weights for %s trained parameters (the forward runs in %s through autocast)",
-                    f"{upcast:,}", dtype_name(dtype))
-    return model
-
-
-def is_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def output_lock(output_dir: str):
-    """One run per output folder: the first process holds the lock until it ends, however it ends."""
-    return run.RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
-
-
-def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set, resume: str | None,
-        started: float | None = None, predictions: Path | None = None) -> Path:
-    """Train (from the checkpoint ``resume``, resolved by ``run.resolve_resume``), then evaluate a held-out split
-    that has not reported yet, save the result and the state, draw the plots, log the end-of-run summary (time
-    from ``started``) and take the process groups down. A run stopped by SIGTERM raises ``Stopped`` saying how to
-    resume."""
-    started = started or time.time()
-    trainer.train(resume_from_checkpoint=resume)
-    if trainer.stopped:
-        _leave_together()
-        signum, step = trainer.stopped
-        raise Stopped(f"stopped by {signal.Signals(signum).name} after step {step}, saved in "
-                      f"{Path(train_args.output_dir, f'{run.CHECKPOINT_PREFIX}-{step}')}; run the same command with "
-                      "--resume_from_checkpoint last to continue", signum)
-    if eval_set is not None and train_args.eval_strategy == "no":  # an eval split always reports, at least at the end
-        trainer.evaluate()
-    try:
-        trainer.save_model(train_args.output_dir)
-        trainer.save_state()
-    except Exception as exc:
-        error = save_failed(exc, "the trained model", Path(train_args.output_dir))
-        if error is None:
-            raise
-        raise error from None
-    logger.info("saved to %s", train_args.output_dir)
-    if trainer.is_world_process_zero():
-        from vlmtune.plots import plot_run
-
-        try:
-            plot = plot_run(train_args.output_dir)
-        except Exception as exc:  # a plot must never fail a finished run
-            logger.warning("could not draw the plots: %s", exc)
-            plot = None
-        logger.info("%s", callbacks.summary(trainer, started, train_args.output_dir, lora=trainer.run_info.get("lora"),
-                                            plot=plot, predictions=predictions))
-    _leave_together()
-    return Path(train_args.output_dir)
-
-
-def _leave_together() -> None:
-    if torch.distributed.is_initialized():
-        # Leave together and take the process groups down: a rank that exits with them alive can abort in
-        # their destructors ("terminate called without an active exception"), failing a finished run.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()

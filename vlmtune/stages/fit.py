@@ -1,0 +1,74 @@
+"""The end every stage shares: one run per output folder (``output_lock``), and ``fit``: train, evaluate, save,
+plot, summarise, and leave the process groups together."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from vlmtune import run
+from vlmtune.config import TrainingArguments
+from vlmtune.errors import Stopped
+from vlmtune.stages import callbacks
+from vlmtune.stages.saving import save_failed
+from vlmtune.stages.trainer import VisionLanguageTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def output_lock(output_dir: str):
+    """One run per output folder: the first process holds the lock until it ends, however it ends."""
+    return run.RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+
+
+def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set, resume: str | None,
+        started: float | None = None, predictions: Path | None = None) -> Path:
+    """Train (from the checkpoint ``resume``, resolved by ``run.resolve_resume``), then evaluate a held-out split
+    that has not reported yet, save the result and the state, draw the plots, log the end-of-run summary (time
+    from ``started``) and take the process groups down. A run stopped by SIGTERM raises ``Stopped`` saying how to
+    resume."""
+    started = started or time.time()
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.stopped:
+        _leave_together()
+        signum, step = trainer.stopped
+        raise Stopped(f"stopped by {signal.Signals(signum).name} after step {step}, saved in "
+                      f"{Path(train_args.output_dir, f'{run.CHECKPOINT_PREFIX}-{step}')}; run the same command with "
+                      "--resume_from_checkpoint last to continue", signum)
+    if eval_set is not None and train_args.eval_strategy == "no":  # an eval split always reports, at least at the end
+        trainer.evaluate()
+    try:
+        trainer.save_model(train_args.output_dir)
+        trainer.save_state()
+    except Exception as exc:
+        error = save_failed(exc, "the trained model", Path(train_args.output_dir))
+        if error is None:
+            raise
+        raise error from None
+    logger.info("saved to %s", train_args.output_dir)
+    if trainer.is_world_process_zero():
+        from vlmtune.plots import plot_run
+
+        try:
+            plot = plot_run(train_args.output_dir)
+        except Exception as exc:  # a plot must never fail a finished run
+            logger.warning("could not draw the plots: %s", exc)
+            plot = None
+        logger.info("%s", callbacks.summary(trainer, started, train_args.output_dir, lora=trainer.run_info.get("lora"),
+                                            plot=plot, predictions=predictions))
+    _leave_together()
+    return Path(train_args.output_dir)
+
+
+def _leave_together() -> None:
+    if torch.distributed.is_initialized():
+        # Leave together and take the process groups down: a rank that exits with them alive can abort in
+        # their destructors ("terminate called without an active exception"), failing a finished run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,199 @@
+"""The set-up every stage shares, before its Trainer exists: the checks of the environment, where a run starts
+(model, processor, budgets), the datasets checked up front, and the model to train."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from vlmtune import run
+from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
+from vlmtune.data import media
+from vlmtune.data.check import check_data
+from vlmtune.data.dataset import take
+from vlmtune.errors import ConfigError, DataError
+from vlmtune.families import Family
+from vlmtune.model import modes
+from vlmtune.model.load import (
+    check_quantization,
+    disable_kv_cache,
+    dtype_name,
+    load_family,
+    load_model,
+    resolve_model_path,
+    torch_dtype,
+)
+from vlmtune.model.zero3 import whole_weights
+
+logger = logging.getLogger(__name__)
+
+
+def deepspeed_config(value) -> dict:
+    """The DeepSpeed config ``--deepspeed`` names: a JSON file, a JSON string or (from Python) a dict."""
+    if isinstance(value, dict):
+        return value
+    path = Path(value)
+    if not path.is_file() and not str(value).lstrip().startswith("{"):
+        raise ConfigError(f"--deepspeed {value}: no such file")
+    try:
+        return json.loads(path.read_text() if path.is_file() else value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--deepspeed {value}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def check_environment(model_args: ModelArguments, train_args: TrainingArguments, plan: modes.TrainPlan) -> None:
+    """What this machine and the flags cannot run together stops here, as one ``ConfigError``, before anything
+    loads."""
+    if model_args.bits in (4, 8) and (plan.llm == "full" or plan.topk_llm):
+        raise ConfigError(f"--bits {model_args.bits} quantizes the language model, whose weights then cannot train "
+                          "fully (--mode full, --lora_enable False or --unfreeze_topk_llm); QLoRA trains LoRA on it: "
+                          "use --mode lora or lora_vision")
+    if model_args.bits in (4, 8) and not torch.cuda.is_available():
+        raise ConfigError(f"--bits {model_args.bits} (QLoRA through bitsandbytes) needs a CUDA device; none is here")
+    if train_args.fp16 and not torch.cuda.is_available():
+        raise ConfigError("--fp16 needs a CUDA device; use --bf16 or fp32 on CPU")
+    if train_args.deepspeed and "optimizer" in deepspeed_config(train_args.deepspeed):
+        raise ConfigError(f"the DeepSpeed config {train_args.deepspeed} has an \"optimizer\" block: DeepSpeed would "
+                          "build its own optimizer over every trainable weight at one learning rate, dropping "
+                          "vlmtune's rates per part (--vision_lr, --merger_lr) and the groups without weight decay "
+                          "(biases, norms). Remove the block; --learning_rate, --weight_decay, --adam_beta1, "
+                          "--adam_beta2 and --adam_epsilon set what it held")
+    if train_args.on_nan_loss == "skip" and train_args.deepspeed:
+        raise ConfigError("--on_nan_loss skip does not work with DeepSpeed (its engine steps the optimizer inside "
+                          "the backward pass, where vlmtune cannot drop the step); use --on_nan_loss stop")
+
+
+
+
+@dataclass
+class Start:
+    """What a run starts from: the base model, the LoRA run merged into it first (if any), and the processor,
+    family and media budgets of the run."""
+
+    base_model: str
+    init_run: run.RunInfo | None
+    family: Family
+    processor: object
+    budget: media.MediaBudget
+    budget_overrides: dict
+
+    def record(self, **extra) -> dict:
+        """The ``run_record`` keyword arguments that say where the run started."""
+        if self.init_run is not None:
+            extra["init_run"] = str(self.init_run.folder.resolve())
+        return {"base_model": self.base_model, "family": self.family,
+                "budget_overrides": self.budget_overrides, **extra}
+
+
+def resolve_start(model_args: ModelArguments, data_args: DataArguments, plan: modes.TrainPlan) -> Start:
+    """The model, processor and budgets a run starts from. ``--model_name_or_path`` may be a model, or the output
+    folder of a LoRA run (an SFT run before DPO or GRPO): its processor and budget options carry over (flags given
+    now win), and its adapters are merged into its base model when the model loads."""
+    model_path = resolve_model_path(model_args.model_name_or_path, model_args.tiny_family)
+    base_model, init_run = run.start_of(model_path)
+    if init_run is not None:
+        if model_args.bits in (4, 8):
+            raise ConfigError(f"--bits {model_args.bits} cannot start from LoRA adapters ({model_path}): their "
+                              "merge into quantized weights is lossy; `vlmtune merge` the run first and start from "
+                              "the merged folder")
+        logger.info("starting from the run in %s: %s with its adapters merged in", model_path, base_model)
+    family = load_family(base_model)
+    modes.check_family(plan, family)  # what cannot train on this family stops here, before anything loads
+    check_quantization(family, model_args.bits)
+    processor = run.load_run_processor(init_run, base_model)
+    overrides = {**(init_run.budget_overrides if init_run else {}),
+                 **{k: v for k, v in data_args.budget_overrides().items() if v is not None}}
+    budget = media.budget_from_processor(processor, family.factor, **overrides)
+    media.set_processor_budget(processor, budget)  # saved with every checkpoint: serving uses the same budgets
+    return Start(base_model, init_run, family, processor, budget, overrides)
+
+
+def build_datasets(data_args: DataArguments, processor, family: Family, budget: media.MediaBudget, seed: int,
+                   make: Callable, conversation, stage: str = "sft"):
+    """(train, eval or None) datasets of a stage: every file checked up front, labels included, with
+    ``conversation`` (the summary logged, errors raised as ``DataError``), a held-out split drawn with ``seed``,
+    and ``make(records, lengths, source)`` building each dataset from its records and measured lengths."""
+
+    def checked(path: str):
+        result = check_data(
+            path, processor, family, budget, image_folder=data_args.image_folder,
+            video_folder=data_args.video_folder, allow_urls=data_args.allow_urls, deep=data_args.deep_check,
+            max_seq_length=data_args.max_seq_length, conversation=conversation, stage=stage,
+            box_format=data_args.box_format,
+        )
+        logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
+        if result.errors:
+            raise DataError(result.file, result.problems)
+        return result.records, result.lengths
+
+    records, lengths = checked(data_args.data_path)  # SFT: lazy records from the data store, and their lengths
+    eval_records, eval_lengths = [], []
+    if data_args.eval_data_path:
+        eval_records, eval_lengths = checked(data_args.eval_data_path)
+    elif data_args.val_ratio:
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(len(records) * data_args.val_ratio))
+        eval_at, train_at = order[:n_eval], sorted(order[n_eval:])
+        eval_records, eval_lengths = take(records, eval_at), [lengths[i] for i in eval_at]
+        records, lengths = take(records, train_at), [lengths[i] for i in train_at]
+    train_set = make(records, lengths, data_args.data_path)
+    if not len(eval_records):
+        return train_set, None
+    return train_set, make(eval_records, eval_lengths, data_args.eval_data_path or data_args.data_path)
+
+
+def init_distributed(train_args: TrainingArguments) -> None:
+    """DeepSpeed's communication layer, before any model loads: ZeRO-3 partitions weights while from_pretrained
+    builds the model, and must know the world size by then (on CPU, accelerate's set-up does not do it)."""
+    logger.info("device: %s", f"CUDA x{torch.cuda.device_count()}" if torch.cuda.is_available() else "CPU")
+    if train_args.deepspeed:
+        import deepspeed
+
+        _ = train_args.device  # torch.distributed first
+        deepspeed.init_distributed()
+
+
+def load_start_model(start: Start, model_args: ModelArguments, dtype: torch.dtype):
+    """The model a run starts from, in ``dtype``: the base model, or the base with the start run's adapters (and
+    fully trained parts) merged in. Merged models are built whole, also under ZeRO-3 (DeepSpeed partitions them
+    when the engine starts)."""
+    if start.init_run is None:
+        model, _ = load_model(start.base_model, dtype=dtype, attn_implementation=model_args.attn_implementation,
+                              bits=model_args.bits, use_liger=model_args.use_liger)
+        return model
+    with whole_weights():
+        peft_model, _ = run.load_model_with_adapters(start.init_run, start.base_model, dtype,
+                                                     attn_implementation=model_args.attn_implementation,
+                                                     use_liger=model_args.use_liger)
+        return peft_model.merge_and_unload()
+
+
+def load_policy(start: Start, model_args: ModelArguments, mode_args: ModeArguments,
+                train_args: TrainingArguments, plan: modes.TrainPlan):
+    """The model to train: loaded, KV cache off, the plan applied (LoRA, what trains), fp32 masters of what
+    trains unless DeepSpeed or --pure_bf16 keeps its own."""
+    init_distributed(train_args)
+    dtype = torch_dtype(train_args.bf16, train_args.fp16)
+    model = load_start_model(start, model_args, dtype)
+    disable_kv_cache(model)
+    set_seed(train_args.seed)  # LoRA's initial weights are drawn here, before the Trainer seeds anything
+    model = modes.apply_plan(model, start.family, plan, mode_args)
+    logger.info("training plan: %s\n%s", plan.describe(), modes.trainable_report(model, start.family))
+    if not (train_args.deepspeed or train_args.pure_bf16) and (upcast := modes.fp32_master_weights(model)):
+        logger.info("fp32 master weights for %s trained parameters (the forward runs in %s through autocast)",
+                    f"{upcast:,}", dtype_name(dtype))
+    return model
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several (a launcher set ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
