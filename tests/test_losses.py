@@ -263,3 +263,22 @@ def test_overlong_penalty_and_filter_in_the_grpo_trainer(tiny, tmp_path):
         ends.append(int(batch["input_ids"][row][int(batch["attention_mask"][row].sum()) - 1]) in eos)
         assert bool((batch["labels"][row] != -100).any()) == ends[-1], row
     assert len(set(ends)) == 2  # both kinds of completion
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["dpo", "--loss_type", "orpo", "--precompute_ref_log_probs", "True"],
+     "--precompute_ref_log_probs: --loss_type orpo uses no reference model; drop the flag"),
+    (["dpo", "--loss_type", "orpo", "--label_smoothing", "0.1"],
+     "--label_smoothing applies to the sigmoid and simpo losses, not --loss_type orpo"),
+    (["grpo", "--importance_sampling_level", "sequence", "--loss_type", "bnpo"],
+     "--importance_sampling_level sequence (GSPO) gives one loss per completion, averaged with --loss_type grpo"),
+    (["grpo", "--overlong_buffer", "100", "--max_completion_length", "64"],
+     "--overlong_buffer within [0, --max_completion_length 64]"),
+    (["grpo", "--dynamic_sampling", "-1"], "--dynamic_sampling must be >= 0"),
+])
+def test_contradicting_variant_flags_stop_with_one_line(argv, message, capsys):
+    from vlmtune.cli import main
+
+    assert main([*argv, "--data_path", "x.json", "--use_cpu", "True"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
