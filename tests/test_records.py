@@ -353,11 +353,13 @@ def test_duplicate_ids_and_unknown_keys_are_warnings(tmp_path):
 
 
 def test_plural_media_keys_get_a_hint(tmp_path):
+    """In a LLaVA file (its first record LLaVA), 'images' is a slip for 'image'. A file that starts with such a
+    record is ShareGPT (LLaMA-Factory writes `conversations` with an `images` list): tests/test_formats.py."""
     record = {"id": "x", "images": [RED_CIRCLE], "conversations": turns()}
-    path = write(tmp_path, [record])
-    only_error(path, 0, "x", "1 <image> placeholder(s) but 0 image(s)")
+    path = write(tmp_path, [good("first"), record])
+    only_error(path, 1, "x", "1 <image> placeholder(s) but 0 image(s)")
     warning, = problems(path, level="warning")
-    assert warning.startswith(f"{path}: record 0 (id 'x'): unknown key 'images' ignored")
+    assert warning.startswith(f"{path}: record 1 (id 'x'): unknown key 'images' ignored")
     assert warning.endswith("did you mean 'image'?")
 
 

@@ -1,5 +1,5 @@
-"""``vlmtune train | dpo | grpo | check-data | tiny-model | merge | predict | eval | plot | estimate-memory``: parse,
-call, report."""
+"""``vlmtune train | dpo | grpo | check-data | convert | tiny-model | merge | predict | eval | plot |
+estimate-memory``: parse, call, report."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ commands:
   dpo              preference-tune on chosen / rejected replies (vlmtune dpo --help)
   grpo             reinforce with reward functions on sampled replies (vlmtune grpo --help)
   check-data       validate a data file and summarise it
+  convert          write a data file as LLaVA JSON plus images, or as Parquet with embedded images
   merge            merge LoRA adapters and trained parts into a standalone model folder
   predict          generate replies with a model (and adapters) for images, videos or a data file
   eval             score a model (or two, --compare) on a data file with task metrics
@@ -72,9 +73,11 @@ def cmd_check_data(argv: list[str]) -> int:
     from vlmtune.data import media
     from vlmtune.data.check import check_data
     from vlmtune.data.conversation import LABEL_MODES, Conversation
+    from vlmtune.data.formats import FORMATS
     from vlmtune.model.load import load_family, load_processor, resolve_model_path
 
-    parser = argparse.ArgumentParser(prog="vlmtune check-data", description="Validate a LLaVA-style data file.")
+    parser = argparse.ArgumentParser(prog="vlmtune check-data",
+                                     description="Validate a data file (LLaVA, ShareGPT or messages records).")
     parser.add_argument("data_path")
     parser.add_argument("--image_folder", help="folder of relative image paths (default: the data file's)")
     parser.add_argument("--video_folder", help="folder of relative video paths (default: image_folder)")
@@ -83,6 +86,8 @@ def cmd_check_data(argv: list[str]) -> int:
     parser.add_argument("--max_seq_length", type=int, default=4096)
     parser.add_argument("--deep", action="store_true", help="decode every image and video (slower)")
     parser.add_argument("--allow_urls", action="store_true")
+    parser.add_argument("--data_format", choices=FORMATS, help="format of the records (default: detected from "
+                        "the first record): llava, sharegpt (LLaMA-Factory / ms-swift) or messages (typed parts)")
     parser.add_argument("--stage", choices=["sft", "dpo", "grpo", "cpt"], default="sft",
                         help="what the records are for: sft (conversations with replies), dpo (prompt turns plus "
                         "'chosen' and 'rejected'), grpo (prompt turns plus reward fields), cpt (documents: 'text' "
@@ -112,7 +117,7 @@ def cmd_check_data(argv: list[str]) -> int:
     result = check_data(args.data_path, processor, family, budget, image_folder=args.image_folder,
                         video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
                         max_seq_length=args.max_seq_length, conversation=conversation, processes=args.processes,
-                        stage=args.stage, box_format=args.box_format)
+                        stage=args.stage, box_format=args.box_format, data_format=args.data_format)
     print(result.summary())
     return 1 if result.errors else 0
 
@@ -154,6 +159,12 @@ def cmd_plot(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_convert(argv: list[str]) -> int:
+    from vlmtune.data.convert import main
+
+    return main(argv)
+
+
 def cmd_estimate_memory(argv: list[str]) -> int:
     from vlmtune.memory import main
 
@@ -161,6 +172,7 @@ def cmd_estimate_memory(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "dpo": cmd_dpo, "grpo": cmd_grpo, "check-data": cmd_check_data,
+            "convert": cmd_convert,
             "tiny-model": cmd_tiny_model, "merge": cmd_merge, "predict": cmd_predict, "eval": cmd_eval,
             "plot": cmd_plot, "estimate-memory": cmd_estimate_memory}
 

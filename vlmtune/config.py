@@ -57,7 +57,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = field(default=None, metadata={"help": "Training data: LLaVA-style JSON array or JSONL."})
+    data_path: str | None = field(default=None, metadata={"help": "Training data: a JSON array or JSON lines file "
+                                                                  "(LLaVA, ShareGPT or messages records)."})
     stage: Literal["sft", "cpt"] = field(
         default="sft",
         metadata={"help": "vlmtune train only. sft: conversations, the replies train. cpt: continued pre-training "
@@ -69,6 +70,10 @@ class DataArguments:
     )
     video_folder: str | None = field(
         default=None, metadata={"help": "Folder that relative video paths start from (default: image_folder)."}
+    )
+    data_format: Literal["llava", "sharegpt", "messages"] | None = field(
+        default=None, metadata={"help": "Format of the data files (default: detected from each file's first "
+                                "record): LLaVA, ShareGPT (LLaMA-Factory / ms-swift) or typed-part messages."},
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same format."})
     val_ratio: float = field(

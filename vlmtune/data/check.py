@@ -103,6 +103,7 @@ def check_data(
     processes: int | None = None,
     stage: str = "sft",
     box_format: str | None = None,
+    data_format: str | None = None,
 ) -> CheckResult:
     """Validate every record, check its labels (with ``conversation``: the run's label mode and template switches),
     then measure token lengths (text + vision) of the valid ones.
@@ -122,7 +123,8 @@ def check_data(
         try:
             store = open_store(data_path, processor, family, budget, conversation, image_folder=image_folder,
                                video_folder=video_folder, allow_urls=allow_urls, deep=deep,
-                               min_image_side=family.factor, processes=processes, stage=stage)
+                               min_image_side=family.factor, processes=processes, data_format=data_format,
+                               stage=stage)
         except FileError as exc:
             return CheckResult(str(data_path), [], [exc.problem], np.zeros(0, np.int64), max_seq_length,
                                time.perf_counter() - start)
@@ -134,6 +136,7 @@ def check_data(
     records, problems = read_records(
         data_path, image_folder, video_folder, allow_urls=allow_urls, deep=deep,
         min_image_side=family.factor, budget=budget, stage=stage, box_target=family.box_format, box_format=box_format,
+        data_format=data_format,
     )
     parts: dict[str, list[int]] = {}
     if stored:  # one pass over the texts: token counts and the label check (data/conversation.py)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import math
 import os
 import struct
@@ -20,6 +21,7 @@ from PIL import Image, ImageOps
 from qwen_vl_utils import vision_process as qvu
 
 from vlmtune import cache_root
+from vlmtune.data.inline import inline_bytes, is_inline, shown  # noqa: F401  (re-exported)
 from vlmtune.errors import MediaError
 
 # EXIF orientations that rotate by 90 or 270 degrees, so width and height swap.
@@ -78,6 +80,11 @@ class VideoInfo:
 
 def is_url(path: str | Path) -> bool:
     return str(path).startswith(URL_PREFIXES)
+
+
+def _opened(path: str | Path):
+    """What ``Image.open`` reads: bytes in memory for a data: URI, else a local path (URLs fetched once)."""
+    return io.BytesIO(inline_bytes(str(path))) if is_inline(path) else local_path(path)
 
 
 def media_cache_dir() -> Path:
@@ -150,7 +157,7 @@ def _orientation(img: Image.Image) -> int:
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) after EXIF orientation, read from the header only."""
     try:
-        with Image.open(local_path(path)) as img:
+        with Image.open(_opened(path)) as img:
             width, height = img.size
             orientation = _orientation(img)
     except MediaError:
@@ -158,14 +165,14 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except FileNotFoundError:
         raise MediaError(f"image file not found: {path}") from None
     except Exception as exc:  # PIL raises many types for bad files
-        raise MediaError(f"unreadable image {path}: {exc}") from None
+        raise MediaError(f"unreadable image {shown(path)}: {exc}") from None
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
 def load_image(path: str | Path, budget: MediaBudget) -> Image.Image:
     """Decode an image, apply EXIF orientation, convert to RGB and resize it under the budget."""
     try:
-        with Image.open(local_path(path)) as img:
+        with Image.open(_opened(path)) as img:
             img = ImageOps.exif_transpose(img)
             img.load()
     except MediaError:
@@ -173,7 +180,7 @@ def load_image(path: str | Path, budget: MediaBudget) -> Image.Image:
     except FileNotFoundError:
         raise MediaError(f"image file not found: {path}") from None
     except Exception as exc:
-        raise MediaError(f"unreadable image {path}: {exc}") from None
+        raise MediaError(f"unreadable image {shown(path)}: {exc}") from None
     return qvu.fetch_image(budget.image_element(img), image_patch_size=budget.factor // 2)
 
 

@@ -14,22 +14,23 @@ MAX_ASPECT_RATIO = 200  # the processors' limit
 
 
 def _advice(exc: MediaError, path: str, folder_flag: str) -> str:
-    if media.is_url(path) or os.path.exists(path):
+    if media.is_url(path) or media.is_inline(path) or os.path.exists(path):
         return f"{exc}; replace the file or drop the record"
     return f"{exc}; check the name and {folder_flag} (relative paths are resolved against it)"
 
 
 def _probe_image(path: str, min_side: int, deep: bool, budget: media.MediaBudget | None):
     """(width, height) of an image, or the message of what is wrong with it."""
+    name = media.shown(path)
     try:
         width, height = media.image_size(path)
         # under a fixed size every image is resized to it: its own size and shape do not matter
         fixed = budget is not None and budget.image_resized_height and budget.image_resized_width
         if not fixed and min(width, height) < min_side:
-            return (f"image {path} is {width}x{height} px; the processor needs at least {min_side} px a side: "
+            return (f"image {name} is {width}x{height} px; the processor needs at least {min_side} px a side: "
                     "upscale it or drop the record")
         if not fixed and max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-            return (f"image {path} is {width}x{height} px, an aspect ratio over {MAX_ASPECT_RATIO}: crop or pad "
+            return (f"image {name} is {width}x{height} px, an aspect ratio over {MAX_ASPECT_RATIO}: crop or pad "
                     "it, or drop the record")
         if deep:
             media.load_image(path, budget or media.MediaBudget())

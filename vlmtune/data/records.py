@@ -14,8 +14,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from vlmtune.data import boxes, media
-from vlmtune.data.formats.jsonfile import scan
+from vlmtune.data import boxes, formats, media
+from vlmtune.data.formats import scan
 from vlmtune.data.probe import check_media_files, probe_media  # noqa: F401  (re-exported)
 from vlmtune.data.schema import (  # noqa: F401  (re-exported: the names every reader of records uses)
     DOCUMENT_ROLE,
@@ -30,7 +30,7 @@ from vlmtune.data.schema import (  # noqa: F401  (re-exported: the names every r
     known_keys,
 )
 from vlmtune.data.stage_records import check_prompt_turns, document_text, stage_hint, stage_parts
-from vlmtune.errors import DataError, FileError, Problem
+from vlmtune.errors import DataError, FileError, MediaError, Problem
 from vlmtune.families.base import SPECIAL_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,16 @@ class _Resolver:
         self.cache: dict[str, str] = {}
 
     def __call__(self, name: str, err) -> str | None:
+        if media.is_inline(name):  # bytes in the record: checked here, decoded from memory when read
+            if self.kind != "image":
+                err(f"a {self.kind} given as a data: URI is not read (only images are); write it to a file")
+                return None
+            try:
+                media.inline_bytes(name)
+            except MediaError as exc:
+                err(f"{exc}; give the image as base64 (data:image/png;base64,...) or as a file")
+                return None
+            return name
         if name.startswith(URL_PREFIXES):
             if not self.allow_urls:
                 err(f"{self.kind} {name!r} is a URL; download it, or pass --allow_urls to fetch it")
@@ -217,8 +227,10 @@ Parsed = tuple[int, "Record | None", list[Problem], "str | None", "list[str] | N
 """(index, the record or None, its problems, its raw id or None, its unknown keys or None if not an object)."""
 
 
-def parse_item(item: RawItem, resolvers: tuple[_Resolver, _Resolver], stage: str = "sft") -> Parsed:
-    """One raw record -> validated ``Record`` (or None) and its problems, with what the file-wide check needs."""
+def parse_item(item: RawItem, resolvers: tuple[_Resolver, _Resolver], stage: str = "sft",
+               data_format: str = "llava") -> Parsed:
+    """One raw record of a ``data_format`` file -> validated ``Record`` (or None) and its problems, with what the
+    file-wide check needs."""
     index, lineno, text = item
     try:
         raw = json.loads(text)
@@ -228,10 +240,14 @@ def parse_item(item: RawItem, resolvers: tuple[_Resolver, _Resolver], stage: str
     except UnicodeDecodeError as exc:
         return index, None, [Problem("error", f"line {lineno}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
                                               "fix or remove the line", index)], None, None
+    rid = str(raw["id"]) if isinstance(raw, dict) and raw.get("id") is not None else None
+    problems: list[Problem] = []
+    raw = formats.to_llava(raw, data_format, lambda message: problems.append(Problem("error", message, index, rid)))
+    if raw is None:
+        return index, None, problems, rid, []
     record, problems = _parse_record(index, raw, resolvers, stage)
     if not isinstance(raw, dict):
         return index, record, problems, None, None
-    rid = str(raw["id"]) if raw.get("id") is not None else None
     known = known_keys(stage)
     return index, record, problems, rid, sorted(raw.keys() - known) if known is not None else []
 
@@ -266,6 +282,7 @@ def read_records(
     stage: str = "sft",
     box_target: str | None = None,
     box_format: str | None = None,
+    data_format: str | None = None,
 ) -> tuple[list[Record], list[Problem]]:
     """Parse and validate a data file: (valid records, every problem found, sorted by record).
 
@@ -276,9 +293,10 @@ def read_records(
     ratio, frame count, and frame sampling under ``budget``); ``deep`` decodes every file, in parallel.
     With ``box_target`` (the family's box convention) the boxes of records that declare a convention (their
     ``box_format``, else ``box_format``) are checked and rewritten in the target convention for the image as the
-    model sees it (``convert_boxes``).
+    model sees it (``convert_boxes``). ``data_format`` forces one of ``formats.FORMATS`` (default: detected).
     """
     path = Path(path)
+    data_format = formats.file_format(path, data_format)
     resolvers = resolvers_for(path, image_folder, video_folder, allow_urls)
     records: list[Record] = []
     problems: list[Problem] = []
@@ -286,7 +304,7 @@ def read_records(
     count = 0
     try:
         for item in scan(path):
-            index, record, found, rid, keys = parse_item(item, resolvers, stage)
+            index, record, found, rid, keys = parse_item(item, resolvers, stage, data_format)
             count += 1
             problems += found
             if keys is not None:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlmtune.data import media
+from vlmtune.data import formats, media
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.records import Message, Record
 from vlmtune.data.store_build import Builder, default_processes
@@ -223,6 +223,7 @@ def open_store(
     min_image_side: int = 28,
     processes: int | None = None,
     media_workers: int = 16,
+    data_format: str | None = None,
     stage: str = "sft",
 ) -> DataStore:
     """The checked store of a data file: opened if it exists and its media are unchanged, else built once.
@@ -235,7 +236,8 @@ def open_store(
     conversation = conversation or Conversation(processor)
     settings = store_settings(path, processor, family, budget, conversation, image_folder=image_folder,
                               video_folder=video_folder, allow_urls=allow_urls, deep=deep,
-                              min_image_side=min_image_side, stage=stage)
+                              min_image_side=min_image_side, data_format=formats.file_format(path, data_format),
+                              stage=stage)
     group = group_folder(settings)
     try:
         content = file_digest(path)

@@ -78,9 +78,10 @@ Measured = tuple  # (index, blob or None, text tokens, raw id, unknown keys or N
 
 def _measure(items: list[RawItem]) -> list[Measured]:
     """Parse, validate, render and tokenize some records: the work split across processes."""
-    resolvers, conversation, stage = _WORKER["resolvers"], _WORKER["conversation"], _WORKER["stage"]
+    resolvers, conversation = _WORKER["resolvers"], _WORKER["conversation"]
+    data_format, stage = _WORKER["data_format"], _WORKER["stage"]
     with _no_gc():
-        parsed = [parse_item(item, resolvers, stage) for item in items]
+        parsed = [parse_item(item, resolvers, stage, data_format=data_format) for item in items]
         valid = [record for _, record, _, _, _ in parsed if record is not None]
         counts, label_problems = conversation.measure(valid)  # text tokens as encode() cuts them; the label check
         counts, broken = iter(counts), {p.index: p for p in label_problems}
@@ -256,7 +257,8 @@ class Builder:
         jobs = _Jobs(self.processes)
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers fork from here; they are the parallelism
-        _WORKER.update(resolvers=self.resolvers, conversation=self.conversation, stage=self.stage)
+        _WORKER.update(resolvers=self.resolvers, conversation=self.conversation,
+                       data_format=self.settings["data_format"], stage=self.stage)
         try:
             for chunk in _chunks(scan(self.path), CHUNK):
                 self.count += len(chunk)

@@ -51,7 +51,7 @@ def processor_fingerprint(processor) -> str:
 def store_settings(data_path: str | Path, processor, family: Family, budget: media.MediaBudget,
                    conversation: Conversation, *,
                    image_folder: str | Path | None, video_folder: str | Path | None, allow_urls: bool, deep: bool,
-                   min_image_side: int, stage: str = "sft") -> dict:
+                   min_image_side: int, data_format: str = "llava", stage: str = "sft") -> dict:
     """Everything a store's contents depend on, except the data file's bytes."""
     import tokenizers
     import transformers
@@ -68,6 +68,7 @@ def store_settings(data_path: str | Path, processor, family: Family, budget: med
         # relative media paths are kept relative (as errors name them): they mean something only from one folder
         "cwd": None if images.is_absolute() and videos.is_absolute() else os.getcwd(),
         "allow_urls": allow_urls,
+        "data_format": data_format,  # detected from the first record, or forced
         "deep": deep,
         "min_image_side": min_image_side,
         "family": {"model_type": family.model_type, "patch_size": family.patch_size,
@@ -86,11 +87,16 @@ def _digest(value) -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
+    """SHA-256 of a file's bytes; of a folder (``save_to_disk``): of its files' names and bytes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
     return digest.hexdigest()
 
 

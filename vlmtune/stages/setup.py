@@ -127,7 +127,7 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
             path, processor, family, budget, image_folder=data_args.image_folder,
             video_folder=data_args.video_folder, allow_urls=data_args.allow_urls, deep=data_args.deep_check,
             max_seq_length=data_args.max_seq_length, conversation=conversation, stage=stage,
-            box_format=data_args.box_format,
+            box_format=data_args.box_format, data_format=data_args.data_format,
         )
         logger.info("data check\n%s", result.summary(with_problems=not result.errors))  # errors: listed once, below
         if result.errors:
