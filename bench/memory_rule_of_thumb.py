@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-from vlmtune.memory import GB, Estimate, Setup, _count, estimate, load_config, model_shape, vision_tokens
+from vlmtune.memory import GB, Estimate, Setup, estimate, format_count, load_config, model_shape, vision_tokens
 
 RULE_OF_THUMB_7B_GB = {"full, fp32 weights + AMP": 120, "full, pure bf16": 60, "LoRA (bf16)": 16,
                        "QLoRA 8-bit": 10, "QLoRA 4-bit": 6}
@@ -42,7 +42,8 @@ def rule_of_thumb(model: str = "Qwen2.5-VL-7B", **overrides) -> list[tuple[str, 
                        "trained)")
         if setup.mode != "full":
             lora_gb = sum(est.bytes(k) for k in ("lora adapters", "gradients", "optimizer states")) / GB
-            why.append(f"LoRA rank {setup.lora_rank} on every linear: {_count(shape.lora(setup.mode, setup.lora_rank))}"
+            lora = format_count(shape.lora(setup.mode, setup.lora_rank))
+            why.append(f"LoRA rank {setup.lora_rank} on every linear: {lora}"
                        f" fp32 adapter params, {lora_gb:.1f} GB with gradients and AdamW")
         if setup.bits < 16:
             why.append(f"non-quantized weights upcast to fp32 (+{(shape.params - shape.quantizable) * 2 / GB:.1f} "

@@ -1,9 +1,17 @@
-"""Shared fixtures: the embedded tiny models (built once per session) and the example data."""
+"""Shared fixtures: the embedded tiny models (built once per session) and the example data.
+
+Under pytest-xdist (``-n 2``) the workers share one cache folder (the tiny models are built under a file lock by
+whichever worker asks first), and every multi-process test takes a port that is free at run time (``free_port``).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
+import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -22,19 +30,48 @@ THINKING_TEMPLATE_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+# DeepSpeed builds its CPU ops (shm_comm, cpu_adam) on first use into torch's extension folder, and rebuilds them
+# whenever the include paths change: one folder per Python environment, so checkouts that share a machine do not
+# rebuild each other's ops (the tests' subprocesses inherit it).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / (
+    "vlmtune-" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:12])))
+
+
+def free_port() -> int:
+    """A TCP port that is free now (the system picks it): each multi-process test takes its own, so tests that
+    run at once (xdist workers, other users of the machine) never meet on a fixed number."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def session_root(tmp_path_factory) -> Path:
+    """The folder of this test session that every xdist worker shares (each worker's own temp folder without it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
 
 @pytest.fixture(scope="session", autouse=True)
-def _tiny_cache(tmp_path_factory):
-    """Keep the tiny models tests build out of the user's cache."""
-    os.environ.setdefault("VLMTUNE_CACHE", str(tmp_path_factory.mktemp("vlmtune-cache")))
+def _tiny_cache(tmp_path_factory) -> Path:
+    """Keep the tiny models tests build out of the user's cache: one cache for the session, shared by the xdist
+    workers (what goes in it, tiny models and data stores, is built under file locks and keyed by content)."""
+    cache = session_root(tmp_path_factory) / "vlmtune-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ.setdefault("VLMTUNE_CACHE", str(cache))
+    return Path(os.environ["VLMTUNE_CACHE"])
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(_tiny_cache):
-    """Path of the tiny model of a family (built on first use, cached for the session)."""
+    """Path of the tiny model of a family (built on first use, cached for the session), in the session's cache
+    even when a test has pointed ``VLMTUNE_CACHE`` elsewhere."""
     from vlmtune.testing.tiny import tiny_model_path
 
-    return lambda family="qwen2_vl": tiny_model_path(family)
+    def get(family: str = "qwen2_vl") -> Path:
+        with mock.patch.dict(os.environ, {"VLMTUNE_CACHE": str(_tiny_cache)}):
+            return tiny_model_path(family)
+
+    return get
 
 
 class Pipeline:
@@ -74,3 +111,28 @@ def pipeline(tiny_model_dir):
         return cache[key]
 
     return make
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup``, tests that share a module-scoped fixture (directly or through
+    another fixture) form one group, so that one worker runs them and the fixture is built once; the other tests
+    spread over the workers one by one. Without xdist the marks change nothing."""
+    group: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        while group.setdefault(key, key) != key:
+            key = group[key]
+        return key
+
+    shared = {}
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        names = [f"{item.module.__name__}::{name}" for name, fixturedefs in (defs.name2fixturedefs.items() if defs
+                 else ()) if fixturedefs and fixturedefs[-1].scope in ("module", "class", "package")]
+        if names and not item.get_closest_marker("xdist_group"):
+            shared[item] = names[0]
+            for name in names[1:]:
+                group[find(name)] = find(names[0])
+    for item, name in shared.items():
+        item.add_marker(pytest.mark.xdist_group(find(name)))

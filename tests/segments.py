@@ -36,7 +36,7 @@ from transformers import Trainer
 
 import vlmtune.cli
 import vlmtune.stages.sft  # noqa: F401  (imported before forking)
-from vlmtune import run
+from vlmtune import checkpoints
 from vlmtune.stages import trainer
 
 KILLED = 17
@@ -75,23 +75,23 @@ def arm(kill: dict) -> None:
 
         Trainer._save_optimizer_and_scheduler = in_save
     elif at == "publish":
-        publish = run.publish_checkpoint
+        publish = checkpoints.publish_checkpoint
 
         def before_publish(staged, final):
             if final.name == f"checkpoint-{step}":
                 os._exit(KILLED)
             return publish(staged, final)
 
-        run.publish_checkpoint = before_publish
+        checkpoints.publish_checkpoint = before_publish
     elif at == "rotate":
-        rotate = run.rotate_checkpoints
+        rotate = checkpoints.rotate_checkpoints
 
         def before_rotate(output_dir, limit, newest, best=None):
             if newest.name == f"checkpoint-{step}":
                 os._exit(KILLED)
             return rotate(output_dir, limit, newest, best)
 
-        run.rotate_checkpoints = before_rotate
+        checkpoints.rotate_checkpoints = before_rotate
     else:
         raise ValueError(f"unknown kill point {at!r}")
 

@@ -100,6 +100,7 @@ def tiny(tiny_model_dir):
 
 def lora_policy(path, family, stage: str, temperature: float = 1.0):
     from test_stages import fresh_model, perturb
+    from trl.trainer.utils import disable_dropout_in_model
 
     from vlmtune.config import ModeArguments
     from vlmtune.model import modes
@@ -108,7 +109,7 @@ def lora_policy(path, family, stage: str, temperature: float = 1.0):
     torch.manual_seed(0)
     mode_args = ModeArguments(mode="lora", lora_rank=8)
     model = modes.apply_plan(fresh_model(path), family, modes.plan_from_args(mode_args), mode_args)
-    ref.disable_dropout(model)
+    disable_dropout_in_model(model)
     perturb(model, "lora_B", 0.05, 1)
     ref.add_log_prob_head(model, stage, temperature)
     return model

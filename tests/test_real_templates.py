@@ -426,10 +426,11 @@ def test_enable_thinking_reaches_training_datasets(real, tmp_path):
 @pytest.mark.parametrize("enable_thinking, tail", [(None, "<think>\n"), (True, "<think>\n"),
                                                     (False, "<think>\n\n</think>\n\n")])
 def test_predict_prompt_is_rendered_with_the_same_switch(real, enable_thinking, tail):
-    from vlmtune.predict import GenerationConversation, prompt_record
+    from vlmtune.data.conversation import PromptConversation
+    from vlmtune.predict import prompt_record
 
     r = real("qwen3_5")
-    conversation = GenerationConversation(r.processor, enable_thinking=enable_thinking)
+    conversation = PromptConversation(r.processor, enable_thinking=enable_thinking)
     options = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     expected = r.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
                                                tokenize=False, add_generation_prompt=True, **options)

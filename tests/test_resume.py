@@ -95,6 +95,7 @@ def killed_runs(tmp_path_factory, tiny_model_dir):
     return root, dict(zip([s["log"] for s in segments], codes))
 
 
+@pytest.mark.slow  # a chain of killed and resumed training processes
 @pytest.mark.parametrize("name", list(CHAINS))
 def test_a_killed_run_resumes_from_its_newest_complete_checkpoint_with_the_same_losses(killed_runs, name):
     root, codes = killed_runs
@@ -134,6 +135,7 @@ def test_a_killed_run_resumes_from_its_newest_complete_checkpoint_with_the_same_
     assert left == sorted(kept)  # --save_total_limit 1 among complete ones, no leftovers, no lock
 
 
+@pytest.mark.slow  # a chain of killed and resumed training processes
 def test_sigterm_saves_at_the_step_boundary_and_says_how_to_resume(killed_runs):
     root, _ = killed_runs
     (i, step), = [(i, step) for i, (at, step) in enumerate(CHAINS["seed1"]) if at == "sigterm"]
@@ -148,6 +150,7 @@ def test_sigterm_saves_at_the_step_boundary_and_says_how_to_resume(killed_runs):
     assert len(logged) == step - started_at  # every step up to the signal's, none after it
 
 
+@pytest.mark.slow  # a chain of killed and resumed training processes
 def test_a_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(killed_runs):
     root, _ = killed_runs
     log = (root / "disk-0.log").read_text()
@@ -158,6 +161,7 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(killed_runs
     assert errors[0].endswith("then run the same command with --resume_from_checkpoint last")
 
 
+@pytest.mark.slow  # a chain of killed and resumed training processes
 def test_lora_checkpoint_is_under_a_tenth_of_the_model(killed_runs, tiny_model_dir):
     root, _ = killed_runs
     model_bytes = sum(f.stat().st_size for f in Path(tiny_model_dir()).glob("*.safetensors"))
@@ -217,7 +221,8 @@ def test_a_bad_resume_path_stops_in_one_line_before_anything_loads(case, tmp_pat
 
 
 def test_an_output_folder_in_use_stops_the_second_run(tmp_path, capsys):
-    from vlmtune.run import LOCK_FILE, RunLock
+    from vlmtune.checkpoints import RunLock
+    from vlmtune.run import LOCK_FILE
 
     out = tmp_path / "out"
     with RunLock(out):
@@ -346,6 +351,7 @@ def family_runs(tmp_path_factory, tiny_model_dir):
     return root, dict(zip([s["log"] for s in segments], json.loads((root / "codes.json").read_text())))
 
 
+@pytest.mark.slow  # a chain of killed and resumed training processes
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
 def test_every_family_resumes_after_a_kill_and_a_sigterm_with_the_same_losses(family_runs, family):
     root, codes = family_runs

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, ROOT, free_port
 
 from vlmtune.config import DPOArguments, GRPOArguments, ModeArguments, TrainingArguments
 from vlmtune.data import media
@@ -226,6 +226,8 @@ def test_dpo_loss_equals_one_from_independent_forwards(tiny, tmp_path, mode):
     """One mixed batch (image, video, text, multi-turn pairs in one forward): the trainer's loss equals the DPO
     loss computed here from plain forwards of the policy and of the base model loaded again; under LoRA the
     reference (adapters off, the merger swapped back) scores exactly like the base model."""
+    from trl.trainer.utils import disable_dropout_in_model
+
     from vlmtune.data.prompts import PreferenceCollator
     from vlmtune.model import modes
     from vlmtune.stages import reference as ref
@@ -237,7 +239,7 @@ def test_dpo_loss_equals_one_from_independent_forwards(tiny, tmp_path, mode):
     torch.manual_seed(0)
     plan = modes.plan_from_args(ModeArguments(mode=mode, lora_rank=8))
     model = modes.apply_plan(fresh_model(path), family, plan, ModeArguments(mode=mode, lora_rank=8))
-    ref.disable_dropout(model)
+    disable_dropout_in_model(model)
     if plan.uses_lora:
         reference = ref.Reference.adapters_off(model, family, plan, False, "test")
         perturb(model, "lora_B,merger", 0.05, 1)  # the policy moves away from the base, the merger too
@@ -313,6 +315,8 @@ def test_grpo_step_on_mixed_prompts_matches_a_hand_computed_clipped_objective(ti
     """Image, video and text prompts in one step: completions sampled per prompt, rewarded, and the loss equals
     the clipped objective with KL computed here from plain forwards (policy, and the base model loaded again as
     the reference), at the sampling temperature, with old log-probs moved off the policy so the clip acts."""
+    from trl.trainer.utils import disable_dropout_in_model
+
     from vlmtune.data.conversation import Conversation
     from vlmtune.data.prompts import PromptDataset, collate_prompts, stage_lengths
     from vlmtune.model import modes
@@ -334,7 +338,7 @@ def test_grpo_step_on_mixed_prompts_matches_a_hand_computed_clipped_objective(ti
     torch.manual_seed(0)
     plan = modes.plan_from_args(ModeArguments(mode="lora", lora_rank=8))
     model = modes.apply_plan(fresh_model(path), family, plan, ModeArguments(mode="lora", lora_rank=8))
-    ref.disable_dropout(model)
+    disable_dropout_in_model(model)
     ref.add_log_prob_head(model, "grpo", temperature)
     length = Reward("length", lambda completions, **kw: [float(len(c)) for c in completions])
     trainer = GRPOTrainer(model=model, args=train_args(tmp_path), train_dataset=dataset,
@@ -534,8 +538,9 @@ def test_a_missing_reward_field_stops_before_the_model_loads(tmp_path):
     assert "loaded Qwen2VL" not in result.stderr
 
 
-def deepspeed_cmd(port: int, stage: str, *args: str) -> list[str]:
-    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(port),
+def deepspeed_cmd(stage: str, *args: str) -> list[str]:
+    """torchrun of a stage under ZeRO-2, on a port free at run time."""
+    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
             *stage_cli(stage, "--deepspeed", "scripts/zero2.json", "--save_strategy", "no", *args)[1:]]
 
 
@@ -543,7 +548,7 @@ def deepspeed_cmd(port: int, stage: str, *args: str) -> list[str]:
 def test_zero2_dpo_lora_vision(tmp_path):
     """ZeRO-2, a LoRA plan with a fully trained merger (the reference swaps its starting values back)."""
     out = tmp_path / "out"
-    run(deepspeed_cmd(29631, "dpo", "--data_path", str(PREFS), "--output_dir", str(out), "--mode", "lora_vision",
+    run(deepspeed_cmd("dpo", "--data_path", str(PREFS), "--output_dir", str(out), "--mode", "lora_vision",
                       "--max_steps", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
                       "--lora_rank", "8", "--seed", "0"))
     chosen = history(out, "rewards/chosen")
@@ -557,7 +562,7 @@ def test_zero2_grpo_full_with_a_reference_copy(tmp_path):
     --num_iterations 2 each batch of completions trains two steps."""
     out = tmp_path / "out"
     (tmp_path / "rewards.py").write_text("def length(completions, **kw):\n    return [len(c) for c in completions]\n")
-    run(deepspeed_cmd(29632, "grpo", "--data_path", str(GRPO_JSON), "--output_dir", str(out), "--mode", "full",
+    run(deepspeed_cmd("grpo", "--data_path", str(GRPO_JSON), "--output_dir", str(out), "--mode", "full",
                       "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
                       "--num_generations", "3", "--max_completion_length", "3", "--beta", "0.1",
                       "--num_iterations", "2", "--reward_funcs", "format", f"{tmp_path}/rewards.py:length"))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_JSON, EXAMPLES, ROOT
+from conftest import DATA_JSON, EXAMPLES, ROOT, free_port
 
 PYTHON = sys.executable
 
@@ -109,6 +110,7 @@ def test_launcher_builds_the_command_a_cluster_needs(env, pairs, absent, tmp_pat
     assert [flag for flag in absent if flag in argv] == [], argv
 
 
+@pytest.mark.slow  # a training process
 @pytest.mark.parametrize("pure", [False, True])
 def test_a_bf16_full_run_trains_fp32_masters_and_writes_a_bf16_model(tmp_path, pure):
     """Checkpoints keep the fp32 masters of what trains (a resume continues exactly); the final folder is
@@ -130,20 +132,20 @@ def test_a_bf16_full_run_trains_fp32_masters_and_writes_a_bf16_model(tmp_path, p
     assert {v for k, v in checkpoint.items() if k.startswith("model.layers.")} == {"BF16" if pure else "F32"}
 
 
-def deepspeed_cmd(nproc: int, port: int, *args: str) -> list[str]:
+def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
+    """torchrun of `vlmtune train` on a port free at run time."""
     train_args = cli(*args)[3:]  # drop "python -m vlmtune.cli"
-    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
             "-m", "vlmtune.cli", *train_args]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("config", "port"), [("zero2.json", 29611), ("zero3.json", 29612),
-                                              ("zero2_offload.json", 29614), ("zero3_offload.json", 29615)])
-def test_deepspeed_trains_our_parameter_groups(config, port, tmp_path):
+@pytest.mark.parametrize("config", ["zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"])
+def test_deepspeed_trains_our_parameter_groups(config, tmp_path):
     """The DeepSpeed JSONs carry no optimizer block, so the engine's optimizer holds our groups and rates.
     The offload configs run DeepSpeed's CPU Adam (built on first use, about a minute, then cached)."""
     out = tmp_path / "out"
-    run(deepspeed_cmd(1, port, "--mode", "lora_vision", "--deepspeed", f"scripts/{config}", "--max_steps", "2",
+    run(deepspeed_cmd(1, "--mode", "lora_vision", "--deepspeed", f"scripts/{config}", "--max_steps", "2",
                       "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--vision_lr", "1e-3",
                       "--merger_lr", "2e-3", "--lr_scheduler_type", "constant", "--output_dir", str(out),
                       "--save_strategy", "no"))
@@ -154,7 +156,7 @@ def test_deepspeed_trains_our_parameter_groups(config, port, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "non_lora_trainables.safetensors").is_file()
 
 
-def mixed_ranks_command(tmp_path: Path, port: int, launcher: list[str] | None = None, *extra: str) -> list[str]:
+def mixed_ranks_command(tmp_path: Path, launcher: list[str] | None = None, *extra: str) -> list[str]:
     """A 2-process ZeRO-3 run in which rank 0 gets only text and rank 1 images and videos: sequential
     sampling deals the batches round-robin over [text, image, text, image+video, text, video, ...]."""
     raw = {r["id"]: r for r in json.loads(DATA_JSON.read_text())}
@@ -162,7 +164,7 @@ def mixed_ranks_command(tmp_path: Path, port: int, launcher: list[str] | None = 
              "text_only", "video_ball_left", "text_multi_turn", "two_images"]
     data = [dict(raw[k], id=f"{k}_{i}") for i, k in enumerate(order)]
     (tmp_path / "data.json").write_text(json.dumps(data))
-    cmd = deepspeed_cmd(2, port, "--mode", "lora_vision", "--deepspeed", "scripts/zero3.json", "--max_steps", "4",
+    cmd = deepspeed_cmd(2, "--mode", "lora_vision", "--deepspeed", "scripts/zero3.json", "--max_steps", "4",
                         "--per_device_train_batch_size", "1", "--train_sampling_strategy", "sequential",
                         "--output_dir", str(tmp_path / "out"), "--save_strategy", "no", *extra)
     cmd[cmd.index(str(DATA_JSON))] = str(tmp_path / "data.json")
@@ -175,7 +177,7 @@ def mixed_ranks_command(tmp_path: Path, port: int, launcher: list[str] | None = 
 def test_zero3_two_processes_with_text_only_on_one_rank_finishes(tmp_path):
     """Also starts from an empty cache: both ranks ask for the embedded model at once, inside the job."""
     out = tmp_path / "out"
-    run(mixed_ranks_command(tmp_path, 29613), timeout=420, VLMTUNE_CACHE=str(tmp_path / "cache"))
+    run(mixed_ranks_command(tmp_path), timeout=420, VLMTUNE_CACHE=str(tmp_path / "cache"))
     assert sorted(history(out)) == [1, 2, 3, 4]
     (tiny,) = (tmp_path / "cache").glob("tiny-qwen2_vl-*[0-9]")  # one folder, no leftover build folders
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in tiny.iterdir()}
@@ -195,7 +197,7 @@ def test_zero3_two_processes_train_a_moe_with_text_only_on_one_rank(tmp_path):
     from vlmtune.merge import merge
 
     out = tmp_path / "out"
-    run(mixed_ranks_command(tmp_path, 29617, None, "--tiny_family", "qwen3_vl_moe", "--train_router", "True",
+    run(mixed_ranks_command(tmp_path, None, "--tiny_family", "qwen3_vl_moe", "--train_router", "True",
                             "--lora_rank", "4"), timeout=420)
     assert sorted(history(out)) == [1, 2, 3, 4] and sorted(history(out, "aux_loss")) == [1, 2, 3, 4]
     adapters = load_file(out / "adapter_model.safetensors")
@@ -209,9 +211,26 @@ def test_zero3_two_processes_train_a_moe_with_text_only_on_one_rank(tmp_path):
 
 
 NO_FILLERS = """
-import sys
+import os, sys, threading
+from transformers import Trainer
 import vlmtune.stages.sft as T
 T.vision_fillers = lambda *args, **kwargs: None
+step = Trainer.training_step
+def watched_step(self, *args, **kwargs):
+    if self.state.global_step > 0:
+        return step(self, *args, **kwargs)
+    rank = os.environ["RANK"]
+    print(f"[control] rank {rank} starts step 1", flush=True)
+    def stuck():
+        print(f"[control] rank {rank} still in step 1 after 60 s: the ranks wait in different collectives", flush=True)
+        os._exit(3)
+    watchdog = threading.Timer(60, stuck)
+    watchdog.start()
+    try:
+        return step(self, *args, **kwargs)
+    finally:
+        watchdog.cancel()
+Trainer.training_step = watched_step
 from vlmtune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -219,15 +238,25 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_zero3_mixed_ranks_break_without_the_vision_fillers(tmp_path):
-    """Control for the test above: the same run without fillers dies (or hangs) at its first step."""
+    """Control for the test above: the same run without fillers dies in its first step (measured: gloo's
+    "collective mismatch" on rank 0 once both ranks had started step 1), or hangs there (the ranks wait in
+    different collectives). A watchdog armed when step 1 starts, and disarmed when it returns, ends a rank still in
+    step 1 after 60 s, so that a hang ends there; the test's own limit stays as a backstop, after which the whole
+    process group (launcher and ranks) is killed."""
     script = tmp_path / "no_fillers.py"
     script.write_text(NO_FILLERS)
+    launched = subprocess.Popen(mixed_ranks_command(tmp_path, [str(script)]), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        result = subprocess.run(mixed_ranks_command(tmp_path, 29616, [str(script)]), cwd=ROOT, capture_output=True,
-                                text=True, timeout=180)
+        out, err = launched.communicate(timeout=180)
     except subprocess.TimeoutExpired:
+        os.killpg(launched.pid, signal.SIGKILL)
+        launched.communicate()
         return  # hung: what the fillers prevent
-    assert result.returncode != 0
+    assert launched.returncode != 0
+    started = [f"[control] rank {rank} starts step 1" in out for rank in (0, 1)]
+    assert started == [True, True], out[-3000:] + err[-3000:]  # it died in step 1, not before
     assert not (tmp_path / "out" / "trainer_state.json").exists()
 
 
@@ -290,7 +319,7 @@ def test_a_deepspeed_checkpoint_is_published_only_when_every_rank_wrote_its_part
     script.write_text(RANK1_DIES_IN_SAVE)
     args = ("--mode", "lora", "--deepspeed", "scripts/zero2.json", "--max_steps", "3", "--save_steps", "1",
             "--per_device_train_batch_size", "1", "--learning_rate", "5e-3", "--output_dir", str(out))
-    killed = deepspeed_cmd(2, 29617, *args)
+    killed = deepspeed_cmd(2, *args)
     killed[killed.index("-m", killed.index("--master_port")):killed.index("vlmtune.cli") + 1] = [str(script)]
     result = subprocess.run(killed, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -300,8 +329,41 @@ def test_a_deepspeed_checkpoint_is_published_only_when_every_rank_wrote_its_part
     names = {p.name for p in first.rglob("*") if p.is_file()}
     assert {"trainer_state.json", "adapter_model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= names
     assert sum("optim_states" in name for name in names) == 2, names  # one ZeRO shard per rank
-    resumed = run(deepspeed_cmd(2, 29618, *args, "--resume_from_checkpoint", "last"))
+    resumed = run(deepspeed_cmd(2, *args, "--resume_from_checkpoint", "last"))
     assert f"[vlmtune] resuming from {first} (step 1)" in resumed.stderr
     assert f"[vlmtune] skipping {out / 'tmp-checkpoint-2'}: incomplete (a save that did not finish)" in resumed.stderr
     assert sorted(history(out)) == [1, 2, 3]
     assert not list(out.glob("tmp-*")) and (out / "checkpoint-3" / "rng_state_1.pth").is_file()
+
+
+@pytest.mark.slow
+def test_the_token_count_is_the_whole_jobs_on_two_processes(tiny_model_dir, tmp_path):
+    """Two processes (gloo): the tokens behind tokens/s are every rank's, not rank 0's. After one epoch the run's
+    count equals the real tokens of all four records (of different lengths), counted here from the processor's own
+    chat template; rank 0 alone saw two of them."""
+    from transformers import AutoProcessor
+
+    pairs = [("Say one word.", "Yes"), ("Count to three, please.", "One two three"), ("Name a colour.", "Red"),
+             ("What is two plus two? Say why.", "Four, since two and two make four.")]
+    records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+               for i, (q, a) in enumerate(pairs)]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    model = tiny_model_dir()
+    processor = AutoProcessor.from_pretrained(model)
+    lengths = []
+    for question, answer in pairs:
+        messages = [{"role": "user", "content": [{"type": "text", "text": question}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        lengths.append(len(processor.tokenizer(processor.apply_chat_template(messages, tokenize=False))["input_ids"]))
+    assert len(set(lengths)) > 1
+    out = tmp_path / "out"
+    run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "-m", "vlmtune.cli", "train", "--model_name_or_path", str(model), "--data_path", str(data), "--use_cpu",
+         "True", "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1", "--num_train_epochs", "1",
+         "--per_device_train_batch_size", "1", "--mode", "lora", "--save_strategy", "no", "--output_dir", str(out)],
+        timeout=420)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert state["num_input_tokens_seen"] == sum(lengths)
+    assert len(history(out, "tokens_per_s")) == 2

@@ -70,7 +70,7 @@ def cmd_grpo(argv: list[str]) -> int:
 
 def cmd_check_data(argv: list[str]) -> int:
     from vlmtune.config import boolean_flag
-    from vlmtune.data import media
+    from vlmtune.data import media, mixture
     from vlmtune.data.check import check_data
     from vlmtune.data.conversation import LABEL_MODES, Conversation
     from vlmtune.data.formats import FORMATS
@@ -78,7 +78,8 @@ def cmd_check_data(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="vlmtune check-data",
                                      description="Validate a data file (LLaVA, ShareGPT or messages records).")
-    parser.add_argument("data_path")
+    parser.add_argument("data_path", help="a data file, or a mixture as `vlmtune train --data_path` takes it "
+                        "(a.json:0.3,b.parquet:0.7): each file is checked and reported, then what each gives")
     parser.add_argument("--image_folder", help="folder of relative image paths (default: the data file's)")
     parser.add_argument("--video_folder", help="folder of relative video paths (default: image_folder)")
     parser.add_argument("--model", help="model whose tokenizer and pixel budgets measure lengths "
@@ -114,12 +115,16 @@ def cmd_check_data(argv: list[str]) -> int:
     else:
         conversation = Conversation(processor, args.label_mode, enable_thinking=args.enable_thinking,
                                     keep_earlier_reasoning=args.keep_earlier_reasoning)
-    result = check_data(args.data_path, processor, family, budget, image_folder=args.image_folder,
-                        video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
-                        max_seq_length=args.max_seq_length, conversation=conversation, processes=args.processes,
-                        stage=args.stage, box_format=args.box_format, data_format=args.data_format)
-    print(result.summary())
-    return 1 if result.errors else 0
+    entries = mixture.parse_mixture(args.data_path, "check-data DATA_PATH")  # None: one plain file
+    results = [check_data(path, processor, family, budget, image_folder=args.image_folder,
+                          video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
+                          max_seq_length=args.max_seq_length, conversation=conversation, processes=args.processes,
+                          stage=args.stage, box_format=args.box_format, data_format=args.data_format)
+               for path in ([e.path for e in entries] if entries else [args.data_path])]
+    print("\n".join(result.summary() for result in results))
+    if entries:
+        print("\n".join(mixture.plan_lines(entries, [len(r.records) for r in results])))
+    return 1 if any(result.errors for result in results) else 0
 
 
 def cmd_tiny_model(argv: list[str]) -> int:

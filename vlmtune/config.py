@@ -6,6 +6,7 @@ flags override: ``vlmtune train config.yaml --learning_rate 1e-4``.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +58,11 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = field(default=None, metadata={"help": "Training data: a JSON array or JSON lines file "
-                                                                  "(LLaVA, ShareGPT or messages records)."})
+    data_path: str | None = field(
+        default=None, metadata={"help": "Training data: a JSON array or JSON lines file (LLaVA, ShareGPT or messages "
+                                "records), a Parquet / Arrow file or a save_to_disk folder; or a mixture of several: "
+                                "a.json:0.3,b.parquet:0.7 (weights: shares), a.json:500,b.json:200 (record counts), "
+                                "a.json,b.json (all of each), drawn with --seed."})
     stage: Literal["sft", "cpt"] = field(
         default="sft",
         metadata={"help": "vlmtune train only. sft: conversations, the replies train. cpt: continued pre-training "
@@ -75,9 +79,11 @@ class DataArguments:
         default=None, metadata={"help": "Format of the data files (default: detected from each file's first "
                                 "record): LLaVA, ShareGPT (LLaMA-Factory / ms-swift) or typed-part messages."},
     )
-    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same format."})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Evaluation data, same format (a mixture "
+                                                                        "too)."})
     val_ratio: float = field(
-        default=0.0, metadata={"help": "Fraction of the training records held out for evaluation (seeded)."}
+        default=0.0, metadata={"help": "Fraction of the training records held out for evaluation (seeded; of each "
+                              "file of a mixture)."}
     )
     max_seq_length: int = field(
         default=4096, metadata={"help": "Longest sequence in tokens, vision tokens included."}
@@ -462,11 +468,11 @@ def yaml_to_argv(path: Path) -> list[str]:
         raise ConfigError(f"{path}: expected a mapping of option: value")
     argv: list[str] = []
     for key, value in values.items():
-        if isinstance(value, list):
+        if isinstance(value, list) and key in ("data_path", "eval_data_path"):  # a mixture (data/mixture.py)
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, list):
             argv += [f"--{key}", *map(str, value)]
         elif isinstance(value, dict):
-            import json
-
             argv += [f"--{key}", json.dumps(value)]
         elif value is not None:
             argv += [f"--{key}", str(value)]

@@ -20,6 +20,11 @@ class SaveError(ConfigError):
     """A checkpoint or model that could not be written (a full disk, a quota)."""
 
 
+class MixtureError(ConfigError):
+    """A ``--data_path`` / ``--eval_data_path`` list of files that cannot be drawn from (a bad weight or count, an
+    unknown or empty file); the message names the flag and the entry."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One problem of a data file: an error (the file cannot train) or a warning, with the record it is in."""

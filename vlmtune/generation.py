@@ -23,7 +23,7 @@ from vlmtune import metrics as M
 from vlmtune import run
 from vlmtune.data import boxes, media
 from vlmtune.data.collator import SEQUENCE_KEYS, Collator
-from vlmtune.data.conversation import Conversation
+from vlmtune.data.conversation import PromptConversation
 from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Record
 from vlmtune.errors import ConfigError
 from vlmtune.families import Family
@@ -31,13 +31,6 @@ from vlmtune.families import Family
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 128
-
-
-class GenerationConversation(Conversation):
-    """The training conversation rendering (same template switches, e.g. ``enable_thinking``), ending with the
-    template's generation prompt, which the model continues from."""
-
-    add_generation_prompt = True
 
 
 def prompt_record(prompt: str, images: list[str] | None = None, videos: list[str] | None = None,
@@ -99,7 +92,7 @@ class Progress:
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.done * (self.total - self.done)
             logger.info("%s: %d/%d records, %s elapsed, ETA %s", self.desc, self.done, self.total,
-                        _duration(elapsed), _duration(eta))
+                        format_duration(elapsed), format_duration(eta))
             self.next_line = self.done + max(1, self.total // 10)
 
     def close(self) -> None:
@@ -107,9 +100,12 @@ class Progress:
             self.bar.close()
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m07s`` or ``2h05m``: a duration for the console (progress lines, a run's summary)."""
     seconds = int(round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class Predictor:
@@ -123,7 +119,7 @@ class Predictor:
         self.processor = processor
         self.family = family
         self.budget = budget
-        self.conversation = GenerationConversation(processor, enable_thinking=enable_thinking)
+        self.conversation = PromptConversation(processor, enable_thinking=enable_thinking)
         self.collate = Collator(processor.tokenizer.pad_token_id)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

@@ -7,13 +7,15 @@ trained fully beside LoRA, e.g. the merger, under the base model's in-memory nam
 1. loads the base model in the training dtype and puts the adapters on it, strictly: adapter weights that match
    no LoRA layer, LoRA layers without weights, and non-LoRA trainables that are unknown, reshaped or missing
    (per the run's plan) all stop the merge with their names;
-2. computes logits of base + adapters on a batch of real records (data_examples/ or the user's data);
+2. computes logits of base + adapters on a batch of records: the user's data (``--data_path``), else a few
+   conversations over images drawn in memory (``vlmtune.data.synthetic``), through the same processor path;
 3. merges with PEFT's ``merge_and_unload``, casts to the output dtype and compares logits again;
 4. writes the model, the processor (with the training budgets) and ``vlmtune_run.json`` into a temporary folder
    beside the output, copies the base folder's other files (license, tokenizer vocabularies, ...) but none of
    the configs the save wrote anew (a legacy ``preprocessor_config.json`` or ``chat_template.json`` of the base
    would contradict them), reloads the folder with ``AutoModelForImageTextToText`` and compares logits a third
-   time, then renames the folder into place.
+   time, then renames the folder into place once its files reached the disk (``checkpoints.publish_folder``, as
+   checkpoints are published).
 
 A QLoRA run (``bits`` 4 or 8 in ``vlmtune_run.json``) trained its adapters on a quantized language model; merge
 folds them into the full-precision base, says what that means, and compares the merged model with the quantized
@@ -37,7 +39,9 @@ from pathlib import Path
 
 import torch
 
+from vlmtune.checkpoints import publish_folder
 from vlmtune.data import media
+from vlmtune.data.synthetic import synthetic_batch
 from vlmtune.errors import ConfigError, MergeError
 from vlmtune.families import Family, family_for
 from vlmtune.model.hub_layout import write_hub_layout
@@ -93,23 +97,22 @@ def check_output_dir(output_dir: str | Path, force: bool, protected: list[str | 
     return out
 
 
-# ---------------------------------------------------------------- loading
-
-
 # ---------------------------------------------------------------- verification batch
 
 
-def default_data_path(documents: bool = False) -> Path:
-    """data_examples/data.json (``documents``: documents.json) of the source tree (in a clone / editable install)."""
-    return Path(__file__).resolve().parents[1] / "data_examples" / ("documents.json" if documents else "data.json")
+def documents_path() -> Path:
+    """data_examples/documents.json of the source tree (in a clone / editable install)."""
+    return Path(__file__).resolve().parents[1] / "data_examples" / "documents.json"
 
 
 def verification_batch(processor, family: Family, budget: media.MediaBudget, data_path: str | Path | None = None,
                        image_folder: str | None = None, video_folder: str | None = None,
                        samples: int = DEFAULT_VERIFY_SAMPLES) -> tuple[dict[str, torch.Tensor], int]:
     """(batch, number of records): up to ``samples`` records of the data file, one of each shape first
-    (image, video, multi-image, ...), encoded by the project's dataset and collator. A processor without a chat
-    template (a base model's) reads the data as CPT documents (``--stage cpt``)."""
+    (image, video, multi-image, ...), encoded by the project's dataset and collator; without a data file, the
+    synthetic records of ``vlmtune.data.synthetic`` (drawn images, short conversations), encoded the same way. A
+    processor without a chat template (a base model's) reads the data as CPT documents (``--stage cpt``; default:
+    data_examples/documents.json)."""
     from vlmtune.data.collator import Collator
     from vlmtune.data.conversation import Conversation
     from vlmtune.data.dataset import VisionLanguageDataset
@@ -118,10 +121,14 @@ def verification_batch(processor, family: Family, budget: media.MediaBudget, dat
 
     documents = not getattr(processor, "chat_template", None)
     if data_path is None:
-        data_path = default_data_path(documents)
+        if not documents:
+            batch = synthetic_batch(processor, budget, samples)
+            batch.pop("labels", None)
+            return batch, len(batch["input_ids"])
+        data_path = documents_path()
         if not data_path.is_file():
-            raise ConfigError("no data to verify the merge on (data_examples/ is not beside the package): "
-                              "pass --data_path with a few records of your data")
+            raise ConfigError("the model's processor has no chat template: pass --data_path with a few CPT documents "
+                              "({\"text\", \"image\"}) to verify the merge on")
     records = load_records(data_path, image_folder, video_folder, budget=budget, min_image_side=family.factor,
                            stage="cpt" if documents else "sft")
     preferred = ("image+video", "video", "multi_image", "image", "text")
@@ -241,22 +248,6 @@ def file_set(folder: str | Path) -> set[str]:
     return {p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")} - {RUN_FILE}
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` (allowed by --force) is removed last."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ---------------------------------------------------------------- entry points
 
 
@@ -371,7 +362,7 @@ def merge(
         if not diffs["reloaded"] <= tol:
             raise MergeError(f"the written model's logits differ from base+adapters by {diffs['reloaded']:.3g} "
                              f"(tolerance {tol:.3g}); nothing written")
-        _replace_folder(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -392,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vlmtune merge",
         description="Merge LoRA adapters and the trained non-LoRA parts of a training run into a standalone model "
-                    "folder (loadable by transformers and vLLM), verified on real records before it is written.",
+                    "folder (loadable by transformers and vLLM), verified on sample inputs before it is written.",
     )
     parser.add_argument("run_dir", help="training output or checkpoint-N folder")
     parser.add_argument("output_dir", nargs="?", help="folder to write the merged model to (default: RUN_DIR-merged)")
@@ -402,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the training dtype)")
     parser.add_argument("--atol", type=float, help="largest max |logits difference| accepted (default: 1e-3 in "
                         "float32; in bf16 / fp16 5e-2 / 1e-2 times max(1, largest |logit|))")
-    parser.add_argument("--data_path", help="records to verify on (default: data_examples/data.json)")
+    parser.add_argument("--data_path", help="records to verify on (default: four short conversations over images "
+                        "drawn in memory)")
     parser.add_argument("--image_folder", help="folder of relative image paths (default: the data file's)")
     parser.add_argument("--video_folder", help="folder of relative video paths (default: image_folder)")
     parser.add_argument("--samples", type=int, default=DEFAULT_VERIFY_SAMPLES,

@@ -13,8 +13,8 @@ import json
 import math
 from pathlib import Path
 
-LOG_FILE = "log_history.jsonl"
-PLOT_FILE = "plots/run.png"
+from vlmtune.run import LOG_FILE, PLOT_FILE, TRAINER_STATE
+
 SMOOTHING = 0.9  # TensorBoard's default EMA weight
 EVAL_SKIP = {"eval_loss", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second",
              "eval_model_preparation_time", "epoch", "step"}
@@ -33,10 +33,10 @@ def read_log(run_dir: str | Path) -> list[dict]:
                 continue
         if entries:
             return entries
-    states = [run_dir / "trainer_state.json", *run_dir.glob("checkpoint-*/trainer_state.json")]
+    states = [run_dir / TRAINER_STATE, *run_dir.glob(f"checkpoint-*/{TRAINER_STATE}")]
     states = [s for s in states if s.is_file()]
     if not states:
-        raise FileNotFoundError(f"{run_dir} has no {LOG_FILE} nor trainer_state.json: is it a training output "
+        raise FileNotFoundError(f"{run_dir} has no {LOG_FILE} nor {TRAINER_STATE}: is it a training output "
                                 "folder? (a run writes its log from its first logging step on)")
     newest = max(states, key=lambda s: json.loads(s.read_text()).get("global_step", 0))
     return json.loads(newest.read_text()).get("log_history", [])

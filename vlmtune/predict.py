@@ -24,7 +24,6 @@ from vlmtune.data.records import check_media_files
 from vlmtune.errors import MediaError
 from vlmtune.generation import (  # noqa: F401  (re-exported: the names predict has always had)
     DEFAULT_MAX_NEW_TOKENS,
-    GenerationConversation,
     Predictor,
     boxes_in_pixels,
     draw_boxes,

@@ -9,10 +9,12 @@ A run's output folder (and each ``checkpoint-N`` inside it) holds:
 * ``vlmtune_run.json``: the stage, base model, family, training plan, dtype, quantization bits and the budget
   options the user set (some, such as ``nframes`` or fixed image sizes, have no field in the processor's files);
   ``init_run`` when the run started from another LoRA run (DPO / GRPO after SFT): that run's adapters were merged
-  into the base model first, and are merged again whenever this run's adapters are loaded.
+  into the base model first, and are merged again whenever this run's adapters are loaded;
+* ``mixture.json`` (the output folder only, runs on a list of data files): what was drawn from each file.
 
-Everything that writes or reads these files lives here, so the commands that need them (train, merge, predict,
-eval) never import one another.
+Every file name of the run folder is defined here. Everything that writes or reads the run's metadata and model
+lives here, so the commands that need them (train, merge, predict, eval) never import one another; the checkpoint
+lifecycle (staging, publish, rotation, resume) and the run lock are in ``vlmtune.checkpoints``.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,24 @@ RUN_FILE = "vlmtune_run.json"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PROCESSOR_FILE = "processor_config.json"
+MIXTURE_FILE = "mixture.json"
+"""Runs on a list of data files: what was drawn from each (``data/mixture.py``), written when the run starts."""
+CHECKPOINT_PREFIX = "checkpoint"
+"""transformers' ``PREFIX_CHECKPOINT_DIR``: checkpoints are ``checkpoint-<global step>``."""
+STAGING_PREFIX = "tmp-checkpoint"
+"""A checkpoint being written: ``tmp-checkpoint-N/checkpoint-N``, renamed to ``checkpoint-N`` when complete."""
+TRAINER_STATE = "trainer_state.json"
+LOCK_FILE = ".vlmtune.lock"
+LOG_FILE = "log_history.jsonl"
+"""One line per logging step, written while the run goes (``vlmtune plot`` reads it)."""
+PLOT_FILE = "plots/run.png"
+"""The run's plots, drawn at its end and by ``vlmtune plot``."""
+PREDICTIONS_FILE = "eval_predictions.jsonl"
+"""``--eval_generate``: the predictions of each evaluation."""
+REF_FILE = "ref_log_probs.safetensors"
+"""DPO ``--precompute_ref_log_probs``: reference log-probs (chosen, rejected) per pair, beside each checkpoint."""
+COMPLETIONS_FILE = "completions.jsonl"
+"""GRPO ``--log_completions``: sample completions of each logging step, with their rewards and advantages."""
 
 
 @dataclass
@@ -96,6 +114,14 @@ def save_run_files(output_dir: str | Path, model: torch.nn.Module, info: dict,
             tensors = {modes.clean_name(n): state[n].detach().cpu().contiguous() for n in sorted(trainable)}
             save_file(tensors, os.path.join(output_dir, NON_LORA_FILE), metadata={"format": "pt"})
     Path(output_dir, RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def write_mixture(output_dir: str | Path, drawn: dict) -> None:
+    """Write ``mixture.json``: the seed, and per file (train, eval) the weight or count asked, its valid and
+    held-out records, how many were drawn and which (file record indices, or their digest in large draws)."""
+    if drawn:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        Path(output_dir, MIXTURE_FILE).write_text(json.dumps(drawn, indent=1) + "\n")
 
 
 def load_non_lora_trainables(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -315,224 +341,3 @@ def load_for_inference(model: str | None, adapter: str | None = None, *, dtype: 
     loaded.to(device).eval()
     budget = run_budget(run, processor, family, **(budget_overrides or {}))
     return Loaded(loaded, processor, family, budget, source, run.template_options if run is not None else {})
-
-
-# ---------------------------------------------------------------- checkpoints, resume and the run lock
-#
-# The Trainer writes a checkpoint in place, file by file: a process killed during a save leaves a
-# ``checkpoint-N`` folder with some of its files, which transformers' own "newest checkpoint" then picks and fails
-# on. vlmtune has every rank write into ``tmp-checkpoint-N/checkpoint-N`` and renames the folder to
-# ``checkpoint-N`` once all ranks are done, so a ``checkpoint-N`` is always complete (``checkpoint_problem``
-# still checks, for folders written by other tools or versions).
-
-CHECKPOINT_PREFIX = "checkpoint"
-"""transformers' ``PREFIX_CHECKPOINT_DIR``: checkpoints are ``checkpoint-<global step>``."""
-STAGING_PREFIX = "tmp-checkpoint"
-"""A checkpoint being written: ``tmp-checkpoint-N/checkpoint-N``, renamed to ``checkpoint-N`` when complete."""
-TRAINER_STATE = "trainer_state.json"
-LOCK_FILE = ".vlmtune.lock"
-RESUME_NEWEST = ("last", "auto")
-"""``--resume_from_checkpoint`` values that mean the newest complete checkpoint of ``--output_dir``."""
-_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
-                 "pytorch_model.bin", "pytorch_model.bin.index.json", "latest")  # latest: a DeepSpeed checkpoint
-_CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
-_STAGING_NAME = re.compile(rf"^{STAGING_PREFIX}-(\d+)")
-
-
-def checkpoint_problem(folder: Path) -> str | None:
-    """Why a ``checkpoint-N`` folder cannot be resumed from, or None when it is complete."""
-    state = folder / TRAINER_STATE
-    if not state.is_file():
-        return f"no {TRAINER_STATE}"
-    try:
-        json.loads(state.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return f"{TRAINER_STATE} is unreadable"
-    if not any((folder / name).is_file() for name in _WEIGHT_FILES):
-        return "no model or adapter weights"
-    return None
-
-
-@dataclass
-class Checkpoints:
-    """The checkpoints of a run folder: complete ones by step, and what a resume must skip."""
-
-    complete: list[tuple[int, Path]]
-    incomplete: list[tuple[int, Path, str]]  # (step, folder, why)
-
-
-def scan_checkpoints(output_dir: str | Path) -> Checkpoints:
-    folder = Path(output_dir)
-    complete, incomplete = [], []
-    for child in sorted(folder.iterdir()) if folder.is_dir() else []:
-        final, staged = _CHECKPOINT_NAME.match(child.name), _STAGING_NAME.match(child.name)
-        if not child.is_dir() or not (final or staged):
-            continue
-        if staged:
-            incomplete.append((int(staged.group(1)), child, "a save that did not finish"))
-        elif problem := checkpoint_problem(child):
-            incomplete.append((int(final.group(1)), child, problem))
-        else:
-            complete.append((int(final.group(1)), child))
-    return Checkpoints(sorted(complete), sorted(incomplete))
-
-
-def resolve_resume(value: str | None, output_dir: str | Path) -> str | None:
-    """The checkpoint folder ``--resume_from_checkpoint`` means, checked, or None to start from step 0.
-
-    ``last`` / ``auto``: the newest complete checkpoint of ``output_dir``, named in one line, each newer incomplete
-    one skipped with a one-line note; with none, ``last`` stops and ``auto`` starts from step 0 (one command for
-    the first start and every restart of a preempted job). A path must be a complete checkpoint."""
-    if not value:
-        return None
-    if value.lower() in RESUME_NEWEST:
-        found = scan_checkpoints(output_dir)
-        newest = found.complete[-1] if found.complete else None
-        for step, path, why in found.incomplete:
-            if newest is None or step > newest[0]:
-                logger.info("skipping %s: incomplete (%s)", path, why)
-        if newest is not None:
-            logger.info("resuming from %s (step %d)", newest[1], newest[0])
-            return str(newest[1])
-        if value.lower() == "auto":
-            logger.info("no complete checkpoint in %s: starting from step 0", output_dir)
-            return None
-        raise ConfigError(f"--resume_from_checkpoint last: {output_dir} holds no complete checkpoint; start without "
-                          "the flag, or use `auto` (resumes when there is one)")
-    path = Path(value)
-    if not path.is_dir():
-        what = "is a file" if path.exists() else "does not exist"
-        raise ConfigError(f"--resume_from_checkpoint {value} {what}; give a checkpoint-N folder, or `last` for the "
-                          "newest complete checkpoint in --output_dir")
-    problem = checkpoint_problem(path)
-    if problem is None:
-        return str(path)
-    inside = scan_checkpoints(path).complete  # a run folder given instead of one of its checkpoints
-    beside = [p for p in scan_checkpoints(path.parent).complete if p[1] != path]
-    hint = (f"; it is a run folder, whose newest complete checkpoint is {inside[-1][1]}" if inside else
-            f"; the newest complete one beside it is {beside[-1][1]}" if beside else "")
-    raise ConfigError(f"--resume_from_checkpoint {value} is not a complete checkpoint ({problem}){hint}; or use "
-                      "`last` for the newest complete checkpoint in --output_dir")
-
-
-def staging_dir(output_dir: str | Path, step: int) -> Path:
-    """Where the Trainer writes checkpoint ``step`` (its ``checkpoint-N`` inside) before it is published."""
-    return Path(output_dir, f"{STAGING_PREFIX}-{step}")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish_checkpoint(staged: Path, final: Path) -> None:
-    """Give a fully written checkpoint its final name in one rename, after its files reached the disk.
-
-    A checkpoint of the same step already there (from a run that went further before it was resumed from an
-    earlier one) is replaced."""
-    for path in sorted(staged.rglob("*")):
-        if path.is_file():
-            _fsync(path)
-    old = None
-    if final.exists():
-        old = final.parent / f"{STAGING_PREFIX}-{final.name.rsplit('-', 1)[-1]}-replaced"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    staged.rename(final)
-    _fsync(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    if staged.parent != final.parent:
-        shutil.rmtree(staged.parent, ignore_errors=True)
-
-
-def rotate_checkpoints(output_dir: str | Path, limit: int | None, newest: Path, best: str | None = None) -> None:
-    """After ``newest`` is complete: remove what unfinished saves left, then the oldest complete checkpoints
-    beyond ``limit`` (``--save_total_limit``), in transformers' order, never ``newest`` nor the best one.
-
-    Only complete checkpoints count: a folder a killed save left behind neither takes a place nor is kept
-    as "the most recent"."""
-    from transformers.trainer_utils import sort_checkpoints
-
-    found = scan_checkpoints(output_dir)
-    for _, path, _ in found.incomplete:
-        if _STAGING_NAME.match(path.name):
-            shutil.rmtree(path, ignore_errors=True)
-    if not limit or limit <= 0:
-        return
-    complete = {str(path) for _, path in found.complete}
-    protected = {str(newest)} | ({str(Path(best))} if best else set())
-    ordered = [p for p in sort_checkpoints(str(output_dir), use_mtime=True, best_model_checkpoint=best)
-               if p in complete and p not in protected]
-    excess = len(complete) - max(limit, len(protected & complete))
-    for path in ordered[:max(excess, 0)]:
-        logger.info("removing %s (--save_total_limit %d)", path, limit)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-class RunLock:
-    """Holds ``output_dir/.vlmtune.lock`` while a run trains there, so a second run in the same folder stops
-    instead of interleaving checkpoints. The lock is the kernel's (``flock``): it goes when the process does,
-    however it ends, so a killed run never leaves a stale lock."""
-
-    def __init__(self, output_dir: str | Path):
-        self.folder = Path(output_dir)
-        self.path = self.folder / LOCK_FILE
-        self._fd: int | None = None
-        self._created = False
-
-    def __enter__(self) -> RunLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return
-        self._created = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise ConfigError(f"output folder {self.folder} is in use by another run ({holder}); wait for it "
-                                  "to end, or give another --output_dir") from None
-            except OSError as exc:  # a filesystem without locks
-                os.close(fd)
-                logger.warning("cannot lock %s (%s): nothing stops a second run from using the same folder",
-                               self.path, exc.strerror)
-                return
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the last holder removed the file between our open and our lock: lock the new one
-        import socket
-
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        self.path.unlink(missing_ok=True)
-        os.close(self._fd)
-        self._fd = None
-        if self._created:
-            try:
-                self.folder.rmdir()  # a run that wrote nothing leaves no folder
-            except OSError:
-                pass

@@ -74,12 +74,6 @@ class Geometry:
         raise ValueError(f"unknown box format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown box format {fmt!r}; use one of {', '.join(FORMATS)}")
-    return fmt
-
-
 def has_box_markers(text: str) -> bool:
     """Whether a text has something that looks like a box (parsed or not)."""
     return BOX_START in text or '"bbox_2d"' in text or '"point_2d"' in text

@@ -385,3 +385,10 @@ class Conversation:
             raise LabelError(message)
         item["labels"] = torch.tensor(labels, dtype=input_ids.dtype)
         return item
+
+
+class PromptConversation(Conversation):
+    """The training rendering (same template switches, e.g. ``enable_thinking``), ending with the template's
+    generation prompt: the text a model answers from (GRPO prompts, predict, eval)."""
+
+    add_generation_prompt = True

@@ -181,6 +181,11 @@ def load_image(path: str | Path, budget: MediaBudget) -> Image.Image:
         raise MediaError(f"image file not found: {path}") from None
     except Exception as exc:
         raise MediaError(f"unreadable image {shown(path)}: {exc}") from None
+    return resize_image(img, budget)
+
+
+def resize_image(img: Image.Image, budget: MediaBudget) -> Image.Image:
+    """A decoded image in RGB, resized under the budget by qwen-vl-utils (what the processor then gets)."""
     return qvu.fetch_image(budget.image_element(img), image_patch_size=budget.factor // 2)
 
 

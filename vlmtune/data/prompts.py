@@ -13,20 +13,13 @@ import dataclasses
 import torch
 
 from vlmtune.data.collator import Collator
-from vlmtune.data.conversation import IGNORE_INDEX, Conversation
+from vlmtune.data.conversation import IGNORE_INDEX, Conversation, PromptConversation
 from vlmtune.data.dataset import VisionLanguageDataset, encode_with, load_media, record_lengths
 from vlmtune.data.records import Message, Record
 from vlmtune.errors import Problem
 from vlmtune.families import Family
 
 REPLIES = ("chosen", "rejected")
-
-
-class PromptConversation(Conversation):
-    """The training rendering (same template switches), ending with the template's generation prompt: the text a
-    model answers from."""
-
-    add_generation_prompt = True
 
 
 def template_options(conversation: Conversation) -> dict:

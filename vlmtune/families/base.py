@@ -15,7 +15,7 @@ SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_P
 """The special tokens every Qwen-VL tokenizer has; the tiny tokenizer gets exactly these."""
 
 ASSISTANT_HEADER = f"{IM_START}assistant\n"
-"""Text that opens every assistant turn in the ChatML templates of all three families."""
+"""Text that opens every assistant turn in the ChatML templates of every family."""
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,6 @@ class Family:
     routers: tuple[str, ...] = ()
     """Name suffixes of the modules that route tokens between experts (the top-k router; Qwen3.5-MoE's
     shared-expert gate too): frozen unless ``--train_router``."""
-    linear_attention: str | None = None
-    """Name suffix of the linear-attention (Gated DeltaNet) token mixer, in the layers whose
-    ``text_config.layer_types`` entry is ``linear_attention``: layers that carry a recurrent and a convolution
-    state along the sequence."""
     extra_tokens: tuple[str, ...] = ()
     """Added (not special) tokens of the real tokenizer that the family's chat template writes."""
 

@@ -17,6 +17,5 @@ QWEN3_5 = Family(
     box_format="norm1000",  # Qwen3-VL's convention (qwen3_vl.py): Qwen3.5 inherits its vision stack and processor
     patch_size=16,
     video_timestamps=True,
-    linear_attention="linear_attn",
     extra_tokens=THINK_TOKENS,
 )

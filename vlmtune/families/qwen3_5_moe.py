@@ -19,6 +19,5 @@ QWEN3_5_MOE = Family(
     video_timestamps=True,
     experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     routers=("mlp.gate", "mlp.shared_expert_gate"),
-    linear_attention="linear_attn",
     extra_tokens=THINK_TOKENS,
 )

@@ -21,7 +21,6 @@ from vlmtune.families import Family
 logger = logging.getLogger(__name__)
 
 PARTS = ("vision", "merger", "llm")
-POLICIES = ("frozen", "lora", "full")
 PEFT_PREFIX = "base_model.model."
 _NO_LORA_BY_DEFAULT = ("lm_head", "embed_tokens")
 

@@ -19,7 +19,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from vlmtune.plots import LOG_FILE
+from vlmtune.generation import format_duration
+from vlmtune.run import LOG_FILE
 
 HIDDEN_KEYS = {"total_flos", "epoch", "step", "learning_rate", "samples_per_s", "eval_runtime",
                "eval_samples_per_second", "eval_steps_per_second", "eval_model_preparation_time"}
@@ -33,13 +34,6 @@ def _number(value: float, key: str) -> str:
     if isinstance(value, int) or (abs(value) >= 1000 and float(value).is_integer()):
         return f"{int(value):,}"
     return f"{value:.3f}" if abs(value) < 100 else f"{value:,.1f}"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def format_log(logs: dict, step: int, max_steps: int) -> str | None:
@@ -62,7 +56,7 @@ def format_log(logs: dict, step: int, max_steps: int) -> str | None:
         parts = [f"eval {where}"]
         parts += [f"{k} {_number(v, k)}" for k, v in evals.items() if isinstance(v, (int, float))]
         if "eval_runtime" in logs:
-            parts.append(f"({_duration(logs['eval_runtime'])})")
+            parts.append(f"({format_duration(logs['eval_runtime'])})")
         return "  ".join(parts)
     return None  # the Trainer's end-of-training totals: the run summary says it better
 
@@ -152,7 +146,7 @@ def summary(trainer, started: float, output_dir: str | Path, *, lora: bool, plot
     history = state.log_history
     train_losses = [(e["step"], e["loss"]) for e in history if "loss" in e]
     eval_losses = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
-    lines = [f"run finished in {_duration(time.time() - started)}: {state.global_step} steps"
+    lines = [f"run finished in {format_duration(time.time() - started)}: {state.global_step} steps"
              + (f" ({state.epoch:.2f} epochs)" if state.epoch else "")]
     if train_losses:
         best = min(train_losses, key=lambda t: t[1])

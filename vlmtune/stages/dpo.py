@@ -24,14 +24,12 @@ from safetensors.torch import load_file, save_file
 from vlmtune.config import DataArguments, DPOArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data.prompts import PreferenceCollator, PreferenceDataset
 from vlmtune.errors import ConfigError
+from vlmtune.run import REF_FILE
 from vlmtune.stages import losses as variants
 from vlmtune.stages import reference as ref
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
 
 logger = logging.getLogger(__name__)
-
-REF_FILE = "ref_log_probs.safetensors"
-"""Precomputed reference log-probs (chosen, rejected) per pair, saved beside each checkpoint for resume."""
 
 
 def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
@@ -69,7 +67,7 @@ class DPOTrainer(PolicyTrainer):
         if self.dpo.precompute_ref_log_probs:
             ref_logps = self._reference_table(model, mode)[pair_index.cpu()].T.flatten()
         else:
-            ref_logps = self.reference.log_probs(model, inputs).sum(-1)
+            ref_logps = self.reference_log_probs(model, inputs).sum(-1)
         logps = ref.token_log_probs(model, inputs).sum(-1)
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = ref_logps.to(logps).chunk(2)
@@ -149,8 +147,8 @@ class DPOTrainer(PolicyTrainer):
                       str(Path(output_dir or self.args.output_dir, REF_FILE)))
 
     def load_reference_table(self, checkpoint: str | None) -> None:
-        """Resume: the precomputed reference log-probs saved with the checkpoint folder (``run.resolve_resume``'s
-        answer), if any."""
+        """Resume: the precomputed reference log-probs saved with the checkpoint folder
+        (``checkpoints.resolve_resume``'s answer), if any."""
         path = Path(checkpoint or "", REF_FILE)
         if checkpoint and path.is_file():
             self.ref_table = {k: v for k, v in load_file(str(path)).items()}

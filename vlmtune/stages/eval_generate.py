@@ -19,10 +19,10 @@ from vlmtune.data import media
 from vlmtune.data.records import Record
 from vlmtune.families import Family
 from vlmtune.generation import Predictor, prediction_lines, prompt_of, score
+from vlmtune.run import PREDICTIONS_FILE
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_FILE = "eval_predictions.jsonl"
 
 
 class EvalGenerator:

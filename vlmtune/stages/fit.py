@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from vlmtune import run
+from vlmtune import checkpoints
 from vlmtune.config import TrainingArguments
 from vlmtune.errors import Stopped
 from vlmtune.stages import callbacks
@@ -24,13 +24,13 @@ logger = logging.getLogger(__name__)
 
 def output_lock(output_dir: str):
     """One run per output folder: the first process holds the lock until it ends, however it ends."""
-    return run.RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    return checkpoints.RunLock(output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
 
 
 def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set, resume: str | None,
         started: float | None = None, predictions: Path | None = None) -> Path:
-    """Train (from the checkpoint ``resume``, resolved by ``run.resolve_resume``), then evaluate a held-out split
-    that has not reported yet, save the result and the state, draw the plots, log the end-of-run summary (time
+    """Train (from the checkpoint ``resume``, resolved by ``checkpoints.resolve_resume``), then evaluate a held-out
+    split that has not reported yet, save the result and the state, draw the plots, log the end-of-run summary (time
     from ``started``) and take the process groups down. A run stopped by SIGTERM raises ``Stopped`` saying how to
     resume."""
     started = started or time.time()
@@ -39,7 +39,7 @@ def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set,
         _leave_together()
         signum, step = trainer.stopped
         raise Stopped(f"stopped by {signal.Signals(signum).name} after step {step}, saved in "
-                      f"{Path(train_args.output_dir, f'{run.CHECKPOINT_PREFIX}-{step}')}; run the same command with "
+                      f"{checkpoints.checkpoint_dir(train_args.output_dir, step)}; run the same command with "
                       "--resume_from_checkpoint last to continue", signum)
     if eval_set is not None and train_args.eval_strategy == "no":  # an eval split always reports, at least at the end
         trainer.evaluate()

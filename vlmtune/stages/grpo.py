@@ -38,13 +38,13 @@ from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.prompts import PromptDataset, collate_prompts
 from vlmtune.errors import ConfigError, DataError, Problem
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from vlmtune.run import COMPLETIONS_FILE
 from vlmtune.stages import losses
 from vlmtune.stages import reference as ref
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
 
 logger = logging.getLogger(__name__)
 
-COMPLETIONS_FILE = "completions.jsonl"
 STD_EPS = 1e-4  # as TRL
 
 
@@ -173,7 +173,7 @@ class GRPOTrainer(PolicyTrainer):
             if self.grpo.num_iterations > 1:
                 batch["old_log_probs"] = ref.token_log_probs(model, batch)
             if self.grpo.beta:
-                batch["ref_log_probs"] = self.reference.log_probs(model, batch)
+                batch["ref_log_probs"] = self.reference_log_probs(model, batch)
         if mode == "train" and self.grpo.num_iterations > 1:
             self._rollouts[key] = [batch, 1]
         return batch

@@ -14,6 +14,7 @@ the run started from, ``vlmtune.stages.reference``). Beyond that it is its loss 
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vlmtune import run
+from vlmtune import checkpoints, run
 from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data.collator import vision_fillers
 from vlmtune.data.conversation import Conversation
@@ -57,6 +58,10 @@ class PolicyTrainer(VisionLanguageTrainer):
     def record_metric(self, mode: str, key: str, value: float) -> None:
         """One value of a metric, averaged with the others of its mode into the next log line."""
         self._metrics[mode][key].append(value)
+
+    def reference_log_probs(self, model, batch: dict) -> torch.Tensor:
+        """Per-token log-probs of the batch under the reference policy (``model`` as the Trainer calls it)."""
+        return self.reference.log_probs(model, batch, self.accelerator.unwrap_model)
 
     def eval_inputs(self, model, inputs: dict) -> dict:
         """The batch an evaluation step computes the loss on (the collated batch; GRPO samples first)."""
@@ -126,7 +131,7 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
         raise ConfigError(f"--data_path is required ({stage.data_path})")
     if data_args.packing:
         raise ConfigError(f"--packing is for SFT; {stage.no_packing}")
-    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
     conversation = Conversation(processor, stage.label_mode, **data_args.template_options())
@@ -134,8 +139,9 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
     def make(records, lengths, source):
         return stage.dataset(records, lengths, source, start, conversation)
 
+    drawn: dict = {}
     train_set, eval_set = build_datasets(data_args, processor, family, start.budget, train_args.seed, make,
-                                         conversation, stage.name)
+                                         conversation, stage.name, drawn)
     for dataset in (train_set, eval_set):
         if dataset is not None and stage.check is not None:
             stage.check(dataset)
@@ -143,6 +149,8 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
         raise ConfigError(stage.empty)
 
     with output_lock(train_args.output_dir):  # one run per output folder
+        if int(os.environ.get("RANK", "0")) == 0:
+            run.write_mixture(train_args.output_dir, drawn)
         model, reference, ref_model = ref.policy_and_reference(
             start, model_args, mode_args, train_args, plan, stage.name, stage.reference_user,
             reference=stage.reference, temperature=stage.temperature)

@@ -52,14 +52,6 @@ def add_log_prob_head(model: nn.Module, stage: str, temperature: float = 1.0) ->
     require_trl(stage).add_fused_lm_head(transformers_model(model), temperature=temperature)
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off everywhere (LoRA's included), as TRL does for DPO and GRPO: the policy's log-probs must be the
-    ones the reference and the old policy are compared with, not a random mask of them."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-
-
 MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
               "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "position_ids")
 
@@ -114,28 +106,24 @@ class Reference:
                 params[name].data = data
 
     @torch.no_grad()
-    def log_probs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def log_probs(self, model: nn.Module, batch: dict[str, torch.Tensor], unwrap=None) -> torch.Tensor:
         """Per-token reference log-probs of the batch (see ``token_log_probs``); ``model`` is the policy as the
-        Trainer calls it (possibly wrapped by DeepSpeed)."""
+        Trainer calls it, and ``unwrap`` (the trainer's ``accelerator.unwrap_model``) takes the PeftModel out of
+        the DeepSpeed / DDP wrappers."""
         if self.kind == "copy":
             return token_log_probs(self.ref_model, batch)
-        peft_model = _peft_model(model)
+        peft_model = unwrap(model) if unwrap is not None else model
         with peft_model.disable_adapter(), self._swapped(peft_model):
             return token_log_probs(model, batch)
 
 
-def _peft_model(model: nn.Module) -> nn.Module:
-    """The PeftModel inside DeepSpeed / DDP wrappers."""
-    while not hasattr(model, "disable_adapter") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A reference model: eval mode, no gradients, dropout off."""
+    from trl.trainer.utils import disable_dropout_in_model
+
     model.requires_grad_(False)
     model.eval()
-    disable_dropout(model)
+    disable_dropout_in_model(model)
     return model
 
 
@@ -156,7 +144,9 @@ def policy_and_reference(start, model_args, mode_args, train_args, plan: modes.T
     (``who`` names the run in its errors), for full runs a frozen copy of what the policy starts from (partitioned
     at load under ZeRO-3), which becomes a ``Reference`` once the Trainer exists (``use_reference_copy``)."""
     model = load_policy(start, model_args, mode_args, train_args, plan)
-    disable_dropout(model)
+    # Dropout off everywhere (LoRA's included), as TRL does: the policy's log-probs must be the ones the reference
+    # and the old policy are compared with, not a random mask of them
+    require_trl(stage).disable_dropout_in_model(model)
     add_log_prob_head(model, stage, temperature)
     if not reference:
         return model, None, None

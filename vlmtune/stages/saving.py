@@ -6,7 +6,7 @@ import errno
 import shutil
 from pathlib import Path
 
-from vlmtune import run
+from vlmtune import checkpoints
 from vlmtune.errors import SaveError
 
 
@@ -40,7 +40,7 @@ def save_failed(exc: BaseException, what: str, folder: Path) -> SaveError | None
     if reason is None:
         return None
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(exc)
-    found = run.scan_checkpoints(folder).complete
+    found = checkpoints.scan_checkpoints(folder).complete
     last = f"the last complete checkpoint is {found[-1][1]}" if found else "no checkpoint is complete yet"
     return SaveError(f"writing {what} failed: {reason} ({_free_space(folder)} free on the disk of {folder}); "
                          f"{last}. {'Free space' if full else 'Fix the disk'} or give another --output_dir, then "

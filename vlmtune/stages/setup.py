@@ -11,15 +11,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import set_seed
 
 from vlmtune import run
 from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
-from vlmtune.data import media
+from vlmtune.data import media, mixture
 from vlmtune.data.check import check_data
 from vlmtune.data.dataset import take
-from vlmtune.errors import ConfigError, DataError
+from vlmtune.errors import ConfigError, DataError, MixtureError
 from vlmtune.families import Family
 from vlmtune.model import modes
 from vlmtune.model.load import (
@@ -117,10 +118,14 @@ def resolve_start(model_args: ModelArguments, data_args: DataArguments, plan: mo
 
 
 def build_datasets(data_args: DataArguments, processor, family: Family, budget: media.MediaBudget, seed: int,
-                   make: Callable, conversation, stage: str = "sft"):
+                   make: Callable, conversation, stage: str = "sft", drawn: dict | None = None):
     """(train, eval or None) datasets of a stage: every file checked up front, labels included, with
     ``conversation`` (the summary logged, errors raised as ``DataError``), a held-out split drawn with ``seed``,
-    and ``make(records, lengths, source)`` building each dataset from its records and measured lengths."""
+    and ``make(records, lengths, source)`` building each dataset from its records and measured lengths.
+
+    ``--data_path`` / ``--eval_data_path`` may list several files with weights or counts (``data/mixture.py``):
+    each file is checked alone, ``--val_ratio`` holds out that share of each file, and what was drawn from each
+    file goes into ``drawn`` (for the run folder's ``mixture.json``)."""
 
     def checked(path: str):
         result = check_data(
@@ -134,10 +139,28 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
             raise DataError(result.file, result.problems)
         return result.records, result.lengths
 
-    records, lengths = checked(data_args.data_path)  # SFT: lazy records from the data store, and their lengths
-    eval_records, eval_lengths = [], []
-    if data_args.eval_data_path:
+    train_mix = mixture.parse_mixture(data_args.data_path, "--data_path")
+    eval_mix = mixture.parse_mixture(data_args.eval_data_path, "--eval_data_path")
+    ratio = 0.0 if data_args.eval_data_path else data_args.val_ratio
+    eval_records, eval_lengths, held = [], [], None
+    if train_mix is None:  # SFT: lazy records from the data store, and their lengths
+        records, lengths = checked(data_args.data_path)
+        source = data_args.data_path
+    else:
+        records, lengths, held, rows = _mixed(train_mix, "--data_path", checked, seed, 0, ratio)
+        source = ", ".join(e.path for e in train_mix)
+        if drawn is not None:
+            drawn.update(seed=seed, train=rows)
+    if eval_mix is not None:
+        eval_records, eval_lengths, _, rows = _mixed(eval_mix, "--eval_data_path", checked, seed, 1, 0.0)
+        if drawn is not None:
+            drawn.update(seed=seed, eval=rows)
+    elif data_args.eval_data_path:
         eval_records, eval_lengths = checked(data_args.eval_data_path)
+    elif held is not None:  # --val_ratio of each file of the mixture
+        eval_records, eval_lengths, rows = held
+        if drawn is not None:
+            drawn["eval"] = rows
     elif data_args.val_ratio:
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)
@@ -145,10 +168,51 @@ def build_datasets(data_args: DataArguments, processor, family: Family, budget: 
         eval_at, train_at = order[:n_eval], sorted(order[n_eval:])
         eval_records, eval_lengths = take(records, eval_at), [lengths[i] for i in eval_at]
         records, lengths = take(records, train_at), [lengths[i] for i in train_at]
-    train_set = make(records, lengths, data_args.data_path)
+    train_set = make(records, lengths, source)
     if not len(eval_records):
         return train_set, None
-    return train_set, make(eval_records, eval_lengths, data_args.eval_data_path or data_args.data_path)
+    eval_source = (", ".join(e.path for e in eval_mix) if eval_mix else data_args.eval_data_path) or source
+    return train_set, make(eval_records, eval_lengths, eval_source)
+
+
+def _checked_entry(checked: Callable, entry: mixture.Entry, flag: str):
+    """A file of a list, checked: a file that cannot be read at all (empty, not JSON) is one line naming the flag
+    and the entry; errors in its records are listed as for one file (``DataError``)."""
+    try:
+        return checked(entry.path)
+    except DataError as exc:
+        errors = [p for p in exc.problems if p.level == "error"]
+        if len(errors) == 1 and errors[0].index is None:
+            raise MixtureError(f"{flag}: entry {entry.path}: {errors[0].message}") from None
+        raise
+
+
+def _mixed(entries: list[mixture.Entry], flag: str, checked: Callable, seed: int, purpose: int, ratio: float):
+    """(records, lengths, held-out (records, lengths, rows) or None, rows) of a list of files: each checked, then
+    ``ratio`` of each held out and the rest drawn as its weight or count asks (rows: what was drawn, per file)."""
+    files = [_checked_entry(checked, e, flag) for e in entries]  # every file checked before anything is drawn
+    for e, (records, _) in zip(entries, files):
+        if not len(records):
+            raise MixtureError(f"{flag}: entry {e.path}: no valid records in the file")
+    splits = [mixture.split_off(len(r), ratio, mixture.rng_for(seed, i, 2)) if ratio
+              else (np.arange(len(r)), np.zeros(0, np.int64)) for i, (r, _) in enumerate(files)]
+    wanted = mixture.targets(entries, [len(train_at) for train_at, _ in splits])
+    parts, lengths, rows, held_parts, held_lengths, held_rows = [], [], [], [], [], []
+    for i, (e, (records, lens), (train_at, held_at), n) in enumerate(zip(entries, files, splits, wanted)):
+        lens = np.asarray(lens)
+        at = train_at[mixture.draw(len(train_at), n, mixture.rng_for(seed, i, purpose))]
+        parts.append(take(records, at))
+        lengths.append(lens[at])
+        rows.append(mixture.drawn_record(e, len(records), len(held_at), mixture.file_indices(records, at)))
+        if len(held_at):
+            held_parts.append(take(records, held_at))
+            held_lengths.append(lens[held_at])
+            held_rows.append(mixture.drawn_record(e, len(records), len(held_at),
+                                                  mixture.file_indices(records, held_at)))
+        logger.info("%s: %s gives %s of its %s valid records%s", flag, e.path, f"{n:,}", f"{len(records):,}",
+                    f" ({len(held_at):,} held out for eval)" if len(held_at) else "")
+    held = (mixture.Concat(held_parts), np.concatenate(held_lengths), held_rows) if held_parts else None
+    return mixture.Concat(parts), np.concatenate(lengths), held, rows
 
 
 def init_distributed(train_args: TrainingArguments) -> None:

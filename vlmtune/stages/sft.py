@@ -7,12 +7,13 @@ a record's tokens and labels are differs."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 from transformers import AutoConfig
 
-from vlmtune import run
+from vlmtune import checkpoints, run
 from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data.collator import Collator, vision_fillers
 from vlmtune.data.conversation import Conversation
@@ -70,9 +71,10 @@ def check_cpt(data_args: DataArguments, train_args: TrainingArguments) -> None:
                           "(every text token trains); drop them")
 
 
-def sft_datasets(data_args: DataArguments, processor, family, budget, seed: int):
+def sft_datasets(data_args: DataArguments, processor, family, budget, seed: int, drawn: dict | None = None):
     """(train, eval or None) datasets of SFT records (or, ``--stage cpt``, documents), every file checked up front
-    with the run's label mode and template switches (``build_datasets``)."""
+    with the run's label mode and template switches (``build_datasets``; ``drawn`` receives what a list of files
+    gave)."""
     if data_args.stage == "cpt":
         conversation = Document(processor)
         logger.info("CPT: documents without a chat template: %s, the text with vision tokens, %s; every token "
@@ -85,7 +87,8 @@ def sft_datasets(data_args: DataArguments, processor, family, budget, seed: int)
         return VisionLanguageDataset(records, processor, family, budget, conversation, data_args.max_seq_length,
                                      data_args.strict_length, lengths, source)
 
-    return build_datasets(data_args, processor, family, budget, seed, make, conversation, data_args.stage)
+    return build_datasets(data_args, processor, family, budget, seed, make, conversation, data_args.stage,
+                          drawn=drawn)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
@@ -99,15 +102,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     if not data_args.data_path:
         raise ConfigError("--data_path is required (a LLaVA-style JSON or JSONL file" +
                           (" of documents: {\"text\", \"image\"}" if data_args.stage == "cpt" else "") + ")")
-    resume = run.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
+    resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
     if data_args.packing:
         packing.check_packable(AutoConfig.from_pretrained(start.base_model))
-    train_set, eval_set = sft_datasets(data_args, processor, family, start.budget, train_args.seed)
+    drawn: dict = {}
+    train_set, eval_set = sft_datasets(data_args, processor, family, start.budget, train_args.seed, drawn)
     if len(train_set) == 0:
         raise ConfigError("no training record is left after the length filter; raise --max_seq_length")
     with output_lock(train_args.output_dir):
+        if int(os.environ.get("RANK", "0")) == 0:
+            run.write_mixture(train_args.output_dir, drawn)
         return _fit(model_args, data_args, mode_args, train_args, plan, start, train_set, eval_set, resume,
                     metric_names, started)
 

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from vlmtune import run
+from vlmtune import checkpoints, run
 from vlmtune.data import packing
 from vlmtune.errors import NonFiniteLoss
 from vlmtune.families import Family
@@ -88,6 +88,16 @@ def _any_rank(flag: bool, device) -> bool:
     return bool(value.item())
 
 
+def _sum_over_ranks(values: list[int], device) -> list[int]:
+    """``values`` summed over the processes (a collective: every rank must call it at the same point)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
 class _StopOnSignal(TrainerCallback):
     """At the first step boundary after SIGTERM reached any rank: save a checkpoint and stop, on every rank."""
 
@@ -122,8 +132,8 @@ class VisionLanguageTrainer(Trainer):
         self.on_nan_loss = on_nan_loss
         self.eval_generator = eval_generator  # stages.eval_generate.EvalGenerator (--eval_generate)
         callbacks.install(self)
-        self._tokens_seen = self._samples_seen = 0  # real (non-padding) tokens and records, for the rates
-        self._last_log = (time.perf_counter(), 0, 0)  # time, tokens seen, samples seen
+        self._tokens_seen = self._samples_seen = 0  # this process's real (non-padding) tokens and records since
+        self._last_log = time.perf_counter()  # the last training log line, when it was written
         self._staging: str | None = None  # where _save_checkpoint writes before publishing
         self._nonfinite: list[str] = []  # the micro-batches of this step whose loss was NaN or inf (skip mode)
         self._stop = _StopOnSignal()
@@ -232,11 +242,16 @@ class VisionLanguageTrainer(Trainer):
         if "loss" in logs and self.optimizer is not None:
             for group in self.optimizer.param_groups:
                 logs[f"lr/{group.get('name', 'group')}"] = group["lr"]
-            now, tokens, samples = time.perf_counter(), self._tokens_seen, self._samples_seen
-            elapsed = max(now - self._last_log[0], 1e-9)
-            logs["tokens_per_s"] = round((tokens - self._last_log[1]) / elapsed, 1)
-            logs["samples_per_s"] = round((samples - self._last_log[2]) / elapsed, 3)
-            self._last_log = (now, tokens, samples)
+            # The whole job's throughput: every rank's counts since the last log line, summed (every rank logs here)
+            tokens, samples = _sum_over_ranks([self._tokens_seen, self._samples_seen], self.args.device)
+            now = time.perf_counter()
+            elapsed = max(now - self._last_log, 1e-9)
+            logs["tokens_per_s"] = round(tokens / elapsed, 1)
+            logs["samples_per_s"] = round(samples / elapsed, 3)
+            self._tokens_seen = self._samples_seen = 0
+            self._last_log = now
+            if self.args.include_num_input_tokens_seen == "no":  # else the Trainer counts them its own way
+                self.state.num_input_tokens_seen += tokens  # the job's real tokens, kept in trainer_state.json
         super().log(logs, start_time)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -273,8 +288,8 @@ class VisionLanguageTrainer(Trainer):
         """The Trainer's checkpoint, written by every rank into ``tmp-checkpoint-N/checkpoint-N`` (its own
         rotation sees only that folder), then renamed to ``checkpoint-N`` once all ranks are done, then rotated."""
         run_dir = Path(self._get_output_dir(trial))
-        final = run_dir / f"{run.CHECKPOINT_PREFIX}-{self.state.global_step}"
-        staging = run.staging_dir(run_dir, self.state.global_step)
+        final = checkpoints.checkpoint_dir(run_dir, self.state.global_step)
+        staging = checkpoints.staging_dir(run_dir, self.state.global_step)
         staged = staging / final.name
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)  # what a killed save of this step left
@@ -297,8 +312,8 @@ class VisionLanguageTrainer(Trainer):
                 self.state.save_to_json(str(staged / run.TRAINER_STATE))
         self.accelerator.wait_for_everyone()  # every rank's files (DeepSpeed shards, RNG states) are written
         if self.args.should_save:
-            run.publish_checkpoint(staged, final)
-            run.rotate_checkpoints(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
+            checkpoints.publish_checkpoint(staged, final)
+            checkpoints.rotate_checkpoints(run_dir, self.args.save_total_limit, final, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
