@@ -1,10 +1,11 @@
-"""Steps per second of every training stage (SFT, DPO, GRPO, reward model, distillation off- and on-policy) on the
+"""Steps per second of every training stage (SFT, CPT, DPO, GRPO, reward model, distillation off- and on-policy) on the
 same tiny model and the same records, in one run.
 
     .venv/bin/python bench/stage_steps.py [--steps 12] [--batch-size 4] [--threads 1] [--rounds 2] [--stages ...]
 
 Data: data_examples/preference.json, read three ways so every stage sees the same prompts and media: SFT trains
-on prompt + chosen reply, DPO on (chosen, rejected), GRPO samples ``--num-generations`` completions of up to
+on prompt + chosen reply, CPT (``--stage cpt``) on the same turns and reply as one document (no chat template),
+DPO on (chosen, rejected), GRPO samples ``--num-generations`` completions of up to
 ``--max-completion-length`` tokens per prompt (reward: exact match with the chosen reply), the reward model on
 (chosen, rejected), distillation on the SFT records from a teacher that is the tiny model with 4 layers (``gkd``:
 every step on-policy, the student sampling ``--max-completion-length`` tokens per record). Each stage runs
@@ -60,9 +61,9 @@ class StepTimer(TrainerCallback):
 
 
 def stage_files(folder: Path) -> dict[str, Path]:
-    """The example preference records as SFT, DPO and GRPO data files (same prompts, same media)."""
+    """The example preference records as SFT, CPT, DPO and GRPO data files (same prompts, same media)."""
     records = json.loads((EXAMPLES / "preference.json").read_text())
-    paths = {"dpo": folder / "dpo.json", "sft": folder / "sft.json", "grpo": folder / "grpo.json"}
+    paths = {stage: folder / f"{stage}.json" for stage in ("sft", "cpt", "dpo", "grpo")}
     paths["dpo"].write_text(json.dumps(records))
 
     def reply(value):
@@ -71,13 +72,16 @@ def stage_files(folder: Path) -> dict[str, Path]:
     sft = [{**{k: v for k, v in r.items() if k not in ("chosen", "rejected")},
             "conversations": [*r["conversations"], {"from": "gpt", "value": reply(r["chosen"])}]} for r in records]
     paths["sft"].write_text(json.dumps(sft))
+    cpt = [{**{k: v for k, v in r.items() if k != "conversations"},
+            "text": "\n".join(turn["value"] for turn in r["conversations"])} for r in sft]
+    paths["cpt"].write_text(json.dumps(cpt))
     grpo = [{**{k: v for k, v in r.items() if k not in ("chosen", "rejected")}, "answer": reply(r["chosen"])}
             for r in records]
     paths["grpo"].write_text(json.dumps(grpo))
     return paths
 
 
-STAGES = {"sft": ("sft", "sft"), "dpo": ("dpo", "dpo"), "grpo": ("grpo", "grpo"),
+STAGES = {"sft": ("sft", "sft"), "cpt": ("sft", "cpt"), "dpo": ("dpo", "dpo"), "grpo": ("grpo", "grpo"),
           "reward_model": ("reward_model", "dpo"), "distill": ("distill", "sft"), "gkd": ("distill", "sft")}
 """Benchmarked stage -> (the recipe's stage, the data file it reads)."""
 
@@ -93,6 +97,8 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
             "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no", "--max_steps", str(args.steps),
             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", "1e-3", "--mode", "lora",
             "--lora_rank", "8", "--logging_steps", str(args.steps), "--seed", "0", "--dataloader_num_workers", "0"]
+    if stage == "cpt":
+        argv += ["--stage", "cpt"]
     if stage == "grpo":
         argv += ["--num_generations", str(args.num_generations), "--max_completion_length",
                  str(args.max_completion_length), "--reward_funcs", "exact_match", "--log_completions", "0"]

@@ -1,5 +1,5 @@
 """Regenerate data_examples/: shapes drawn with PIL, short clips written with PyAV, data.json (SFT),
-preference.json (DPO), grpo.json (GRPO prompts with gold answers) and grounding.json.
+preference.json (DPO), grpo.json (GRPO prompts with gold answers), documents.json (CPT) and grounding.json.
 
     python data_examples/make_examples.py
 
@@ -113,7 +113,22 @@ def main() -> None:
     (HERE / "data.json").write_text(json.dumps(records, indent=2) + "\n")
     (HERE / "preference.json").write_text(json.dumps(PREFERENCE, indent=2) + "\n")
     (HERE / "grpo.json").write_text(json.dumps(GRPO, indent=2) + "\n")
+    (HERE / "documents.json").write_text(json.dumps(DOCUMENTS, indent=2) + "\n")
     grounding_examples()
+
+
+DOCUMENTS = [  # continued pre-training: a text with its media, no chat
+    {"id": "doc_caption", "image": "images/red_circle.png", "text": "A red circle on a white background."},
+    {"id": "doc_interleaved", "image": ["images/blue_square.png", "images/green_triangle.png"],
+     "text": "Shapes, chapter 1.\nA square has four equal sides:\n<image>\nA triangle has three sides:\n<image>\n"
+             "Together they make a house."},
+    {"id": "doc_video", "video": "videos/ball_right.mp4", "text": "<video>\nA yellow ball rolls from the left to "
+                                                                "the right."},
+    {"id": "doc_text", "text": "A circle is the set of points at the same distance from its center."},
+    {"id": "doc_caption_square", "image": "images/blue_square.png", "text": "A blue square."},
+    {"id": "doc_image_then_video", "image": "images/yellow_circle.png", "video": "videos/ball_left.mp4",
+     "text": "The yellow ball <image> moves to the left: <video> The end."},
+]
 
 
 def human(text: str) -> dict:

@@ -12,7 +12,8 @@ from pathlib import Path
 USAGE = """usage: vlmtune [--debug] COMMAND [options]
 
 commands:
-  train            fine-tune a Qwen-VL model (vlmtune train --help; a YAML config may come first)
+  train            fine-tune a Qwen-VL model (vlmtune train --help; a YAML config may come first);
+                   --stage cpt: continued pre-training on documents (text with images / videos, no chat)
   dpo              preference-tune on chosen / rejected replies (vlmtune dpo --help)
   grpo             reinforce with reward functions on sampled replies (vlmtune grpo --help)
   distill          distil a teacher's token distributions into the model (vlmtune distill --teacher PATH --help)
@@ -104,9 +105,10 @@ def cmd_check_data(argv: list[str]) -> int:
     parser.add_argument("--deep", action="store_true", help="decode every image and video (slower)")
     parser.add_argument("--data_format", choices=FORMATS, help="format of the records (default: detected from "
                         "the first record): llava, sharegpt (LLaMA-Factory / ms-swift) or messages (typed parts)")
-    parser.add_argument("--stage", choices=["sft", "dpo", "grpo"], default="sft",
+    parser.add_argument("--stage", choices=["sft", "dpo", "grpo", "cpt"], default="sft",
                         help="what the records are for: sft (conversations with replies), dpo (prompt turns plus "
-                        "'chosen' and 'rejected'), grpo (prompt turns plus reward fields)")
+                        "'chosen' and 'rejected'), grpo (prompt turns plus reward fields), cpt (documents: 'text' "
+                        "with media, no chat)")
     # as in `vlmtune train`: every record's labels are checked under the label mode and template switches
     shared = ("image_folder", "video_folder", "max_seq_length", "allow_urls", "box_format", "label_mode",
               "enable_thinking", "keep_earlier_reasoning")
@@ -125,8 +127,13 @@ def cmd_check_data(argv: list[str]) -> int:
     family = load_family(model_path, f"--model {model_path}")
     processor = load_processor(model_path)
     budget = media.budget_from_processor(processor, family.factor)
-    conversation = Conversation(processor, args.label_mode, enable_thinking=args.enable_thinking,
-                                keep_earlier_reasoning=args.keep_earlier_reasoning)
+    if args.stage == "cpt":
+        from vlmtune.data.document import Document
+
+        conversation = Document(processor)
+    else:
+        conversation = Conversation(processor, args.label_mode, enable_thinking=args.enable_thinking,
+                                    keep_earlier_reasoning=args.keep_earlier_reasoning)
     results = [check_data(path, processor, family, budget, image_folder=args.image_folder,
                           video_folder=args.video_folder, allow_urls=args.allow_urls, deep=args.deep,
                           max_seq_length=args.max_seq_length, conversation=conversation, processes=args.processes,

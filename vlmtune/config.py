@@ -55,6 +55,12 @@ class DataArguments:
                                 "records), a Parquet / Arrow file or a save_to_disk folder; or a mixture of several: "
                                 "a.json:0.3,b.parquet:0.7 (weights: shares), a.json:500,b.json:200 (record counts), "
                                 "a.json,b.json (all of each), drawn with --seed."})
+    stage: Literal["sft", "cpt"] = field(
+        default="sft",
+        metadata={"help": "vlmtune train only. sft: conversations, the replies train. cpt: continued pre-training "
+                  "on documents ({\"text\", \"image\" / \"video\"}, <image> / <video> tags where the media go), no "
+                  "chat template, every text token trains."},
+    )
     image_folder: str | None = field(
         default=None, metadata={"help": "Folder that relative image paths start from (default: the data file's)."}
     )
@@ -291,15 +297,18 @@ class DPOArguments:
         metadata={"help": "How far the policy may move from the reference: the scale of the implicit rewards "
                   "beta * (log pi - log pi_ref). For IPO, the regularisation tau.", **within(0, low_open=True)},
     )
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = field(
+    loss_type: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = field(
         default="sigmoid",
         metadata={"help": "sigmoid: the DPO paper's loss. ipo: (length-normalised margin - 1 / (2 beta))^2. "
-                  "hinge: relu(1 - beta * margin) (SLiC)."},
+                  "hinge: relu(1 - beta * margin) (SLiC). Reference-free (no reference model): orpo: the chosen "
+                  "reply's NLL + beta x the odds-ratio loss (beta 0.1 as the paper's lambda); simpo: -log sigmoid("
+                  "beta x mean-logp margin - simpo_gamma) (the paper uses beta 2 to 10)."},
     )
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin gamma."})
     label_smoothing: float = field(
         default=0.0,
-        metadata={"help": "Sigmoid loss only: the assumed probability that a pair's labels are flipped (cDPO), "
-                  "in [0, 0.5).", **within(0, 0.5, high_open=True)},
+        metadata={"help": "Sigmoid and SimPO losses: the assumed probability that a pair's labels are flipped "
+                  "(cDPO), in [0, 0.5).", **within(0, 0.5, high_open=True)},
     )
     precompute_ref_log_probs: bool = field(
         default=False,
@@ -309,8 +318,17 @@ class DPOArguments:
 
     def __post_init__(self):
         check_fields(self)
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError(f"--label_smoothing applies to the sigmoid loss, not --loss_type {self.loss_type}")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise ConfigError(f"--label_smoothing applies to the sigmoid and simpo losses, not --loss_type "
+                              f"{self.loss_type}")
+        if self.precompute_ref_log_probs and self.reference_free:
+            raise ConfigError(f"--precompute_ref_log_probs: --loss_type {self.loss_type} uses no reference model; "
+                              "drop the flag")
+
+    @property
+    def reference_free(self) -> bool:
+        """Whether the loss compares no reference policy (ORPO, SimPO)."""
+        return self.loss_type in ("orpo", "simpo")
 
 
 @dataclass
@@ -365,6 +383,26 @@ class GRPOArguments:
                   "(mean over the batch's completion tokens), dr_grpo (sum / (completions x "
                   "max_completion_length))."},
     )
+    importance_sampling_level: Literal["token", "sequence"] = field(
+        default="token",
+        metadata={"help": "token: a probability ratio per token (GRPO). sequence: one ratio per completion, the "
+                  "geometric mean of its tokens', clipped as a whole (GSPO; with --loss_type grpo)."},
+    )
+    dynamic_sampling: int = field(
+        default=0,
+        metadata={"help": "DAPO's dynamic sampling: groups whose rewards are all equal (zero advantages) are sampled "
+                  "again, up to this many times; groups still equal are dropped from the step (0: off)."},
+    )
+    overlong_buffer: int = field(
+        default=0,
+        metadata={"help": "DAPO's overlong penalty: completions longer than max_completion_length - N tokens lose "
+                  "up to --overlong_penalty_factor of reward, linearly to the limit (0: off)."},
+    )
+    overlong_penalty_factor: float = field(default=1.0, metadata={"help": "The overlong penalty at the limit."})
+    mask_truncated_completions: bool = field(
+        default=False,
+        metadata={"help": "Overlong filter: completions cut by max_completion_length (no end token) train nothing."},
+    )
     scale_rewards: Literal["group", "batch", "none"] = field(
         default="group",
         metadata={"help": "Advantages = reward - group mean, divided by the group's std (group), the batch's "
@@ -400,6 +438,12 @@ class GRPOArguments:
                               "--reward_funcs; give one weight per function")
         if self.epsilon_high is None:
             self.epsilon_high = self.epsilon
+        if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
+            raise ConfigError(f"--importance_sampling_level sequence (GSPO) gives one loss per completion, averaged "
+                              f"with --loss_type grpo; --loss_type {self.loss_type} would weigh it by token count")
+        if self.dynamic_sampling < 0 or not 0 <= self.overlong_buffer <= self.max_completion_length:
+            raise ConfigError("--dynamic_sampling must be >= 0 and --overlong_buffer within [0, "
+                              f"--max_completion_length {self.max_completion_length}]")
 
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -473,6 +517,8 @@ def parse_train_args(argv: list[str] | None = None, prog: str = "vlmtune train",
     if unknown:
         raise ConfigError(_unknown_flags_message(parser, unknown, prog))
     _check_eval_split(parsed[1], parsed[3])
+    if stage != "sft" and parsed[1].stage != "sft":
+        raise ConfigError(f"--stage {parsed[1].stage} is for `vlmtune train`; {prog} trains its own stage")
     return tuple(parsed)
 
 

@@ -102,22 +102,37 @@ def check_output_dir(output_dir: str | Path, force: bool, protected: list[str | 
 # ---------------------------------------------------------------- verification batch
 
 
+def documents_path() -> Path:
+    """data_examples/documents.json of the source tree (in a clone / editable install)."""
+    return Path(__file__).resolve().parents[1] / "data_examples" / "documents.json"
+
+
 def verification_batch(processor, family: Family, budget: media.MediaBudget, data_path: str | Path | None = None,
                        image_folder: str | None = None, video_folder: str | None = None,
                        samples: int = DEFAULT_VERIFY_SAMPLES) -> tuple[dict[str, torch.Tensor], int]:
     """(batch, number of records): up to ``samples`` records of the data file, one of each shape first
     (image, video, multi-image, ...), encoded by the project's dataset and collator; without a data file, the
-    synthetic records of ``vlmtune.data.synthetic`` (drawn images, short conversations), encoded the same way."""
+    synthetic records of ``vlmtune.data.synthetic`` (drawn images, short conversations), encoded the same way. A
+    processor without a chat template (a base model's) reads the data as CPT documents (``--stage cpt``; default:
+    data_examples/documents.json)."""
     from vlmtune.data.collator import Collator
     from vlmtune.data.conversation import Conversation
     from vlmtune.data.dataset import VisionLanguageDataset
+    from vlmtune.data.document import Document
     from vlmtune.data.records import load_records
 
+    documents = not getattr(processor, "chat_template", None)
     if data_path is None:
-        batch = synthetic_batch(processor, budget, samples)
-        batch.pop("labels", None)
-        return batch, len(batch["input_ids"])
-    records = load_records(data_path, image_folder, video_folder, budget=budget, min_image_side=family.factor)
+        if not documents:
+            batch = synthetic_batch(processor, budget, samples)
+            batch.pop("labels", None)
+            return batch, len(batch["input_ids"])
+        data_path = documents_path()
+        if not data_path.is_file():
+            raise ConfigError("the model's processor has no chat template: pass --data_path with a few CPT documents "
+                              "({\"text\", \"image\"}) to verify the merge on")
+    records = load_records(data_path, image_folder, video_folder, budget=budget, min_image_side=family.factor,
+                           stage="cpt" if documents else "sft")
     preferred = ("image+video", "video", "multi_image", "image", "text")
     chosen, shapes = [], set()
     for shape in preferred:
@@ -127,7 +142,8 @@ def verification_batch(processor, family: Family, budget: media.MediaBudget, dat
                 shapes.add(shape)
     chosen += [r for r in records if r not in chosen]
     chosen = sorted(chosen[: max(1, samples)], key=lambda r: r.index)
-    dataset = VisionLanguageDataset(chosen, processor, family, budget, Conversation(processor))
+    encoder = Document(processor) if documents else Conversation(processor)
+    dataset = VisionLanguageDataset(chosen, processor, family, budget, encoder)
     batch = Collator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
     batch.pop("labels", None)
     return batch, len(dataset)

@@ -111,17 +111,20 @@ def check_data(
     The results of SFT files live in the data store (``vlmtune.data.store``): built once per node and file
     content, with ``processes`` worker processes (default: every core), and opened in seconds on later runs.
 
+    ``stage`` "cpt" reads documents (``conversation``: a ``vlmtune.data.document.Document``), stored as SFT's are.
     ``stage`` "dpo" / "grpo" reads preference / prompt records (in memory, not stored); the lengths are then those
     of each record's longest training sequence, with the prompt and each reply reported apart
     (``CheckResult.parts``), and the labels of each reply are checked as the last turn of its conversation.
     """
     start = time.perf_counter()
     conversation = conversation or Conversation(processor)
-    if stage == "sft" and box_format is None:
+    stored = stage in ("sft", "cpt")  # one sequence per record: its text tokens and lengths go in the store
+    if stored and box_format is None:
         try:
             store = open_store(data_path, processor, family, budget, conversation, image_folder=image_folder,
                                video_folder=video_folder, allow_urls=allow_urls, deep=deep,
-                               min_image_side=family.factor, processes=processes, data_format=data_format)
+                               min_image_side=family.factor, processes=processes, data_format=data_format,
+                               stage=stage)
         except FileError as exc:
             return CheckResult(str(data_path), [], [exc.problem], np.zeros(0, np.int64), max_seq_length,
                                time.perf_counter() - start)
@@ -136,7 +139,7 @@ def check_data(
         data_format=data_format,
     )
     parts: dict[str, list[int]] = {}
-    if stage == "sft":  # one pass over the texts: token counts and the label check (data/conversation.py)
+    if stored:  # one pass over the texts: token counts and the label check (data/conversation.py)
         counts, label_problems = conversation.measure(records) if records else ([], [])
     else:  # the longest sequence of each record, text and vision
         counts, parts, label_problems = stage_lengths(records, conversation, budget, family, stage)
@@ -146,6 +149,6 @@ def check_data(
         records, counts = [records[i] for i in keep], [counts[i] for i in keep]
         parts = {k: [v[i] for i in keep] for k, v in parts.items()}
         problems = sorted(problems + label_problems, key=lambda p: -1 if p.index is None else p.index)
-    lengths = record_lengths(records, conversation, budget, family, counts) if stage == "sft" else counts
+    lengths = record_lengths(records, conversation, budget, family, counts) if stored else counts
     return CheckResult(str(data_path), records, problems, lengths, max_seq_length, time.perf_counter() - start,
                        parts=parts)

@@ -18,6 +18,7 @@ from vlmtune.data import boxes, formats, media
 from vlmtune.data.formats import scan
 from vlmtune.data.probe import check_media_files, probe_media  # noqa: F401  (re-exported)
 from vlmtune.data.schema import (  # noqa: F401  (re-exported: the names every reader of records uses)
+    DOCUMENT_ROLE,
     IMAGE_PLACEHOLDER,
     KNOWN_KEYS,
     ROLES,
@@ -28,7 +29,7 @@ from vlmtune.data.schema import (  # noqa: F401  (re-exported: the names every r
     Record,
     known_keys,
 )
-from vlmtune.data.stage_records import check_prompt_turns, stage_hint, stage_parts
+from vlmtune.data.stage_records import check_prompt_turns, document_text, stage_hint, stage_parts
 from vlmtune.errors import DataError, FileError, MediaError, Problem
 from vlmtune.families.base import SPECIAL_TOKENS
 
@@ -94,6 +95,12 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver], stage
 
     images = _as_list(raw.get("image"), "image", err)
     videos = _as_list(raw.get("video"), "video", err)
+    if stage == "cpt":  # a document: its text and media, no conversation
+        text = document_text(raw, images, videos, err)
+        paths = [[resolver(f, err) for f in files or []] for resolver, files in zip(resolvers, (images, videos))]
+        if problems:
+            return None, problems
+        return Record(index, rid if rid is not None else str(index), [Message(DOCUMENT_ROLE, text)], *paths), problems
 
     turns = raw.get("conversations")
     if not isinstance(turns, list) or not turns:

@@ -10,9 +10,14 @@ IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 KNOWN_KEYS = {"id", "image", "video", "conversations", "box_format", "box_image"}
-STAGES = ("sft", "dpo", "grpo")
-"""What a data file is for: supervised replies, preference pairs, or prompts with fields for reward functions."""
+STAGES = ("sft", "dpo", "grpo", "cpt")
+"""What a data file is for: supervised replies, preference pairs, prompts with fields for reward functions, or
+documents (continued pre-training: ``text`` with media, no chat)."""
 STAGE_KEYS = {"sft": frozenset(), "dpo": frozenset({"chosen", "rejected"})}
+DOCUMENT_KEYS = frozenset({"id", "image", "video", "text"})
+"""The keys of a CPT record."""
+DOCUMENT_ROLE = "document"
+"""The role of a CPT record's one message: its whole text, placeholders where the media go."""
 """Keys each stage reads beside ``KNOWN_KEYS``; GRPO reads every other key (as reward fields)."""
 
 
@@ -67,4 +72,6 @@ def known_keys(stage: str) -> set[str] | None:
     """The keys a record of ``stage`` may have, or None when any key is accepted (GRPO: reward fields)."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage == "cpt":
+        return set(DOCUMENT_KEYS)
     return None if stage == "grpo" else KNOWN_KEYS | STAGE_KEYS[stage]

@@ -1,4 +1,5 @@
-"""What preference (DPO) and prompt (GRPO) records add to a conversation: the replies, the reward fields."""
+"""What preference (DPO) and prompt (GRPO) records add to a conversation: the replies, the reward fields; and the
+text of a document (CPT), which has no conversation."""
 
 from __future__ import annotations
 
@@ -13,7 +14,42 @@ _REPLY_KEYS = ("chosen", "rejected")
 def stage_hint(key: str, stage: str) -> str:
     if stage == "sft" and key in _REPLY_KEYS:
         return "; preference data (chosen / rejected) trains with `vlmtune dpo`"
+    if stage == "sft" and key == "text":
+        return "; documents ('text', no chat) train with `vlmtune train --stage cpt`"
     return ""
+
+
+def document_text(raw: dict, images: list | None, videos: list | None, err) -> str | None:
+    """A CPT record's text with one placeholder per medium: as written where it places its media with <image> /
+    <video> tags, else with every image, then every video, before the text (an image and its caption)."""
+    text = raw.get("text")
+    if text is None:
+        hint = " (this is chat data: train it with `vlmtune train`, --stage sft)" if "conversations" in raw else ""
+        err(f"'text' is missing; a CPT record holds its document in 'text', with <image> / <video> where the media "
+            f"go{hint}")
+        return None
+    if not isinstance(text, str):
+        err(f"'text' must be a string (the document), got {type(text).__name__}")
+        return None
+    if not text.strip():
+        err("'text' is empty; write the document or drop the record")
+        return None
+    reserved = [tok for tok in SPECIAL_TOKENS if tok in text] if "<|" in text else None
+    if reserved:
+        err(f"'text' contains the reserved token(s) {reserved}; remove them (write <image> / <video> where the "
+            "media go)")
+        return None
+    if images is None or videos is None:
+        return None
+    counts = {kind: text.count(tag) for kind, tag in (("image", IMAGE_PLACEHOLDER), ("video", VIDEO_PLACEHOLDER))}
+    if not any(counts.values()):
+        return IMAGE_PLACEHOLDER * len(images) + VIDEO_PLACEHOLDER * len(videos) + text
+    for kind, files in (("image", images), ("video", videos)):
+        if counts[kind] != len(files):
+            err(f"{counts[kind]} <{kind}> tag(s) in 'text' but {len(files)} {kind}(s); put one <{kind}> where each "
+                f"{kind} goes (or none at all: the media then come before the text)")
+            return None
+    return text
 
 
 def _reply_text(key: str, value, err) -> str | None:

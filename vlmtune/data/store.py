@@ -224,8 +224,10 @@ def open_store(
     processes: int | None = None,
     media_workers: int = 16,
     data_format: str | None = None,
+    stage: str = "sft",
 ) -> DataStore:
     """The checked store of a data file: opened if it exists and its media are unchanged, else built once.
+    ``stage``: "sft" (conversations, ``conversation`` a ``Conversation``) or "cpt" (documents, a ``Document``).
 
     Every process of a node may call this at once: one builds under the group's lock while the others wait,
     then all read the same files. Raises ``FileError`` only when the file cannot be read at all.
@@ -234,7 +236,8 @@ def open_store(
     conversation = conversation or Conversation(processor)
     settings = store_settings(path, processor, family, budget, conversation, image_folder=image_folder,
                               video_folder=video_folder, allow_urls=allow_urls, deep=deep,
-                              min_image_side=min_image_side, data_format=formats.file_format(path, data_format))
+                              min_image_side=min_image_side, data_format=formats.file_format(path, data_format),
+                              stage=stage)
     group = group_folder(settings)
     try:
         content = file_digest(path)
@@ -267,7 +270,7 @@ def open_store(
             meta = Builder(tmp, path, source, processor, family, budget, conversation, settings,
                             image_folder=image_folder, video_folder=video_folder, allow_urls=allow_urls, deep=deep,
                             min_image_side=min_image_side, processes=processes or default_processes(),
-                            media_workers=media_workers).build()
+                            media_workers=media_workers, stage=stage).build()
             old = group / f"old-{uuid.uuid4().hex[:8]}"
             if folder.exists():
                 os.rename(folder, old)  # readers that opened it keep their mapped files

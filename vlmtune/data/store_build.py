@@ -78,9 +78,10 @@ Measured = tuple  # (index, blob or None, text tokens, raw id, unknown keys or N
 
 def _measure(items: list[RawItem]) -> list[Measured]:
     """Parse, validate, render and tokenize some records: the work split across processes."""
-    resolvers, conversation, data_format = _WORKER["resolvers"], _WORKER["conversation"], _WORKER["data_format"]
+    resolvers, conversation = _WORKER["resolvers"], _WORKER["conversation"]
+    data_format, stage = _WORKER["data_format"], _WORKER["stage"]
     with _no_gc():
-        parsed = [parse_item(item, resolvers, data_format=data_format) for item in items]
+        parsed = [parse_item(item, resolvers, stage, data_format=data_format) for item in items]
         valid = [record for _, record, _, _, _ in parsed if record is not None]
         counts, label_problems = conversation.measure(valid)  # text tokens as encode() cuts them; the label check
         counts, broken = iter(counts), {p.index: p for p in label_problems}
@@ -187,8 +188,9 @@ class Builder:
 
     def __init__(self, folder: Path, path: Path, source, processor, family: Family,
                  budget: media.MediaBudget, conversation: Conversation, settings: dict, *, image_folder,
-                 video_folder, allow_urls: bool, deep: bool, min_image_side: int, processes: int, media_workers: int):
-        self.folder, self.path, self.source = folder, path, source
+                 video_folder, allow_urls: bool, deep: bool, min_image_side: int, processes: int, media_workers: int,
+                 stage: str = "sft"):
+        self.folder, self.path, self.source, self.stage = folder, path, source, stage
         self.processor, self.family, self.budget, self.settings = processor, family, budget, settings
         self.conversation = conversation
         self.deep, self.min_image_side, self.media_workers = deep, min_image_side, media_workers
@@ -210,7 +212,7 @@ class Builder:
         self.n_images = array("q")
         self.media: dict[tuple[int, str], int] = {}
         self.problems: list[Problem] = []
-        self.collection = CollectionCheck()
+        self.collection = CollectionCheck(self.stage)
         self.count = self.measured = self.reused = self.box_records = 0
 
     def _stage(self, name: str, start: float) -> float:
@@ -256,7 +258,7 @@ class Builder:
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers fork from here; they are the parallelism
         _WORKER.update(resolvers=self.resolvers, conversation=self.conversation,
-                       data_format=self.settings["data_format"])
+                       data_format=self.settings["data_format"], stage=self.stage)
         try:
             for chunk in _chunks(scan(self.path), CHUNK):
                 self.count += len(chunk)

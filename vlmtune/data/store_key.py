@@ -51,7 +51,7 @@ def processor_fingerprint(processor) -> str:
 def store_settings(data_path: str | Path, processor, family: Family, budget: media.MediaBudget,
                    conversation: Conversation, *,
                    image_folder: str | Path | None, video_folder: str | Path | None, allow_urls: bool, deep: bool,
-                   min_image_side: int, data_format: str = "llava") -> dict:
+                   min_image_side: int, data_format: str = "llava", stage: str = "sft") -> dict:
     """Everything a store's contents depend on, except the data file's bytes."""
     import tokenizers
     import transformers
@@ -78,6 +78,7 @@ def store_settings(data_path: str | Path, processor, family: Family, budget: med
         # the template's switches and how replies are cut (text tokens), and what the label check trains
         "conversation": conversation.fingerprint(),
         "label_mode": conversation.label_mode,
+        **({"stage": stage} if stage != "sft" else {}),  # what the records are (SFT stores keep their key)
     }
 
 

@@ -8,6 +8,8 @@ second data path beside vlmtune's processor-exact one.
 A batch of B pairs is one forward of 2B rows: the B chosen sequences, then the B rejected ones, each with its
 pixels (``PreferenceCollator``). The summed log-probability of each reply's tokens (its end-of-turn token
 included) under the policy and under the reference gives the implicit rewards ``beta * (logp - ref_logp)``.
+The reference-free losses (``--loss_type orpo|simpo``, ``vlmtune.stages.losses``) use the replies' mean token
+log-probabilities under the policy alone (rewards ``beta * mean logp``, as TRL logs them); no reference is loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from vlmtune.config import DataArguments, DPOArguments, ModeArguments, ModelArgu
 from vlmtune.data.prompts import PreferenceCollator, PreferenceDataset
 from vlmtune.errors import ConfigError
 from vlmtune.run import REF_FILE
+from vlmtune.stages import losses as variants
 from vlmtune.stages import reference as ref
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
 
@@ -59,6 +62,8 @@ class DPOTrainer(PolicyTrainer):
         mode = self.mode_of(model)
         pair_index = inputs.pop("pair_index")
         mask = inputs["labels"][:, 1:] != -100
+        if self.dpo.reference_free:
+            return self._reference_free_loss(model, inputs, mask, mode, return_outputs)
         if self.dpo.precompute_ref_log_probs:
             ref_logps = self._reference_table(model, mode)[pair_index.cpu()].T.flatten()
         else:
@@ -68,18 +73,35 @@ class DPOTrainer(PolicyTrainer):
         ref_chosen, ref_rejected = ref_logps.to(logps).chunk(2)
         tokens_chosen, tokens_rejected = mask.sum(-1).chunk(2)
         losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.dpo, tokens_chosen, tokens_rejected)
-        self._record(mode, chosen.detach(), rejected.detach(), ref_chosen, ref_rejected)
+        beta = self.dpo.beta
+        self._record(mode, chosen.detach(), rejected.detach(), beta * (chosen.detach() - ref_chosen),
+                     beta * (rejected.detach() - ref_rejected))
         loss = losses.mean()
         return (loss, {"logps": logps.detach()}) if return_outputs else loss
 
-    def _record(self, mode: str, chosen, rejected, ref_chosen, ref_rejected) -> None:
-        beta = self.dpo.beta
-        rewards_chosen, rewards_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    def _reference_free_loss(self, model, inputs, mask, mode: str, return_outputs: bool):
+        """ORPO or SimPO from the policy's mean token log-probability of each reply."""
+        logps = ref.token_log_probs(model, inputs).sum(-1)
+        means = logps / mask.sum(-1).clamp(min=1)
+        chosen, rejected = means.chunk(2)
+        extra = {}
+        if self.dpo.loss_type == "orpo":
+            losses, log_odds = variants.orpo_loss(chosen, rejected, self.dpo.beta)
+            extra = {"log_odds_ratio": log_odds.detach(), "nll_loss": -chosen.detach()}
+        else:
+            losses = variants.simpo_loss(chosen, rejected, self.dpo.beta, self.dpo.simpo_gamma,
+                                         self.dpo.label_smoothing)
+        sums = logps.detach().chunk(2)
+        self._record(mode, *sums, self.dpo.beta * chosen.detach(), self.dpo.beta * rejected.detach(), extra)
+        loss = losses.mean()
+        return (loss, {"logps": logps.detach()}) if return_outputs else loss
+
+    def _record(self, mode: str, chosen, rejected, rewards_chosen, rewards_rejected, extra: dict | None = None):
         values = {
             "rewards/chosen": rewards_chosen, "rewards/rejected": rewards_rejected,
             "rewards/margins": rewards_chosen - rewards_rejected,
             "rewards/accuracies": (rewards_chosen > rewards_rejected).float(),
-            "logps/chosen": chosen, "logps/rejected": rejected,
+            "logps/chosen": chosen, "logps/rejected": rejected, **(extra or {}),
         }
         for key, value in values.items():
             self.record_metric(mode, key, self.accelerator.gather(value).mean().item())
@@ -142,7 +164,8 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArg
 
     def prepare(trainer: DPOTrainer, start, plan, resume: str | None, train_set) -> None:
         logger.info("DPO: %s loss, beta %g, reference %s", dpo_args.loss_type, dpo_args.beta,
-                    "precomputed before step 1" if dpo_args.precompute_ref_log_probs
+                    "none (a reference-free loss)" if dpo_args.reference_free
+                    else "precomputed before step 1" if dpo_args.precompute_ref_log_probs
                     else "adapters off" if plan.uses_lora else "a frozen copy")
         trainer.load_reference_table(resume)
 
@@ -153,5 +176,6 @@ def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArg
         data_path="preference records: prompt turns plus 'chosen' and 'rejected'",
         no_packing="DPO batches pair each chosen sequence with its rejected one",
         empty="no preference record is left after the length filter; raise --max_seq_length",
-        reference=not dpo_args.precompute_ref_log_probs, reference_user="vlmtune dpo", prepare=prepare,
+        reference=not (dpo_args.precompute_ref_log_probs or dpo_args.reference_free), reference_user="vlmtune dpo",
+        prepare=prepare,
     ), model_args, data_args, mode_args, train_args)

@@ -15,6 +15,11 @@ A step of one process, for each of its ``per_device_train_batch_size`` prompts:
 3. train on prompt + completion rows (labels on the completion and its end-of-turn token only) with the clipped
    objective ``-min(r A, clip(r, 1 - eps, 1 + eps_high) A)`` per token, ``r`` the probability ratio to the policy
    that sampled, plus ``beta`` x the KL estimate ``exp(ref - logp) - (ref - logp) - 1`` to the reference.
+
+The 2025 variants (``vlmtune.stages.losses``): GSPO's one ratio per completion (``--importance_sampling_level
+sequence``), DAPO's dynamic sampling (``--dynamic_sampling N``: groups with equal rewards sampled again, up to N
+times, then dropped), its overlong penalty (``--overlong_buffer``) and the overlong filter
+(``--mask_truncated_completions``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from vlmtune.errors import ConfigError, DataError, Problem
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from vlmtune.model.reward import check_folder
 from vlmtune.run import COMPLETIONS_FILE
+from vlmtune.stages import losses
 from vlmtune.stages import reference as ref
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
 from vlmtune.stages.scoring import load_reward_model, score_rows
@@ -170,8 +176,9 @@ class GRPOTrainer(PolicyTrainer):
             return batch
         prompts = self._prepare_inputs(prompts)
         with self._generation_model(model) as generator:
-            completions = [[cut_before(c, self.vision_ids) for c in self.sampler.sample(generator, prompt, self)]
-                           for prompt in prompts]
+            completions = [self._sample(generator, prompt) for prompt in prompts]
+            if mode == "train" and self.grpo.dynamic_sampling:
+                prompts, completions = self._resample_equal_groups(generator, prompts, completions)
         batch = self._score(prompts, completions, mode)
         with torch.no_grad():
             if self.grpo.num_iterations > 1:
@@ -181,6 +188,66 @@ class GRPOTrainer(PolicyTrainer):
         if mode == "train" and self.grpo.num_iterations > 1:
             self._rollouts[key] = [batch, 1]
         return batch
+
+    def _sample(self, generator, prompt: dict) -> list[torch.Tensor]:
+        return [cut_before(c, self.vision_ids) for c in self.sampler.sample(generator, prompt, self)]
+
+    def _resample_equal_groups(self, generator, prompts: list[dict], completions: list[list[torch.Tensor]]):
+        """DAPO's dynamic sampling: the groups whose rewards are all equal are sampled again, up to
+        ``--dynamic_sampling`` times; those still equal are dropped (unless every group is: then all stay, so that
+        the step runs). Logs the share of groups found equal, and of those dropped."""
+        n = self.grpo.num_generations
+        equal = ~losses.varied_groups(self._rewards(prompts, completions)[2], n)
+        first = equal.float().mean()
+        for _ in range(self.grpo.dynamic_sampling):
+            if not equal.any():
+                break
+            for i in equal.nonzero().flatten().tolist():
+                completions[i] = self._sample(generator, prompts[i])
+            equal = ~losses.varied_groups(self._rewards(prompts, completions)[2], n)
+        dropped = equal.float().mean() if not equal.all() else torch.tensor(0.0)
+        for key, value in (("dynamic_sampling/equal_groups", first), ("dynamic_sampling/dropped_groups", dropped)):
+            self.record_metric("train", key, self.accelerator.gather(value.to(self.args.device)[None]).mean().item())
+        if equal.all():
+            return prompts, completions
+        keep = (~equal).nonzero().flatten().tolist()
+        return [prompts[i] for i in keep], [completions[i] for i in keep]
+
+    def _rows(self, prompts: list[dict], completions: list[list[torch.Tensor]]) -> list[dict]:
+        """Prompt + completion rows, labels on the completion (and its end token) only."""
+        rows = []
+        for prompt, group in zip(prompts, completions):
+            item = {k: v for k, v in prompt.items() if k != "record"}
+            for completion in group:
+                row = dict(item)
+                row["input_ids"] = torch.cat([item["input_ids"], completion])
+                row["attention_mask"] = torch.ones_like(row["input_ids"])
+                if "mm_token_type_ids" in item:
+                    row["mm_token_type_ids"] = torch.cat([item["mm_token_type_ids"], torch.zeros_like(completion)])
+                row["labels"] = torch.cat([torch.full_like(item["input_ids"], IGNORE_INDEX), completion])
+                rows.append(row)
+        return rows
+
+    def _rewards(self, prompts: list[dict], completions: list[list[torch.Tensor]], batch: dict | None = None):
+        """(texts, (rewards, completions) scores of each function and of the reward model, weighted total with
+        the overlong penalty); ``batch``: the collated rows, when the caller has them (the reward model reads
+        them)."""
+        n = self.grpo.num_generations
+        flat = [c for group in completions for c in group]
+        texts = self.processing_class.tokenizer.batch_decode(flat, skip_special_tokens=True)
+        per_reward = [[v for i, prompt in enumerate(prompts)
+                       for v in reward_lib.score(reward, texts[i * n:(i + 1) * n], prompt["record"])]
+                      for reward in self.rewards]
+        if self.reward_model is not None:
+            batch = batch if batch is not None else self.rollout_collator(self._rows(prompts, completions))
+            per_reward.append(score_rows(self.reward_model, batch).tolist())
+        per_reward = torch.tensor(per_reward, dtype=torch.float32)  # (rewards, completions)
+        total = (per_reward * torch.tensor(self.reward_weights)[:, None]).sum(0)
+        if self.grpo.overlong_buffer:
+            lengths = torch.tensor([len(c) for c in flat])
+            total = total + losses.overlong_penalty(lengths, self.grpo.max_completion_length,
+                                                    self.grpo.overlong_buffer, self.grpo.overlong_penalty_factor)
+        return texts, per_reward, total
 
     @contextlib.contextmanager
     def _generation_model(self, model):
@@ -199,34 +266,18 @@ class GRPOTrainer(PolicyTrainer):
     def _score(self, prompts: list[dict], completions: list[list[torch.Tensor]], mode: str) -> dict:
         """Rewards, advantages and the training rows of one batch of prompts and their completions."""
         n = self.grpo.num_generations
-        tokenizer = self.processing_class.tokenizer
         flat = [c for group in completions for c in group]
-        texts = tokenizer.batch_decode(flat, skip_special_tokens=True)
-        rows = []
-        for prompt, group in zip(prompts, completions):
-            item = {k: v for k, v in prompt.items() if k != "record"}
-            for completion in group:
-                row = dict(item)
-                row["input_ids"] = torch.cat([item["input_ids"], completion])
-                row["attention_mask"] = torch.ones_like(row["input_ids"])
-                if "mm_token_type_ids" in item:
-                    row["mm_token_type_ids"] = torch.cat([item["mm_token_type_ids"], torch.zeros_like(completion)])
-                row["labels"] = torch.cat([torch.full_like(item["input_ids"], IGNORE_INDEX), completion])
-                rows.append(row)
+        ended = torch.tensor([bool(len(c)) and int(c[-1]) in self.eos_ids for c in flat])
+        rows = self._rows(prompts, completions)
         batch = self.rollout_collator(rows)
-        device = batch["input_ids"].device
-        per_reward = [[v for i, prompt in enumerate(prompts)
-                       for v in reward_lib.score(reward, texts[i * n:(i + 1) * n], prompt["record"])]
-                      for reward in self.rewards]
-        if self.reward_model is not None:
-            per_reward.append(score_rows(self.reward_model, batch).tolist())
-        per_reward = torch.tensor(per_reward, dtype=torch.float32)  # (rewards, completions)
-        total = (per_reward * torch.tensor(self.reward_weights)[:, None]).sum(0)
+        texts, per_reward, total = self._rewards(prompts, completions, batch)
         advantages = group_advantages(total, n, self.grpo.scale_rewards)
+        if self.grpo.mask_truncated_completions:  # the overlong filter: a cut-off completion trains no token
+            batch["labels"][~ended.to(batch["labels"].device)] = IGNORE_INDEX
+        device = batch["input_ids"].device
         batch["advantages"] = advantages.to(device)
 
         lengths = torch.tensor([len(c) for c in flat], dtype=torch.float32)
-        ended = torch.tensor([bool(len(c)) and int(c[-1]) in self.eos_ids for c in flat])
         stats = {"reward": total.mean(), "reward_std": total.view(-1, n).std(1).mean(),
                  "frac_reward_zero_std": (total.view(-1, n).std(1) < 1e-6).float().mean(),
                  "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
@@ -234,6 +285,10 @@ class GRPOTrainer(PolicyTrainer):
         for name, values in zip(self.reward_names, per_reward):
             stats[f"rewards/{name}/mean"] = values.mean()
             stats[f"rewards/{name}/std"] = values.std()
+        if self.grpo.overlong_buffer:
+            stats["rewards/overlong_penalty/mean"] = losses.overlong_penalty(
+                lengths, self.grpo.max_completion_length, self.grpo.overlong_buffer,
+                self.grpo.overlong_penalty_factor).mean()
         for key, value in stats.items():
             self.record_metric(mode, key, self.accelerator.gather(value.to(device)[None]).mean().item())
         if mode == "train" and self.grpo.log_completions and self.accelerator.is_main_process:
@@ -253,9 +308,10 @@ class GRPOTrainer(PolicyTrainer):
         logps = ref.token_log_probs(model, inputs)
         old = inputs.get("old_log_probs")
         old = logps.detach() if old is None else old
-        ratio = torch.exp(logps - old)
-        clipped = torch.clamp(ratio, 1 - self.grpo.epsilon, 1 + self.grpo.epsilon_high)
-        per_token = -torch.min(ratio * advantages, clipped * advantages)
+        log_ratio = losses.importance_log_ratio(logps, old, mask, self.grpo.importance_sampling_level)
+        # (rows, 1) under GSPO: one value per completion, broadcast over its tokens
+        per_token, _, is_clipped = losses.clipped_objective(log_ratio, advantages, self.grpo.epsilon,
+                                                                self.grpo.epsilon_high)
         if self.grpo.beta:
             diff = inputs["ref_log_probs"] - logps
             kl = torch.exp(diff) - diff - 1
@@ -271,9 +327,7 @@ class GRPOTrainer(PolicyTrainer):
             totals = self.accelerator.reduce(torch.stack([(values * mask).sum(), mask.sum()]).detach(), "sum")
             return (totals[0] / totals[1].clamp(min=1)).item()
 
-        is_clipped = ((ratio < 1 - self.grpo.epsilon) & (advantages < 0)) | (
-            (ratio > 1 + self.grpo.epsilon_high) & (advantages > 0))
-        self.record_metric(mode, "clip_ratio", masked_mean(is_clipped.float()))
+        self.record_metric(mode, "clip_ratio", masked_mean(is_clipped.float().expand_as(mask)))
         if self.grpo.beta:
             self.record_metric(mode, "kl", masked_mean(kl))
         return (loss, {"log_probs": logps.detach()}) if return_outputs else loss

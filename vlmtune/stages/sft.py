@@ -1,4 +1,8 @@
-"""Supervised fine-tuning, ``train(config)``: config -> model -> data -> Trainer, top to bottom."""
+"""Supervised fine-tuning, ``train(config)``: config -> model -> data -> Trainer, top to bottom.
+
+``--stage cpt`` (continued pre-training) is the same recipe on documents instead of conversations
+(``vlmtune.data.document``): the data check, the store, packing, the modes and the run folder are SFT's; only what
+a record's tokens and labels are differs."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from vlmtune.config import DataArguments, ModeArguments, ModelArguments, Trainin
 from vlmtune.data.collator import Collator, vision_fillers
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import VisionLanguageDataset
+from vlmtune.data.document import Document
 from vlmtune.errors import ConfigError
 from vlmtune.flags import check_paths
 from vlmtune.model import modes, packing
@@ -54,16 +59,37 @@ def check_evaluation(data_args: DataArguments, train_args: TrainingArguments) ->
     return names
 
 
+def check_cpt(data_args: DataArguments, train_args: TrainingArguments) -> None:
+    """--stage cpt: the flags that only mean something for conversations are refused, not ignored."""
+    if data_args.stage != "cpt":
+        return
+    chat = [flag for flag, value in (("--label_mode", data_args.label_mode != "assistant"),
+                                     ("--enable_thinking", data_args.enable_thinking is not None),
+                                     ("--keep_earlier_reasoning", data_args.keep_earlier_reasoning),
+                                     ("--eval_generate", train_args.eval_generate)) if value]
+    if chat:
+        raise ConfigError(f"{', '.join(chat)}: chat options, but --stage cpt trains documents without a chat template "
+                          "(every text token trains); drop them")
+
+
 def sft_datasets(data_args: DataArguments, processor, family, budget, seed: int, drawn: dict | None = None):
-    """(train, eval or None) datasets of SFT records, every file checked up front with the run's label mode and
-    template switches (``build_datasets``; ``drawn`` receives what a list of files gave)."""
-    conversation = Conversation(processor, data_args.label_mode, **data_args.template_options())
+    """(train, eval or None) datasets of SFT records (or, ``--stage cpt``, documents), every file checked up front
+    with the run's label mode and template switches (``build_datasets``; ``drawn`` receives what a list of files
+    gave)."""
+    if data_args.stage == "cpt":
+        conversation = Document(processor)
+        logger.info("CPT: documents without a chat template: %s, the text with vision tokens, %s; every token "
+                    "trains but the vision pads", f"BOS {conversation.bos}" if conversation.bos else
+                    "no BOS (the tokenizer has none)", conversation.end)
+    else:
+        conversation = Conversation(processor, data_args.label_mode, **data_args.template_options())
 
     def make(records, lengths, source):
         return VisionLanguageDataset(records, processor, family, budget, conversation, data_args.max_seq_length,
                                      data_args.strict_length, lengths, source)
 
-    return build_datasets(data_args, processor, family, budget, seed, make, conversation, drawn=drawn)
+    return build_datasets(data_args, processor, family, budget, seed, make, conversation, data_args.stage,
+                          drawn=drawn)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
@@ -73,8 +99,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     plan = modes.plan_from_args(mode_args)  # contradictions stop here, before anything loads
     check_environment(model_args, train_args, plan)
     metric_names = check_evaluation(data_args, train_args)
+    check_cpt(data_args, train_args)
     if not data_args.data_path:
-        raise ConfigError("--data_path is required (a LLaVA-style JSON or JSONL file)")
+        raise ConfigError("--data_path is required (a LLaVA-style JSON or JSONL file" +
+                          (" of documents: {\"text\", \"image\"}" if data_args.stage == "cpt" else "") + ")")
     check_paths(data_args)  # every file and folder named, before anything loads
     resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
@@ -105,7 +133,7 @@ def _fit(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
                     100 * train_set.fill_fraction(), "padding-free" if collator.padding_free else "block mask")
     else:
         collator = Collator(processor.tokenizer.pad_token_id, fillers=fillers)
-    run_info = run.run_record(stage="sft", plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
+    run_info = run.run_record(stage=data_args.stage, plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
                               bits=model_args.bits, template_options=data_args.template_options(), **start.record())
     generator = None
     if train_args.eval_generate and eval_set is not None:

@@ -120,7 +120,7 @@ def scan(path: str | Path) -> Iterator[RawItem]:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
             return _lines(path)
         raise _invalid_json(exc) from None
-    if isinstance(data, dict) and ("conversations" in data or "messages" in data):
+    if isinstance(data, dict) and ("conversations" in data or "messages" in data or "text" in data):  # text: CPT
         return iter([(0, None, text)])  # a single record (one-line JSON lines file)
     got = f"an object with keys {sorted(data)[:5]}" if isinstance(data, dict) else type(data).__name__
     raise FileError(f"the top level must be a JSON array of records ([{{...}}, ...]) or "
