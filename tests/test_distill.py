@@ -10,7 +10,8 @@ import torch
 from conftest import DATA_JSON
 from test_stages import history, mean, perturb, run, stage_cli, train_args
 
-from vlmtune.config import DistillArguments, ModeArguments
+from vlmtune.config import ModeArguments
+from vlmtune.stage_config import DistillArguments
 
 RECORDS = ("single_red_circle", "video_ball_right", "text_only", "multi_turn")
 

@@ -120,8 +120,8 @@ def test_orpo_and_simpo_in_the_dpo_trainer_equal_independent_forwards(tiny, tmp_
     equal those computed here, by hand, from each reply's log-probs in a plain forward of the policy."""
     from test_stages import MIXED_PAIRS, PREFS, preference_dataset, reply_log_probs, train_args
 
-    from vlmtune.config import DPOArguments
     from vlmtune.data.prompts import PreferenceCollator
+    from vlmtune.stage_config import DPOArguments
     from vlmtune.stages.dpo import DPOTrainer
 
     path, processor, family, budget = tiny
@@ -165,10 +165,10 @@ def mean(values) -> float:
 def grpo_trainer(tiny, tmp_path, rewards, **grpo):
     from test_stages import GRPO_JSON, train_args
 
-    from vlmtune.config import GRPOArguments
     from vlmtune.data.conversation import Conversation
     from vlmtune.data.prompts import PromptDataset, collate_prompts, stage_lengths
     from vlmtune.data.records import read_records
+    from vlmtune.stage_config import GRPOArguments
     from vlmtune.stages.grpo import GRPOTrainer
 
     path, processor, family, budget = tiny

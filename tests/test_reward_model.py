@@ -145,8 +145,8 @@ def test_reward_model_bad_input_is_one_line(tiny, tmp_path, capsys):
     """A folder without a head as --reward_model, a missing folder, --packing, no data, and no reward at all:
     each stops with one line naming the flag, before any model loads."""
     from vlmtune.cli import main
-    from vlmtune.config import GRPOArguments
     from vlmtune.errors import ConfigError
+    from vlmtune.stage_config import GRPOArguments
 
     path = tiny[0]
     cases = [

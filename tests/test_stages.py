@@ -14,9 +14,10 @@ import pytest
 import torch
 from conftest import EXAMPLES, ROOT, free_port
 
-from vlmtune.config import DPOArguments, GRPOArguments, ModeArguments, TrainingArguments
+from vlmtune.config import ModeArguments, TrainingArguments
 from vlmtune.data import media
 from vlmtune.data.records import read_records
+from vlmtune.stage_config import DPOArguments, GRPOArguments
 
 PREFS = EXAMPLES / "preference.json"
 GRPO_JSON = EXAMPLES / "grpo.json"

@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from vlmtune import run
-from vlmtune.config import DataArguments, DistillArguments, ModeArguments, ModelArguments, TrainingArguments
+from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.dataset import VisionLanguageDataset
 from vlmtune.errors import ConfigError
 from vlmtune.model.compat import check_compatible
 from vlmtune.model.load import dtype_name, load_family, torch_dtype
+from vlmtune.stage_config import DistillArguments
 from vlmtune.stages import reference as ref
 from vlmtune.stages.grpo import VISION_TOKENS, _eos_ids, cut_at_eos
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from vlmtune.config import DataArguments, DPOArguments, ModeArguments, ModelArguments, TrainingArguments
+from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data.prompts import PreferenceCollator, PreferenceDataset
 from vlmtune.errors import ConfigError
 from vlmtune.run import REF_FILE
+from vlmtune.stage_config import DPOArguments
 from vlmtune.stages import losses as variants
 from vlmtune.stages import reference as ref
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage

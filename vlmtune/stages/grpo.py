@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from vlmtune import rewards as reward_lib
-from vlmtune.config import DataArguments, GRPOArguments, ModeArguments, ModelArguments, TrainingArguments
+from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
 from vlmtune.data import media
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
@@ -41,6 +41,7 @@ from vlmtune.errors import ConfigError, DataError, Problem
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from vlmtune.model.reward import check_folder
 from vlmtune.run import COMPLETIONS_FILE
+from vlmtune.stage_config import GRPOArguments
 from vlmtune.stages import losses
 from vlmtune.stages import reference as ref
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
