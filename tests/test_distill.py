@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import DATA_JSON
 from test_stages import history, mean, perturb, run, stage_cli, train_args
+from trl.trainer.utils import disable_dropout_in_model
 
 from vlmtune.config import ModeArguments
 from vlmtune.stage_config import DistillArguments
@@ -61,7 +62,7 @@ def test_distill_loss_equals_one_from_independent_forwards(pipeline, teacher_dir
     items = [dataset[i] for i in picked]
     args = ModeArguments(mode="lora", lora_rank=8)
     student = modes.apply_plan(pipe.model(), pipe.family, modes.plan_from_args(args), args)
-    ref.disable_dropout(student)
+    disable_dropout_in_model(student)
     perturb(student, "lora_B", 0.05, 1)
     teacher = ref.frozen_copy(AutoModelForImageTextToText.from_pretrained(teacher_dir))
     model_keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",

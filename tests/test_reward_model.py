@@ -55,9 +55,10 @@ def independent_reward(model, processor, budget, record: dict, reply: str) -> fl
 def test_bradley_terry_loss_equals_one_from_independent_forwards(tiny, tmp_path):
     """One mixed batch (image, video, text, multi-turn pairs in one forward): the trainer's loss is the mean of
     -log sigmoid(r_chosen - r_rejected) with rewards from plain forwards here; pair accuracy and margins too."""
+    from trl.trainer.utils import disable_dropout_in_model
+
     from vlmtune.data.prompts import PreferenceCollator
     from vlmtune.model import modes, reward
-    from vlmtune.stages.reference import disable_dropout
     from vlmtune.stages.reward_model import RewardTrainer
 
     path, processor, family, budget = tiny
@@ -66,7 +67,7 @@ def test_bradley_terry_loss_equals_one_from_independent_forwards(tiny, tmp_path)
     args = ModeArguments(mode="lora", lora_rank=8)
     model = modes.apply_plan(fresh_model(path), family, modes.plan_from_args(args), args)
     reward.attach_head(model, std=1.0, seed=1)
-    disable_dropout(model)  # as the stage does: both rows of a pair under one network
+    disable_dropout_in_model(model)  # as the stage does: both rows of a pair under one network
     perturb(model, "lora_B", 0.05, 1)
     assert model.get_base_model().score.weight.requires_grad
 

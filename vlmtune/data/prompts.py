@@ -132,3 +132,15 @@ class PromptDataset(VisionLanguageDataset):
 def collate_prompts(items: list[dict]) -> dict:
     """GRPO batches stay a list of prompts: each prompt is sampled on its own (no padding between prompts)."""
     return {"prompts": items}
+
+
+def completion_row(prompt: dict, completion: torch.Tensor) -> dict:
+    """A prompt item (``input_ids`` ending where the reply starts) with a sampled completion appended: the row
+    GRPO and on-policy distillation train on, labelled on the completion (and its end token) only."""
+    row = {k: v for k, v in prompt.items() if k != "record"}
+    row["input_ids"] = torch.cat([prompt["input_ids"], completion])
+    row["attention_mask"] = torch.ones_like(row["input_ids"])
+    if "mm_token_type_ids" in prompt:
+        row["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion)])
+    row["labels"] = torch.cat([torch.full_like(prompt["input_ids"], IGNORE_INDEX), completion])
+    return row

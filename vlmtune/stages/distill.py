@@ -28,6 +28,7 @@ from vlmtune.config import DataArguments, ModeArguments, ModelArguments, Trainin
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.dataset import VisionLanguageDataset
+from vlmtune.data.prompts import completion_row
 from vlmtune.errors import ConfigError
 from vlmtune.model.compat import check_compatible
 from vlmtune.model.load import dtype_name, load_family, torch_dtype
@@ -103,13 +104,7 @@ class DistillTrainer(PolicyTrainer):
                                            pad_token_id=self.processing_class.tokenizer.pad_token_id,
                                            suppress_tokens=self.suppressed, use_cache=True)
                     sample = cut_at_eos(out[0, end:], self.eos_ids).cpu()
-                    row = {k: v for k, v in prompt.items()}
-                    row["input_ids"] = torch.cat([prompt["input_ids"], sample])
-                    row["attention_mask"] = torch.ones_like(row["input_ids"])
-                    if "mm_token_type_ids" in prompt:
-                        row["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(sample)])
-                    row["labels"] = torch.cat([torch.full_like(prompt["input_ids"], IGNORE_INDEX), sample])
-                    rows.append(row)
+                    rows.append(completion_row(prompt, sample))
         finally:
             model.train(was_training)
         batch = self.rows(rows)

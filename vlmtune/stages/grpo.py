@@ -36,7 +36,7 @@ from vlmtune.config import DataArguments, ModeArguments, ModelArguments, Trainin
 from vlmtune.data import media
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
-from vlmtune.data.prompts import PromptDataset, collate_prompts
+from vlmtune.data.prompts import PromptDataset, collate_prompts, completion_row
 from vlmtune.errors import ConfigError, DataError, Problem
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 from vlmtune.model.reward import check_folder
@@ -216,18 +216,8 @@ class GRPOTrainer(PolicyTrainer):
 
     def _rows(self, prompts: list[dict], completions: list[list[torch.Tensor]]) -> list[dict]:
         """Prompt + completion rows, labels on the completion (and its end token) only."""
-        rows = []
-        for prompt, group in zip(prompts, completions):
-            item = {k: v for k, v in prompt.items() if k != "record"}
-            for completion in group:
-                row = dict(item)
-                row["input_ids"] = torch.cat([item["input_ids"], completion])
-                row["attention_mask"] = torch.ones_like(row["input_ids"])
-                if "mm_token_type_ids" in item:
-                    row["mm_token_type_ids"] = torch.cat([item["mm_token_type_ids"], torch.zeros_like(completion)])
-                row["labels"] = torch.cat([torch.full_like(item["input_ids"], IGNORE_INDEX), completion])
-                rows.append(row)
-        return rows
+        return [completion_row(prompt, completion) for prompt, group in zip(prompts, completions)
+                for completion in group]
 
     def _rewards(self, prompts: list[dict], completions: list[list[torch.Tensor]], batch: dict | None = None):
         """(texts, (rewards, completions) scores of each function and of the reward model, weighted total with
