@@ -453,6 +453,7 @@ def test_predict_takes_enable_thinking_from_the_flag_or_the_run(real, monkeypatc
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(predict, "load_predictor", fake_load_predictor)
+    monkeypatch.setattr(run, "check_inference_source", lambda *a, **k: None)  # "m" is no folder: its check is apart
     with pytest.raises(RuntimeError, match="stop here"):
         predict.main(["--model", "m", "--prompt", "Hi", "--enable_thinking", "false"])
     assert seen["enable_thinking"] is False
