@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from vlmtune.data.formats.sharegpt import media_list
+from vlmtune.data.formats.sharegpt import media_list, with_media
 from vlmtune.data.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 KEYS = frozenset({"messages", "images", "prompt"})
@@ -131,9 +131,4 @@ def to_llava(raw: dict, err) -> dict | None:
             out[reply] = _reply(raw[reply], reply, note)
             if failed:
                 return None
-    out["conversations"] = conversation
-    if images:
-        out["image"] = images
-    if videos:
-        out["video"] = videos
-    return out
+    return with_media(out, conversation, images, videos)

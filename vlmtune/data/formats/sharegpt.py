@@ -26,6 +26,16 @@ def media_list(raw: dict, key: str, err) -> list | None:
     return values
 
 
+def with_media(out: dict, conversation: list, images: list, videos: list) -> dict:
+    """``out`` as a LLaVA record: its turns, and its media lists where it has any."""
+    out["conversations"] = conversation
+    if images:
+        out["image"] = images
+    if videos:
+        out["video"] = videos
+    return out
+
+
 def _place_untagged(conversation: list, images: list, videos: list) -> None:
     texts = [t.get("value") for t in conversation if isinstance(t, dict)]
     if not (images or videos) or any(isinstance(v, str) and ("<image>" in v or "<video>" in v) for v in texts):
@@ -66,9 +76,4 @@ def to_llava(raw: dict, err) -> dict | None:
             return None
         out["chosen"], out["rejected"] = conversation.pop()["value"], raw["rejected_response"]
     _place_untagged(conversation, images, videos)
-    out["conversations"] = conversation
-    if images:
-        out["image"] = images
-    if videos:
-        out["video"] = videos
-    return out
+    return with_media(out, conversation, images, videos)
