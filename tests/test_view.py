@@ -243,3 +243,50 @@ def test_run_page_plots_what_was_logged_and_lists_predictions_by_disagreement(br
     _wait(browser, lambda d: _css(d, "#log-count") and _css(d, "#log-count")[0].text.startswith("5 training"))
     loss = _css(browser, 'svg.plot[data-title="training loss"] path[data-key="loss"]')[0]
     assert loss.get_attribute("d").count("L") == 4
+
+
+# ---------------------------------------------------------------- DPO pairs and grounding boxes
+
+
+@pytest.fixture(scope="module")
+def open_view(tiny_model_dir):
+    """Serve a data file under flags as `vlmtune view` takes them; every server stops with the module."""
+    from vlmtune.view import build_parser, open_site
+
+    servers = []
+
+    def serve(*argv: str) -> str:
+        site = open_site(build_parser().parse_args([*argv, "--model", str(tiny_model_dir())]))
+        server, url = _serve(site)
+        servers.append(server)
+        return url
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+
+
+def test_dpo_pairs_show_chosen_and_rejected_side_by_side(browser, open_view, tmp_path):
+    pair = json.loads((EXAMPLES / "preference.json").read_text())[0]
+    url = open_view(str(EXAMPLES / "preference.json"), "--stage", "dpo")
+    browser.get(url + "/#/record/0")
+    _wait(browser, lambda d: len(_css(d, ".pair > .sequence")) == 2)
+    for name in ("chosen", "rejected"):
+        tokens = _css(browser, f'.sequence[data-name="{name}"] .tokens .tok.trained')
+        assert "".join(n.get_attribute("textContent") for n in tokens) == pair[name] + IM_END
+    browser.save_screenshot(str(tmp_path / "dpo.png"))
+
+
+def test_grounding_boxes_are_drawn_in_original_pixels(browser, open_view, tmp_path):
+    record = json.loads((EXAMPLES / "grounding.json").read_text())[0]
+    assert record["box_format"] == "pixel_original"
+    written = json.loads(record["conversations"][1]["value"])["bbox_2d"]  # the box as the record writes it
+    url = open_view(str(EXAMPLES / "grounding.json"))
+    browser.get(url + "/#/record/0")
+    _wait(browser, lambda d: _css(d, ".medium svg.boxes rect"))
+    rect = _css(browser, ".medium svg.boxes rect")[0]
+    x, y = float(rect.get_attribute("x")), float(rect.get_attribute("y"))
+    w, h = float(rect.get_attribute("width")), float(rect.get_attribute("height"))
+    # the family's convention (norm1000 for the tiny Qwen2-VL) rounds: back in pixels within half a pixel
+    assert [x, y, x + w, y + h] == pytest.approx(written, abs=0.5)
+    browser.save_screenshot(str(tmp_path / "grounding.png"))

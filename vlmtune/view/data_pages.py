@@ -18,7 +18,7 @@ import numpy as np
 from vlmtune.data import boxes as box_math
 from vlmtune.data.check import check_data
 from vlmtune.data.conversation import IGNORE_INDEX, LABEL_MODES, Conversation
-from vlmtune.data.dataset import VisionLanguageDataset
+from vlmtune.data.dataset import VisionLanguageDataset, load_media
 from vlmtune.data.packing import RopeIndex
 from vlmtune.data.prompts import PreferenceDataset, PromptDataset
 from vlmtune.data.store import RecordSequence
@@ -87,6 +87,7 @@ class DataView:
             shape[order]
         self.has_problem = np.isin(self.index, np.array([i for i in self.problems if i is not None], dtype=np.int64))
         self._allowed: set[str] | None = None
+        self._decoded: tuple[int, object] | None = None  # the last record's decoded media (its frames are asked next)
 
     # ------------------------------------------------------------------ switches
 
@@ -185,6 +186,8 @@ class DataView:
         out["media"] += [{"kind": "video", "url": file_url(p), "width": v.width, "height": v.height, "frames": v.frames,
                           "fps": v.fps} for p, v in zip(record.videos, record.video_infos)]
         out["boxes"] = [self._box(b) for b in record.boxes]
+        if record.videos:
+            out["frames"] = self._frames(index, record)
         if record.fields:
             out["fields"] = {k: v for k, v in record.fields.items()}
         try:
@@ -192,6 +195,41 @@ class DataView:
         except Exception as exc:  # the same failure training would stop on: shown, not raised
             out["encode_error"] = f"{type(exc).__name__}: {exc}"
         return out
+
+    def _decoded_media(self, index: int, record):
+        if self._decoded is None or self._decoded[0] != index:
+            self._decoded = (index, load_media(record, self.budget))
+        return self._decoded[1]
+
+    def _frames(self, index: int, record) -> list[dict]:
+        """Each video's frames as training samples them: their index in the file, time, and resized size."""
+        decoded = self._decoded_media(index, record)
+        out = []
+        for k, (frames, meta) in enumerate(zip(decoded.videos, decoded.metadata)):
+            fps = float(meta.get("fps") or 0)
+            out.append({"video": k, "height": int(frames.shape[-2]), "width": int(frames.shape[-1]),
+                        "frames": [{"index": int(f), "time": round(f / fps, 3) if fps else None,
+                                    "url": f"/api/frame?index={index}&video={k}&frame={j}"}
+                                   for j, f in enumerate(meta.get("frames_indices", range(len(frames))))]})
+        return out
+
+    def frame_png(self, index: int, video: int, frame: int) -> bytes | None:
+        """One sampled frame of a record's video as the model gets it (resized), as PNG; None: no such frame."""
+        import io
+
+        from PIL import Image
+
+        rows = np.flatnonzero(self.index == index)
+        record = self._record(int(rows[0])) if len(rows) else None
+        if record is None or not 0 <= video < len(record.videos):
+            return None
+        frames = self._decoded_media(index, record).videos[video]
+        if not 0 <= frame < len(frames):
+            return None
+        array = frames[frame].clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
 
     def _box(self, b) -> dict:
         fmt = self.family.box_format

@@ -8,6 +8,8 @@ framework would be a dependency for routing eight paths. What it answers:
   /api/info             what is shown (a data file or a run folder)
   /api/records?...      data: one page of records (search, filters)
   /api/record?index=N   data: one record as it trains (switches: label_mode, enable_thinking, ...)
+  /api/frame?index=N&video=K&frame=J
+                        data: one sampled video frame as the model gets it (PNG, decoded by the training code)
   /api/run              run: log, facts, predictions (read again at each request)
   /file?path=P          a file the data or run refers to (an image, a video, the run's plot): any other path
                         is refused with 403
@@ -102,6 +104,10 @@ class Handler(BaseHTTPRequestHandler):
                     index, label_mode=mode, enable_thinking=_flag(query, "enable_thinking"),
                     keep_earlier_reasoning=_flag(query, "keep_earlier_reasoning"))
                 return self._json(answer) if answer else self._error(404, f"no record with index {index}")
+            if url.path == "/api/frame" and hasattr(self.site, "frame_png"):
+                png = self.site.frame_png(_int(query, "index") or 0, _int(query, "video") or 0,
+                                          _int(query, "frame") or 0)
+                return self._send(200, png, "image/png") if png else self._error(404, "no such frame")
             return self._error(404, f"no such page: {url.path}")
         except (BrokenPipeError, ConnectionResetError):
             return None

@@ -175,6 +175,11 @@ async function showRecord(index) {
     el("p", {id: "length", class: r.over ? "over" : null, text: lengthLine}),
     r.sequences ? switches : null,
     el("div", {class: "media"}, (r.media || []).map((m, i) => mediumNode(m, m.kind === "image" ? i : i, r.boxes || []))),
+    (r.frames || []).map(v => el("div", {class: "frames", "data-video": v.video},
+      el("div", {class: "muted", text: `video ${v.video + 1}: ${v.frames.length} frames sampled as training samples them, ` +
+        `resized to ${v.width}x${v.height}`}),
+      el("div", {class: "media"}, v.frames.map(f => el("div", {class: "medium"}, el("img", {src: f.url, alt: `frame ${f.index}`}),
+        el("div", {text: `frame ${f.index}` + (f.time === null ? "" : `, ${f.time} s`)})))))),
     r.fields ? el("pre", {class: "summary", id: "fields", text: "reward fields: " + JSON.stringify(r.fields, null, 1)}) : null,
     r.sequences ? el("div", {class: "legend"}, el("span", {class: "tok trained", text: "trained (label = id)"}),
       el("span", {class: "tok reply", text: "reply, not trained"}), el("span", {class: "vision", text: "[vision pads]"})) : null,
