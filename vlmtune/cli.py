@@ -38,6 +38,9 @@ def _setup_logging() -> None:
     logging.getLogger("vlmtune").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     # bitsandbytes' CPU backend warns at import that an optional kernel package is missing; it falls back by itself
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # DeepSpeed warns "Setting accelerator to CPU" on every import without a GPU; vlmtune says what it runs on.
+    # The filter sits on DeepSpeed's named logger before DeepSpeed is imported (it keeps the logger's filters).
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
 
 def _close_progress_bars() -> None:

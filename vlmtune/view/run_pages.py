@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from vlmtune.plots import read_log
-from vlmtune.run import LOG_FILE, PLOT_FILE, PREDICTIONS_FILE, RUN_FILE, TRAINER_STATE
+from vlmtune.run import CHECKPOINT_PREFIX, LOG_FILE, PLOT_FILE, PREDICTIONS_FILE, RUN_FILE, TRAINER_STATE
 
 EVAL_PREDICTIONS = "predictions.jsonl"
 EVAL_COMPARE = "predictions_compare.jsonl"
@@ -68,8 +68,10 @@ class RunView:
         return [{k: _finite(v) for k, v in e.items()} for e in entries]
 
     def facts(self) -> dict | None:
-        path = self.folder / RUN_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
+        """``vlmtune_run.json``: the run's, else (a run still training) its newest checkpoint's."""
+        found = [self.folder / RUN_FILE] if (self.folder / RUN_FILE).is_file() else sorted(
+            self.folder.glob(f"{CHECKPOINT_PREFIX}-*/{RUN_FILE}"), key=lambda p: p.stat().st_mtime)[-1:]
+        return json.loads(found[0].read_text()) if found else None
 
     def predictions(self) -> dict:
         """Predictions beside references, most disagreeing first; with ``--compare``, the second model's beside."""
