@@ -87,6 +87,7 @@ class DataView:
             shape[order]
         self.has_problem = np.isin(self.index, np.array([i for i in self.problems if i is not None], dtype=np.int64))
         self._allowed: set[str] | None = None
+        self._summary: str | None = None
         self._decoded: tuple[int, object] | None = None  # the last record's decoded media (its frames are asked next)
 
     # ------------------------------------------------------------------ switches
@@ -107,7 +108,9 @@ class DataView:
 
     def info(self) -> dict:
         """What the page shows at the top: the file, its summary as ``check-data`` prints it, the switches."""
-        return {"mode": "data", "file": self.file, "stage": self.stage, "summary": self.result.summary(False),
+        if self._summary is None:
+            self._summary = self.result.summary(False)
+        return {"mode": "data", "file": self.file, "stage": self.stage, "summary": self._summary,
                 "max_seq_length": self.max_seq_length, "defaults": self.defaults, "label_modes": list(LABEL_MODES),
                 "has_thinking_switch": "enable_thinking" in self.conversation(**self.defaults).template_source()
                 if self.stage != "cpt" else False,

@@ -263,8 +263,9 @@ function metricsText(m) {
 
 function predictionsNode(pred) {
   if (!pred.rows.length) return el("p", {class: "muted", text: "no eval predictions (train with --eval_generate True, or vlmtune eval)"});
-  const head = ["#", "id", "agreement", "reference", pred.compare ? "base prediction" : "prediction", "metrics"];
-  if (pred.compare) head.push("fine-tuned prediction", "metrics");
+  const names = Object.keys((pred.metrics && pred.metrics.models) || {});  // eval's --name and --compare_name
+  const head = ["#", "id", "agreement", "reference", pred.compare ? `${names[0] || "first"} prediction` : "prediction", "metrics"];
+  if (pred.compare) head.push(`${names[1] || "compared"} prediction`, "metrics");
   const rows = pred.rows.map((r, i) => {
     const cls = r.agreement === null ? null : r.agreement < 0.5 ? "agree-low" : "agree-high";
     const cells = [el("td", {text: i + 1}), el("td", {text: r.id}), el("td", {class: cls, text: r.agreement === null ? "-" : r.agreement.toFixed(3)}),
