@@ -323,8 +323,8 @@ def test_bad_tables_name_the_file_row_and_column(tmp_path):
 
 def test_table_images_stay_in_the_file(qwen2_vl, tmp_path, monkeypatch):
     """A Parquet file's image bytes are not copied into the data store: each distinct image is checked once and
-    read back from its cell (the bytes the processor gets are the file's); a file rewritten with other bytes under
-    the same row is noticed, not read as the image that was checked."""
+    read back from its cell (the bytes the processor gets are the file's; an Arrow file's too); a file rewritten
+    with other bytes under the same row is noticed, not read as the image that was checked."""
     monkeypatch.setenv("VLMTUNE_CACHE", str(tmp_path / "cache"))
     processor, family, budget = qwen2_vl
     circle, square = ((EXAMPLES / "images" / n).read_bytes() for n in ("red_circle.png", "blue_square.png"))
@@ -345,6 +345,12 @@ def test_table_images_stay_in_the_file(qwen2_vl, tmp_path, monkeypatch):
     assert got == [[circle, square][i % 3 == 2] for i in range(12)]
     want = media.load_image(EXAMPLES / "images" / "blue_square.png", budget)
     assert list(media.load_image(result.records[2].images[0], budget).getdata()) == list(want.getdata())
+
+    arrow = tmp_path / "rows.arrow"  # the Arrow IPC file format, two record batches: cells read the same way
+    with pa.ipc.new_file(arrow, pa.Table.from_pylist(rows).schema) as writer:
+        writer.write_table(pa.Table.from_pylist(rows), max_chunksize=7)
+    records, problems = read_records(arrow)
+    assert not problems and [media.inline_bytes(r.images[0]) for r in records] == got
 
     rows[2]["images"] = [{"bytes": circle, "path": None}]  # row 2 rewritten after the check
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=5)
