@@ -1,0 +1,129 @@
+"""Sequence parallelism (``--sequence_parallel_size``) is exact: 2 and 4 processes over gloo, each holding a chunk
+of one long record (images, a video, several turns), give the loss and every trainable gradient of the plain
+single-process forward (transformers' own loss, computed in this process) within 1e-5 relative.
+
+One launch per group size runs every case (family x mode, with and without gradient checkpointing) in one
+process start per rank (tests/sp_worker.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import EXAMPLES, ROOT, free_port
+
+LONG_RECORD = {
+    "id": "long_mixed",
+    "images": ["images/red_circle.png", "images/blue_square.png"],
+    "videos": ["videos/ball_right.mp4"],
+    "messages": [
+        {"role": "system", "content": "You describe pictures and clips."},
+        {"role": "user", "content": "<image>\nWhat shape is this?"},
+        {"role": "assistant", "content": "A red circle."},
+        {"role": "user", "content": "And this one? <image>"},
+        {"role": "assistant", "content": "A blue square, drawn flat."},
+        {"role": "user", "content": "<video>\nWhere does the ball move?"},
+        {"role": "assistant", "content": "The yellow ball rolls from the left to the right of the frame."},
+        {"role": "user", "content": "Which of the three was round?"},
+        {"role": "assistant", "content": "The circle and the ball."},
+    ],
+}
+SHORT_RECORD = {"id": "short_text", "messages": [{"role": "user", "content": "How many sides has a triangle?"},
+                                                 {"role": "assistant", "content": "Three."}]}
+CASES_2 = [("qwen2_vl", "lora_vision", True), ("qwen2_vl", "full", False), ("qwen2_5_vl", "lora", True),
+           ("qwen3_vl", "lora_vision", True), ("qwen3_vl", "full", True), ("qwen3_vl_moe", "lora", False)]
+CASES_4 = [("qwen2_vl", "lora_vision", False), ("qwen3_vl", "full", True)]
+BACKSTOP_S = 900  # a hung collective fails the test (the whole process group is killed) instead of the suite
+
+
+def batch_of(pipeline, family: str, tmp_path, rows: int):
+    """The collated batch of the long record (and, for 2 rows, a short text record padded to its length)."""
+    from vlmtune.data.collator import Collator
+    from vlmtune.data.dataset import VisionLanguageDataset
+    from vlmtune.data.records import load_records
+
+    p = pipeline(family)
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps([LONG_RECORD, SHORT_RECORD][:rows]))
+    records = load_records(path, EXAMPLES, budget=p.budget, min_image_side=p.family.factor)
+    dataset = VisionLanguageDataset(records, p.processor, p.family, p.budget, p.conversation)
+    return Collator(p.processor.tokenizer.pad_token_id)([dataset[i] for i in range(rows)])
+
+
+def reference(case: dict, batch: dict) -> dict:
+    """The single-process run: transformers' own forward and loss on the whole batch, in this process."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sp_worker import build
+
+    model, _ = build(case)
+    out = model(**batch, use_cache=False)
+    out.loss.backward()
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()
+             if p.requires_grad}
+    return {"loss": float(out.loss.detach()), "grads": grads}
+
+
+def launch(world: int, spec: dict, tmp_path) -> dict:
+    """``world`` worker processes on one spec; their process group is killed at the backstop."""
+    spec_path, out_path = tmp_path / f"spec{world}.pt", tmp_path / f"out{world}.pt"
+    torch.save(spec, spec_path)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/te-vlmtune")}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "sp_worker.py"), str(spec_path), str(out_path)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=BACKSTOP_S)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(log[-3000:] for log in logs)
+    return torch.load(out_path, weights_only=False)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def check_cases(world: int, cases: list, pipeline, tiny_model_dir, tmp_path, rows: int = 1) -> dict:
+    specs = [{"name": f"{f}-{m}-{'gc' if gc else 'nogc'}", "family": f, "mode": m, "checkpointing": gc,
+              "model_dir": str(tiny_model_dir(f))} for f, m, gc in cases]
+    batches = {f: batch_of(pipeline, f, tmp_path, rows) for f in {c["family"] for c in specs}}
+    got = launch(world, {"cases": specs, "batches": batches}, tmp_path)
+    worst = {}
+    for case in specs:
+        want, sp = reference(case, batches[case["family"]]), got[case["name"]]
+        assert set(sp["grads"]) == set(want["grads"]) and want["grads"]
+        diffs = {name: relative(sp["grads"][name], g) for name, g in want["grads"].items()}
+        loss_diff = abs(sp["loss"] - want["loss"]) / abs(want["loss"])
+        worst[case["name"]] = (loss_diff, max(diffs.values()))
+        assert loss_diff < 1e-5, (case["name"], sp["loss"], want["loss"])
+        bad = {n: d for n, d in diffs.items() if not d < 1e-5}
+        assert not bad, (case["name"], bad)
+    print(f"SP {world}: worst relative differences (loss, gradient):", worst)
+    return worst
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(pipeline, tiny_model_dir, tmp_path):
+    """2 ranks on the long record, Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE in full, lora and
+    lora_vision, with and without gradient checkpointing."""
+    check_cases(2, CASES_2, pipeline, tiny_model_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_four_ranks_equal_one_process_on_a_padded_batch(pipeline, tiny_model_dir, tmp_path):
+    """4 ranks (more ranks than key/value heads: Ulysses replicates them) on a 2-row batch: the long record and
+    a short text one right-padded to its length."""
+    check_cases(4, CASES_4, pipeline, tiny_model_dir, tmp_path, rows=2)
