@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT, free_port
+from conftest import DATA_JSON, EXAMPLES, ROOT, free_port
 
 LONG_RECORD = {
     "id": "long_mixed",
@@ -127,3 +127,110 @@ def test_four_ranks_equal_one_process_on_a_padded_batch(pipeline, tiny_model_dir
     """4 ranks (more ranks than key/value heads: Ulysses replicates them) on a 2-row batch: the long record and
     a short text one right-padded to its length."""
     check_cases(4, CASES_4, pipeline, tiny_model_dir, tmp_path, rows=2)
+
+
+@pytest.mark.parametrize("size, world, family, flags, needle", [
+    (2, 3, "qwen2_vl", {}, "the 3 processes of this run do not split into groups of 2"),
+    (3, 6, "qwen2_vl", {}, "has 4 attention heads, which 3 does not divide"),
+    (2, 2, "qwen3_5", {}, "linear-attention (Gated DeltaNet) layers carry a recurrent state"),
+    (2, 2, "qwen2_vl", {"packing": True}, "with --packing"),
+    (2, 2, "qwen2_vl", {"engine": "--deepspeed"}, "runs under DDP only"),
+    (2, 2, "qwen2_vl", {"attn_implementation": "eager"}, "--attn_implementation eager"),
+])
+def test_sizes_and_setups_it_cannot_run_stop_in_one_line(tiny_model_dir, size, world, family, flags, needle):
+    from transformers import AutoConfig
+
+    from vlmtune.errors import ConfigError
+    from vlmtune.model import sequence_parallel as sp
+
+    config = AutoConfig.from_pretrained(tiny_model_dir(family))
+    with pytest.raises(ConfigError) as caught:
+        sp.check(size, world, config, family, **flags)
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+    sp.check(1, world, config, family, **flags)  # size 1 is off: nothing to check
+
+
+def test_key_value_heads_must_divide_or_be_divided(tiny_model_dir):
+    from transformers import AutoConfig
+
+    from vlmtune.errors import ConfigError
+    from vlmtune.model import sequence_parallel as sp
+
+    config = AutoConfig.from_pretrained(tiny_model_dir("qwen2_vl"))
+    config.get_text_config().num_attention_heads, config.get_text_config().num_key_value_heads = 12, 8
+    with pytest.raises(ConfigError, match="has 8 key/value heads"):
+        sp.check(6, 6, config, "qwen2_vl")
+    sp.check(4, 4, config, "qwen2_vl")  # 8 kv heads over 4 ranks: 2 each
+
+
+def test_a_batch_shorter_than_the_group_is_named():
+    from vlmtune.errors import RecordError
+    from vlmtune.model import sequence_parallel as sp
+
+    group = sp.Group(size=4, rank=0, process_group=None)
+    with pytest.raises(RecordError, match=r"a batch of 3 tokens \(rec_7\) is shorter than the group"):
+        sp.local_targets(torch.tensor([[1, 2, 3]]), group, ["rec_7"])
+
+
+def test_labels_are_shifted_before_the_split():
+    """By hand: labels 0..6 (7 tokens) over 4 ranks pad to 8; the targets are labels[1:] then -100 padding, and
+    rank r holds targets 2r, 2r+1: the first rank's last target is the second rank's first label."""
+    from vlmtune.model import sequence_parallel as sp
+
+    labels = torch.tensor([[10, 11, 12, 13, 14, 15, 16]])
+    got = [sp.local_targets(labels, sp.Group(4, r, None)).tolist() for r in range(4)]
+    assert got == [[[11, 12]], [[13, 14]], [[15, 16]], [[-100, -100]]]
+
+
+def test_the_cli_refuses_the_flag_where_it_cannot_run(capsys, tiny_model_dir):
+    """One process cannot form a group of 2; DPO refuses the flag; both before a model loads."""
+    from vlmtune.cli import main
+
+    base = ["--data_path", str(DATA_JSON), "--image_folder", str(EXAMPLES), "--use_cpu", "True",
+            "--sequence_parallel_size", "2", "--output_dir"]
+    assert main(["train", *base, "/tmp/never-sp"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("vlmtune train: error: --sequence_parallel_size 2: the 1 processes") and (
+        "unexpected" not in line)
+    assert main(["dpo", *base, "/tmp/never-sp-dpo"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("vlmtune dpo: error: --sequence_parallel_size 2 with dpo: "), line
+
+
+def train_flags(out, *args: str) -> list[str]:
+    return ["train", "--data_path", str(DATA_JSON), "--image_folder", str(EXAMPLES), "--use_cpu", "True",
+            "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1", "--output_dir", str(out),
+            "--train_sampling_strategy", "sequential", "--learning_rate", "2e-3", "--lr_scheduler_type", "constant",
+            "--dataloader_num_workers", "0", "--lora_dropout", "0", "--mode", "lora_vision", "--max_steps", "3",
+            "--save_strategy", "no", "--gradient_checkpointing", "True", "--val_ratio", "0.2",
+            "--eval_strategy", "steps", "--eval_steps", "3", "--per_device_eval_batch_size", "1", *args]
+
+
+def logged(out, key: str) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [entry[key] for entry in state["log_history"] if key in entry]
+
+
+@pytest.mark.slow
+def test_training_with_the_flag_gives_the_single_process_losses(tmp_path):
+    """``vlmtune train --sequence_parallel_size 2`` on 2 processes (a record per process and step, each split
+    across both) logs the training and eval losses of one process training on both records per step."""
+    from vlmtune.cli import main
+
+    assert main(train_flags(tmp_path / "one", "--per_device_train_batch_size", "2")) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "vlmtune.cli", *train_flags(tmp_path / "sp", "--per_device_train_batch_size", "1",
+                                             "--sequence_parallel_size", "2")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    try:
+        log = proc.communicate(timeout=BACKSTOP_S)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, log[-4000:]
+    assert "sequence parallel: groups of 2 processes" in log
+    for key in ("loss", "eval_loss"):
+        one, sp = logged(tmp_path / "one", key), logged(tmp_path / "sp", key)
+        assert len(sp) == len(one) > 0 and sp == pytest.approx(one, rel=1e-5), (key, sp, one)

@@ -80,8 +80,8 @@ def check(size: int, world_size: int, config, model_type: str, packing: bool = F
         raise ConfigError(f"{flag} with --packing: Ulysses attention drops the block mask that keeps packed records "
                           "apart, so they would attend to each other; train without --packing")
     if engine:
-        raise ConfigError(f"{flag} with {engine}: sequence parallelism runs under DDP or DeepSpeed ZeRO only; "
-                          f"drop {engine}")
+        raise ConfigError(f"{flag} with {engine}: sequence parallelism runs under DDP only (each group trains "
+                          f"its batches in turn, which {engine}'s gradient reduction does not follow); drop {engine}")
     if attn_implementation == "eager":
         raise ConfigError(f"{flag} with --attn_implementation eager: Ulysses needs a kernel that masks causally "
                           "without a 4-D mask; use sdpa or flash_attention_2")
