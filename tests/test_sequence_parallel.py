@@ -234,3 +234,25 @@ def test_training_with_the_flag_gives_the_single_process_losses(tmp_path):
     for key in ("loss", "eval_loss"):
         one, sp = logged(tmp_path / "one", key), logged(tmp_path / "sp", key)
         assert len(sp) == len(one) > 0 and sp == pytest.approx(one, rel=1e-5), (key, sp, one)
+
+
+def test_estimate_memory_splits_the_decoder_and_the_logits_not_the_vision_tower():
+    """The activations (checkpointed: linear in the tokens) and the logits of one GPU hold ceil(S / N) of a
+    sample's S tokens; the vision row is the same on every GPU of the group; the table says so."""
+    from vlmtune.memory.estimate import estimate
+    from vlmtune.memory.shapes import Setup
+
+    def run(n: int):
+        return estimate("Qwen/Qwen2.5-VL-7B-Instruct", Setup(gpus=4, sequence_parallel_size=n, seq_len=2048,
+                                                              videos=1, video_frames=240,
+                                                              gradient_checkpointing=True))
+
+    one = run(1)
+    total = 2048 + 23296  # 240 frames -> 120 temporal pairs x (360 x 420 px / 28^2 = 192 tokens) + the text
+    for n in (2, 4):
+        split = run(n)
+        share = -(-total // n) / total
+        assert split.bytes("activations") == pytest.approx(one.bytes("activations") * share, rel=1e-9)
+        assert split.bytes("logits + loss") == pytest.approx(one.bytes("logits + loss") * share, rel=1e-9)
+        assert split.bytes("vision") == one.bytes("vision") and split.bytes("weights") == one.bytes("weights")
+        assert f"sequence parallel over {n}" in split.table() and f"1/{n} of each sample's" in split.table()
