@@ -172,6 +172,18 @@ def test_a_bad_record_shows_the_problem_check_data_prints(browser, data_site, da
     browser.save_screenshot(str(tmp_path / "bad.png"))
 
 
+def test_search_finds_records_by_text_and_id_case_insensitively(browser, data_site):
+    _, url = data_site
+    for query, ids in (("BRIGHT red", ["two_turns"]), ("text_ONLY", ["text_only"]), ("no such words", [])):
+        browser.get(url + "/#/")
+        _wait(browser, lambda d: _css(d, 'input[name="q"]'))
+        box = _css(browser, 'input[name="q"]')[0]
+        box.send_keys(query)
+        box.submit()
+        _wait(browser, lambda d: _css(d, "#count") and _css(d, "#count")[0].text.startswith(f"{len(ids)} record"))
+        assert [n.text for n in _css(browser, "td.rid")] == ids
+
+
 def test_only_files_the_data_refers_to_are_served(browser, data_site, data_file, tmp_path):
     from urllib.parse import quote
 
