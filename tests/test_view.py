@@ -180,7 +180,8 @@ def test_search_finds_records_by_text_and_id_case_insensitively(browser, data_si
         box = _css(browser, 'input[name="q"]')[0]
         box.send_keys(query)
         box.submit()
-        _wait(browser, lambda d: _css(d, "#count") and _css(d, "#count")[0].text.startswith(f"{len(ids)} record"))
+        shown = f"{len(ids)} record"
+        _wait(browser, lambda d, shown=shown: _css(d, "#count") and _css(d, "#count")[0].text.startswith(shown))
         assert [n.text for n in _css(browser, "td.rid")] == ids
 
 
