@@ -6,6 +6,7 @@ builds: ``build_tiny_model(out_dir, family)`` writes a folder that ``from_pretra
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -189,7 +190,8 @@ def _train_tokenizer(seed: int, extra_tokens: tuple[str, ...] = ()):
     base = Qwen2Tokenizer()
     corpus = [line.strip() for line in _CORPUS.strip().splitlines()] * 4
     tokenizer = base.train_new_from_iterator(
-        corpus, vocab_size=TINY_VOCAB_SIZE - len(SPECIAL_TOKENS), new_special_tokens=list(SPECIAL_TOKENS)
+        corpus, vocab_size=TINY_VOCAB_SIZE - len(SPECIAL_TOKENS), new_special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,  # the tokenizers trainer's bars mean nothing to a user of the tiny model
     )
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
@@ -246,6 +248,20 @@ def tiny_config(family: Family, tokenizer, text_overrides: dict | None = None):
     return AutoConfig.for_model(family.model_type, **kwargs, **ids)
 
 
+@contextlib.contextmanager
+def _quiet_progress():
+    """transformers' progress bars off for the block (as they were after it)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0,
                      text_overrides: dict | None = None) -> Path:
     """Write a tiny ``family`` model folder (weights, config, processor, chat template) to ``out_dir``;
@@ -268,7 +284,8 @@ def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: in
     # A cache file, not a checkpoint: whichever process builds it writes it. Inside a torchrun job
     # transformers would write weights from global rank 0 only, leaving other builders a folder without them.
     model.should_save_on_this_rank = lambda is_main_process: is_main_process
-    model.save_pretrained(out)
+    with _quiet_progress():  # "Writing model shards" of a 1-shard cache file: no news to a user
+        model.save_pretrained(out)
     write_hub_layout(out, fam)  # as a real checkpoint of the family: loading exercises transformers' conversion
     _processor(fam, tokenizer).save_pretrained(out)
     return out
