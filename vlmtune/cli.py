@@ -1,5 +1,5 @@
 """``vlmtune train | dpo | grpo | distill | reward-model | sample | check-data | convert | tiny-model | merge |
-predict | eval | plot | estimate-memory``: parse, call, report."""
+predict | eval | plot | view | estimate-memory``: parse, call, report."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ commands:
   predict          generate replies with a model (and adapters) for images, videos or a data file
   eval             score a model (or two, --compare) on a data file with task metrics
   plot             draw the plots of a training run (loss, learning rates, grad norm, tokens/s, eval)
+  view             see a data file (what trains, token by token) or a run (plots, predictions) in a browser
   estimate-memory  estimate GPU memory per device for a training setup
   tiny-model       write the embedded tiny model (random weights) to a folder
 
@@ -38,6 +39,9 @@ def _setup_logging() -> None:
     logging.getLogger("vlmtune").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     # bitsandbytes' CPU backend warns at import that an optional kernel package is missing; it falls back by itself
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # DeepSpeed warns "Setting accelerator to CPU" on every import without a GPU; vlmtune says what it runs on.
+    # The filter sits on DeepSpeed's named logger before DeepSpeed is imported (it keeps the logger's filters).
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
 
 def _close_progress_bars() -> None:
@@ -193,6 +197,12 @@ def cmd_plot(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_view(argv: list[str]) -> int:
+    from vlmtune.view import main
+
+    return main(argv)
+
+
 def cmd_convert(argv: list[str]) -> int:
     from vlmtune.data.convert import main
 
@@ -208,7 +218,7 @@ def cmd_estimate_memory(argv: list[str]) -> int:
 COMMANDS = {"train": cmd_train, "dpo": cmd_dpo, "grpo": cmd_grpo, "reward-model": cmd_reward_model,
             "distill": cmd_distill, "sample": cmd_sample, "check-data": cmd_check_data, "convert": cmd_convert,
             "tiny-model": cmd_tiny_model, "merge": cmd_merge, "predict": cmd_predict, "eval": cmd_eval,
-            "plot": cmd_plot, "estimate-memory": cmd_estimate_memory}
+            "plot": cmd_plot, "view": cmd_view, "estimate-memory": cmd_estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,10 @@ The built-ins read the answer from ``<answer>...</answer>`` when the completion 
 
 * ``exact_match``: 1 when the answer equals the record's ``answer`` after normalisation (case, punctuation,
   articles, spaces), else 0.
+* ``similarity``: partial credit, 0 to 1: how close the answer is to ``answer`` after normalisation (rapidfuzz's
+  normalised Indel similarity of the two strings). A model far from the answer still earns more for closer
+  completions, so the groups' rewards differ and there is something to learn from (the CPU demo's tiny model
+  never earns exact_match).
 * ``math``: 1 when the answer and ``answer`` are the same number or formula by math-verify, else 0.
 * ``format``: 1 when the completion is ``<think>...</think><answer>...</answer>``, else 0.
 * ``box_iou``: the IoU of the first four numbers of the answer, read as [x1, y1, x2, y2], with the record's
@@ -62,6 +66,14 @@ def exact_match(completions: list[str], answer, **kwargs) -> list[float]:
     return [float(normalize(answer_part(c)) == gold) for c in completions]
 
 
+def similarity(completions: list[str], answer, **kwargs) -> list[float]:
+    """0 to 1: the normalised Indel similarity of each normalised answer to the normalised gold ``answer``."""
+    from rapidfuzz import fuzz
+
+    gold = normalize(answer)
+    return [fuzz.ratio(normalize(answer_part(c)), gold) / 100 for c in completions]
+
+
 def math_answer(completions: list[str], answer, **kwargs) -> list[float]:
     """1.0 where math-verify finds the answer equal to the gold ``answer`` (numbers, fractions, LaTeX)."""
     from math_verify import parse, verify
@@ -93,8 +105,8 @@ def iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-BUILTINS: dict[str, Callable] = {"exact_match": exact_match, "math": math_answer, "format": format_reward,
-                                 "box_iou": box_iou}
+BUILTINS: dict[str, Callable] = {"exact_match": exact_match, "similarity": similarity, "math": math_answer,
+                                 "format": format_reward, "box_iou": box_iou}
 
 
 @dataclass

@@ -71,8 +71,8 @@ class GRPOArguments:
                                                                  **within(1)})
     reward_funcs: list[str] | None = field(
         default=None,
-        metadata={"help": "Reward functions, summed with --reward_weights: built-ins exact_match, math, format, "
-                  "box_iou, or FILE.py:FUNCTION (called as FUNCTION(completions, **fields) -> list of floats). "
+        metadata={"help": "Reward functions, summed with --reward_weights: built-ins exact_match, similarity, math, "
+                  "format, box_iou, or FILE.py:FUNCTION (called as FUNCTION(completions, **fields) -> list of floats). "
                   "Default: exact_match, or none beside --reward_model."},
     )
     reward_weights: list[float] | None = field(

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from vlmtune.data import media
+from vlmtune.data import inline, media
 from vlmtune.data.formats import FORMATS
 from vlmtune.data.records import Record, load_records
 from vlmtune.data.schema import STAGES
@@ -26,15 +26,15 @@ _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "imag
 
 
 def image_bytes(path: str) -> bytes:
-    """The bytes of a record's image: decoded from a data: URI, or read from its file (a URL fetched once)."""
+    """The bytes of a record's image: decoded from a data: URI, read from a table's cell or from its file (a URL
+    fetched once)."""
     return media.inline_bytes(path) if media.is_inline(path) else Path(media.local_path(path)).read_bytes()
 
 
 def _name(path: str, data: bytes) -> str:
     """A file name for an image: its own name, or for bytes given inline their hash and type."""
     if media.is_inline(path):
-        kind = path[len("data:"):].split(";", 1)[0]
-        return hashlib.sha256(data).hexdigest()[:16] + _SUFFIX.get(kind, ".img")
+        return hashlib.sha256(data).hexdigest()[:16] + _SUFFIX.get(inline.media_type(path, data), ".img")
     return Path(path.split("?", 1)[0]).name
 
 
