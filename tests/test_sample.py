@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import EXAMPLES
 
 GRPO_JSON = EXAMPLES / "grpo.json"
@@ -216,3 +217,41 @@ def test_other_settings_on_an_existing_samples_file_stop_in_one_line(sampled, ca
     argv[argv.index("--num_samples") + 1] = "2"
     assert main(["sample", *argv]) == 1
     assert "holds samples drawn with other settings (num_samples 4 then, 2 now)" in one_line(capsys.readouterr().err)
+
+
+def test_a_reward_model_scores_each_reply_as_an_independent_forward_does(sampled, tmp_path):
+    """--reward_model alone: each reply's reward is the head on the final hidden state at the reply's last token,
+    with the prompt rendered here by the processor's own chat template and the sampled tokens appended."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from test_stages import processor_ids
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.data import media
+    from vlmtune.model.load import load_family, load_processor
+    from vlmtune.sample import main
+
+    model, _ = sampled
+    reward_dir = tmp_path / "reward_model"
+    shutil.copytree(model, reward_dir)
+    head = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    save_file({"score.weight": head}, str(reward_dir / "reward_head.safetensors"), metadata={"format": "pt"})
+    argv = ["--model", str(model), "--data", str(GRPO_JSON), "--limit", "2", "--output", str(tmp_path / "rm.json"),
+            "--num_samples", "2", "--max_new_tokens", "4", "--reward_model", str(reward_dir)]
+    assert main(argv) == 0
+
+    processor = load_processor(str(model))
+    budget = media.budget_from_processor(processor, load_family(str(model)).factor)
+    body = AutoModelForImageTextToText.from_pretrained(reward_dir).eval()
+    for prompt, line in zip(json.loads(GRPO_JSON.read_text()), samples_of(tmp_path / "rm.samples.jsonl")):
+        inputs = processor_ids(processor, budget, prompt, None)
+        for tokens, value, total in zip(line["tokens"], line["rewards"]["reward_model"], line["scores"]):
+            extra = torch.tensor([tokens])
+            row = {**inputs, "input_ids": torch.cat([inputs["input_ids"], extra], 1),
+                   "attention_mask": torch.ones(1, inputs["input_ids"].shape[1] + len(tokens), dtype=torch.long),
+                   "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], 1)}
+            with torch.no_grad():
+                hidden = body.model(**row).last_hidden_state[0, -1]
+            assert value == pytest.approx(float(hidden @ head[0]), abs=1e-4)
+            assert total == value

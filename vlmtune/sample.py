@@ -131,7 +131,8 @@ class Sampler:
         self.weights = [r.weight for r in rewards] + [grpo.reward_model_weight] * (reward_model is not None)
 
     def sample(self, record: Record, position: int) -> dict:
-        """``--num_samples`` replies to one prompt, their end flags, each reward's values and the weighted total."""
+        """``--num_samples`` replies to one prompt, their end flags, each reward's values, the weighted total and the
+        sampled token ids (what a reward model scored, after the prompt's)."""
         item = self.predictor.encode(record)
         n = self.args.num_samples
         torch.manual_seed(self.args.seed * 2**32 + position)  # prompt i's draws: seed and i alone
@@ -148,7 +149,8 @@ class Sampler:
         totals = [sum(w * v[k] for w, v in zip(self.weights, values)) for k in range(n)]
         ended = [bool(len(c)) and int(c[-1]) in self.eos for c in completions]
         return {"position": position, "id": record.id, "replies": replies, "ended": ended,
-                "rewards": dict(zip(self.names, values)), "scores": totals}
+                "rewards": dict(zip(self.names, values)), "scores": totals,
+                "tokens": [c.tolist() for c in completions]}
 
 
 def reward_names(rewards: list[reward_lib.Reward]) -> list[str]:
