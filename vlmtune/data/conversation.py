@@ -180,6 +180,8 @@ class Conversation:
                 logger.warning("the chat template has no enable_thinking switch: enable_thinking=%s changes nothing",
                                enable_thinking)
         self._generation_prompt: str | None = None
+        self._mm_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
+        """Whether the processor returns ``mm_token_type_ids`` (Qwen-VL processors: by default)."""
         self._fills: bool | None = None  # whether the template may be filled per shape (data/template_fill.py)
         self._skeletons: dict[tuple, Skeleton | None] = {}
 
@@ -410,19 +412,23 @@ class Conversation:
         """Model inputs of a record with its decoded media: the processor's tensors, ids tokenized piece by piece,
         ``labels``; raises ``LabelError`` when the labels are not exactly the replies that train."""
         rendered = self.render(record)
+        # no padding and no tensors for the per-token lists (one row per piece, joined here; the vision tensors
+        # come as tensors either way), and the modality of each token found once on the joined ids
+        types = processor_kwargs.pop("return_mm_token_type_ids", None)
+        types = self._mm_types if types is None else types
         encoded = self.processor(
             text=list(rendered.pieces), images=images or None, videos=videos or None,
-            video_metadata=video_metadata or None, padding=True, return_tensors="pt", **processor_kwargs,
+            video_metadata=video_metadata or None, return_mm_token_type_ids=False, **processor_kwargs,
         )
-        keep = encoded["attention_mask"].bool()
-        rows = [encoded["input_ids"][i][keep[i]] for i in range(len(rendered.pieces))]
-        item = {k: v for k, v in encoded.items() if k not in _PER_TOKEN}
-        item["input_ids"] = input_ids = torch.cat(rows)
+        rows = encoded["input_ids"]
+        item = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in encoded.items()
+                if k not in _PER_TOKEN}
+        ids, lengths = [t for row in rows for t in row], [len(row) for row in rows]
+        item["input_ids"] = input_ids = torch.tensor(ids, dtype=torch.long)
         item["attention_mask"] = torch.ones_like(input_ids)
-        if "mm_token_type_ids" in encoded:
-            types = encoded["mm_token_type_ids"]
-            item["mm_token_type_ids"] = torch.cat([types[i][keep[i]] for i in range(len(rows))])
-        ids, lengths = input_ids.tolist(), [len(r) for r in rows]
+        if types:  # the processor's own per-row function, on the joined row: the same value for every token
+            item["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([ids])[0],
+                                                     dtype=torch.long)
         labels = self.labels(ids, lengths, rendered)
         message = self.problem(ids, labels, lengths, rendered)
         if message:
