@@ -95,15 +95,16 @@ def stage_table(profile: cProfile.Profile) -> tuple[dict[str, float], float]:
     return seconds, total
 
 
-def store_digest(store) -> str:
-    """What the store holds for the file: every record as stored, its text tokens and length, every problem."""
+def store_digest(store, work: Path) -> str:
+    """What the store holds for the file: every record as stored (the temporary folder's name taken out of its
+    media paths), its text tokens and length, every problem."""
     import numpy as np
 
     h = hashlib.sha256()
     h.update(np.asarray(store.text_tokens, dtype=np.int64).tobytes())
     h.update(np.asarray(store.lengths, dtype=np.int64).tobytes())
     h.update(np.asarray(store.index, dtype=np.int64).tobytes())
-    h.update(store._blob[:] if len(store) else b"")  # the records as stored
+    h.update((store._blob[:] if len(store) else b"").replace(str(work).encode(), b"WORK"))  # the records as stored
     h.update(json.dumps([[p.level, p.message, p.index, p.id] for p in store.problems]).encode())
     return h.hexdigest()[:16]
 
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="after", help="name of this run in the results (before / after)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="only the check without the profiler and the digest (the label's table is kept)")
     args = parser.parse_args(argv)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -142,25 +145,34 @@ def main(argv: list[str] | None = None) -> int:
                               processes=1, max_seq_length=4096)
 
         profile = cProfile.Profile(time.process_time)  # CPU seconds: the machine is shared
-        profile.enable()
-        result = check(str(work / "cache-profiled"))
-        profile.disable()
-        assert result.store is not None and result.store.meta["measured"] == args.records, result.store.meta
-        seconds, total = stage_table(profile)
+        if args.profile:
+            profile.enable()
+            result = check(str(work / "cache-profiled"))
+            profile.disable()
+            assert result.store is not None and result.store.meta["measured"] == args.records, result.store.meta
+            seconds, total = stage_table(profile)
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         start, cpu = time.perf_counter(), time.process_time()
         plain = check(str(work / "cache-plain"))
         check_s, check_cpu = time.perf_counter() - start, time.process_time() - cpu
-        digest = store_digest(plain.store)
-        assert digest == store_digest(result.store)
+        digest = store_digest(plain.store, work)
         median = int(sorted(plain.lengths)[len(plain.lengths) // 2])
         text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(40)
+        if args.profile:
+            assert digest == store_digest(result.store, work)
+            pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(40)
+
+    results_dir = ROOT / "bench" / "results"
+    results_path = results_dir / "check-profile.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if not args.profile:  # the label's earlier table, this run's check and digest
+        kept = results.get(args.label, {})
+        seconds, total = kept.get("stages_profiled_s", {}), kept.get("profiled_s", 0.0)
 
     lines = [f"first check-data of {args.records:,} ordinary records (median {median} tokens), --processes 1, "
              f"tiny Qwen2-VL processor, {args.label}",
              f"{'stage':<24}{'CPU s':>12}{'share':>8}  (cProfile, CPU time)"]
-    lines += [f"{stage:<24}{s:12.2f}{s / total:8.1%}" for stage, s in seconds.items()]
+    lines += [f"{stage:<24}{s:12.2f}{s / total:8.1%}" for stage, s in seconds.items()] if args.profile else []
     lines += [f"{'total (profiled)':<24}{total:12.2f}",
               f"check without the profiler: {check_cpu:.2f} CPU s ({args.records / check_cpu:,.0f} records per CPU "
               f"second), {check_s:.2f} s wall (load average {os.getloadavg()[0]:.1f})",
@@ -169,10 +181,8 @@ def main(argv: list[str] | None = None) -> int:
               f"store digest (text tokens, lengths, problems): {digest}"]
     table = "\n".join(lines)
     print(table)
-    results_dir = ROOT / "bench" / "results"
-    (results_dir / f"check-profile-{args.label}.txt").write_text(table + "\n\n" + text.getvalue())
-    results_path = results_dir / "check-profile.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if args.profile:
+        (results_dir / f"check-profile-{args.label}.txt").write_text(table + "\n\n" + text.getvalue())
     for label, earlier in results.items():
         if label != args.label and (earlier["records"], earlier["seed"]) == (args.records, args.seed):
             if earlier["digest"] != digest:
