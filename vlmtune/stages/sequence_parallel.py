@@ -8,10 +8,12 @@ then trains on its N batches one after the other, each batch split across the wh
 whole batch (media included), so each optimizer step sees the same batches, in the same number of steps, as
 the plain data-parallel run.
 
-The loss of a step is the token-weighted mean over the group's N batches: each rank's chunk contributes its
-summed token loss over the group's count of targets, so the group's contributions add up to that mean and the
-gradients summed over the group are its gradients. DDP averages over all processes, so each contribution is
-scaled by N (the mean over groups is what remains).
+The loss weights tokens as the Trainer does without sequence parallelism: by default
+(``average_tokens_across_devices``) every target of the optimizer step, over all processes and accumulation
+steps, counts once (the Trainer's ``num_items_in_batch``): each rank's chunk contributes its summed token loss
+over that count, times the number of processes, which DDP's mean over processes takes back. Without that
+setting, each micro-step is the token-weighted mean over the group's N batches. Either way the contributions of a
+group's ranks add up to the loss of its batches and their gradients, summed by DDP, to its gradients.
 """
 
 from __future__ import annotations
@@ -71,14 +73,17 @@ def exchange(inputs: dict, group: sp.Group) -> list[dict]:
     return batches
 
 
-def training_step(trainer, model, inputs: dict, records: list[str]) -> torch.Tensor:
+def training_step(trainer, model, inputs: dict, records: list[str], num_items_in_batch=None) -> torch.Tensor:
     """One micro-step of the group: its N batches forward and backward in turn, each split across the group;
-    returns this rank's share of the loss (the Trainer's mean over processes logs the group's loss)."""
+    returns this rank's share of the loss (the Trainer's mean over processes logs the loss)."""
     group = trainer.sp_group
     model.train()
     batches = exchange({**inputs, RECORDS: records}, group)
-    total = sum(sp.count_targets(b["labels"]) for b in batches)
-    scale = group.size / trainer.current_gradient_accumulation_steps
+    if num_items_in_batch is not None and trainer.args.average_tokens_across_devices:
+        total, scale = int(num_items_in_batch), trainer.accelerator.num_processes
+    else:
+        total = sum(sp.count_targets(b["labels"]) for b in batches)
+        scale = group.size / trainer.current_gradient_accumulation_steps
     reported = torch.zeros((), device=trainer.args.device)
     for k, batch in enumerate(batches):
         names = batch.pop(RECORDS)
