@@ -172,6 +172,19 @@ def test_a_bad_record_shows_the_problem_check_data_prints(browser, data_site, da
     browser.save_screenshot(str(tmp_path / "bad.png"))
 
 
+def test_search_finds_records_by_text_and_id_case_insensitively(browser, data_site):
+    _, url = data_site
+    for query, ids in (("BRIGHT red", ["two_turns"]), ("text_ONLY", ["text_only"]), ("no such words", [])):
+        browser.get(url + "/#/")
+        _wait(browser, lambda d: _css(d, 'input[name="q"]'))
+        box = _css(browser, 'input[name="q"]')[0]
+        box.send_keys(query)
+        box.submit()
+        shown = f"{len(ids)} record"
+        _wait(browser, lambda d, shown=shown: _css(d, "#count") and _css(d, "#count")[0].text.startswith(shown))
+        assert [n.text for n in _css(browser, "td.rid")] == ids
+
+
 def test_only_files_the_data_refers_to_are_served(browser, data_site, data_file, tmp_path):
     from urllib.parse import quote
 
@@ -290,3 +303,38 @@ def test_grounding_boxes_are_drawn_in_original_pixels(browser, open_view, tmp_pa
     # the family's convention (norm1000 for the tiny Qwen2-VL) rounds: back in pixels within half a pixel
     assert [x, y, x + w, y + h] == pytest.approx(written, abs=0.5)
     browser.save_screenshot(str(tmp_path / "grounding.png"))
+
+
+def test_eval_compare_folder_shows_both_models_by_name(browser, tmp_path):
+    from vlmtune.view.run_pages import RunView
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    first = [{**p, "prediction": p["reference"], "metrics": {"exact_match": 1.0}} for p in PREDICTIONS]
+    second = PREDICTIONS
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in first))
+    (folder / "predictions_compare.jsonl").write_text("".join(json.dumps(p) + "\n" for p in second))
+    (folder / "metrics.json").write_text(json.dumps({"models": {"base": {}, "tuned": {}}}))
+    server, url = _serve(RunView(folder))
+    try:
+        browser.get(url + "/")
+        _wait(browser, lambda d: _css(d, "tr.prediction"))
+        head = [th.text for th in _css(browser, "#predictions th")]
+        assert head[4] == "base prediction" and head[6] == "tuned prediction"
+        rows = {r.find_elements("css selector", "td")[1].text: r.find_elements("css selector", "td")
+                for r in _css(browser, "tr.prediction")}
+        assert rows["b"][4].text == "A blue square." and rows["b"][6].text == "green"
+        browser.save_screenshot(str(tmp_path / "compare.png"))
+    finally:
+        server.shutdown()
+
+
+def test_view_binds_this_machine_by_default_and_refuses_a_folder_that_is_no_run(tmp_path, capsys):
+    from vlmtune.cli import main
+    from vlmtune.view import build_parser
+
+    assert build_parser().parse_args(["data.json"]).host == "127.0.0.1"
+    assert main(["view", str(tmp_path)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == f"vlmtune view: error: {tmp_path} is a folder without a training log, vlmtune_run.json or " \
+                    "predictions: give a data file or a run folder"

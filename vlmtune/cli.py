@@ -1,5 +1,5 @@
-"""``vlmtune train | dpo | grpo | distill | reward-model | check-data | convert | tiny-model | merge | predict | eval |
-plot | view | estimate-memory``: parse, call, report."""
+"""``vlmtune train | dpo | grpo | distill | reward-model | sample | check-data | convert | tiny-model | merge |
+predict | eval | plot | view | estimate-memory``: parse, call, report."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ commands:
   grpo             reinforce with reward functions on sampled replies (vlmtune grpo --help)
   distill          distil a teacher's token distributions into the model (vlmtune distill --teacher PATH --help)
   reward-model     train a reward model (scalar head) on chosen / rejected replies (vlmtune reward-model --help)
+  sample           rejection sampling: sample replies, score them, write the best as SFT records (--help)
   check-data       validate a data file and summarise it
   convert          write a data file as LLaVA JSON plus images, or as Parquet with embedded images
   merge            merge LoRA adapters and trained parts into a standalone model folder
@@ -89,6 +90,12 @@ def cmd_reward_model(argv: list[str]) -> int:
 
     reward_model(*parse_train_args(argv, prog="vlmtune reward-model", stage="reward_model"))
     return 0
+
+
+def cmd_sample(argv: list[str]) -> int:
+    from vlmtune.sample import main
+
+    return main(argv)
 
 
 def cmd_check_data(argv: list[str]) -> int:
@@ -209,7 +216,7 @@ def cmd_estimate_memory(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "dpo": cmd_dpo, "grpo": cmd_grpo, "reward-model": cmd_reward_model,
-            "distill": cmd_distill, "check-data": cmd_check_data, "convert": cmd_convert,
+            "distill": cmd_distill, "sample": cmd_sample, "check-data": cmd_check_data, "convert": cmd_convert,
             "tiny-model": cmd_tiny_model, "merge": cmd_merge, "predict": cmd_predict, "eval": cmd_eval,
             "plot": cmd_plot, "view": cmd_view, "estimate-memory": cmd_estimate_memory}
 

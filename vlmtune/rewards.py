@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmtune.errors import ConfigError, RewardError
+from vlmtune.errors import ConfigError, DataError, Problem, RewardError
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
@@ -174,6 +174,16 @@ def load_rewards(specs: list[str], weights: list[float] | None = None) -> list[R
                 raise ConfigError("--reward_funcs math needs math-verify: pip install 'vlmtune[rl]'") from None
         rewards.append(Reward(spec, func, 1.0 if weights is None else float(weights[i]), required_fields(func)))
     return rewards
+
+
+def check_fields(rewards: list[Reward], records, file) -> None:
+    """Every record has the fields every reward function reads, or ``DataError`` names each one that lacks one."""
+    problems = [Problem("error", f"reward function {reward.name} reads the field {name!r}, which the record "
+                                 "lacks; add it, or choose other --reward_funcs", record.index, record.id)
+                for record in records for reward in rewards for name in reward.fields
+                if name not in record.fields]
+    if problems:
+        raise DataError(file, problems)
 
 
 def score(reward: Reward, completions: list[str], record: dict) -> list[float]:

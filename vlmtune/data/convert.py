@@ -83,7 +83,8 @@ def _to_llava(records: list[Record], dst: Path) -> int:
     return len(written)
 
 
-def _to_parquet(records: list[Record], dst: Path) -> int:
+def write_parquet(records: list[Record], dst: Path) -> int:
+    """Records as Parquet with their images' bytes embedded (the ``datasets`` ``Image`` layout); the images written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -116,7 +117,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, *, image_fo
     records = load_records(src, image_folder, video_folder, allow_urls=allow_urls, data_format=data_format,
                            stage=stage, min_image_side=1)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    images = _to_parquet(records, dst) if to == "parquet" else _to_llava(records, dst)
+    images = write_parquet(records, dst) if to == "parquet" else _to_llava(records, dst)
     return len(records), images
 
 

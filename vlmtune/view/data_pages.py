@@ -9,7 +9,9 @@ positions. Nothing here labels or positions a token by itself.
 
 from __future__ import annotations
 
+import mmap
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD
 PAGE_SIZE = 50
 SHAPES = ("text", "image", "multi_image", "video", "image+video")
 PREVIEW_CHARS = 120
+RECORDS_FILE = "records.bin"
+"""The data store's file of records, one JSON array each (``vlmtune.data.store``)."""
 
 
 def problem_line(problem: Problem, file: str) -> str:
@@ -87,6 +91,7 @@ class DataView:
             shape[order]
         self.has_problem = np.isin(self.index, np.array([i for i in self.problems if i is not None], dtype=np.int64))
         self._allowed: set[str] | None = None
+        self._summary: str | None = None
         self._decoded: tuple[int, object] | None = None  # the last record's decoded media (its frames are asked next)
 
     # ------------------------------------------------------------------ switches
@@ -107,7 +112,9 @@ class DataView:
 
     def info(self) -> dict:
         """What the page shows at the top: the file, its summary as ``check-data`` prints it, the switches."""
-        return {"mode": "data", "file": self.file, "stage": self.stage, "summary": self.result.summary(False),
+        if self._summary is None:
+            self._summary = self.result.summary(False)
+        return {"mode": "data", "file": self.file, "stage": self.stage, "summary": self._summary,
                 "max_seq_length": self.max_seq_length, "defaults": self.defaults, "label_modes": list(LABEL_MODES),
                 "has_thinking_switch": "enable_thinking" in self.conversation(**self.defaults).template_source()
                 if self.stage != "cpt" else False,
@@ -128,6 +135,23 @@ class DataView:
         texts = [str(record.id), *(m.text for m in record.messages), record.chosen or "", record.rejected or ""]
         return any(query in t.lower() for t in texts)
 
+    def _candidates(self, query: str) -> np.ndarray | None:
+        """Rows that may match ``query``: those whose stored JSON holds it (case-insensitive), found in one regex
+        pass over the store's ``records.bin`` (its format: ``vlmtune.data.store``), so a search of a large file
+        decodes only these. None: every row is a candidate (no store, or a query JSON would escape)."""
+        if not isinstance(self.records, RecordSequence) or not (query.isascii() and query.isprintable()) \
+                or any(c in query for c in '"\\/'):
+            return None
+        store = self.records.store
+        with open(store.folder / RECORDS_FILE, "rb") as f:
+            if not os.fstat(f.fileno()).st_size:
+                return self.position < 0
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+                starts = [m.start() for m in re.finditer(re.escape(query.encode()), blob, re.IGNORECASE)]
+        hits = np.unique(np.searchsorted(np.asarray(store.offsets), starts, side="right") - 1)
+        stored = self.records.positions[np.maximum(self.position, 0)]  # each row's position in the store
+        return (self.position < 0) | np.isin(stored, hits)  # records with errors: matched by id
+
     def rows(self, *, page: int = 0, query: str = "", shape: str = "", min_length: int | None = None,
              max_length: int | None = None, problems: bool = False, over: bool = False) -> dict:
         """One page of the list, filtered (shape, length range, with problems, over ``--max_seq_length``) and
@@ -143,10 +167,14 @@ class DataView:
             keep &= self.has_problem
         if over and self.max_seq_length:
             keep &= self.lengths > self.max_seq_length
-        rows = np.flatnonzero(keep)
         if query:
             query = query.lower()
-            rows = np.array([r for r in rows if self._matches(int(r), query)], dtype=np.int64)
+            candidates = self._candidates(query)
+            if candidates is not None:
+                keep &= candidates
+            rows = np.array([r for r in np.flatnonzero(keep) if self._matches(int(r), query)], dtype=np.int64)
+        else:
+            rows = np.flatnonzero(keep)
         start = max(page, 0) * PAGE_SIZE
         return {"total": int(len(rows)), "page": page, "page_size": PAGE_SIZE,
                 "rows": [self._row(int(r)) for r in rows[start: start + PAGE_SIZE]]}

@@ -24,6 +24,7 @@ import json
 import logging
 import mimetypes
 import os
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -63,14 +64,17 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 (the base class's name)
         logger.debug("%s %s", self.address_string(), format % args)
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
+    def _headers(self, status: int, content_type: str, length: int) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(length))
         self.send_header("Cache-Control", "no-store")
         for key, value in SECURITY_HEADERS.items():
             self.send_header(key, value)
         self.end_headers()
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self._headers(status, content_type, len(body))
         self.wfile.write(body)
 
     def _json(self, value, status: int = 200) -> None:
@@ -124,8 +128,9 @@ class Handler(BaseHTTPRequestHandler):
         kind = mimetypes.guess_type(real)[0] or "application/octet-stream"
         if not kind.startswith(("image/", "video/")):
             kind = "application/octet-stream"  # never a page or a script, whatever its name
-        with open(real, "rb") as f:
-            self._send(200, f.read(), kind)
+        with open(real, "rb") as f:  # streamed: a long video is not read into memory
+            self._headers(200, kind, os.fstat(f.fileno()).st_size)
+            shutil.copyfileobj(f, self.wfile)
 
 
 def make_server(site, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:

@@ -236,7 +236,9 @@ function plotNode(title, series) {
     const d = s.points.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
     svg.append(el("svg:path", {d, fill: "none", stroke: color, "stroke-width": 1.6, "data-key": s.key}));
     if (s.points.length < 30) s.points.forEach(p => svg.append(el("svg:circle", {cx: sx(p[0]), cy: sy(p[1]), r: 2.5, fill: color})));
-    svg.append(el("svg:text", {x: W - R - 150, y: T + 12 * (k + 1), fill: color, text: s.key}));
+    const legend = el("svg:text", {x: W - R - 150, y: T + 12 * (k + 1), text: s.key});
+    legend.style.fill = color;  // a style property, not an attribute: the stylesheet's grey must not win
+    svg.append(legend);
   });
   return svg;
 }
@@ -261,8 +263,9 @@ function metricsText(m) {
 
 function predictionsNode(pred) {
   if (!pred.rows.length) return el("p", {class: "muted", text: "no eval predictions (train with --eval_generate True, or vlmtune eval)"});
-  const head = ["#", "id", "agreement", "reference", pred.compare ? "base prediction" : "prediction", "metrics"];
-  if (pred.compare) head.push("fine-tuned prediction", "metrics");
+  const names = Object.keys((pred.metrics && pred.metrics.models) || {});  // eval's --name and --compare_name
+  const head = ["#", "id", "agreement", "reference", pred.compare ? `${names[0] || "first"} prediction` : "prediction", "metrics"];
+  if (pred.compare) head.push(`${names[1] || "compared"} prediction`, "metrics");
   const rows = pred.rows.map((r, i) => {
     const cls = r.agreement === null ? null : r.agreement < 0.5 ? "agree-low" : "agree-high";
     const cells = [el("td", {text: i + 1}), el("td", {text: r.id}), el("td", {class: cls, text: r.agreement === null ? "-" : r.agreement.toFixed(3)}),
