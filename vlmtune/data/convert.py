@@ -21,6 +21,9 @@ from vlmtune.data.schema import STAGES
 from vlmtune.errors import FileError
 
 TARGETS = ("llava", "parquet")
+ROW_GROUP_ROWS = 100
+"""Rows per row group of a Parquet file written here: training reads an image by decoding its row group's image
+column (``vlmtune.data.cells``), so a group holds a few images, not the file's (pyarrow's default is 1Mi rows)."""
 _FROM = {"user": "human", "assistant": "gpt", "system": "system"}
 _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/webp": ".webp", "image/bmp": ".bmp"}
 
@@ -104,7 +107,7 @@ def write_parquet(records: list[Record], dst: Path) -> int:
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise FileError(f"the records' fields differ in type from record to record, which a Parquet column cannot "
                         f"hold: {exc}; write LLaVA JSON instead (--to llava)") from None
-    pq.write_table(table, dst)
+    pq.write_table(table, dst, row_group_size=ROW_GROUP_ROWS)
     return count
 
 
