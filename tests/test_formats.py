@@ -300,7 +300,8 @@ def test_convert_refuses_a_file_with_errors(tmp_path, capsys):
 
 
 def test_bad_tables_name_the_file_row_and_column(tmp_path):
-    """A column of the wrong type, a corrupt image byte string, a file that is not Parquet: one line each."""
+    """A column of the wrong type, a corrupt image byte string, a video's bytes, a file that is not Parquet: one
+    line each."""
     turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
              {"role": "assistant", "content": [{"type": "text", "text": "A circle."}]}]
     good = (EXAMPLES / RED_CIRCLE_PATH).read_bytes()
@@ -315,6 +316,13 @@ def test_bad_tables_name_the_file_row_and_column(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"id": "n", "messages": turns, "images": [5]}]), tmp_path / "ints.parquet")
     _, problems = read_records(tmp_path / "ints.parquet")
     assert [(p.index, p.message) for p in problems] == [(0, "'images' must be a list of file names, got [5]")]
+
+    clip = [{"role": "user", "content": "<video>What happens?"}, {"role": "assistant", "content": "It rolls."}]
+    pq.write_table(pa.Table.from_pylist([{"id": "v", "messages": clip, "videos": [b"\x00\x00\x00\x18ftypmp42"]}]),
+                   tmp_path / "clip.parquet")
+    _, problems = read_records(tmp_path / "clip.parquet")
+    assert [(p.index, p.message) for p in problems] == [
+        (0, "a video given as bytes in a table is not read (only images are); write it to a file")]
 
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     _, problems = read_records(tmp_path / "broken.parquet")
