@@ -8,7 +8,8 @@ second data path beside vlmtune's processor-exact one.
 
 A step of one process, for each of its ``per_device_train_batch_size`` prompts:
 
-1. sample ``num_generations`` completions (HF ``generate``, or vLLM) from the prompt's processor ids and pixels;
+1. sample ``num_generations`` completions (HF ``generate``, or vLLM) from the prompt's processor ids and pixels,
+   every prompt of the step in one call (the vision tower once per prompt);
 2. score them with every reward function (and ``--reward_model``, on the prompt + completion rows), sum with the
    weights, and normalise within the group: advantage =
    (reward - group mean) / (group std + 1e-4) (``--scale_rewards``);
