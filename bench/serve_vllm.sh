@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Serve vlmtune-merged models with vLLM's OpenAI-compatible server, one per Qwen-VL family (all six),
 # and check each answers an image question with the prompt length transformers' processor gives and the same
-# greedy ids (or, where bf16 rounding flips a near-tie, the same top-5 tokens up to the first difference).
+# greedy ids as transformers (or, where bf16 rounding flips a near-tie, the same top-5 tokens up to the first
+# difference). Where vLLM serves in bf16, transformers runs the request twice: in bf16 and in float32 (the model
+# without rounding); the results name which reference vLLM's ids equal. In bf16 an MoE router can meet an exact
+# tie between two experts that float32 separates, and then transformers-bf16 routes differently from both.
 #
 #   bash bench/serve_vllm.sh                      # all six families; results -> bench/results/vllm-<kind>-<date>.json
 #   FAMILIES=qwen2_vl STEPS=2 bash bench/serve_vllm.sh
@@ -124,7 +127,7 @@ def messages(image):
 
 def transformers_reference(folder, max_new_tokens, dtype):
     """Prompt length, greedy reply and each step's top-5 token ids of the same request through transformers (the
-    merged folder's processor), in the dtype vLLM serves."""
+    merged folder's processor), in ``dtype``."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -141,20 +144,26 @@ def transformers_reference(folder, max_new_tokens, dtype):
     return batch["input_ids"].shape[1], ids, processor.decode(ids, skip_special_tokens=True), top
 
 
+def first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
 def agreement(res):
-    """Greedy ids equal, or else: up to the first step where they differ, each step's top-5 token ids are the same
-    set in both, and at that step each side's chosen token is among the other's top 5 (a near-tie that bf16
-    rounding flips, not a different model)."""
+    """vLLM's greedy ids equal those of transformers in the served dtype or in float32; or else, against the served
+    dtype: up to the first step where they differ, each step's top-5 token ids are the same set in both, and at that
+    step each side's chosen token is among the other's top 5 (a near-tie that bf16 rounding flips)."""
     a, b = res["answer_ids_vllm"], res["answer_ids_transformers"]
     res["greedy_ids_match_transformers"] = a == b
-    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    refs = {res["dtype"]: b, "float32": res.get("answer_ids_transformers_fp32", b)}
+    res["greedy_ids_match_transformers_in"] = sorted(d for d, ids in refs.items() if ids == a)
+    first = first_difference(a, b)
+    first_ = len(a) if first is None else first
     tv, tt = res["top5_vllm"], res["top5_transformers"]
-    same_top = all(set(tv[i]) == set(tt[i]) for i in range(min(first, len(tv), len(tt))))
-    near_tie = first >= min(len(a), len(b)) or (first < len(tv) and first < len(tt) and b[first] in tv[first]
-                                                 and a[first] in tt[first])
-    res["first_difference_at"] = None if a == b else first
+    same_top = all(set(tv[i]) == set(tt[i]) for i in range(min(first_, len(tv), len(tt))))
+    near_tie = first is None or (first < min(len(tv), len(tt)) and b[first] in tv[first] and a[first] in tt[first])
+    res["first_difference_at"] = first
     res["top5_match_until_first_difference"] = same_top and near_tie
-    return a == b or (same_top and near_tie)
+    return bool(res["greedy_ids_match_transformers_in"]) or (same_top and near_tie)
 
 
 def free_port():
@@ -265,6 +274,11 @@ def main():
             dtype = res["dtype"] = "bfloat16" if family in BF16_ONLY else "float32"
             (res["prompt_tokens_transformers"], res["answer_ids_transformers"],
              res["answer_transformers"], res["top5_transformers"]) = transformers_reference(merged, MAX_TOKENS, dtype)
+            if dtype != "float32":
+                _, res["answer_ids_transformers_fp32"], _, res["top5_transformers_fp32"] = transformers_reference(
+                    merged, MAX_TOKENS, "float32")
+                res["transformers_bf16_vs_fp32_first_difference"] = first_difference(
+                    res["answer_ids_transformers"], res["answer_ids_transformers_fp32"])
             log(f"{family}: vllm serve ({dtype})")
             serve_and_ask(merged, WORK / f"serve-{family}.log", res, dtype)
             res["prompt_tokens_match"] = res["prompt_tokens_vllm"] == res["prompt_tokens_transformers"]

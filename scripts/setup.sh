@@ -15,4 +15,15 @@ if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
     .venv/bin/pip install -q $TORCH_PAIR
 fi
 .venv/bin/pip install -q -e ".[${EXTRAS}]"
+# The browser tests (tests/test_view.py) drive Debian's headless Chromium; as root, install it when missing. Where apt
+# cannot (not root, no Debian, offline), those tests skip with one line saying why.
+if [[ ",$EXTRAS," == *",test,"* ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[setup] installing chromium and chromium-driver (apt) for the browser tests"
+        { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends \
+            chromium chromium-driver; } >/dev/null 2>&1 || echo "[setup] apt could not install chromium: the browser tests will skip"
+    else
+        echo "[setup] no chromium / chromedriver (install them as root: apt-get install chromium chromium-driver): the browser tests will skip"
+    fi
+fi
 .venv/bin/python -c "import torch, torchvision, transformers, vlmtune; print(f'[setup] torch {torch.__version__}, torchvision {torchvision.__version__}, transformers {transformers.__version__}, vlmtune {vlmtune.__version__}')"

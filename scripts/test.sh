@@ -16,5 +16,8 @@ fi
 workers=${TEST_WORKERS:-2}
 if [ "$workers" != 0 ]; then
     args+=(-n "$workers" --dist loadgroup)
+    # One thread per process: the workers and their training subprocesses already fill the cores, and torch's
+    # default (a thread per core in every process) oversubscribes them.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 exec .venv/bin/python -m pytest "${args[@]}" "$@"

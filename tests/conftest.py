@@ -136,3 +136,13 @@ def pytest_collection_modifyitems(config, items):
                 group[find(name)] = find(names[0])
     for item, name in shared.items():
         item.add_marker(pytest.mark.xdist_group(find(name)))
+    if getattr(config.option, "loadgroup", False):
+        # xdist 3.8 tells the scheduler a test's group by renaming `item._nodeid`, which pytest 9 no longer reads
+        # (it keeps `_id`): without this every worker built every module fixture (seen: test_resume's chains ran
+        # twice). The same suffix, where pytest 9 reads it.
+        from _pytest.nodeid import coerce_node_id
+
+        for item in items:
+            marker = item.get_closest_marker("xdist_group")
+            if marker and "@" not in item.nodeid and hasattr(item, "_id"):
+                item._id = coerce_node_id(f"{item.nodeid}@{marker.args[0]}")

@@ -310,7 +310,7 @@ def test_bad_tables_name_the_file_row_and_column(tmp_path):
     records, problems = read_records(tmp_path / "bytes.parquet")
     assert [r.id for r in records] == ["ok"] and records[0].image_sizes == [(96, 72)]
     assert [(p.index, p.id) for p in problems] == [(1, "corrupt")]
-    assert problems[0].message.startswith("unreadable image data:image/png;base64,... (")
+    assert problems[0].message.startswith("unreadable image bytes.parquet row 1, column images[0]: ")
 
     pq.write_table(pa.Table.from_pylist([{"id": "n", "messages": turns, "images": [5]}]), tmp_path / "ints.parquet")
     _, problems = read_records(tmp_path / "ints.parquet")
@@ -319,3 +319,40 @@ def test_bad_tables_name_the_file_row_and_column(tmp_path):
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     _, problems = read_records(tmp_path / "broken.parquet")
     assert len(problems) == 1 and problems[0].index is None and "cannot read broken.parquet" in problems[0].message
+
+
+def test_table_images_stay_in_the_file(qwen2_vl, tmp_path, monkeypatch):
+    """A Parquet file's image bytes are not copied into the data store: each distinct image is checked once and
+    read back from its cell (the bytes the processor gets are the file's; an Arrow file's too); a file rewritten
+    with other bytes under the same row is noticed, not read as the image that was checked."""
+    monkeypatch.setenv("VLMTUNE_CACHE", str(tmp_path / "cache"))
+    processor, family, budget = qwen2_vl
+    circle, square = ((EXAMPLES / "images" / n).read_bytes() for n in ("red_circle.png", "blue_square.png"))
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "A shape."}]}]
+    rows = [{"id": f"r{i}", "messages": turns, "images": [{"bytes": [circle, square][i % 3 == 2], "path": None}]}
+            for i in range(12)]
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=5)
+    result = check_data(str(path), processor, family, budget)
+    assert not result.problems and len(result.records) == 12
+    store = result.store.folder
+    for file in store.iterdir():  # neither the bytes nor their base64 are in any file of the store
+        data = file.read_bytes()
+        assert circle[16:80] not in data and base64.b64encode(circle)[:64] not in data, file.name
+    assert len(result.store.media_table()) == 2  # two distinct images: two header checks
+    got = [media.inline_bytes(r.images[0]) for r in result.records]
+    assert got == [[circle, square][i % 3 == 2] for i in range(12)]
+    want = media.load_image(EXAMPLES / "images" / "blue_square.png", budget)
+    assert list(media.load_image(result.records[2].images[0], budget).getdata()) == list(want.getdata())
+
+    arrow = tmp_path / "rows.arrow"  # the Arrow IPC file format, two record batches: cells read the same way
+    with pa.ipc.new_file(arrow, pa.Table.from_pylist(rows).schema) as writer:
+        writer.write_table(pa.Table.from_pylist(rows), max_chunksize=7)
+    records, problems = read_records(arrow)
+    assert not problems and [media.inline_bytes(r.images[0]) for r in records] == got
+
+    rows[2]["images"] = [{"bytes": circle, "path": None}]  # row 2 rewritten after the check
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=5)
+    with pytest.raises(media.MediaError, match=r"rows.parquet row 2, column images\[0\] is not the image that was"):
+        media.inline_bytes(result.records[2].images[0])

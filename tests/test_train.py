@@ -143,7 +143,11 @@ def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"])
+@pytest.mark.parametrize("config", ["zero2.json", "zero3.json",
+                                    # the offload pair on one xdist worker: the first builds CPU Adam while the other
+                                    # would only wait on the build lock
+                                    pytest.param("zero2_offload.json", marks=pytest.mark.xdist_group("cpu_adam")),
+                                    pytest.param("zero3_offload.json", marks=pytest.mark.xdist_group("cpu_adam"))])
 def test_deepspeed_trains_our_parameter_groups(config, tmp_path):
     """The DeepSpeed JSONs carry no optimizer block, so the engine's optimizer holds our groups and rates.
     The offload configs run DeepSpeed's CPU Adam (built on first use, about a minute, then cached)."""

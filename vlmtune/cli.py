@@ -1,5 +1,5 @@
-"""``vlmtune train | dpo | grpo | distill | reward-model | check-data | convert | tiny-model | merge | predict | eval |
-plot | estimate-memory``: parse, call, report."""
+"""``vlmtune train | dpo | grpo | distill | reward-model | sample | check-data | convert | tiny-model | merge |
+predict | eval | plot | view | estimate-memory``: parse, call, report."""
 
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ commands:
   grpo             reinforce with reward functions on sampled replies (vlmtune grpo --help)
   distill          distil a teacher's token distributions into the model (vlmtune distill --teacher PATH --help)
   reward-model     train a reward model (scalar head) on chosen / rejected replies (vlmtune reward-model --help)
+  sample           rejection sampling: sample replies, score them, write the best as SFT records (--help)
   check-data       validate a data file and summarise it
   convert          write a data file as LLaVA JSON plus images, or as Parquet with embedded images
   merge            merge LoRA adapters and trained parts into a standalone model folder
   predict          generate replies with a model (and adapters) for images, videos or a data file
   eval             score a model (or two, --compare) on a data file with task metrics
   plot             draw the plots of a training run (loss, learning rates, grad norm, tokens/s, eval)
+  view             see a data file (what trains, token by token) or a run (plots, predictions) in a browser
   estimate-memory  estimate GPU memory per device for a training setup
   tiny-model       write the embedded tiny model (random weights) to a folder
 
@@ -37,6 +39,9 @@ def _setup_logging() -> None:
     logging.getLogger("vlmtune").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     # bitsandbytes' CPU backend warns at import that an optional kernel package is missing; it falls back by itself
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # DeepSpeed warns "Setting accelerator to CPU" on every import without a GPU; vlmtune says what it runs on.
+    # The filter sits on DeepSpeed's named logger before DeepSpeed is imported (it keeps the logger's filters).
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
 
 def _close_progress_bars() -> None:
@@ -85,6 +90,12 @@ def cmd_reward_model(argv: list[str]) -> int:
 
     reward_model(*parse_train_args(argv, prog="vlmtune reward-model", stage="reward_model"))
     return 0
+
+
+def cmd_sample(argv: list[str]) -> int:
+    from vlmtune.sample import main
+
+    return main(argv)
 
 
 def cmd_check_data(argv: list[str]) -> int:
@@ -186,6 +197,12 @@ def cmd_plot(argv: list[str]) -> int:
     return main(argv)
 
 
+def cmd_view(argv: list[str]) -> int:
+    from vlmtune.view import main
+
+    return main(argv)
+
+
 def cmd_convert(argv: list[str]) -> int:
     from vlmtune.data.convert import main
 
@@ -199,9 +216,9 @@ def cmd_estimate_memory(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "dpo": cmd_dpo, "grpo": cmd_grpo, "reward-model": cmd_reward_model,
-            "distill": cmd_distill, "check-data": cmd_check_data, "convert": cmd_convert,
+            "distill": cmd_distill, "sample": cmd_sample, "check-data": cmd_check_data, "convert": cmd_convert,
             "tiny-model": cmd_tiny_model, "merge": cmd_merge, "predict": cmd_predict, "eval": cmd_eval,
-            "plot": cmd_plot, "estimate-memory": cmd_estimate_memory}
+            "plot": cmd_plot, "view": cmd_view, "estimate-memory": cmd_estimate_memory}
 
 
 def main(argv: list[str] | None = None) -> int:

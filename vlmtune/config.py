@@ -267,6 +267,12 @@ class TrainingArguments(HfTrainingArguments):
         default=0.0, metadata={"help": "Smallest change of --metric_for_best_model that counts as improvement.",
                               **within(0)}
     )
+    sequence_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Split each record's tokens across groups of this many processes (DeepSpeed's Ulysses "
+                  "attention; SFT): for records too long for one device's activations. Divides the number of "
+                  "processes and of attention heads; 1: off.", **within(1)},
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (vision tensors)."})
     dataloader_pin_memory: bool = field(
         default=True, metadata={"help": "Pinned host memory for faster copies to a CUDA device (off without one)."}

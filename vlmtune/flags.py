@@ -109,31 +109,34 @@ def boolean_flag(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
-def _flag_kind(hint) -> tuple[type | None, tuple | None]:
-    """(scalar type, choices) of a field's type hint; Optional is unwrapped."""
+def _flag_kind(hint) -> tuple[type | None, tuple | None, bool]:
+    """(scalar type, choices, whether a list) of a field's type hint; Optional is unwrapped."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) is typing.Literal:
-        return type(args[0]), tuple(args)
-    if args and typing.get_origin(hint) is not list:  # X | None
+        return type(args[0]), tuple(args), False
+    if typing.get_origin(hint) is list:
+        return _flag_kind(args[0])[0], None, True
+    if args:  # X | None
         return _flag_kind(args[0])
-    return (hint if isinstance(hint, type) else str), None
+    return (hint if isinstance(hint, type) else str), None, False
 
 
-def add_fields(parser: argparse.ArgumentParser, cls, *names: str) -> None:
+def add_fields(parser: argparse.ArgumentParser, cls, *names: str, helps: dict[str, str] | None = None) -> None:
     """Declare ``--NAME`` for each field ``names`` of the dataclass ``cls`` (all its fields when none are named),
-    with the field's type, default, choices and help: the one declaration of a flag that several commands share.
-    Booleans take true / false, or nothing for true."""
+    with the field's type, default, choices and help: the one declaration of a flag that several commands share
+    (``helps``: another help text for some, where a command reads the flag its own way). Booleans take true /
+    false, or nothing for true; lists one value or more."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in names or tuple(fields):
         f = fields[name]
-        kind, choices = _flag_kind(hints[name])
+        kind, choices, many = _flag_kind(hints[name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        options: dict = {"default": default, "help": f.metadata.get("help")}
+        options: dict = {"default": default, "help": (helps or {}).get(name, f.metadata.get("help"))}
         if kind is bool:
             options.update(type=boolean_flag, nargs="?", const=True, metavar="{true,false}")
         else:
-            options.update(type=kind, choices=choices)
+            options.update(type=kind, choices=choices, **({"nargs": "+"} if many else {}))
         parser.add_argument(f"--{name}", **options)
 
 

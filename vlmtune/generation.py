@@ -1,4 +1,6 @@
-"""Generation with the training prompt path, for predict, eval and evaluation during training.
+"""Generation with the training prompt path, for predict, eval and evaluation during training, and sampling
+(``sample_group``: several completions of a prompt in one ``generate`` call) for GRPO, on-policy distillation
+and ``vlmtune sample``.
 
 The prompt goes through the same path as training data: a ``Record`` with ``<image>`` / ``<video>``
 placeholders, the family's chat template (with the generation prompt appended), media decoded under the
@@ -28,8 +30,12 @@ from vlmtune.data.conversation import PromptConversation
 from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Message, Record
 from vlmtune.errors import ConfigError
 from vlmtune.families import Family
+from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 logger = logging.getLogger(__name__)
+
+VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+"""Never sampled: a completion with one of them would claim pixels the batch does not have."""
 
 
 def prompt_record(prompt: str, images: list[str] | None = None, videos: list[str] | None = None,
@@ -67,6 +73,57 @@ def left_padded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key in batch:
             batch[key] = torch.stack([row.roll(int(width - n)) for row, n in zip(batch[key], lengths)])
     return batch
+
+
+def on_model(batch: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """A batch on ``model``'s device, its pixels in the model's floating dtype."""
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in batch:
+            batch[key] = batch[key].to(dtype)
+    return batch
+
+
+# ---------------------------------------------------------------- sampling (GRPO, on-policy distillation, sample)
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a completion: the generation config's, else the tokenizer's end of sequence."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # inside a PEFT wrapper
+    eos = getattr(inner.generation_config, "eos_token_id", None)
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return eos or [tokenizer.eos_token_id]
+
+
+def cut_before(row: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """A completion up to (not including) its first token among ``token_ids`` (vLLM samples vision tokens too)."""
+    found = torch.isin(row, torch.tensor(token_ids, device=row.device)).nonzero()
+    return row[: int(found[0])] if len(found) else row
+
+
+def cut_at_eos(row: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """A completion up to and including its first end token (all of it when it has none)."""
+    ends = torch.isin(row, torch.tensor(eos, device=row.device)).nonzero()
+    return row[: int(ends[0]) + 1] if len(ends) else row
+
+
+@torch.no_grad()
+def sample_group(model, batch: dict[str, torch.Tensor], eos: list[int], pad_id: int, suppressed: list[int],
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, repeat: int = 1) -> list[torch.Tensor]:
+    """``repeat`` sampled completions per row of ``batch`` (a row's consecutive, row by row), in one ``generate``
+    call, each cut after its first token of ``eos``; the tokens ``suppressed`` are never sampled. Rows of several
+    lengths go padded on the left (``left_padded``); a prompt repeated by ``repeat`` rather than by rows of the
+    batch has its images and videos encoded once (transformers repeats their features). The random draws are
+    torch's global generator's (seed it for repeatable samples)."""
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    prompt_length = batch["input_ids"].shape[1]
+    out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
+                         max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=eos, pad_token_id=pad_id,
+                         suppress_tokens=suppressed, num_return_sequences=repeat)
+    return [cut_at_eos(row, eos) for row in out[:, prompt_length:]]
 
 
 class Progress:
@@ -134,13 +191,7 @@ class Predictor:
     @torch.no_grad()
     def generate(self, items: list[dict[str, torch.Tensor]], **generate_kwargs) -> list[str]:
         """Replies for encoded prompts, in one batch (padded on the left)."""
-        device = next(self.model.parameters()).device
-        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
-        batch = left_padded(self.collate(items))
-        batch = {k: v.to(device) for k, v in batch.items()}
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in batch:
-                batch[key] = batch[key].to(dtype)
+        batch = on_model(left_padded(self.collate(items)), self.model)
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else {
             "do_sample": False}
         was_training = self.model.training

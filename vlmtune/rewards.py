@@ -15,6 +15,10 @@ The built-ins read the answer from ``<answer>...</answer>`` when the completion 
 
 * ``exact_match``: 1 when the answer equals the record's ``answer`` after normalisation (case, punctuation,
   articles, spaces), else 0.
+* ``similarity``: partial credit, 0 to 1: how close the answer is to ``answer`` after normalisation (rapidfuzz's
+  normalised Indel similarity of the two strings). A model far from the answer still earns more for closer
+  completions, so the groups' rewards differ and there is something to learn from (the CPU demo's tiny model
+  never earns exact_match).
 * ``math``: 1 when the answer and ``answer`` are the same number or formula by math-verify, else 0.
 * ``format``: 1 when the completion is ``<think>...</think><answer>...</answer>``, else 0.
 * ``box_iou``: the IoU of the first four numbers of the answer, read as [x1, y1, x2, y2], with the record's
@@ -35,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmtune.errors import ConfigError, RewardError
+from vlmtune.errors import ConfigError, DataError, Problem, RewardError
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
@@ -60,6 +64,14 @@ def exact_match(completions: list[str], answer, **kwargs) -> list[float]:
     """1.0 where the normalised answer equals the normalised gold ``answer``."""
     gold = normalize(answer)
     return [float(normalize(answer_part(c)) == gold) for c in completions]
+
+
+def similarity(completions: list[str], answer, **kwargs) -> list[float]:
+    """0 to 1: the normalised Indel similarity of each normalised answer to the normalised gold ``answer``."""
+    from rapidfuzz import fuzz
+
+    gold = normalize(answer)
+    return [fuzz.ratio(normalize(answer_part(c)), gold) / 100 for c in completions]
 
 
 def math_answer(completions: list[str], answer, **kwargs) -> list[float]:
@@ -93,8 +105,8 @@ def iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-BUILTINS: dict[str, Callable] = {"exact_match": exact_match, "math": math_answer, "format": format_reward,
-                                 "box_iou": box_iou}
+BUILTINS: dict[str, Callable] = {"exact_match": exact_match, "similarity": similarity, "math": math_answer,
+                                 "format": format_reward, "box_iou": box_iou}
 
 
 @dataclass
@@ -162,6 +174,16 @@ def load_rewards(specs: list[str], weights: list[float] | None = None) -> list[R
                 raise ConfigError("--reward_funcs math needs math-verify: pip install 'vlmtune[rl]'") from None
         rewards.append(Reward(spec, func, 1.0 if weights is None else float(weights[i]), required_fields(func)))
     return rewards
+
+
+def check_fields(rewards: list[Reward], records, file) -> None:
+    """Every record has the fields every reward function reads, or ``DataError`` names each one that lacks one."""
+    problems = [Problem("error", f"reward function {reward.name} reads the field {name!r}, which the record "
+                                 "lacks; add it, or choose other --reward_funcs", record.index, record.id)
+                for record in records for reward in rewards for name in reward.fields
+                if name not in record.fields]
+    if problems:
+        raise DataError(file, problems)
 
 
 def score(reward: Reward, completions: list[str], record: dict) -> list[float]:

@@ -71,8 +71,8 @@ class GRPOArguments:
                                                                  **within(1)})
     reward_funcs: list[str] | None = field(
         default=None,
-        metadata={"help": "Reward functions, summed with --reward_weights: built-ins exact_match, math, format, "
-                  "box_iou, or FILE.py:FUNCTION (called as FUNCTION(completions, **fields) -> list of floats). "
+        metadata={"help": "Reward functions, summed with --reward_weights: built-ins exact_match, similarity, math, "
+                  "format, box_iou, or FILE.py:FUNCTION (called as FUNCTION(completions, **fields) -> list of floats). "
                   "Default: exact_match, or none beside --reward_model."},
     )
     reward_weights: list[float] | None = field(
@@ -191,6 +191,31 @@ class DistillArguments:
             raise ConfigError(f"--beta and --lmbda must be in [0, 1], got {self.beta} and {self.lmbda}")
         if self.temperature <= 0 or self.ce_weight < 0 or self.max_new_tokens < 1:
             raise ConfigError("--temperature must be positive, --ce_weight >= 0 and --max_new_tokens >= 1")
+
+
+@dataclass
+class SampleArguments:
+    """``vlmtune sample``: rejection sampling. The model, the reward and the sampling flags are those of
+    ``vlmtune predict`` and ``vlmtune grpo``."""
+
+    data: str | None = field(default=None, metadata={"help": "Prompt records, as `vlmtune grpo` reads them (the "
+                                                   "prompt turns plus the fields the reward functions read)."})
+    output: str | None = field(default=None, metadata={
+        "help": "The SFT records to write: OUTPUT.json (LLaVA JSON; .jsonl: JSON lines) or OUTPUT.parquet (images "
+                "embedded). Beside it: OUTPUT.samples.jsonl (every reply and its scores, appended prompt by prompt; "
+                "a rerun continues from it) and OUTPUT.summary.json."})
+    num_samples: int = field(default=8, metadata={"help": "Replies sampled per prompt (one generate call each).",
+                                                  **within(1)})
+    keep: Literal["best", "all"] = field(default="best", metadata={
+        "help": "best: the highest-scoring reply of each prompt (the first on ties); all: every reply scoring at "
+                "least --min_score."})
+    min_score: float | None = field(default=None, metadata={
+        "help": "Keep only replies whose score (the weighted sum of the rewards) is at least this (default: any)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sampling: prompt i's replies are drawn from seed "
+                                           "and i alone, so a resumed run writes what an uninterrupted one does."})
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 STAGE_ARGUMENTS = {"dpo": DPOArguments, "grpo": GRPOArguments, "distill": DistillArguments}

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from vlmtune.data import media
+from vlmtune.data import inline, media
 from vlmtune.data.formats import FORMATS
 from vlmtune.data.records import Record, load_records
 from vlmtune.data.schema import STAGES
@@ -26,15 +26,15 @@ _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "imag
 
 
 def image_bytes(path: str) -> bytes:
-    """The bytes of a record's image: decoded from a data: URI, or read from its file (a URL fetched once)."""
+    """The bytes of a record's image: decoded from a data: URI, read from a table's cell or from its file (a URL
+    fetched once)."""
     return media.inline_bytes(path) if media.is_inline(path) else Path(media.local_path(path)).read_bytes()
 
 
 def _name(path: str, data: bytes) -> str:
     """A file name for an image: its own name, or for bytes given inline their hash and type."""
     if media.is_inline(path):
-        kind = path[len("data:"):].split(";", 1)[0]
-        return hashlib.sha256(data).hexdigest()[:16] + _SUFFIX.get(kind, ".img")
+        return hashlib.sha256(data).hexdigest()[:16] + _SUFFIX.get(inline.media_type(path, data), ".img")
     return Path(path.split("?", 1)[0]).name
 
 
@@ -83,7 +83,8 @@ def _to_llava(records: list[Record], dst: Path) -> int:
     return len(written)
 
 
-def _to_parquet(records: list[Record], dst: Path) -> int:
+def write_parquet(records: list[Record], dst: Path) -> int:
+    """Records as Parquet with their images' bytes embedded (the ``datasets`` ``Image`` layout); the images written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -116,7 +117,7 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, *, image_fo
     records = load_records(src, image_folder, video_folder, allow_urls=allow_urls, data_format=data_format,
                            stage=stage, min_image_side=1)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    images = _to_parquet(records, dst) if to == "parquet" else _to_llava(records, dst)
+    images = write_parquet(records, dst) if to == "parquet" else _to_llava(records, dst)
     return len(records), images
 
 

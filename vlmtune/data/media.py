@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from qwen_vl_utils import vision_process as qvu
 
 from vlmtune import cache_root
-from vlmtune.data.inline import inline_bytes, is_inline, shown  # noqa: F401  (re-exported)
+from vlmtune.data.inline import inline_bytes, is_inline, is_table_ref, shown  # noqa: F401  (re-exported)
 from vlmtune.errors import MediaError
 
 # EXIF orientations that rotate by 90 or 270 degrees, so width and height swap.
@@ -83,7 +83,8 @@ def is_url(path: str | Path) -> bool:
 
 
 def _opened(path: str | Path):
-    """What ``Image.open`` reads: bytes in memory for a data: URI, else a local path (URLs fetched once)."""
+    """What ``Image.open`` reads: bytes in memory for a data: URI or a table's cell, else a local path (URLs
+    fetched once)."""
     return io.BytesIO(inline_bytes(str(path))) if is_inline(path) else local_path(path)
 
 

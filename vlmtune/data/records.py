@@ -59,15 +59,17 @@ class _Resolver:
         self.cache: dict[str, str] = {}
 
     def __call__(self, name: str, err) -> str | None:
-        if media.is_inline(name):  # bytes in the record: checked here, decoded from memory when read
+        if media.is_inline(name):  # bytes in the record or a table's cell: decoded from memory when read
             if self.kind != "image":
-                err(f"a {self.kind} given as a data: URI is not read (only images are); write it to a file")
+                given = "bytes in a table" if media.is_table_ref(name) else "a data: URI"
+                err(f"a {self.kind} given as {given} is not read (only images are); write it to a file")
                 return None
-            try:
-                media.inline_bytes(name)
-            except MediaError as exc:
-                err(f"{exc}; give the image as base64 (data:image/png;base64,...) or as a file")
-                return None
+            if not media.is_table_ref(name):  # a table's bytes are checked with the other media headers
+                try:
+                    media.inline_bytes(name)
+                except MediaError as exc:
+                    err(f"{exc}; give the image as base64 (data:image/png;base64,...) or as a file")
+                    return None
             return name
         if name.startswith(URL_PREFIXES):
             if not self.allow_urls:

@@ -13,7 +13,9 @@ KNOWN_KEYS = {"id", "image", "video", "conversations", "box_format", "box_image"
 STAGES = ("sft", "dpo", "grpo", "cpt")
 """What a data file is for: supervised replies, preference pairs, prompts with fields for reward functions, or
 documents (continued pre-training: ``text`` with media, no chat)."""
-STAGE_KEYS = {"sft": frozenset(), "dpo": frozenset({"chosen", "rejected"})}
+SAMPLE_KEYS = frozenset({"score", "rewards"})
+"""What `vlmtune sample` writes beside each reply (its total score, and each reward's); read by no stage."""
+STAGE_KEYS = {"sft": SAMPLE_KEYS, "dpo": frozenset({"chosen", "rejected"})}
 DOCUMENT_KEYS = frozenset({"id", "image", "video", "text"})
 """The keys of a CPT record."""
 DOCUMENT_ROLE = "document"

@@ -16,7 +16,7 @@ from vlmtune.data.conversation import Conversation
 from vlmtune.data.records import media_folders
 from vlmtune.families import Family
 
-STORE_VERSION = 1  # bump when the layout or what a store means changes
+STORE_VERSION = 2  # bump when the layout or what a store means changes
 
 
 def processor_fingerprint(processor) -> str:

@@ -68,6 +68,7 @@ class Estimate:
                 f"{', offload ' + s.offload if s.offload != 'none' else ''}, {s.gpus} GPU(s), batch {s.batch_size}, "
                 f"{s.seq_len} text tokens + {vision_tokens(self.shape, s)} vision tokens per sample, "
                 f"{s.attn}{', gradient checkpointing' if s.gradient_checkpointing else ''}"
+                f"{f', sequence parallel over {s.sequence_parallel_size}' if s.sequence_parallel_size > 1 else ''}"
                 f"{', Liger' if s.liger else ''}{', packing' if s.packing else ''}")
         lines = [head, f"{'per GPU':<28}{unit:>9}  detail"]
         for row in self.rows.values():
@@ -125,8 +126,8 @@ class Step:
 
     @property
     def tokens(self) -> int:
-        """Tokens of one micro-batch."""
-        return self.setup.batch_size * self.seq
+        """Tokens of one micro-batch in this GPU's decoder: under sequence parallelism its chunk of each sample."""
+        return self.setup.batch_size * -(-self.seq // self.setup.sequence_parallel_size)
 
     @property
     def train_bytes(self) -> int:
@@ -136,7 +137,8 @@ class Step:
     @property
     def kv_expanded(self) -> bool:
         """sdpa / eager with a mask (padding or packing) repeat the KV heads to every head."""
-        return self.setup.attn in ("sdpa", "eager") and (self.setup.batch_size > 1 or self.setup.packing)
+        return (self.setup.attn in ("sdpa", "eager") and (self.setup.batch_size > 1 or self.setup.packing)
+                and self.setup.sequence_parallel_size == 1)  # Ulysses drops the mask: causal kernels
 
 
 Notes = list[str]
@@ -243,6 +245,8 @@ def activations_row(s: Step, notes: Notes) -> Row:
     detail = (f"{s.tokens:,} tokens x {shape.layers} layers x {_per_layer(s) / 1e3:.1f} kB"
               + (" (checkpointed: layer inputs + 1 layer)" if setup.gradient_checkpointing else "")
               + (", KV heads repeated for sdpa" if s.kv_expanded else ""))
+    if setup.sequence_parallel_size > 1:
+        detail += f"; this GPU's chunk: 1/{setup.sequence_parallel_size} of each sample's {s.seq:,} tokens"
     if shape.linear_layers:
         detail += (f"; {shape.linear_layers} Gated DeltaNet layers: "
                    + ("flash-linear-attention" if setup.uses_linear_kernels else "PyTorch path"))
@@ -294,6 +298,8 @@ def vision_row(s: Step, notes: Notes) -> Row:
         tower = 0.0
         detail = "tower frozen: nothing kept" + (" but the merger's activations" if merger_trains else "")
     vision = tower + (merger if merger_trains else 0.0) + v_tokens * setup.batch_size * shape.hidden * a
+    if setup.sequence_parallel_size > 1:
+        detail += "; whole on every GPU of the sequence-parallel group (features placed before the split)"
     return Row("vision", vision, f"{v_tokens:,} vision tokens per sample; {detail}")
 
 
@@ -342,6 +348,9 @@ def estimate(model: str | None, setup: Setup, shape: ModelShape | None = None) -
     if setup.quantized and shape.experts:
         raise ConfigError(f"--bits {setup.bits}: vlmtune refuses QLoRA for MoE models (bitsandbytes leaves the fused "
                           "experts unquantized and PEFT upcasts them to fp32)")
+    if setup.sequence_parallel_size > 1 and (shape.linear_layers or shape.heads % setup.sequence_parallel_size):
+        raise ConfigError(f"--sequence_parallel_size {setup.sequence_parallel_size}: the model has linear-attention "
+                          f"layers or {shape.heads} heads that it does not divide")
     step = Step.of(shape, setup)
     notes: Notes = []
     rows = {row.name: row for row in (row_of(step, notes) for row_of in ROWS) if row is not None}
@@ -387,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attn", default=d.attn, choices=["sdpa", "flash_attention_2", "eager"])
     parser.add_argument("--optim", default=d.optim, choices=["adamw_torch_fused", "adamw_torch"])
     parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--sequence_parallel_size", type=int, default=d.sequence_parallel_size,
+                        help="GPUs sharing each sample's tokens (Ulysses): the decoder's activations and the logits "
+                        "split N ways; the vision tower stays whole on every GPU")
     parser.add_argument("--device", default=d.device, choices=["cuda", "cpu"],
                         help="cpu: torch's CPU dropout keeps an fp32 mask (only the LoRA term changes)")
     parser.add_argument("--linear_kernels", choices=["fla", "torch"], default=None,

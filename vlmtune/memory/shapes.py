@@ -321,6 +321,8 @@ class Setup:
     """cuda, or cpu (torch's CPU dropout keeps an fp32 mask): only the LoRA dropout term depends on it."""
     """The Trainer's optimizer: adamw_torch_fused (its default on torch >= 2.8) or adamw_torch (foreach)."""
     packing: bool = False
+    sequence_parallel_size: int = 1
+    """Ranks that share one sample's tokens (Ulysses): the decoder and the logits hold 1/N of the tokens each."""
     linear_kernels: bool | None = None
     """Qwen3.5: flash-linear-attention runs the Gated DeltaNet layers (default: on CUDA, as vlmtune[gpu] installs
     it); False: transformers' PyTorch path."""
@@ -363,6 +365,11 @@ class Setup:
             raise ConfigError(f"--optim must be adamw_torch_fused or adamw_torch, got {self.optim!r}")
         if self.attn not in ("sdpa", "flash_attention_2", "eager"):
             raise ConfigError(f"--attn must be sdpa, flash_attention_2 or eager, got {self.attn!r}")
+        sp = self.sequence_parallel_size
+        if sp < 1 or self.gpus % sp:
+            raise ConfigError(f"--sequence_parallel_size {sp} must be positive and divide --gpus {self.gpus}")
+        if sp > 1 and (self.packing or self.attn == "eager"):
+            raise ConfigError(f"--sequence_parallel_size {sp} runs without --packing and with sdpa or flash-attn")
 
 
 

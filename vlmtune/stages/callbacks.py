@@ -2,7 +2,9 @@
 
 * ``ConsoleCallback`` replaces the Trainer's progress bar and raw log dicts: on a terminal one progress bar with
   ETA and one aligned line per logging step (``step  40/300  loss 1.234  lr 2.0e-04  grad 0.81  tok/s 3,120``);
-  elsewhere (CI, a log file) the same lines, plain, with no bar.
+  elsewhere (CI, a log file) the same lines, plain, with no bar. DPO lines add the reward margin and accuracy, GRPO
+  lines the mean reward, its spread within groups and the completion length, and a note when every group had equal
+  rewards (no learning signal).
 * ``LogFileCallback`` appends every log entry to ``OUTPUT_DIR/log_history.jsonl``, so ``vlmtune plot`` can draw a
   run while it goes.
 * ``summary`` is the few lines printed when a run ends: time, steps, losses, where things are, how to merge.
@@ -36,6 +38,46 @@ def _number(value: float, key: str) -> str:
     return f"{value:.3f}" if abs(value) < 100 else f"{value:,.1f}"
 
 
+def _judged_by(logs: dict) -> list[str]:
+    """What a preference or policy stage is judged by: DPO its reward margin and accuracy (share of pairs whose
+    chosen reply out-scores the rejected one); GRPO its mean reward, the mean spread of rewards within a prompt's
+    group, and the completions' mean length in tokens."""
+    parts = []
+    if "rewards/margins" in logs:
+        parts.append(f"margin {logs['rewards/margins']:.3f}")
+    if "rewards/accuracies" in logs:
+        parts.append(f"acc {logs['rewards/accuracies']:.2f}")
+    if "reward" in logs:
+        spread = f" ± {logs['reward_std']:.3f}" if "reward_std" in logs else ""
+        parts.append(f"reward {logs['reward']:.3f}{spread}")
+    if "completions/mean_length" in logs:
+        parts.append(f"len {logs['completions/mean_length']:.1f}")
+    return parts
+
+
+FLAT_REPEAT = 5
+"""Log steps in a row where every GRPO group had equal rewards before the note is said again."""
+FLAT_NOTE = ("every group of prompts got equal rewards ({seen}): no learning signal, so the loss and gradient are 0. "
+             "Check that the reward functions can tell the completions apart (OUTPUT_DIR/completions.jsonl holds "
+             "samples with their rewards); more generations per prompt (--num_generations) or a higher "
+             "--temperature spread them")
+
+
+def flat_rewards_note(logs: dict, streak: int) -> tuple[str | None, int]:
+    """(the note to print or None, the new streak) for a training log entry: said when every group of the step had
+    equal rewards (``frac_reward_zero_std`` 1), and again every ``FLAT_REPEAT`` such log steps in a row."""
+    if "loss" not in logs or "frac_reward_zero_std" not in logs:
+        return None, streak
+    if logs["frac_reward_zero_std"] < 1.0:
+        return None, 0
+    streak += 1
+    if streak == 1:
+        return FLAT_NOTE.format(seen="this step"), streak
+    if streak % FLAT_REPEAT == 0:
+        return FLAT_NOTE.format(seen=f"still, {streak} log steps in a row"), streak
+    return None, streak
+
+
 def format_log(logs: dict, step: int, max_steps: int) -> str | None:
     """One aligned console line for a log entry (None for entries not worth a line)."""
     width = len(str(max_steps))
@@ -48,6 +90,7 @@ def format_log(logs: dict, step: int, max_steps: int) -> str | None:
             parts.append(f"grad {_number(logs['grad_norm'], 'grad'):>6}")
         if "tokens_per_s" in logs:
             parts.append(f"tok/s {_number(logs['tokens_per_s'], 'tokens_per_s'):>7}")
+        parts += _judged_by(logs)
         if "epoch" in logs:
             parts.append(f"epoch {logs['epoch']:.2f}")
         return "  ".join(parts)
@@ -68,6 +111,7 @@ class ConsoleCallback(ProgressCallback):
         super().__init__()
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
+        self.flat_streak = 0  # GRPO: log steps in a row where every group had equal rewards
 
     def _bars(self, args) -> bool:
         return self.tty and not args.disable_tqdm
@@ -91,12 +135,14 @@ class ConsoleCallback(ProgressCallback):
         if not state.is_world_process_zero or not logs:
             return
         line = format_log(logs, state.global_step, state.max_steps)
-        if line is None:
-            return
-        if self.training_bar is not None:
-            self.training_bar.write(line, file=self.stream)
-        else:
-            print(line, file=self.stream, flush=True)
+        note, self.flat_streak = flat_rewards_note(logs, self.flat_streak)
+        for text in (line, note and f"note: {note}"):
+            if text is None:
+                continue
+            if self.training_bar is not None:
+                self.training_bar.write(text, file=self.stream)
+            else:
+                print(text, file=self.stream, flush=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.training_bar is not None:

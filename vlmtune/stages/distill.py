@@ -30,11 +30,11 @@ from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.dataset import VisionLanguageDataset
 from vlmtune.data.prompts import completion_row
 from vlmtune.errors import ConfigError
+from vlmtune.generation import VISION_TOKENS, eos_ids, sample_group
 from vlmtune.model.compat import check_compatible
 from vlmtune.model.load import dtype_name, load_family, torch_dtype
 from vlmtune.stage_config import DistillArguments
 from vlmtune.stages import reference as ref
-from vlmtune.stages.grpo import VISION_TOKENS, _eos_ids, cut_at_eos
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
 from vlmtune.stages.trainer import RECORD_IDS
 
@@ -70,7 +70,7 @@ class DistillTrainer(PolicyTrainer):
         tokenizer = self.processing_class.tokenizer
         self.rows = Collator(tokenizer.pad_token_id, fillers=self.fillers)
         self.sampler_rows = Collator(tokenizer.pad_token_id)
-        self.eos_ids = _eos_ids(self.model, tokenizer)
+        self.eos_ids = eos_ids(self.model, tokenizer)
         self.suppressed = tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
         self._coin = random.Random(self.args.seed)
 
@@ -98,13 +98,10 @@ class DistillTrainer(PolicyTrainer):
                     prompt = {k: v[:end] if k in ("input_ids", "attention_mask", "mm_token_type_ids", "labels")
                               else v for k, v in item.items()}
                     batch = self._prepare_inputs(self.sampler_rows([prompt]))
-                    batch.pop("labels")
-                    out = student.generate(**batch, do_sample=True, temperature=self.distill.temperature,
-                                           max_new_tokens=self.distill.max_new_tokens, eos_token_id=self.eos_ids,
-                                           pad_token_id=self.processing_class.tokenizer.pad_token_id,
-                                           suppress_tokens=self.suppressed, use_cache=True)
-                    sample = cut_at_eos(out[0, end:], self.eos_ids).cpu()
-                    rows.append(completion_row(prompt, sample))
+                    sample, = sample_group(student, batch, self.eos_ids, self.processing_class.tokenizer.pad_token_id,
+                                           self.suppressed, self.distill.temperature,
+                                           max_new_tokens=self.distill.max_new_tokens)
+                    rows.append(completion_row(prompt, sample.cpu()))
         finally:
             model.train(was_training)
         batch = self.rows(rows)

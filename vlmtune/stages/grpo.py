@@ -38,16 +38,15 @@ from vlmtune.data import media
 from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.prompts import PromptDataset, collate_prompts, completion_row
-from vlmtune.errors import ConfigError, DataError, Problem
-from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
-from vlmtune.generation import left_padded
+from vlmtune.errors import ConfigError
+from vlmtune.generation import VISION_TOKENS, cut_at_eos, cut_before, eos_ids, left_padded, sample_group
 from vlmtune.model.reward import check_folder
 from vlmtune.run import COMPLETIONS_FILE
+from vlmtune.scoring import load_reward_model, score_rows
 from vlmtune.stage_config import GRPOArguments
 from vlmtune.stages import losses
 from vlmtune.stages import reference as ref
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
-from vlmtune.stages.scoring import load_reward_model, score_rows
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +66,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return centred
 
 
-VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
-"""Never sampled: a completion with one of them would claim pixels the batch does not have."""
-
-
 class HFSampler:
     """Completions through the model's own ``generate``: every prompt of the batch in one call, padded on the left,
     ``num_generations`` rows each (``num_return_sequences``: transformers runs the vision tower once per prompt and
@@ -85,11 +80,8 @@ class HFSampler:
     def sample(self, model, prompts: list[dict], trainer) -> list[list[torch.Tensor]]:
         n = self.args.num_generations
         batch = left_padded(self.collator([{k: v for k, v in p.items() if k != "record"} for p in prompts]))
-        out = model.generate(**batch, do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p,
-                             top_k=self.args.top_k, max_new_tokens=self.args.max_completion_length, use_cache=True,
-                             num_return_sequences=n, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                             suppress_tokens=self.suppressed)
-        rows = [cut_at_eos(row, self.eos_ids) for row in out[:, batch["input_ids"].shape[1]:]]
+        rows = sample_group(model, batch, self.eos_ids, self.pad_id, self.suppressed, self.args.temperature,
+                            self.args.top_p, self.args.top_k, self.args.max_completion_length, repeat=n)
         return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
@@ -132,18 +124,6 @@ def vllm_engine(args: GRPOArguments, trainer, eos_ids: list[int]):
         max_completion_length=args.max_completion_length, generation_kwargs={"stop_token_ids": list(eos_ids)})
 
 
-def cut_before(row: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """A completion up to (not including) its first token among ``token_ids`` (vLLM samples vision tokens too)."""
-    found = torch.isin(row, torch.tensor(token_ids, device=row.device)).nonzero()
-    return row[: int(found[0])] if len(found) else row
-
-
-def cut_at_eos(row: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """A completion up to and including its first end token (all of it when it has none)."""
-    ends = torch.isin(row, torch.tensor(eos_ids, device=row.device)).nonzero()
-    return row[: int(ends[0]) + 1] if len(ends) else row
-
-
 class GRPOTrainer(PolicyTrainer):
     """``PolicyTrainer`` that samples, scores and trains on completions in each step."""
 
@@ -153,7 +133,7 @@ class GRPOTrainer(PolicyTrainer):
         self.rewards = rewards
         self.use_reward_model(None)
         tokenizer = self.processing_class.tokenizer
-        self.eos_ids = _eos_ids(self.model, tokenizer)
+        self.eos_ids = eos_ids(self.model, tokenizer)
         self.rollout_collator = Collator(tokenizer.pad_token_id, fillers=self.fillers)
         self.vision_ids = tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
         self.sampler = HFSampler(grpo, Collator(tokenizer.pad_token_id), self.eos_ids, tokenizer.pad_token_id,
@@ -360,23 +340,6 @@ class GRPOTrainer(PolicyTrainer):
         super().log(logs, start_time)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    """The tokens that end a completion: the generation config's, else the tokenizer's end of sequence."""
-    eos = getattr(ref.transformers_model(model).generation_config, "eos_token_id", None)
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return eos or [tokenizer.eos_token_id]
-
-
-def check_reward_fields(rewards: list[reward_lib.Reward], dataset: PromptDataset, file: str) -> None:
-    """Every record has the fields every reward function reads, or ``DataError`` names each one that lacks one."""
-    problems = [Problem("error", f"reward function {reward.name} reads the field {name!r}, which the record "
-                                 "lacks; add it, or choose other --reward_funcs", record.index, record.id)
-                for record in dataset.records for reward in rewards for name in reward.fields
-                if name not in record.fields]
-    if problems:
-        raise DataError(file, problems)
-
-
 def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
          train_args: TrainingArguments, grpo_args: GRPOArguments) -> Path:
     """Run one GRPO job; returns the output folder."""
@@ -403,7 +366,7 @@ def grpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
     return run_policy_stage(PolicyStage(
         name="grpo", args=grpo_args, trainer=GRPOTrainer, trainer_kwargs={"grpo": grpo_args, "rewards": rewards},
         dataset=dataset, collator=lambda processor, fillers: collate_prompts,  # prompts: the trainer samples
-        check=lambda dataset: check_reward_fields(rewards, dataset, dataset.source),
+        check=lambda dataset: reward_lib.check_fields(rewards, dataset.records, dataset.source),
         data_path="prompt records, with the fields the reward functions read",
         no_packing="GRPO samples its sequences",
         empty="no prompt is left after the length filter (prompt + --max_completion_length); raise --max_seq_length",

@@ -31,6 +31,7 @@ from vlmtune.flags import check_paths
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype
 from vlmtune.stages import reference as ref
+from vlmtune.stages import sequence_parallel as sp_stage
 from vlmtune.stages.fit import fit, output_lock
 from vlmtune.stages.setup import build_datasets, check_environment, is_distributed, resolve_start
 from vlmtune.stages.trainer import RECORD_IDS, VisionLanguageTrainer
@@ -135,6 +136,9 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
     check_paths(data_args)  # every file and folder named, before anything loads
     if data_args.packing:
         raise ConfigError(f"--packing is for SFT; {stage.no_packing}")
+    if train_args.sequence_parallel_size > 1:
+        sp_stage.check(train_args.sequence_parallel_size, train_args, model_args, data_args, None, "",
+                       stage=stage.name)
     resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family

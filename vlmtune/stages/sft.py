@@ -23,6 +23,7 @@ from vlmtune.errors import ConfigError
 from vlmtune.flags import check_paths
 from vlmtune.model import modes, packing
 from vlmtune.model.load import torch_dtype
+from vlmtune.stages import sequence_parallel as sp_stage
 from vlmtune.stages.eval_generate import EvalGenerator, generation_metric_names
 from vlmtune.stages.fit import fit, output_lock
 from vlmtune.stages.setup import build_datasets, check_environment, is_distributed, load_policy, resolve_start
@@ -107,6 +108,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeA
     resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
+    sp_stage.check(train_args.sequence_parallel_size, train_args, model_args, data_args,
+                   AutoConfig.from_pretrained(start.base_model), family.model_type)
     if data_args.packing:
         packing.check_packable(AutoConfig.from_pretrained(start.base_model))
     drawn: dict = {}
@@ -125,6 +128,9 @@ def _fit(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
          metric_names: list[str] | None, started: float) -> Path:
     processor, family = start.processor, start.family
     model = load_policy(start, model_args, mode_args, train_args, plan)
+    group = None
+    if train_args.sequence_parallel_size > 1 and train_args.device is not None:  # .device starts torch.distributed
+        group = sp_stage.start(model, family, train_args.sequence_parallel_size)
     fillers = vision_fillers(processor, family.factor) if is_distributed() else None
     if data_args.packing:  # several records per row, attention kept inside each record
         train_set, eval_set, collator = packing.packed_data(
@@ -146,7 +152,7 @@ def _fit(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeAr
     trainer = VisionLanguageTrainer(
         model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         processing_class=processor, family=family, run_info=run_info, on_nan_loss=train_args.on_nan_loss,
-        eval_generator=generator,
+        eval_generator=generator, sequence_parallel=group,
     )
     if train_args.early_stopping_patience:
         from transformers import EarlyStoppingCallback

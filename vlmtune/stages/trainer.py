@@ -33,6 +33,7 @@ from vlmtune.families import Family
 from vlmtune.model import modes
 from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.stages import callbacks, engines
+from vlmtune.stages import sequence_parallel as sp_stage
 from vlmtune.stages.saving import save_failed
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class VisionLanguageTrainer(Trainer):
     a clean stop on SIGTERM and a check of every loss."""
 
     def __init__(self, *args, family: Family, run_info: dict, on_nan_loss: str = "stop", eval_generator=None,
-                 **kwargs):
+                 sequence_parallel=None, **kwargs):
         for key in ("train_dataset", "eval_dataset"):
             if isinstance(kwargs.get(key), Dataset):
                 kwargs[key] = WithRecords(kwargs[key])
@@ -131,6 +132,7 @@ class VisionLanguageTrainer(Trainer):
         self.run_info = run_info
         self.on_nan_loss = on_nan_loss
         self.eval_generator = eval_generator  # stages.eval_generate.EvalGenerator (--eval_generate)
+        self.sp_group = sequence_parallel  # model.sequence_parallel.Group (--sequence_parallel_size > 1)
         callbacks.install(self)
         self._tokens_seen = self._samples_seen = 0  # this process's real (non-padding) tokens and records since
         self._last_log = time.perf_counter()  # the last training log line, when it was written
@@ -209,7 +211,10 @@ class VisionLanguageTrainer(Trainer):
         pad_id = getattr(self.data_collator, "pad_token_id", None)  # packed batches carry no attention_mask
         self._samples_seen += packing.count_samples(inputs, pad_id)
         self._tokens_seen += packing.count_tokens(inputs, pad_id)
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.sp_group is not None:
+            loss = sp_stage.training_step(self, model, inputs, records)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             self._nonfinite_loss(float(loss.float().sum()), records)
         return loss
@@ -228,6 +233,8 @@ class VisionLanguageTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop(RECORD_IDS, None)
+        if self.sp_group is not None:
+            return sp_stage.eval_loss(self, model, inputs), None, None
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

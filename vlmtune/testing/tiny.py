@@ -6,6 +6,7 @@ builds: ``build_tiny_model(out_dir, family)`` writes a folder that ``from_pretra
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ TINY_VOCAB_SIZE = 1024
 TINY_TEXT_INIT_STD = 0.1
 """Larger than transformers' 0.02: with a 64-wide hidden state, 0.02 leaves the frozen lm_head too weak to
 express a peaked distribution, so LoRA-only runs could not fit the examples the way a pretrained model does."""
-TINY_SPEC_VERSION = 3  # bump when the tiny model changes, so cached copies are rebuilt
+TINY_SPEC_VERSION = 4  # bump when the tiny model changes, so cached copies are rebuilt
 DEFAULT_FAMILY = "qwen2_vl"
 
 # Pixel budgets of the tiny processor, in tokens (one token = one merged 2x2 patch group).
@@ -58,13 +59,24 @@ TINY_QWEN3_5_TEXT = {
     "linear_key_head_dim": 16,
     "linear_value_head_dim": 16,
     "linear_conv_kernel_dim": 4,
+    "full_attention_interval": 2,
+    "attn_output_gate": True,
+    "mamba_ssm_dtype": "float32",  # vLLM keeps the linear-attention state in this dtype (else the model's: bf16)
+    "mlp_only_layers": [],
+    "mtp_num_hidden_layers": 0,  # real checkpoints: 1 (a multi-token-prediction layer); the tiny model has none
+    "mtp_use_dedicated_embeddings": False,
     "max_position_embeddings": 4096,
     # Qwen3.5 rotates a quarter of head_dim (8 of 32): the M-RoPE sections must sum to 4. Without mrope_section its
     # rotary embedding falls back to the real models' [11, 11, 10] and silently slices past a tiny head.
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
 }
-"""Qwen3.5's hybrid language model at toy sizes: linear attention in layers 0 and 2, full attention in 1 and 3."""
+"""Qwen3.5's hybrid language model at toy sizes: linear attention in layers 0 and 2, full attention in 1 and 3. It
+carries every key of the published configs (tests/test_tiny_configs.py), those transformers does not read included:
+vLLM reads them."""
+
+TINY_QWEN3_5_VISION = {**TINY_QWEN3_VISION, "deepstack_visual_indexes": []}
+"""Qwen3.5's vision tower: Qwen3-VL's without DeepStack (the published configs say so with an empty list)."""
 
 
 def chatml_template(default_system: str | None) -> str:
@@ -134,13 +146,13 @@ TINY_CONFIGS: dict[str, dict] = {
     },
     "qwen3_5": {
         "text_config": TINY_QWEN3_5_TEXT,
-        "vision_config": {k: v for k, v in TINY_QWEN3_VISION.items() if k != "deepstack_visual_indexes"},
+        "vision_config": TINY_QWEN3_5_VISION,
     },
     "qwen3_5_moe": {
         "text_config": {**{k: v for k, v in TINY_QWEN3_5_TEXT.items() if k != "intermediate_size"},
                         "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40,
                         "num_experts": 4, "num_experts_per_tok": 2},
-        "vision_config": {k: v for k, v in TINY_QWEN3_VISION.items() if k != "deepstack_visual_indexes"},
+        "vision_config": TINY_QWEN3_5_VISION,
     },
 }
 """Config kwargs (without vocabulary and token ids) of each family's embedded tiny model."""
@@ -178,7 +190,8 @@ def _train_tokenizer(seed: int, extra_tokens: tuple[str, ...] = ()):
     base = Qwen2Tokenizer()
     corpus = [line.strip() for line in _CORPUS.strip().splitlines()] * 4
     tokenizer = base.train_new_from_iterator(
-        corpus, vocab_size=TINY_VOCAB_SIZE - len(SPECIAL_TOKENS), new_special_tokens=list(SPECIAL_TOKENS)
+        corpus, vocab_size=TINY_VOCAB_SIZE - len(SPECIAL_TOKENS), new_special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,  # the tokenizers trainer's bars mean nothing to a user of the tiny model
     )
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
@@ -235,6 +248,20 @@ def tiny_config(family: Family, tokenizer, text_overrides: dict | None = None):
     return AutoConfig.for_model(family.model_type, **kwargs, **ids)
 
 
+@contextlib.contextmanager
+def _quiet_progress():
+    """transformers' progress bars off for the block (as they were after it)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: int = 0,
                      text_overrides: dict | None = None) -> Path:
     """Write a tiny ``family`` model folder (weights, config, processor, chat template) to ``out_dir``;
@@ -257,7 +284,8 @@ def build_tiny_model(out_dir: str | Path, family: str = DEFAULT_FAMILY, seed: in
     # A cache file, not a checkpoint: whichever process builds it writes it. Inside a torchrun job
     # transformers would write weights from global rank 0 only, leaving other builders a folder without them.
     model.should_save_on_this_rank = lambda is_main_process: is_main_process
-    model.save_pretrained(out)
+    with _quiet_progress():  # "Writing model shards" of a 1-shard cache file: no news to a user
+        model.save_pretrained(out)
     write_hub_layout(out, fam)  # as a real checkpoint of the family: loading exercises transformers' conversion
     _processor(fam, tokenizer).save_pretrained(out)
     return out

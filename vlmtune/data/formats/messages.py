@@ -33,7 +33,7 @@ def _image_source(part: dict, where: str, pool: list[str], err) -> str | None:
                 return None
             return pool.pop(0)
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        value = value.get("path")  # the datasets Image layout; bytes arrive as data: URIs from the table readers
+        value = value.get("path")  # the datasets Image layout; bytes arrive as references from the table reader
     if not isinstance(value, str) or not value.strip():
         got = json.dumps(value, default=str)[:60]
         err(f"{where}: the image must be a path, a URL or a data: URI string, got {got}")

@@ -1,25 +1,26 @@
 """Parquet and Arrow files, and ``datasets.save_to_disk`` folders -> raw records, one row at a time.
 
 Rows are read with pyarrow in record batches (the file is never held whole) and each becomes the JSON text of a
-record in any of the formats (LLaVA, ShareGPT or typed messages columns). Images stored as bytes (the ``datasets``
-``Image`` feature's ``{"bytes": ..., "path": ...}``, or a plain binary value) become ``data:`` URIs: they are
-decoded from memory when read, never written to the user's disk. Columns that are null in a row are left out of it.
+record in any of the formats (LLaVA, ShareGPT or typed messages columns). Columns that are null in a row are left
+out of it. Images stored as bytes (the ``datasets`` ``Image`` feature's ``{"bytes": ..., "path": ...}``, or a plain
+binary value) stay in the user's file: the record names each by a table reference (``vlmtune.data.cells``: the
+file, row and cell of its first occurrence, and a hash of its bytes), and its bytes are read from that cell when
+needed. Identical bytes in many rows are one image (one reference, one header check). Nothing is written to disk.
 """
 
 from __future__ import annotations
 
-import base64
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from vlmtune.data import cells
 from vlmtune.data.schema import RawItem
 from vlmtune.errors import FileError
 
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather")
 BATCH_ROWS = 1024
-_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"GIF8", "image/gif"), (b"RIFF", "image/webp"),
-          (b"BM", "image/bmp"))
 
 
 def is_table(path: str | Path) -> bool:
@@ -41,56 +42,51 @@ def table_files(path: str | Path) -> list[Path]:
                         "folder?") from None
 
 
-def data_uri(data: bytes) -> str:
-    """Bytes as a ``data:`` URI (the media type sniffed from the first bytes; the reader sniffs again)."""
-    kind = next((k for magic, k in _MAGIC if data.startswith(magic)), "application/octet-stream")
-    return f"data:{kind};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def _plain(value):
-    """A cell as JSON values: image structs and bytes as data: URIs."""
-    if isinstance(value, bytes | bytearray | memoryview):
-        return data_uri(bytes(value))
-    if isinstance(value, dict):
-        if value.keys() == {"bytes", "path"}:  # the datasets Image (or Video) feature
-            return data_uri(value["bytes"]) if value["bytes"] is not None else value["path"]
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _batches(path: Path) -> Iterator:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise FileError("reading Parquet / Arrow files needs pyarrow: pip install 'vlmtune[tables]'") from None
-
+    pa, pq = cells.pyarrow()
     try:
         if path.suffix.lower() == ".parquet":
             yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
             return
         with pa.memory_map(str(path)) as source:
-            try:
-                reader = pa.ipc.open_file(source)
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            except pa.ArrowInvalid:  # save_to_disk writes the stream format
-                source.seek(0)
-                batches = pa.ipc.open_stream(source)
-            yield from batches
+            yield from cells.arrow_batches(source)
     except FileNotFoundError:
         raise FileError(f"data file not found: {path}; check the path") from None
     except (OSError, pa.ArrowException) as exc:
         raise FileError(f"cannot read {path.name} as a {path.suffix.lstrip('.') or 'table'} file: {exc}") from None
 
 
+class _Row:
+    """One row's cells as JSON values: bytes replaced by table references (identical bytes: the first one's)."""
+
+    def __init__(self, file: str, seen: dict[bytes, str]):
+        self.file, self.seen, self.row = file, seen, 0
+
+    def plain(self, value, keys: tuple):
+        if isinstance(value, bytes | bytearray | memoryview):
+            digest = cells.digest(value)
+            ref = self.seen.get(digest)
+            if ref is None:
+                ref = self.seen[digest] = cells.table_ref(self.file, self.row, keys, digest.hex())
+            return ref
+        if isinstance(value, dict):
+            if value.keys() == {"bytes", "path"}:  # the datasets Image (or Video) feature
+                return self.plain(value["bytes"], keys) if value["bytes"] is not None else value["path"]
+            return {k: self.plain(v, (*keys, k)) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.plain(v, (*keys, i)) for i, v in enumerate(value)]
+        return value
+
+
 def scan_table(path: str | Path) -> Iterator[RawItem]:
     """Every row of a table as ``(index, None, JSON text)``, in order, a batch of rows at a time."""
     index = 0
+    seen: dict[bytes, str] = {}
     for file in table_files(path):
+        row = _Row(os.path.abspath(file), seen)
         for batch in _batches(file):
-            for row in batch.to_pylist():
-                row = {k: _plain(v) for k, v in row.items() if v is not None}
-                yield index, None, json.dumps(row, ensure_ascii=False, default=str)
+            for values in batch.to_pylist():
+                cells = {k: row.plain(v, (k,)) for k, v in values.items() if v is not None}
+                yield index, None, json.dumps(cells, ensure_ascii=False, default=str)
                 index += 1
+                row.row += 1

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vlmtune import run
+from vlmtune.generation import on_model
 from vlmtune.model import reward
 from vlmtune.model.compat import check_compatible
 
@@ -31,6 +32,4 @@ def score_rows(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     row's last real token, as the reward model was trained (the reply's end-of-turn token)."""
     mask = batch["attention_mask"]
     positions = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)
-    device = next(model.parameters()).device
-    return reward.sequence_rewards(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()},
-                                   positions).cpu()
+    return reward.sequence_rewards(model, on_model(batch, model), positions).cpu()

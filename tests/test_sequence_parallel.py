@@ -1,0 +1,258 @@
+"""Sequence parallelism (``--sequence_parallel_size``) is exact: 2 and 4 processes over gloo, each holding a chunk
+of one long record (images, a video, several turns), give the loss and every trainable gradient of the plain
+single-process forward (transformers' own loss, computed in this process) within 1e-5 relative.
+
+One launch per group size runs every case (family x mode, with and without gradient checkpointing) in one
+process start per rank (tests/sp_worker.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DATA_JSON, EXAMPLES, ROOT, free_port
+
+LONG_RECORD = {
+    "id": "long_mixed",
+    "images": ["images/red_circle.png", "images/blue_square.png"],
+    "videos": ["videos/ball_right.mp4"],
+    "messages": [
+        {"role": "system", "content": "You describe pictures and clips."},
+        {"role": "user", "content": "<image>\nWhat shape is this?"},
+        {"role": "assistant", "content": "A red circle."},
+        {"role": "user", "content": "And this one? <image>"},
+        {"role": "assistant", "content": "A blue square, drawn flat."},
+        {"role": "user", "content": "<video>\nWhere does the ball move?"},
+        {"role": "assistant", "content": "The yellow ball rolls from the left to the right of the frame."},
+        {"role": "user", "content": "Which of the three was round?"},
+        {"role": "assistant", "content": "The circle and the ball."},
+    ],
+}
+SHORT_RECORD = {"id": "short_text", "messages": [{"role": "user", "content": "How many sides has a triangle?"},
+                                                 {"role": "assistant", "content": "Three."}]}
+CASES_2 = [("qwen2_vl", "lora_vision", True), ("qwen2_vl", "full", False), ("qwen2_5_vl", "lora", True),
+           ("qwen3_vl", "lora_vision", True), ("qwen3_vl", "full", True), ("qwen3_vl_moe", "lora", False)]
+CASES_4 = [("qwen2_vl", "lora_vision", False), ("qwen3_vl", "full", True)]
+BACKSTOP_S = 900  # a hung collective fails the test (the whole process group is killed) instead of the suite
+
+
+def batch_of(pipeline, family: str, tmp_path, rows: int):
+    """The collated batch of the long record (and, for 2 rows, a short text record padded to its length)."""
+    from vlmtune.data.collator import Collator
+    from vlmtune.data.dataset import VisionLanguageDataset
+    from vlmtune.data.records import load_records
+
+    p = pipeline(family)
+    path = tmp_path / f"{family}.json"
+    path.write_text(json.dumps([LONG_RECORD, SHORT_RECORD][:rows]))
+    records = load_records(path, EXAMPLES, budget=p.budget, min_image_side=p.family.factor)
+    dataset = VisionLanguageDataset(records, p.processor, p.family, p.budget, p.conversation)
+    return Collator(p.processor.tokenizer.pad_token_id)([dataset[i] for i in range(rows)])
+
+
+def reference(case: dict, batch: dict) -> dict:
+    """The single-process run: transformers' own forward and loss on the whole batch, in this process."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sp_worker import build
+
+    model, _ = build(case)
+    out = model(**batch, use_cache=False)
+    out.loss.backward()
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()
+             if p.requires_grad}
+    return {"loss": float(out.loss.detach()), "grads": grads}
+
+
+def launch(world: int, spec: dict, tmp_path) -> dict:
+    """``world`` worker processes on one spec; their process group is killed at the backstop."""
+    spec_path, out_path = tmp_path / f"spec{world}.pt", tmp_path / f"out{world}.pt"
+    torch.save(spec, spec_path)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/te-vlmtune")}
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "sp_worker.py"), str(spec_path), str(out_path)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=BACKSTOP_S)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert all(proc.returncode == 0 for proc in procs), "\n".join(log[-3000:] for log in logs)
+    return torch.load(out_path, weights_only=False)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def check_cases(world: int, cases: list, pipeline, tiny_model_dir, tmp_path, rows: int = 1) -> dict:
+    specs = [{"name": f"{f}-{m}-{'gc' if gc else 'nogc'}", "family": f, "mode": m, "checkpointing": gc,
+              "model_dir": str(tiny_model_dir(f))} for f, m, gc in cases]
+    batches = {f: batch_of(pipeline, f, tmp_path, rows) for f in {c["family"] for c in specs}}
+    got = launch(world, {"cases": specs, "batches": batches}, tmp_path)
+    worst = {}
+    for case in specs:
+        want, sp = reference(case, batches[case["family"]]), got[case["name"]]
+        assert set(sp["grads"]) == set(want["grads"]) and want["grads"]
+        diffs = {name: relative(sp["grads"][name], g) for name, g in want["grads"].items()}
+        loss_diff = abs(sp["loss"] - want["loss"]) / abs(want["loss"])
+        worst[case["name"]] = (loss_diff, max(diffs.values()))
+        assert loss_diff < 1e-5, (case["name"], sp["loss"], want["loss"])
+        bad = {n: d for n, d in diffs.items() if not d < 1e-5}
+        assert not bad, (case["name"], bad)
+    print(f"SP {world}: worst relative differences (loss, gradient):", worst)
+    return worst
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process(pipeline, tiny_model_dir, tmp_path):
+    """2 ranks on the long record, Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE in full, lora and
+    lora_vision, with and without gradient checkpointing."""
+    check_cases(2, CASES_2, pipeline, tiny_model_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_four_ranks_equal_one_process_on_a_padded_batch(pipeline, tiny_model_dir, tmp_path):
+    """4 ranks (more ranks than key/value heads: Ulysses replicates them) on a 2-row batch: the long record and
+    a short text one right-padded to its length."""
+    check_cases(4, CASES_4, pipeline, tiny_model_dir, tmp_path, rows=2)
+
+
+@pytest.mark.parametrize("size, world, family, flags, needle", [
+    (2, 3, "qwen2_vl", {}, "the 3 processes of this run do not split into groups of 2"),
+    (3, 6, "qwen2_vl", {}, "has 4 attention heads, which 3 does not divide"),
+    (2, 2, "qwen3_5", {}, "linear-attention (Gated DeltaNet) layers carry a recurrent state"),
+    (2, 2, "qwen2_vl", {"packing": True}, "with --packing"),
+    (2, 2, "qwen2_vl", {"engine": "--deepspeed"}, "runs under DDP only"),
+    (2, 2, "qwen2_vl", {"attn_implementation": "eager"}, "--attn_implementation eager"),
+])
+def test_sizes_and_setups_it_cannot_run_stop_in_one_line(tiny_model_dir, size, world, family, flags, needle):
+    from transformers import AutoConfig
+
+    from vlmtune.errors import ConfigError
+    from vlmtune.model import sequence_parallel as sp
+
+    config = AutoConfig.from_pretrained(tiny_model_dir(family))
+    with pytest.raises(ConfigError) as caught:
+        sp.check(size, world, config, family, **flags)
+    assert needle in str(caught.value) and "\n" not in str(caught.value)
+    sp.check(1, world, config, family, **flags)  # size 1 is off: nothing to check
+
+
+def test_key_value_heads_must_divide_or_be_divided(tiny_model_dir):
+    from transformers import AutoConfig
+
+    from vlmtune.errors import ConfigError
+    from vlmtune.model import sequence_parallel as sp
+
+    config = AutoConfig.from_pretrained(tiny_model_dir("qwen2_vl"))
+    config.get_text_config().num_attention_heads, config.get_text_config().num_key_value_heads = 12, 8
+    with pytest.raises(ConfigError, match="has 8 key/value heads"):
+        sp.check(6, 6, config, "qwen2_vl")
+    sp.check(4, 4, config, "qwen2_vl")  # 8 kv heads over 4 ranks: 2 each
+
+
+def test_a_batch_shorter_than_the_group_is_named():
+    from vlmtune.errors import RecordError
+    from vlmtune.model import sequence_parallel as sp
+
+    group = sp.Group(size=4, rank=0, process_group=None)
+    with pytest.raises(RecordError, match=r"a batch of 3 tokens \(rec_7\) is shorter than the group"):
+        sp.local_targets(torch.tensor([[1, 2, 3]]), group, ["rec_7"])
+
+
+def test_labels_are_shifted_before_the_split():
+    """By hand: labels 0..6 (7 tokens) over 4 ranks pad to 8; the targets are labels[1:] then -100 padding, and
+    rank r holds targets 2r, 2r+1: the first rank's last target is the second rank's first label."""
+    from vlmtune.model import sequence_parallel as sp
+
+    labels = torch.tensor([[10, 11, 12, 13, 14, 15, 16]])
+    got = [sp.local_targets(labels, sp.Group(4, r, None)).tolist() for r in range(4)]
+    assert got == [[[11, 12]], [[13, 14]], [[15, 16]], [[-100, -100]]]
+
+
+def test_the_cli_refuses_the_flag_where_it_cannot_run(capsys, tiny_model_dir):
+    """One process cannot form a group of 2; DPO refuses the flag; both before a model loads."""
+    from vlmtune.cli import main
+
+    base = ["--data_path", str(DATA_JSON), "--image_folder", str(EXAMPLES), "--use_cpu", "True",
+            "--sequence_parallel_size", "2", "--output_dir"]
+    assert main(["train", *base, "/tmp/never-sp"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("vlmtune train: error: --sequence_parallel_size 2: the 1 processes") and (
+        "unexpected" not in line)
+    assert main(["dpo", *base, "/tmp/never-sp-dpo"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("vlmtune dpo: error: --sequence_parallel_size 2 with dpo: "), line
+
+
+def train_flags(out, *args: str) -> list[str]:
+    return ["train", "--data_path", str(DATA_JSON), "--image_folder", str(EXAMPLES), "--use_cpu", "True",
+            "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1", "--output_dir", str(out),
+            "--train_sampling_strategy", "sequential", "--learning_rate", "2e-3", "--lr_scheduler_type", "constant",
+            "--dataloader_num_workers", "0", "--lora_dropout", "0", "--mode", "lora_vision", "--max_steps", "3",
+            "--save_strategy", "no", "--gradient_checkpointing", "True", "--val_ratio", "0.2",
+            "--eval_strategy", "steps", "--eval_steps", "3", "--per_device_eval_batch_size", "1", *args]
+
+
+def logged(out, key: str) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [entry[key] for entry in state["log_history"] if key in entry]
+
+
+@pytest.mark.slow
+def test_training_with_the_flag_gives_the_single_process_losses(tmp_path):
+    """``vlmtune train --sequence_parallel_size 2`` on 2 processes (a record per process and step, each split
+    across both) logs the training and eval losses of one process training on both records per step."""
+    from vlmtune.cli import main
+
+    assert main(train_flags(tmp_path / "one", "--per_device_train_batch_size", "2")) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "vlmtune.cli", *train_flags(tmp_path / "sp", "--per_device_train_batch_size", "1",
+                                             "--sequence_parallel_size", "2")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    try:
+        log = proc.communicate(timeout=BACKSTOP_S)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, log[-4000:]
+    assert "sequence parallel: groups of 2 processes" in log
+    for key in ("loss", "eval_loss"):
+        one, sp = logged(tmp_path / "one", key), logged(tmp_path / "sp", key)
+        assert len(sp) == len(one) > 0 and sp == pytest.approx(one, rel=1e-5), (key, sp, one)
+
+
+def test_estimate_memory_splits_the_decoder_and_the_logits_not_the_vision_tower():
+    """The activations (checkpointed: linear in the tokens) and the logits of one GPU hold ceil(S / N) of a
+    sample's S tokens; the vision row is the same on every GPU of the group; the table says so."""
+    from vlmtune.memory.estimate import estimate
+    from vlmtune.memory.shapes import Setup
+
+    def run(n: int):
+        return estimate("Qwen/Qwen2.5-VL-7B-Instruct", Setup(gpus=4, sequence_parallel_size=n, seq_len=2048,
+                                                              videos=1, video_frames=240,
+                                                              gradient_checkpointing=True))
+
+    one = run(1)
+    total = 2048 + 23296  # 240 frames -> 120 temporal pairs x (360 x 420 px / 28^2 = 192 tokens) + the text
+    for n in (2, 4):
+        split = run(n)
+        share = -(-total // n) / total
+        assert split.bytes("activations") == pytest.approx(one.bytes("activations") * share, rel=1e-9)
+        assert split.bytes("logits + loss") == pytest.approx(one.bytes("logits + loss") * share, rel=1e-9)
+        assert split.bytes("vision") == one.bytes("vision") and split.bytes("weights") == one.bytes("weights")
+        assert f"sequence parallel over {n}" in split.table() and f"1/{n} of each sample's" in split.table()

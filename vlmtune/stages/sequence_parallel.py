@@ -1,0 +1,111 @@
+"""The training half of sequence parallelism (``--sequence_parallel_size N``, SFT): how a group of N processes
+trains on the batches the Trainer hands them (the model half, the split and Ulysses, is
+``vlmtune.model.sequence_parallel``).
+
+The Trainer's data loader gives each process its own batch, as in any data-parallel run. A group of N processes
+then trains on its N batches one after the other, each batch split across the whole group (as DeepSpeed's
+``UlyssesSPDataLoaderAdapter`` does for text models, here with the vision tensors too): every rank receives the
+whole batch (media included), so each optimizer step sees the same batches, in the same number of steps, as
+the plain data-parallel run.
+
+The loss of a step is the token-weighted mean over the group's N batches: each rank's chunk contributes its
+summed token loss over the group's count of targets, so the group's contributions add up to that mean and the
+gradients summed over the group are its gradients. DDP averages over all processes, so each contribution is
+scaled by N (the mean over groups is what remains).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+
+from vlmtune.errors import ConfigError
+from vlmtune.model import sequence_parallel as sp
+
+logger = logging.getLogger(__name__)
+
+RECORDS = "_records"
+
+
+def check(size: int, train_args, model_args, data_args, config, model_type: str, stage: str = "sft") -> None:
+    """Everything ``--sequence_parallel_size`` cannot run with stops here, as one line, before the model loads."""
+    if size <= 1:
+        return
+    if stage != "sft":
+        raise ConfigError(f"--sequence_parallel_size {size} with {stage}: sequence parallelism is wired for SFT "
+                          "only (a preference pair or a sampled group would need its log-probabilities gathered "
+                          "across the group); train this stage without it")
+    if train_args.eval_generate:
+        raise ConfigError(f"--sequence_parallel_size {size} with --eval_generate: generation runs one token at a "
+                          "time, which cannot be split across the group; evaluate with the eval loss only")
+    engine = "--deepspeed" if train_args.deepspeed else "--fsdp" if train_args.fsdp else None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    sp.check(size, world, config, model_type, packing=data_args.packing, engine=engine,
+             attn_implementation=model_args.attn_implementation)
+
+
+def start(model, family, size: int) -> sp.Group:
+    """Build the groups and route the model's language model through Ulysses (``torch.distributed`` must be
+    started: reading ``TrainingArguments.device`` starts it)."""
+    group = sp.init_group(size)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    sp.install(base, base.get_submodule(family.language_model), group, base.config._attn_implementation)
+    if family.is_moe:
+        logger.warning("--sequence_parallel_size: the MoE routers' load-balancing loss is off (it is not additive "
+                       "over chunks of a sequence); only the token loss trains")
+    logger.info("sequence parallel: groups of %d processes, each record's tokens split across its group", size)
+    return group
+
+
+def exchange(inputs: dict, group: sp.Group) -> list[dict]:
+    """The N batches of the group, in group-rank order: each rank's whole batch, sent to every other rank."""
+    dist = torch.distributed
+    batches = []
+    for k in range(group.size):
+        box = [inputs if group.rank == k else None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group.process_group, k), group=group.process_group)
+        batches.append(box[0])
+    return batches
+
+
+def training_step(trainer, model, inputs: dict, records: list[str]) -> torch.Tensor:
+    """One micro-step of the group: its N batches forward and backward in turn, each split across the group;
+    returns this rank's share of the loss (the Trainer's mean over processes logs the group's loss)."""
+    group = trainer.sp_group
+    model.train()
+    batches = exchange({**inputs, RECORDS: records}, group)
+    total = sum(sp.count_targets(b["labels"]) for b in batches)
+    scale = group.size / trainer.current_gradient_accumulation_steps
+    reported = torch.zeros((), device=trainer.args.device)
+    for k, batch in enumerate(batches):
+        names = batch.pop(RECORDS)
+        targets = sp.local_targets(batch.pop("labels"), group, names)
+        batch = trainer._prepare_inputs(batch)
+        with trainer.compute_loss_context_manager():
+            logits = model(**batch, use_cache=False).logits
+        loss = sp.chunk_loss(logits, targets, total) * scale
+        last = k == group.size - 1  # DDP reduces the gradients once, after the last batch of the group
+        with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
+            trainer.accelerator.backward(loss)
+        reported += loss.detach()
+    return reported
+
+
+def eval_loss(trainer, model, inputs: dict) -> torch.Tensor:
+    """The eval loss of this rank's own batch, computed by the whole group (every rank takes part for every
+    batch of the group)."""
+    group = trainer.sp_group
+    own = None
+    with torch.no_grad():
+        for k, batch in enumerate(exchange(inputs, group)):
+            labels = batch.pop("labels")
+            targets = sp.local_targets(labels, group)
+            logits = model(**trainer._prepare_inputs(batch), use_cache=False).logits
+            loss = sp.chunk_loss(logits, targets, sp.count_targets(labels))
+            torch.distributed.all_reduce(loss, group=group.process_group)
+            if k == group.rank:
+                own = loss
+    return own
