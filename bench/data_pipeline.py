@@ -11,6 +11,13 @@
     tiny Qwen2-VL (batches of ``--batch-size``): records/s, vision tokens/s, and the fraction of padding
     tokens in batches in random order vs grouped by length (``LengthGroupedSampler`` over ``dataset.lengths``,
     as ``--group_by_length`` does), as a ratio against random order measured in the same run.
+(c) Against a bare processor call (issue 21): every image and text record of data_examples/ (videos left out: a
+    bare call has no video reader of its own) through the dataset (decode under the budget, the processor on the
+    reply pieces, labels and their check), and through what a plain script does per record: open the images with
+    PIL, render the conversation with ``processor.apply_chat_template`` and call ``processor(text, images)`` (which
+    resizes). Printed: CPU milliseconds per record of each (one torch thread, as in a DataLoader worker; CPU time,
+    as the machine is shared), interleaved over ``--ratio-rounds`` rounds, and their ratio (bare / dataset: at
+    least 1.0 means the data path keeps up with the bare call), for ``--family`` or, with ``--only-ratio``, all three.
 Prints one table. About a minute on 2 CPU cores.
 """
 
@@ -146,12 +153,54 @@ def bench_dataset(n: int, batch_size: int, folder: Path, processor, family, budg
     ]
 
 
+def bench_bare_ratio(family_name: str, rounds: int, folder: Path) -> list[tuple[str, str]]:
+    from PIL import Image, ImageOps
+
+    from vlmtune.data.conversation import chat_messages
+
+    model_dir = str(tiny_model_path(family_name))
+    family, processor = load_family(model_dir), load_processor(model_dir)
+    budget = media.budget_from_processor(processor, family.factor)
+    records, problems = read_records(EXAMPLES / "data.json", EXAMPLES, min_image_side=family.factor, budget=budget)
+    records = [r for r in records if not r.videos]
+    dataset = VisionLanguageDataset(records, processor, family, budget, Conversation(processor))
+
+    def bare(record) -> dict:
+        images = [ImageOps.exif_transpose(Image.open(path)).convert("RGB") for path in record.images]
+        text = processor.apply_chat_template(chat_messages(record), tokenize=False)
+        return processor(text=[text], images=images or None, return_tensors="pt")
+
+    def cpu(fn, *args) -> float:
+        start = time.process_time()
+        fn(*args)
+        return time.process_time() - start
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for i, record in enumerate(records):  # warm up both
+        dataset[i], bare(record)
+    ours_s = bare_s = 0.0
+    for _ in range(rounds):  # interleaved, so that a change of load on the machine hits both alike
+        for i, record in enumerate(records):
+            ours_s += cpu(dataset.__getitem__, i)
+            bare_s += cpu(bare, record)
+    torch.set_num_threads(threads)
+    n = rounds * len(records)
+    return [(f"{family_name}: dataset item ({len(records)} image/text records x {rounds})",
+             f"{1000 * ours_s / n:7.2f} CPU ms/record"),
+            (f"{family_name}: bare processor call (PIL open, template, processor)",
+             f"{1000 * bare_s / n:7.2f} CPU ms/record"),
+            (f"{family_name}:   bare / dataset", f"{bare_s / ours_s:7.2f} x")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=100_000, help="records in the synthetic file to check")
     parser.add_argument("--dataset-records", type=int, default=200, help="records through dataset + collator")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--family", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+    parser.add_argument("--ratio-rounds", type=int, default=5, help="rounds of (c), per family")
+    parser.add_argument("--only-ratio", action="store_true", help="only (c), on all three families")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
 
@@ -159,10 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     family, processor = load_family(model_dir), load_processor(model_dir)
     budget = media.budget_from_processor(processor, family.factor)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.only_ratio:
+            rows = [("== (c) dataset item vs a bare processor call", "")]
+            for name in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+                rows += bench_bare_ratio(name, args.ratio_rounds, Path(tmp))
+            return _print(rows)
         rows = [(f"== (a) check, video reader {media.video_backend()}", "")]
         rows += bench_check(args.records, Path(tmp), processor, family, budget)
         rows.append((f"== (b) dataset + collator, tiny {args.family}", ""))
         rows += bench_dataset(args.dataset_records, args.batch_size, Path(tmp), processor, family, budget)
+        rows.append((f"== (c) dataset item vs a bare processor call, tiny {args.family}", ""))
+        rows += bench_bare_ratio(args.family, args.ratio_rounds, Path(tmp))
+    return _print(rows)
+
+
+def _print(rows: list[tuple[str, str]]) -> int:
     width = max(len(name) for name, _ in rows) + 2
     print(f"\nvlmtune data pipeline ({torch.get_num_threads()} torch threads)")
     for name, value in rows:

@@ -1,10 +1,14 @@
 """Data check at scale: what a user waits for before training, on synthetic LLaVA files of 10K to 1M records.
 
     nice .venv/bin/python bench/data_scale.py [--sizes 10000,100000,1000000] [--seed 0] [--no-train] [--datasets]
+        [--records short|ordinary] [--processes N]
 
-Files: short single-image records over 50 real JPEGs (sizes 160 to 1023 px a side), written as JSON lines
-with ``--seed`` (about 530 bytes a record: 1M records are 530 MB). Each figure below comes from its own process,
-started fresh, as a user runs it, on the embedded tiny Qwen2-VL processor:
+Files: single-image records over 50 real JPEGs (sizes 160 to 1023 px a side), written as JSON lines with
+``--seed``. ``--records short`` (the default): a question of 5 to 20 words and an answer of 20 to 90 from a small
+vocabulary (about 530 bytes a record: 1M records are 530 MB). ``--records ordinary``: the records of issue 21, a
+question of 3 to 43 words and an answer of 5 to 83 words of ordinary English (about 370 tokens median with the
+image on the tiny processor; about 640 bytes a record). Each figure below comes from its own process, started fresh,
+as a user runs it, on the embedded tiny Qwen2-VL processor:
 
   plain parse     ``[json.loads(line) for line in file]``: the baseline, measured in the same run
   check, 1st      ``vlmtune check-data FILE`` on an empty data cache (``$VLMTUNE_CACHE/data``)
@@ -51,6 +55,20 @@ WORDS = ("a photo of the red circle on white background blue square next to gree
          "camera two dogs run across field grass what is in this image describe picture one sentence how many "
          "objects are there three shapes video shows ball moving from left right color yellow compare images "
          "first brighter than second answer question briefly").split()
+
+ORDINARY = ("the a of and to in is that it with on for as this are at by from there which be or an was his her their "
+            "picture image photograph scene building window kitchen table person woman man child people street vehicle "
+            "bicycle umbrella background foreground colorful wooden metallic standing sitting holding wearing looking "
+            "walking several number visible between behind underneath beside surrounded appears probably possibly "
+            "describe explain identify question answer detailed information specific location weather morning evening "
+            "afternoon shadows reflection mountains landscape river bridge restaurant customers waiting traffic signal "
+            "pedestrians crossing animals grazing elephant giraffe horse sheep airplane runway passengers luggage "
+            "computer keyboard monitor desk office bookshelf television remote control sandwich vegetables plate fork "
+            "knife pizza dessert chocolate strawberry banana orange clothing jacket shirt trousers glasses hat shoes "
+            "baseball tennis racket skateboard surfboard beach ocean waves because although however therefore "
+            "important interesting different similar compared another likely suggests atmosphere environment activity "
+            "purpose reason happening event celebration crowd audience performance stage").split()
+"""Ordinary English words (issue 21's records): about 2.3 tokens a word on the tiny tokenizer."""
 
 PLAIN = """
 import json, sys, time
@@ -114,11 +132,23 @@ def synthetic_record(rng: random.Random, i: int, images: list[str]) -> dict:
             "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}
 
 
-def make_file(path: Path, n: int, images: list[str], seed: int) -> None:
+def ordinary_record(rng: random.Random, i: int, images: list[str]) -> dict:
+    """Issue 21's ordinary record: a question of 3 to 43 words, an answer of 5 to 83 words."""
+    question = " ".join(rng.choices(ORDINARY, k=rng.randint(3, 43))).capitalize() + "?"
+    answer = " ".join(rng.choices(ORDINARY, k=rng.randint(5, 83))).capitalize() + "."
+    return {"id": f"r{i:07d}", "image": rng.choice(images),
+            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}
+
+
+RECORDS = {"short": synthetic_record, "ordinary": ordinary_record}
+
+
+def make_file(path: Path, n: int, images: list[str], seed: int, kind: str = "short") -> None:
     rng = random.Random(seed)
+    make = RECORDS[kind]
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps(synthetic_record(rng, i, images)) + "\n")
+            f.write(json.dumps(make(rng, i, images)) + "\n")
 
 
 def edit_one(path: Path, n: int) -> None:
@@ -208,11 +238,11 @@ def newest_meta(cache: Path) -> dict:
 def bench_size(n: int, work: Path, images: list[str], args, env: dict, model_dir: str) -> dict:
     path = work / f"data_{n}.jsonl"
     start = time.perf_counter()
-    make_file(path, n, images, args.seed)
+    make_file(path, n, images, args.seed, args.records)
     print(f"\n== {n:,} records: {path.stat().st_size / 1e6:,.0f} MB written in {time.perf_counter() - start:.0f}s",
           flush=True)
     cache = Path(env["VLMTUNE_CACHE"])
-    row: dict = {"records": n, "file_mb": round(path.stat().st_size / 1e6, 1)}
+    row: dict = {"records": n, "kind": args.records, "file_mb": round(path.stat().st_size / 1e6, 1)}
 
     def show(name: str, r: dict, extra: str = "") -> None:
         print(f"  {name:<16} wall {r['wall_s']:7.1f}s  cpu {r['cpu_s']:7.1f}s  max RSS {r['max_rss_gb']:5.2f} GB  "
@@ -224,6 +254,8 @@ def bench_size(n: int, work: Path, images: list[str], args, env: dict, model_dir
     row["plain"] = plain
 
     check_cmd = [PY, "-m", "vlmtune.cli", "check-data", str(path), "--max_seq_length", "4096"]
+    if args.processes:
+        check_cmd += ["--processes", str(args.processes)]
     shutil.rmtree(cache / "data", ignore_errors=True)
     for name in ("check_1st", "check_2nd"):
         r = run(check_cmd, env)
@@ -279,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--records", choices=sorted(RECORDS), default="short",
+                        help="short records, or issue 21's ordinary ones (results file data-scale-ordinary-<date>)")
+    parser.add_argument("--processes", type=int, help="check-data --processes (default: every core)")
     parser.add_argument("--no-train", dest="train", action="store_false", help="skip the training-start rows")
     parser.add_argument("--datasets", action="store_true", help="also time HF datasets (needs `datasets`)")
     parser.add_argument("--datasets-sizes", default="10000,100000")
@@ -298,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
                "python": platform.python_version(), "transformers": transformers.__version__,
                "tokenizers": tokenizers.__version__, "seed": args.seed, "sizes": []}
-    out = ROOT / "bench" / "results" / f"data-scale-{results['date']}.json"
+    kind = "" if args.records == "short" else f"{args.records}-"
+    out = ROOT / "bench" / "results" / f"data-scale-{kind}{results['date']}.json"
     earlier = json.loads(out.read_text())["sizes"] if out.is_file() else []  # a day's runs add up, by size
     try:
         for n in (int(s) for s in args.sizes.split(",")):

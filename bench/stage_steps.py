@@ -2,6 +2,7 @@
 same tiny model and the same records, in one run.
 
     .venv/bin/python bench/stage_steps.py [--steps 12] [--batch-size 4] [--threads 1] [--rounds 2] [--stages ...]
+                                          [--image-scale 2] [--clock cpu]
 
 Data: data_examples/preference.json, read three ways so every stage sees the same prompts and media: SFT trains
 on prompt + chosen reply, CPT (``--stage cpt``) on the same turns and reply as one document (no chat template),
@@ -13,7 +14,11 @@ through its own recipe (``vlmtune.stages.sft.train``, ``dpo.dpo``, ``grpo.grpo``
 fp32 on CPU, ``--batch-size`` records per optimizer step, no gradient checkpointing; the time of each optimizer
 step is taken from the Trainer's step callbacks, the first two steps of a run are dropped (warm-up), and a
 stage's figure is the median step time over ``--rounds`` runs, interleaved (SFT, DPO, GRPO, SFT, ...) so that a
-busy machine slows all three alike. GRPO's sampling time is measured apart (HF generate).
+busy machine slows all three alike. GRPO's sampling time is measured apart (HF generate). ``--image-scale S``
+resizes every example image by S on each side first (S = 2: 4x the pixels and about 4x the vision tokens, where
+the vision tower's share of a step grows). ``--clock cpu`` times the steps in this process's CPU time instead of
+wall time (one thread, data loaded in the process): on a machine that others load, wall times swing with their
+load while CPU times hold.
 
 Results go to bench/results/stages-<device>-<date>.json, with the ratios to SFT.
 """
@@ -46,18 +51,36 @@ EXAMPLES = ROOT / "data_examples"
 RESULTS = ROOT / "bench" / "results"
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step (forward, backward, optimizer; GRPO: sampling and scoring too)."""
+    """Time of every optimizer step (forward, backward, optimizer; GRPO: sampling and scoring too), on ``clock``."""
 
     def __init__(self):
         self.times: list[float] = []
         self._start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
+        self._start = clock()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(clock() - self._start)
+
+
+def scaled_images(folder: Path, scale: float) -> Path:
+    """A copy of the example image folder with every image resized by ``scale`` on each side (EXIF kept), beside
+    the example videos (unchanged)."""
+    from PIL import Image
+
+    (folder / "videos").symlink_to(EXAMPLES / "videos")
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for path in (EXAMPLES / "images").iterdir():
+        with Image.open(path) as img:
+            size = (round(img.width * scale), round(img.height * scale))
+            img.resize(size, Image.BICUBIC).save(folder / "images" / path.name, exif=img.getexif())
+    return folder
 
 
 def stage_files(folder: Path) -> dict[str, Path]:
@@ -93,7 +116,8 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
     from vlmtune.stages.reward_model import reward_model
     from vlmtune.stages.sft import train
 
-    argv = ["--data_path", str(data), "--image_folder", str(EXAMPLES), "--output_dir", str(out), "--use_cpu", "True",
+    argv = ["--data_path", str(data), "--image_folder", str(args.image_folder), "--output_dir", str(out),
+            "--use_cpu", "True",
             "--report_to", "none", "--disable_tqdm", "True", "--save_strategy", "no", "--max_steps", str(args.steps),
             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", "1e-3", "--mode", "lora",
             "--lora_rank", "8", "--logging_steps", str(args.steps), "--seed", "0", "--dataloader_num_workers", "0"]
@@ -112,11 +136,11 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
     sample = grpo_stage.HFSampler.sample
 
     def timed_sample(self, *a, **k):
-        start = time.perf_counter()
+        start = clock()
         try:
             return sample(self, *a, **k)
         finally:
-            sampling[0] += time.perf_counter() - start
+            sampling[0] += clock() - start
 
     grpo_stage.HFSampler.sample = timed_sample
     try:
@@ -137,8 +161,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--max-completion-length", type=int, default=16)
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall time, or this process's CPU time")
+    parser.add_argument("--out", type=Path, help="the results file (default: bench/results/stages-cpu-...json)")
+    parser.add_argument("--image-scale", type=float, default=1.0, help="resize the images by this on each side")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -149,6 +178,7 @@ def main() -> None:
         from vlmtune.testing.tiny import build_tiny_model
 
         files = stage_files(Path(tmp))
+        args.image_folder = scaled_images(Path(tmp), args.image_scale) if args.image_scale != 1 else EXAMPLES
         args.teacher = build_tiny_model(Path(tmp) / "teacher", text_overrides={"num_hidden_layers": 4})
         for round_ in range(args.rounds):
             for stage in times:
@@ -166,7 +196,8 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "model": "embedded tiny qwen2_vl (LoRA rank 8, fp32)", "batch_records": args.batch_size,
         "num_generations": args.num_generations, "max_completion_length": args.max_completion_length,
-        "steps_per_run": args.steps, "rounds": args.rounds,
+        "steps_per_run": args.steps, "rounds": args.rounds, "image_scale": args.image_scale,
+        "clock": args.clock,
         "seconds_per_step": {k: round(v, 4) for k, v in median.items()},
         "steps_per_s": {k: round(1 / v, 3) for k, v in median.items()},
         "steps_per_s_vs_sft": {k: round(median["sft"] / v, 3) for k, v in median.items()},
@@ -174,7 +205,8 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"stages-cpu-{args.threads}t-{result['date']}.json"
+    scaled = f"-image{args.image_scale:g}x" if args.image_scale != 1 else ""
+    path = args.out or RESULTS / f"stages-cpu-{args.threads}t{scaled}-{result['date']}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {path}")
 

@@ -99,3 +99,24 @@ def test_similarity_reward_gives_partial_credit():
     assert values[0] == 1.0
     assert values[1] == pytest.approx(Indel.normalized_similarity("rd", "red"))  # 0.8: closer earns more
     assert 0 <= values[2] < values[1]
+
+
+def test_the_stores_first_build_logs_its_progress(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    import json
+
+    from conftest import DATA_JSON
+
+    from vlmtune.cli import main
+    from vlmtune.data import progress, store_build
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line at every chunk, not every 10 s
+    monkeypatch.setattr(store_build, "CHUNK", 4)
+    records = json.loads(DATA_JSON.read_text())
+    data = tmp_path / "progress.json"  # a file of its own: its store is built here, not found in the cache
+    data.write_text(json.dumps([{**r, "id": f"progress_{r['id']}"} for r in records]))
+    with caplog.at_level(logging.INFO, logger="vlmtune.data.progress"):
+        assert main(["check-data", str(data), "--image_folder", str(DATA_JSON.parent), "--model",
+                     str(tiny_model_dir()), "--processes", "1"]) == 0
+    counts = [int(r.getMessage().split(": ")[2].split()[0]) for r in caplog.records
+              if r.name == "vlmtune.data.progress"]
+    assert counts == list(range(4, len(records) + 1, 4))  # 12 records read 4 at a time: 4, 8, 12

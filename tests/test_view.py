@@ -68,6 +68,13 @@ def _wait(driver, condition):
     return WebDriverWait(driver, WAIT_S, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
+def _open(driver, address: str) -> None:
+    """Load the page anew: a URL that differs from the current one by its hash alone would only change the hash,
+    and the previous page's nodes would still be there while the new ones load."""
+    driver.get("about:blank")
+    driver.get(address)
+
+
 def _css(driver, selector):
     from selenium.webdriver.common.by import By
 
@@ -105,7 +112,7 @@ def _trained_text(driver) -> str:
 
 def test_record_page_highlights_exactly_the_replies_and_follows_the_label_mode(browser, data_site, tmp_path):
     _, url = data_site
-    browser.get(url + "/#/")
+    _open(browser, url + "/#/")
     _wait(browser, lambda d: len(_css(d, "tr.row")) == len(RECORDS))
     _css(browser, 'tr.row[data-index="0"]')[0].click()
     _wait(browser, lambda d: _css(d, ".tokens .tok.trained"))
@@ -141,7 +148,7 @@ def test_vision_block_shows_the_processors_count_of_image_pads(browser, data_sit
     assert want > 1
 
     _, url = data_site
-    browser.get(url + "/#/record/0")
+    _open(browser, url + "/#/record/0")
     _wait(browser, lambda d: _css(d, ".vision"))
     blocks = _css(browser, ".vision[data-kind]")
     assert len(blocks) == 1
@@ -164,7 +171,7 @@ def test_a_bad_record_shows_the_problem_check_data_prints(browser, data_site, da
     assert len(printed) == 1 and "two_images_one_file" in printed[0]
 
     _, url = data_site
-    browser.get(url + "/#/?problems=1")
+    _open(browser, url + "/#/?problems=1")
     _wait(browser, lambda d: _css(d, "#count") and _css(d, "#count")[0].text.startswith("1 record"))
     _css(browser, "tr.row")[0].click()
     _wait(browser, lambda d: _css(d, "#record-title") and "two_images_one_file" in _css(d, "#record-title")[0].text)
@@ -175,7 +182,7 @@ def test_a_bad_record_shows_the_problem_check_data_prints(browser, data_site, da
 def test_search_finds_records_by_text_and_id_case_insensitively(browser, data_site):
     _, url = data_site
     for query, ids in (("BRIGHT red", ["two_turns"]), ("text_ONLY", ["text_only"]), ("no such words", [])):
-        browser.get(url + "/#/")
+        _open(browser, url + "/#/")
         _wait(browser, lambda d: _css(d, 'input[name="q"]'))
         box = _css(browser, 'input[name="q"]')[0]
         box.send_keys(query)
@@ -205,7 +212,7 @@ def test_only_files_the_data_refers_to_are_served(browser, data_site, data_file,
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{url}/static/../../cli.py")
     assert refused.value.code == 404
-    browser.get(f"{url}/file?path=/etc/passwd")
+    _open(browser, f"{url}/file?path=/etc/passwd")
     assert "root:" not in browser.page_source
     browser.save_screenshot(str(tmp_path / "refused.png"))
 
@@ -239,7 +246,7 @@ def run_site(tmp_path_factory):
 
 def test_run_page_plots_what_was_logged_and_lists_predictions_by_disagreement(browser, run_site, tmp_path):
     folder, url = run_site
-    browser.get(url + "/")
+    _open(browser, url + "/")
     _wait(browser, lambda d: _css(d, "svg.plot"))
     titles = [p.get_attribute("data-title") for p in _css(browser, "svg.plot")]
     assert titles == ["training loss", "eval loss", "learning rate", "grad norm", "tokens / s"]  # panels with data only
@@ -282,7 +289,7 @@ def open_view(tiny_model_dir):
 def test_dpo_pairs_show_chosen_and_rejected_side_by_side(browser, open_view, tmp_path):
     pair = json.loads((EXAMPLES / "preference.json").read_text())[0]
     url = open_view(str(EXAMPLES / "preference.json"), "--stage", "dpo")
-    browser.get(url + "/#/record/0")
+    _open(browser, url + "/#/record/0")
     _wait(browser, lambda d: len(_css(d, ".pair > .sequence")) == 2)
     for name in ("chosen", "rejected"):
         tokens = _css(browser, f'.sequence[data-name="{name}"] .tokens .tok.trained')
@@ -295,7 +302,7 @@ def test_grounding_boxes_are_drawn_in_original_pixels(browser, open_view, tmp_pa
     assert record["box_format"] == "pixel_original"
     written = json.loads(record["conversations"][1]["value"])["bbox_2d"]  # the box as the record writes it
     url = open_view(str(EXAMPLES / "grounding.json"))
-    browser.get(url + "/#/record/0")
+    _open(browser, url + "/#/record/0")
     _wait(browser, lambda d: _css(d, ".medium svg.boxes rect"))
     rect = _css(browser, ".medium svg.boxes rect")[0]
     x, y = float(rect.get_attribute("x")), float(rect.get_attribute("y"))
@@ -317,7 +324,7 @@ def test_eval_compare_folder_shows_both_models_by_name(browser, tmp_path):
     (folder / "metrics.json").write_text(json.dumps({"models": {"base": {}, "tuned": {}}}))
     server, url = _serve(RunView(folder))
     try:
-        browser.get(url + "/")
+        _open(browser, url + "/")
         _wait(browser, lambda d: _css(d, "tr.prediction"))
         head = [th.text for th in _css(browser, "#predictions th")]
         assert head[4] == "base prediction" and head[6] == "tuned prediction"

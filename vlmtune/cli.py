@@ -99,11 +99,11 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_check_data(argv: list[str]) -> int:
-    from vlmtune.config import DataArguments
     from vlmtune.data import media, mixture
     from vlmtune.data.check import check_data
     from vlmtune.data.conversation import Conversation
     from vlmtune.data.formats import FORMATS
+    from vlmtune.data_arguments import DataArguments  # not vlmtune.config: no training imports
     from vlmtune.flags import add_fields, check_value, fields_of, need_file, need_folder
     from vlmtune.model.load import load_family, load_processor, resolve_model_path
 

@@ -184,6 +184,10 @@ class DistillArguments:
     lmbda: float = field(default=0.0, metadata={"help": "Share of steps on-policy (GKD): the student samples its "
                                                 "replies and the divergence is taken on them."})
     max_new_tokens: int = field(default=64, metadata={"help": "Most tokens per on-policy sample."})
+    teacher_bits: Literal[16, 8] = field(default=16, metadata={
+        "help": "16: the teacher in the run's dtype; 8: its language-model Linear layers in bitsandbytes' LLM.int8 "
+                "(vision tower and LM head kept): about 0.6x a 7B teacher's bf16 weights. A model folder or merged "
+                "run, not a LoRA run; no MoE teacher, no --deepspeed."})
 
     def __post_init__(self):
         check_fields(self)  # finite numbers

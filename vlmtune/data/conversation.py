@@ -61,9 +61,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
+from vlmtune.data.template_fill import Skeleton, shape_of, texts_of, writes_text_verbatim
+from vlmtune.data.tokens import decoded as _decoded
+from vlmtune.data.tokens import token_ids as _token_ids
 from vlmtune.errors import LabelError, Problem
 from vlmtune.families.base import ASSISTANT_HEADER, IM_END, IMAGE_PAD, VIDEO_PAD
 
@@ -138,38 +142,14 @@ def _turn_bounds(text: str, generation_prompt: str) -> list[tuple[int, int, int]
 
 def _runs(labels: Sequence[int]) -> list[tuple[int, int]]:
     """[start, end) of every run of labels that are not IGNORE_INDEX."""
-    runs, start = [], None
-    for i, label in enumerate(labels):
-        if label != IGNORE_INDEX and start is None:
-            start = i
-        elif label == IGNORE_INDEX and start is not None:
-            runs.append((start, i))
-            start = None
-    if start is not None:
-        runs.append((start, len(labels)))
-    return runs
+    trained = np.zeros(len(labels) + 2, dtype=bool)
+    trained[1:-1] = np.asarray(labels) != IGNORE_INDEX
+    edges = np.flatnonzero(trained[1:] != trained[:-1]).tolist()
+    return list(zip(edges[::2], edges[1::2]))
 
 
 def _short(text: str, limit: int = 80) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
-
-
-def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """``tokenizer(texts, add_special_tokens=False)["input_ids"]``: through a fast tokenizer's own batch call
-    without offsets where it has one (the same ids, built in Rust at a third of the cost: the data check of a large
-    file is mostly this call)."""
-    if not texts:
-        return []
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if hasattr(backend, "encode_batch_fast") and not getattr(tokenizer, "split_special_tokens", False):
-        # an earlier call of the tokenizer may have left padding or truncation on in the backend (the wrapper sets
-        # both before each of its own calls, so clearing them here changes nothing it does)
-        if backend.padding is not None:
-            backend.no_padding()
-        if backend.truncation is not None:
-            backend.no_truncation()
-        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 class Conversation:
@@ -200,6 +180,10 @@ class Conversation:
                 logger.warning("the chat template has no enable_thinking switch: enable_thinking=%s changes nothing",
                                enable_thinking)
         self._generation_prompt: str | None = None
+        self._mm_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
+        """Whether the processor returns ``mm_token_type_ids`` (Qwen-VL processors: by default)."""
+        self._fills: bool | None = None  # whether the template may be filled per shape (data/template_fill.py)
+        self._skeletons: dict[tuple, Skeleton | None] = {}
 
     # ------------------------------------------------------------------ rendering
 
@@ -208,7 +192,7 @@ class Conversation:
         template = getattr(self.processor, "chat_template", None) or ""
         return template.get("default", "") if isinstance(template, dict) else template
 
-    def _apply_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def _apply_template(self, messages: list, add_generation_prompt: bool = False):
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                   **self.template_kwargs)
 
@@ -229,17 +213,60 @@ class Conversation:
 
     def render(self, record: Record) -> Rendered:
         """The record rendered by the chat template and cut at its replies."""
-        messages = chat_messages(record)
-        text = self._apply_template(messages, self.add_generation_prompt)
-        turns = tuple(i for i, m in enumerate(record.messages) if m.role == "assistant")
-        if self.keep_earlier_reasoning:
-            text = self._with_earlier_reasoning(text, messages, turns)
-        pieces, pos = [], 0
-        for _, start, end in _turn_bounds(text, self.generation_prompt):
-            pieces += [text[pos:start], text[start:end]]
-            pos = end
-        pieces.append(text[pos:])
-        return Rendered(tuple(pieces), turns)
+        return self.render_many([record])[0]
+
+    def render_many(self, records: Sequence[Record]) -> list[Rendered]:
+        """``render`` of each record, through one call of the template for all (the processor renders each
+        conversation of a batch on its own, as it renders one: the same texts, without its per-call work)."""
+        if not records:
+            return []
+        conversations = [chat_messages(record) for record in records]
+        texts = self._texts(conversations)
+        generation_prompt = self.generation_prompt
+        out = []
+        for record, messages, text in zip(records, conversations, texts):
+            turns = tuple(i for i, m in enumerate(record.messages) if m.role == "assistant")
+            if self.keep_earlier_reasoning:
+                text = self._with_earlier_reasoning(text, messages, turns)
+            pieces, pos = [], 0
+            for _, start, end in _turn_bounds(text, generation_prompt):
+                pieces += [text[pos:start], text[start:end]]
+                pos = end
+            pieces.append(text[pos:])
+            out.append(Rendered(tuple(pieces), turns))
+        return out
+
+    def _texts(self, conversations: list[list[dict]]) -> list[str]:
+        """The template's text of each conversation: filled into its shape's skeleton where the template allows it
+        (``vlmtune.data.template_fill``), else rendered, all in one call of the processor's method (which takes a
+        list of conversations and renders each alone)."""
+        if self._fills is None:
+            try:
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+
+                source = self.template_source()
+                self._fills = writes_text_verbatim(_compile_jinja_template(source).environment, source)
+            except Exception:  # noqa: BLE001 (no such helper, or a template it cannot compile: render each)
+                self._fills = False
+        out: list[str | None] = [None] * len(conversations)
+        todo = list(range(len(conversations)))
+        if self._fills:
+            todo = []
+            for k, conversation in enumerate(conversations):
+                shape = shape_of(conversation)
+                if shape is not None and shape not in self._skeletons:
+                    self._skeletons[shape] = Skeleton.build(
+                        shape, lambda messages: self._apply_template(messages, self.add_generation_prompt))
+                skeleton = self._skeletons.get(shape) if shape is not None else None
+                if skeleton is None:
+                    todo.append(k)
+                else:
+                    out[k] = skeleton.fill(texts_of(conversation))
+        if todo:
+            rendered = self._apply_template([conversations[k] for k in todo], self.add_generation_prompt)
+            for k, text in zip(todo, rendered):
+                out[k] = text
+        return out
 
     def _with_earlier_reasoning(self, text: str, messages: list[dict], turns: tuple[int, ...]) -> str:
         """``text`` with the body of every assistant turn but the last as the template writes a last turn."""
@@ -306,6 +333,15 @@ class Conversation:
     def problem(self, ids: Sequence[int], labels: Sequence[int], piece_lengths: Sequence[int],
                 rendered: Rendered) -> str | None:
         """What is wrong with a record's labels, naming the turn (None: the labels are exactly the replies)."""
+        found = self._spans_to_decode(ids, labels, piece_lengths, rendered)
+        if isinstance(found, str):
+            return found
+        return self._decode_problem(found, _decoded(self.processor.tokenizer, [span for span, _ in found]), rendered)
+
+    def _spans_to_decode(self, ids: Sequence[int], labels: Sequence[int], piece_lengths: Sequence[int],
+                         rendered: Rendered) -> str | list[tuple[list[int], int]]:
+        """The structural part of ``problem``: its message, or the (labelled ids, reply index) whose decoding must
+        be the reply."""
         replies = rendered.replies
         if len(replies) != len(rendered.turns):
             return (f"the chat template wrote {len(replies)} assistant turn(s) between {ASSISTANT_HEADER!r} and "
@@ -322,10 +358,12 @@ class Conversation:
             if len(spans) != len(trained):
                 return (f"{len(spans)} labelled span(s) for the {len(trained)} repl(ies) that train (label_mode "
                         f"{self.label_mode}: turns {[rendered.turns[i] for i in trained]})")
-        tok = self.processor.tokenizer
-        for (start, end), i in zip(spans, trained):
-            got = tok.decode(list(ids[start:end]), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            want = self._normalize(replies[i])
+        return [(list(ids[start:end]), i) for (start, end), i in zip(spans, trained)]
+
+    def _decode_problem(self, spans: list[tuple[list[int], int]], decoded: list[str], rendered: Rendered) -> str | None:
+        """The first labelled span whose decoding is not its reply (after the tokenizer's normalization)."""
+        for (_, i), got in zip(spans, decoded):
+            want = self._normalize(rendered.replies[i])
             if got != want:
                 return f"turn {rendered.turns[i]}: the labelled tokens decode to {_short(got)}, not to the reply " \
                        f"{_short(want)}"
@@ -335,22 +373,30 @@ class Conversation:
 
     def measure(self, records: Sequence[Record], check: bool = True) -> tuple[list[int], list[Problem]]:
         """Token count of each record's text (one pad per image / video: vision tokens not expanded), tokenized
-        piece by piece exactly as ``encode`` does, and (``check``) the label problems of the records."""
-        rendered = [self.render(r) for r in records]
+        piece by piece exactly as ``encode`` does, and (``check``) the label problems of the records (``problem``
+        of each, its spans decoded in one batch)."""
+        rendered = self.render_many(records)
         flat = [piece for rd in rendered for piece in rd.pieces]
         tokenized = _token_ids(self.processor.tokenizer, flat)
-        counts, problems, pos = [], [], 0
-        for record, rd in zip(records, rendered):
+        counts, problems, pending, pos = [], [], [], 0  # problems: (position of the record, the problem)
+        for at, (record, rd) in enumerate(zip(records, rendered)):
             pieces = tokenized[pos: pos + len(rd.pieces)]
             pos += len(rd.pieces)
             lengths = [len(p) for p in pieces]
             counts.append(sum(lengths))
             if check:
                 ids = [t for p in pieces for t in p]
-                message = self.problem(ids, self.labels(ids, lengths, rd), lengths, rd)
-                if message:
-                    problems.append(Problem("error", message, record.index, record.id))
-        return counts, problems
+                found = self._spans_to_decode(ids, self.labels(ids, lengths, rd), lengths, rd)
+                if isinstance(found, str):
+                    problems.append((at, Problem("error", found, record.index, record.id)))
+                else:
+                    pending.append((at, record, rd, found))
+        decoded = iter(_decoded(self.processor.tokenizer, [span for *_, found in pending for span, _ in found]))
+        for at, record, rd, found in pending:
+            message = self._decode_problem(found, [next(decoded) for _ in found], rd)
+            if message:
+                problems.append((at, Problem("error", message, record.index, record.id)))
+        return counts, [problem for _, problem in sorted(problems, key=lambda found: found[0])]
 
     def token_counts(self, records: Sequence[Record]) -> list[int]:
         """Text tokens of each record (one pad per image / video), exactly as ``encode`` tokenizes them."""
@@ -366,19 +412,23 @@ class Conversation:
         """Model inputs of a record with its decoded media: the processor's tensors, ids tokenized piece by piece,
         ``labels``; raises ``LabelError`` when the labels are not exactly the replies that train."""
         rendered = self.render(record)
+        # no padding and no tensors for the per-token lists (one row per piece, joined here; the vision tensors
+        # come as tensors either way), and the modality of each token found once on the joined ids
+        types = processor_kwargs.pop("return_mm_token_type_ids", None)
+        types = self._mm_types if types is None else types
         encoded = self.processor(
             text=list(rendered.pieces), images=images or None, videos=videos or None,
-            video_metadata=video_metadata or None, padding=True, return_tensors="pt", **processor_kwargs,
+            video_metadata=video_metadata or None, return_mm_token_type_ids=False, **processor_kwargs,
         )
-        keep = encoded["attention_mask"].bool()
-        rows = [encoded["input_ids"][i][keep[i]] for i in range(len(rendered.pieces))]
-        item = {k: v for k, v in encoded.items() if k not in _PER_TOKEN}
-        item["input_ids"] = input_ids = torch.cat(rows)
+        rows = encoded["input_ids"]
+        item = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in encoded.items()
+                if k not in _PER_TOKEN}
+        ids, lengths = [t for row in rows for t in row], [len(row) for row in rows]
+        item["input_ids"] = input_ids = torch.tensor(ids, dtype=torch.long)
         item["attention_mask"] = torch.ones_like(input_ids)
-        if "mm_token_type_ids" in encoded:
-            types = encoded["mm_token_type_ids"]
-            item["mm_token_type_ids"] = torch.cat([types[i][keep[i]] for i in range(len(rows))])
-        ids, lengths = input_ids.tolist(), [len(r) for r in rows]
+        if types:  # the processor's own per-row function, on the joined row: the same value for every token
+            item["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([ids])[0],
+                                                     dtype=torch.long)
         labels = self.labels(ids, lengths, rendered)
         message = self.problem(ids, labels, lengths, rendered)
         if message:

@@ -130,7 +130,8 @@ class PromptDataset(VisionLanguageDataset):
 
 
 def collate_prompts(items: list[dict]) -> dict:
-    """GRPO batches stay a list of prompts: each prompt is sampled on its own (no padding between prompts)."""
+    """GRPO batches stay a list of prompts: the trainer samples them (in one call, padded on the left) and builds
+    its own rows."""
     return {"prompts": items}
 
 

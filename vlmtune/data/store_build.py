@@ -22,6 +22,7 @@ import numpy as np
 from vlmtune.data import media
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import image_extra_tokens, video_extra_tokens
+from vlmtune.data.progress import Progress
 from vlmtune.data.records import (
     NO_RECORDS,
     CollectionCheck,
@@ -259,9 +260,11 @@ class Builder:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers fork from here; they are the parallelism
         _WORKER.update(resolvers=self.resolvers, conversation=self.conversation,
                        data_format=self.settings["data_format"], stage=self.stage)
+        progress = Progress(f"data store: checking {self.path.name}")
         try:
             for chunk in _chunks(scan(self.path), CHUNK):
                 self.count += len(chunk)
+                progress.update(self.count)
                 # records that may declare a box convention (check_data converts those in memory)
                 self.box_records += sum(_BOX_KEY[isinstance(text, str)] in text for _, _, text in chunk)
                 digests = [_record_hash(text) for _, _, text in chunk]
@@ -276,6 +279,7 @@ class Builder:
             for done in jobs.drain():
                 self._merge(*done)
         finally:
+            progress.close()
             self.pooled = jobs.pool is not None
             jobs.close()
             self.blob.close()

@@ -144,12 +144,15 @@ def disable_kv_cache(model) -> None:
             sub.use_cache = False
 
 
+MOE_UNQUANTIZED = ("bitsandbytes quantizes nn.Linear layers only, so the fused MoE experts (over 90% of the "
+                   "weights) would stay in 16 bits")
+
+
 def check_quantization(family: Family, bits: int) -> None:
     """Refuse QLoRA where bitsandbytes would leave most of the model unquantized."""
     if bits in (4, 8) and family.is_moe:
-        raise ConfigError(f"--bits {bits} on {family.model_type}: bitsandbytes quantizes nn.Linear layers only, so "
-                          "the fused MoE experts (over 90% of the weights) would stay in 16 bits and PEFT's k-bit "
-                          "preparation would upcast them to fp32; train MoE models with --bits 16")
+        raise ConfigError(f"--bits {bits} on {family.model_type}: {MOE_UNQUANTIZED} and PEFT's k-bit preparation "
+                          "would upcast them to fp32; train MoE models with --bits 16")
 
 
 def has_linear_attention(config) -> bool:
@@ -197,11 +200,17 @@ def load_model(
     attn_implementation: str | None = None,
     bits: int = 16,
     use_liger: bool = False,
+    device_map: dict | None = None,
+    kbit_training: bool = True,
 ):
-    """(model, family) for training; quantized to 4/8 bits through bitsandbytes when asked."""
+    """(model, family) for training; quantized to 4/8 bits through bitsandbytes when asked (``kbit_training``:
+    prepared for QLoRA by PEFT; off for a frozen model, e.g. an 8-bit teacher). ``device_map`` places the weights
+    at load: a quantized model is loaded on its device, not moved there."""
     family = load_family(model_path)
     check_quantization(family, bits)
     kwargs = {"dtype": dtype, "attn_implementation": choose_attention(attn_implementation, dtype)}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if bits in (4, 8):
         from transformers import BitsAndBytesConfig
 
@@ -220,7 +229,7 @@ def load_model(
         logger.info(kernels)
     if use_liger:
         apply_liger(family, model)
-    if bits in (4, 8):
+    if bits in (4, 8) and kbit_training:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

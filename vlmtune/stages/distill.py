@@ -11,7 +11,8 @@ cross-entropy term is then left out (the samples are no labels).
 
 The teacher must read the student's batches as they are: the same tokenizer and vision token scheme (checked). It
 runs in eval mode without gradients, in the run's dtype, on the student's devices (a DeepSpeed inference engine,
-partitioned under ZeRO-3, as DPO's reference copy).
+partitioned under ZeRO-3, as DPO's reference copy); ``--teacher_bits 8`` loads its language-model Linear layers in
+bitsandbytes' LLM.int8 (QLoRA's skip modules: vision tower and LM head unquantized) straight onto the device.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from vlmtune.data.prompts import completion_row
 from vlmtune.errors import ConfigError
 from vlmtune.generation import VISION_TOKENS, eos_ids, sample_group
 from vlmtune.model.compat import check_compatible
-from vlmtune.model.load import dtype_name, load_family, torch_dtype
+from vlmtune.model.load import MOE_UNQUANTIZED, dtype_name, load_family, load_model, torch_dtype
 from vlmtune.stage_config import DistillArguments
 from vlmtune.stages import reference as ref
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
@@ -147,14 +148,51 @@ def check_teacher(path: str, start) -> None:
                      f"--teacher {path}")
 
 
-def load_teacher(path: str, train_args: TrainingArguments):
+def check_teacher_bits(distill_args: DistillArguments, train_args: TrainingArguments) -> None:
+    """Where ``--teacher_bits 8`` cannot apply, one line before anything loads."""
+    if distill_args.teacher_bits == 16 or not Path(distill_args.teacher).exists():
+        return  # a missing teacher is check_teacher's to report
+    what = f"--teacher_bits 8 with --teacher {distill_args.teacher}"
+    if run.start_of(distill_args.teacher)[1] is not None:
+        raise ConfigError(f"{what}: the teacher is a LoRA training output, whose adapters would have to be merged "
+                          "into its base before quantizing; merge it first with vlmtune merge and give the merged "
+                          "folder as --teacher")
+    family = load_family(distill_args.teacher, f"--teacher {distill_args.teacher}")
+    if family.is_moe:
+        raise ConfigError(f"{what}: a {family.model_type} teacher: {MOE_UNQUANTIZED}; use --teacher_bits 16")
+    if train_args.deepspeed:
+        raise ConfigError(f"{what} and --deepspeed: DeepSpeed partitions (ZeRO-3) or wraps the teacher's weights, "
+                          "which bitsandbytes' int8 layers do not survive; use --teacher_bits 16 (ZeRO-3 shards the "
+                          "teacher) or leave out --deepspeed")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"{what}: bitsandbytes is not importable ({exc}); pip install 'vlmtune[quant]', or use "
+                          "--teacher_bits 16") from None
+
+
+def load_teacher(path: str, train_args: TrainingArguments, bits: int = 16, device: torch.device | str = "cpu"):
     """The teacher in ``path`` (a model folder, a training output or a merged folder), in the run's dtype, eval mode,
-    no gradients."""
-    loaded = run.load_for_inference(path, dtype=dtype_name(torch_dtype(train_args.bf16, train_args.fp16)),
-                                    device="cpu")
-    logger.info("teacher: %s (%s parameters), eval mode, no gradients", loaded.source,
-                f"{sum(p.numel() for p in loaded.model.parameters()):,}")
-    return ref.frozen_copy(loaded.model)
+    no gradients; ``bits`` 8: a model folder with its Linear layers in LLM.int8, loaded on ``device`` (a quantized
+    model is placed at load, not moved)."""
+    dtype = torch_dtype(train_args.bf16, train_args.fp16)
+    if bits == 8:
+        model, _ = load_model(path, dtype=dtype, bits=8, device_map={"": str(device)}, kbit_training=False)
+        source = f"{path} in 8 bits (LLM.int8)"
+    else:
+        loaded = run.load_for_inference(path, dtype=dtype_name(dtype), device="cpu")
+        model, source = loaded.model, loaded.source
+    logger.info("teacher: %s (%s parameters, %.1f MB), eval mode, no gradients", source,
+                f"{sum(p.numel() for p in model.parameters()):,}", parameter_bytes(model) / 1e6)
+    return ref.frozen_copy(model)
+
+
+def parameter_bytes(model) -> int:
+    """The bytes a model's parameters and buffers hold (int8 weights at one byte, plus their row scales, which
+    bitsandbytes keeps on the weight as ``SCB``)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [t.SCB for t in tensors if isinstance(getattr(t, "SCB", None), torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def distill(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
@@ -162,6 +200,7 @@ def distill(model_args: ModelArguments, data_args: DataArguments, mode_args: Mod
     """Run one distillation job; returns the output folder."""
     if not distill_args.teacher:
         raise ConfigError("--teacher is required: the model folder (or training output) to distil from")
+    check_teacher_bits(distill_args, train_args)
 
     def dataset(records, lengths, source, start, conversation):
         check_teacher(distill_args.teacher, start)  # before the student loads
@@ -169,7 +208,8 @@ def distill(model_args: ModelArguments, data_args: DataArguments, mode_args: Mod
                                      data_args.max_seq_length, data_args.strict_length, lengths, source)
 
     def prepare(trainer: DistillTrainer, start, plan, resume: str | None, train_set) -> None:
-        trainer.teacher = ref.prepare_reference_copy(trainer, load_teacher(distill_args.teacher, train_args))
+        teacher = load_teacher(distill_args.teacher, train_args, distill_args.teacher_bits, trainer.accelerator.device)
+        trainer.teacher = ref.prepare_reference_copy(trainer, teacher)  # an 8-bit teacher (no DeepSpeed) stays put
         logger.info("distillation: %s at temperature %g%s%s", "forward KL" if distill_args.beta == 0 else
                     "reverse KL" if distill_args.beta == 1 else f"generalized JSD (beta {distill_args.beta:g})",
                     distill_args.temperature, f", plus {distill_args.ce_weight:g} x CE" if distill_args.ce_weight

@@ -56,6 +56,7 @@ class DPOTrainer(PolicyTrainer):
         super().__init__(*args, **kwargs)
         self.dpo = dpo
         self.ref_table: dict[str, torch.Tensor] = {}  # "train" / "eval" -> (pairs, 2), precomputed
+        self.ref_seen: dict[str, dict[int, torch.Tensor]] = {"train": {}, "eval": {}}  # mode -> pair -> (2,)
 
     # ------------------------------------------------------------ loss
 
@@ -68,7 +69,7 @@ class DPOTrainer(PolicyTrainer):
         if self.dpo.precompute_ref_log_probs:
             ref_logps = self._reference_table(model, mode)[pair_index.cpu()].T.flatten()
         else:
-            ref_logps = self.reference_log_probs(model, inputs).sum(-1)
+            ref_logps = self._reference_sums(model, inputs, pair_index, mode)
         logps = ref.token_log_probs(model, inputs).sum(-1)
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = ref_logps.to(logps).chunk(2)
@@ -106,6 +107,22 @@ class DPOTrainer(PolicyTrainer):
         }
         for key, value in values.items():
             self.record_metric(mode, key, self.accelerator.gather(value).mean().item())
+
+    # ------------------------------------------------------------ reference
+
+    def _reference_sums(self, model, inputs: dict, pair_index: torch.Tensor, mode: str) -> torch.Tensor:
+        """The reference's summed reply log-probs of the batch (chosen rows, then rejected), each pair scored once
+        per run: the reference never changes (adapters off, or the frozen copy), so a pair's sums are kept from
+        the first batch that held it and reused in later epochs."""
+        seen = self.ref_seen[mode]
+        pairs = pair_index.tolist()
+        if all(i in seen for i in pairs):
+            kept = torch.stack([seen[i] for i in pairs])  # (pairs, 2)
+            return kept.T.flatten().to(inputs["input_ids"].device)
+        sums = self.reference_log_probs(model, inputs).sum(-1)
+        for i, pair in zip(pairs, torch.stack(sums.detach().chunk(2), -1).cpu()):
+            seen[i] = pair
+        return sums
 
     # ------------------------------------------------------------ precomputed reference
 

@@ -8,7 +8,8 @@ second data path beside vlmtune's processor-exact one.
 
 A step of one process, for each of its ``per_device_train_batch_size`` prompts:
 
-1. sample ``num_generations`` completions (HF ``generate``, or vLLM) from the prompt's processor ids and pixels;
+1. sample ``num_generations`` completions (HF ``generate``, or vLLM) from the prompt's processor ids and pixels,
+   every prompt of the step in one call (the vision tower once per prompt);
 2. score them with every reward function (and ``--reward_model``, on the prompt + completion rows), sum with the
    weights, and normalise within the group: advantage =
    (reward - group mean) / (group std + 1e-4) (``--scale_rewards``);
@@ -38,7 +39,7 @@ from vlmtune.data.collator import Collator
 from vlmtune.data.conversation import IGNORE_INDEX
 from vlmtune.data.prompts import PromptDataset, collate_prompts, completion_row
 from vlmtune.errors import ConfigError
-from vlmtune.generation import VISION_TOKENS, cut_at_eos, cut_before, eos_ids, sample_group
+from vlmtune.generation import VISION_TOKENS, cut_at_eos, cut_before, eos_ids, left_padded, sample_group
 from vlmtune.model.reward import check_folder
 from vlmtune.run import COMPLETIONS_FILE
 from vlmtune.scoring import load_reward_model, score_rows
@@ -66,45 +67,61 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 
 class HFSampler:
-    """Completions through the model's own ``generate``: each prompt's rows repeated ``n`` times, no padding."""
+    """Completions through the model's own ``generate``: every prompt of the batch in one call, padded on the left,
+    ``num_generations`` rows each (``num_return_sequences``: transformers runs the vision tower once per prompt and
+    repeats its features); each completion is cut after its first end token."""
 
     def __init__(self, args: GRPOArguments, collator: Collator, eos_ids: list[int], pad_id: int,
                  suppressed: list[int]):
         self.args, self.collator, self.eos_ids, self.pad_id = args, collator, eos_ids, pad_id
         self.suppressed = suppressed
 
-    def sample(self, model, prompt: dict, trainer) -> list[torch.Tensor]:
-        item = {k: v for k, v in prompt.items() if k != "record"}
-        return sample_group(model, self.collator([item] * self.args.num_generations), self.eos_ids, self.pad_id,
-                            self.suppressed, self.args.temperature, self.args.top_p, self.args.top_k,
-                            self.args.max_completion_length)
+    @torch.no_grad()
+    def sample(self, model, prompts: list[dict], trainer) -> list[list[torch.Tensor]]:
+        n = self.args.num_generations
+        batch = left_padded(self.collator([{k: v for k, v in p.items() if k != "record"} for p in prompts]))
+        rows = sample_group(model, batch, self.eos_ids, self.pad_id, self.suppressed, self.args.temperature,
+                            self.args.top_p, self.args.top_k, self.args.max_completion_length, repeat=n)
+        return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 class VLLMSampler:
-    """Completions through TRL's ``VLLMGeneration`` (colocated or a server): images and text only.
+    """Completions through TRL's ``VLLMGeneration`` (colocated or a server; ``vllm_engine``): images and text only.
 
-    Not exercised by the test suite (it needs a CUDA device with vLLM installed)."""
+    Every prompt of the batch goes in one call with the ids HF ``generate`` would get, repeated ``num_generations``
+    times (the engine samples that many per distinct prompt), with its images under the run's budget. The engine
+    stops at the run's end tokens (``stop_token_ids``, as ``generate``'s ``eos_token_id``), and its weights are
+    synced from the policy before the first sampling after each optimizer step (and at the run's first)."""
 
-    def __init__(self, args: GRPOArguments, trainer, budget: media.MediaBudget, eos_ids: list[int]):
-        from trl.generation.vllm_generation import VLLMGeneration
-
-        self.args, self.budget, self.eos_ids = args, budget, eos_ids
-        self.engine = VLLMGeneration(
-            trainer.model, trainer.accelerator, trainer.processing_class, mode=args.vllm_mode,
-            server_base_url=args.vllm_server_base_url, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            max_completion_length=args.max_completion_length)
+    def __init__(self, args: GRPOArguments, budget: media.MediaBudget, eos_ids: list[int], engine):
+        self.args, self.budget, self.eos_ids, self.engine = args, budget, eos_ids, engine
         self.synced_step = -1
 
-    def sample(self, model, prompt: dict, trainer) -> list[torch.Tensor]:
+    def sample(self, model, prompts: list[dict], trainer) -> list[list[torch.Tensor]]:
         if trainer.state.global_step != self.synced_step:
             self.engine.sync_weights()
             self.synced_step = trainer.state.global_step
         n = self.args.num_generations
-        images = [media.load_image(p, self.budget) for p in prompt["record"]["images"]] or None
-        ids = prompt["input_ids"].tolist()
-        _, completions, _, _ = self.engine.generate([ids] * n, [images] * n if images else None, n)
-        return [cut_at_eos(torch.tensor(c, device=prompt["input_ids"].device), self.eos_ids) for c in completions]
+        ids, images = [], []
+        for prompt in prompts:
+            ids += [prompt["input_ids"].tolist()] * n
+            images += [[media.load_image(p, self.budget) for p in prompt["record"]["images"]] or None] * n
+        _, completions, _, _ = self.engine.generate(ids, images if any(images) else None, n)
+        device = prompts[0]["input_ids"].device
+        rows = [cut_at_eos(torch.tensor(c, dtype=torch.long, device=device), self.eos_ids) for c in completions]
+        return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def vllm_engine(args: GRPOArguments, trainer, eos_ids: list[int]):
+    """TRL's ``VLLMGeneration`` for the run: its sampling flags, stopping at ``eos_ids``. Not exercised by the test
+    suite (it needs a CUDA device with vLLM installed)."""
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    return VLLMGeneration(
+        trainer.model, trainer.accelerator, trainer.processing_class, mode=args.vllm_mode,
+        server_base_url=args.vllm_server_base_url, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_completion_length=args.max_completion_length, generation_kwargs={"stop_token_ids": list(eos_ids)})
 
 
 class GRPOTrainer(PolicyTrainer):
@@ -157,7 +174,7 @@ class GRPOTrainer(PolicyTrainer):
             return batch
         prompts = self._prepare_inputs(prompts)
         with self._generation_model(model) as generator:
-            completions = [self._sample(generator, prompt) for prompt in prompts]
+            completions = self._sample(generator, prompts)
             if mode == "train" and self.grpo.dynamic_sampling:
                 prompts, completions = self._resample_equal_groups(generator, prompts, completions)
         batch = self._score(prompts, completions, mode)
@@ -170,8 +187,10 @@ class GRPOTrainer(PolicyTrainer):
             self._rollouts[key] = [batch, 1]
         return batch
 
-    def _sample(self, generator, prompt: dict) -> list[torch.Tensor]:
-        return [cut_before(c, self.vision_ids) for c in self.sampler.sample(generator, prompt, self)]
+    def _sample(self, generator, prompts: list[dict]) -> list[list[torch.Tensor]]:
+        """The completions of each prompt (one group each), from one sampler call for them all."""
+        groups = self.sampler.sample(generator, prompts, self)
+        return [[cut_before(c, self.vision_ids) for c in group] for group in groups]
 
     def _resample_equal_groups(self, generator, prompts: list[dict], completions: list[list[torch.Tensor]]):
         """DAPO's dynamic sampling: the groups whose rewards are all equal are sampled again, up to
@@ -183,8 +202,9 @@ class GRPOTrainer(PolicyTrainer):
         for _ in range(self.grpo.dynamic_sampling):
             if not equal.any():
                 break
-            for i in equal.nonzero().flatten().tolist():
-                completions[i] = self._sample(generator, prompts[i])
+            again = equal.nonzero().flatten().tolist()
+            for i, group in zip(again, self._sample(generator, [prompts[i] for i in again])):
+                completions[i] = group
             equal = ~losses.varied_groups(self._rewards(prompts, completions)[2], n)
         dropped = equal.float().mean() if not equal.all() else torch.tensor(0.0)
         for key, value in (("dynamic_sampling/equal_groups", first), ("dynamic_sampling/dropped_groups", dropped)):
@@ -376,4 +396,4 @@ def choose_sampler(args: GRPOArguments, trainer: GRPOTrainer, dataset: PromptDat
         raise ConfigError(f"vLLM sampling (TRL's VLLMGeneration) takes images and text only; {len(videos)} record(s) "
                           f"have videos (ids {videos[:5]}): pass --use_vllm False")
     logger.info("sampling: vLLM (%s)", args.vllm_mode)
-    return VLLMSampler(args, trainer, budget, trainer.eos_ids)
+    return VLLMSampler(args, budget, trainer.eos_ids, vllm_engine(args, trainer, trainer.eos_ids))

@@ -26,6 +26,7 @@ from torch import nn
 from vlmtune.errors import ConfigError
 from vlmtune.model import modes
 from vlmtune.model.load import torch_dtype
+from vlmtune.stages import vision_once
 from vlmtune.stages.setup import load_policy, load_start_model
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values"
 
 def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(rows, length - 1) log-probability of each next token whose label is not -100 (0 elsewhere), from one
-    forward of ``model`` (which has the fused head) on the batch's rows and vision tensors."""
-    inputs = {k: v for k, v in batch.items() if k in MODEL_KEYS}
+    forward of ``model`` (which has the fused head) on the batch's rows and vision tensors; the vision tower runs
+    once per distinct image or video (``vision_once``: DPO's pairs, GRPO's groups)."""
+    inputs = vision_once.model_inputs(model, batch, MODEL_KEYS)
     return model(**inputs, labels=batch["labels"], fused_lm_head=True, use_cache=False).log_probs
 
 

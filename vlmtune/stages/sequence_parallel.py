@@ -6,12 +6,15 @@ The Trainer's data loader gives each process its own batch, as in any data-paral
 then trains on its N batches one after the other, each batch split across the whole group (as DeepSpeed's
 ``UlyssesSPDataLoaderAdapter`` does for text models, here with the vision tensors too): every rank receives the
 whole batch (media included), so each optimizer step sees the same batches, in the same number of steps, as
-the plain data-parallel run.
+the plain data-parallel run. For all but the group's last batch, DDP skips its reduction (``no_sync``) and
+DeepSpeed ZeRO-2/3 is told it is off the accumulation boundary (no optimizer step).
 
-The loss of a step is the token-weighted mean over the group's N batches: each rank's chunk contributes its
-summed token loss over the group's count of targets, so the group's contributions add up to that mean and the
-gradients summed over the group are its gradients. DDP averages over all processes, so each contribution is
-scaled by N (the mean over groups is what remains).
+The loss weights tokens as the Trainer does without sequence parallelism: by default
+(``average_tokens_across_devices``) every target of the optimizer step, over all processes and accumulation
+steps, counts once (the Trainer's ``num_items_in_batch``): each rank's chunk contributes its summed token loss
+over that count, times the number of processes, which DDP's mean over processes takes back. Without that
+setting, each micro-step is the token-weighted mean over the group's N batches. Either way the contributions of a
+group's ranks add up to the loss of its batches and their gradients, summed by DDP, to its gradients.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def check(size: int, train_args, model_args, data_args, config, model_type: str,
     if train_args.eval_generate:
         raise ConfigError(f"--sequence_parallel_size {size} with --eval_generate: generation runs one token at a "
                           "time, which cannot be split across the group; evaluate with the eval loss only")
-    engine = "--deepspeed" if train_args.deepspeed else "--fsdp" if train_args.fsdp else None
+    engine = "--fsdp" if train_args.fsdp else None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sp.check(size, world, config, model_type, packing=data_args.packing, engine=engine,
              attn_implementation=model_args.attn_implementation)
@@ -71,14 +74,17 @@ def exchange(inputs: dict, group: sp.Group) -> list[dict]:
     return batches
 
 
-def training_step(trainer, model, inputs: dict, records: list[str]) -> torch.Tensor:
+def training_step(trainer, model, inputs: dict, records: list[str], num_items_in_batch=None) -> torch.Tensor:
     """One micro-step of the group: its N batches forward and backward in turn, each split across the group;
-    returns this rank's share of the loss (the Trainer's mean over processes logs the group's loss)."""
+    returns this rank's share of the loss (the Trainer's mean over processes logs the loss)."""
     group = trainer.sp_group
     model.train()
     batches = exchange({**inputs, RECORDS: records}, group)
-    total = sum(sp.count_targets(b["labels"]) for b in batches)
-    scale = group.size / trainer.current_gradient_accumulation_steps
+    if num_items_in_batch is not None and trainer.args.average_tokens_across_devices:
+        total, scale = int(num_items_in_batch), trainer.accelerator.num_processes
+    else:
+        total = sum(sp.count_targets(b["labels"]) for b in batches)
+        scale = group.size / trainer.current_gradient_accumulation_steps
     reported = torch.zeros((), device=trainer.args.device)
     for k, batch in enumerate(batches):
         names = batch.pop(RECORDS)
@@ -87,11 +93,23 @@ def training_step(trainer, model, inputs: dict, records: list[str]) -> torch.Ten
         with trainer.compute_loss_context_manager():
             logits = model(**batch, use_cache=False).logits
         loss = sp.chunk_loss(logits, targets, total) * scale
-        last = k == group.size - 1  # DDP reduces the gradients once, after the last batch of the group
-        with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
-            trainer.accelerator.backward(loss)
+        backward(trainer, model, loss, last=k == group.size - 1)
         reported += loss.detach()
     return reported
+
+
+def backward(trainer, model, loss: torch.Tensor, last: bool) -> None:
+    """Gradients of one of the group's batches; they are reduced across processes only after its last one (DDP's
+    ``no_sync``; DeepSpeed: not a gradient-accumulation boundary, no optimizer step)."""
+    if not trainer.is_deepspeed_enabled:
+        with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
+            trainer.accelerator.backward(loss)
+    elif last:  # the Trainer's own call: a boundary and a step when the accumulation is complete
+        trainer.accelerator.backward(loss, scale_wrt_gas=False)
+    else:
+        engine = trainer.accelerator.deepspeed_engine_wrapped.engine
+        engine.set_gradient_accumulation_boundary(is_boundary=False)
+        engine.backward(loss, scale_wrt_gas=False)
 
 
 def eval_loss(trainer, model, inputs: dict) -> torch.Tensor:

@@ -212,7 +212,7 @@ class VisionLanguageTrainer(Trainer):
         self._samples_seen += packing.count_samples(inputs, pad_id)
         self._tokens_seen += packing.count_tokens(inputs, pad_id)
         if self.sp_group is not None:
-            loss = sp_stage.training_step(self, model, inputs, records)
+            loss = sp_stage.training_step(self, model, inputs, records, num_items_in_batch)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():

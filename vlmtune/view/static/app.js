@@ -155,7 +155,9 @@ async function showRecord(index) {
     location.hash = `#/record/${index}?` + q.toString(); };
   const switches = INFO.stage === "cpt" ? el("div", {class: "muted", text: "CPT: every text token trains"}) :
     el("div", {class: "switches"},
-      el("label", {text: "--label_mode "}, el("select", {id: "label_mode", onchange: e => setSwitch("label_mode", e.target.value)},
+      // DPO labels each reply as its pair's last turn, GRPO trains no prompt token: --label_mode is SFT's
+      el("label", {text: "--label_mode "}, el("select", {id: "label_mode", disabled: INFO.stage !== "sft",
+        onchange: e => setSwitch("label_mode", e.target.value)},
         INFO.label_modes.map(m => el("option", {value: m, text: m, selected: m === sw.label_mode})))),
       el("label", {text: "--enable_thinking "}, el("select", {id: "enable_thinking", disabled: !INFO.has_thinking_switch,
         onchange: e => setSwitch("enable_thinking", e.target.value)},

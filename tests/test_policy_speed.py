@@ -1,0 +1,235 @@
+"""DPO and GRPO without repeated work (issue 21 §2): the vision tower once per distinct image or video (pairs,
+groups), each pair's reference scored once per run, a batch's prompts sampled in one ``generate`` call, and the
+vLLM path's prompts, stop tokens and weight syncs. Each against what the work gave when repeated: the model's plain
+forward on every row's pixels, a reference forward at every step, one ``generate`` call per prompt."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import torch
+from conftest import EXAMPLES
+
+from vlmtune.config import ModeArguments, TrainingArguments
+from vlmtune.data import media
+from vlmtune.data.records import read_records
+from vlmtune.stage_config import DPOArguments, GRPOArguments
+
+PAIRS = ("pref_red_circle", "pref_video_left", "pref_text", "pref_image_and_video")  # no media shared
+
+
+def setup(tiny_model_dir, family_name: str, mode: str = "lora_vision"):
+    """(model with LoRA and the fused head, its B moved off zero; processor; family; budget; plan)."""
+    from transformers import AutoModelForImageTextToText
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from vlmtune.model import modes
+    from vlmtune.model.load import load_family, load_processor
+    from vlmtune.stages import reference as ref
+
+    path = tiny_model_dir(family_name)
+    processor, family = load_processor(str(path)), load_family(str(path))
+    budget = media.budget_from_processor(processor, family.factor)
+    torch.manual_seed(0)
+    args = ModeArguments(mode=mode, lora_rank=8)
+    plan = modes.plan_from_args(args)
+    model = modes.apply_plan(AutoModelForImageTextToText.from_pretrained(path), family, plan, args)
+    disable_dropout_in_model(model)
+    ref.add_log_prob_head(model, "dpo")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
+    return model, processor, family, budget, plan
+
+
+def pairs_dataset(processor, family, budget, ids=PAIRS):
+    from vlmtune.data.conversation import Conversation
+    from vlmtune.data.prompts import PreferenceDataset, stage_lengths
+
+    records = [r for r in read_records(EXAMPLES / "preference.json", stage="dpo", budget=budget)[0] if r.id in ids]
+    conversation = Conversation(processor)
+    lengths = stage_lengths(records, conversation, budget, family, "dpo")[0]
+    return PreferenceDataset(records, processor, family, budget, conversation, None, False, lengths)
+
+
+def tower_patches(model) -> list[int]:
+    """Patches the vision tower receives, call by call (a forward hook on the tower)."""
+    from vlmtune.stages.reference import transformers_model
+
+    calls: list[int] = []
+    transformers_model(model).model.visual.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(args[0].shape[0]), with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("family_name", ["qwen2_vl", pytest.param("qwen3_vl", marks=pytest.mark.slow)])
+def test_the_tower_runs_once_per_distinct_item_with_the_plain_forwards_log_probs_and_gradients(
+        tiny_model_dir, family_name):
+    """lora_vision (the tower trains): DPO's pairs (chosen rows, then rejected) and GRPO-like groups (each row
+    twice in a row) of image, video, image + video and text rows. The log-probs equal the model's plain
+    forward on every row's pixels, the gradient of every trained tensor (tower, merger, LLM) too, and the tower
+    sees each distinct item once. Qwen3-VL also feeds DeepStack features from the tower into the LLM."""
+    from vlmtune.data.collator import Collator
+    from vlmtune.data.prompts import PreferenceCollator
+    from vlmtune.stages import reference as ref
+
+    model, processor, family, budget, _ = setup(tiny_model_dir, family_name)
+    dataset = pairs_dataset(processor, family, budget)
+    pad = processor.tokenizer.pad_token_id
+    items = [dataset[i] for i in range(len(dataset))]  # media decoded once
+    pairs = PreferenceCollator(pad)(items)
+    groups = Collator(pad)([item["chosen"] for item in items for _ in range(2)])
+    calls = tower_patches(model)
+    model.train()
+    for batch, copies in ((pairs, 2), (groups, 2)):
+        results = []
+        for forward in ("plain", "once"):
+            model.zero_grad()
+            calls.clear()
+            if forward == "plain":
+                inputs = {k: v for k, v in batch.items() if k in ref.MODEL_KEYS}
+                logps = model(**inputs, labels=batch["labels"], fused_lm_head=True, use_cache=False).log_probs
+            else:
+                logps = ref.token_log_probs(model, batch)
+            (logps * torch.linspace(0.5, 1.5, logps.shape[1])).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((logps.detach(), grads, sum(calls)))
+        (plain, plain_grads, plain_patches), (once, once_grads, once_patches) = results
+        assert (once - plain).abs().max().item() <= 1e-6  # measured: 0.0 (bit-equal)
+        assert plain_grads.keys() == once_grads.keys() and any("visual" in n for n in plain_grads)
+        for name, grad in plain_grads.items():  # measured: at most 6.5e-7 of the tensor's largest entry
+            assert (once_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+        assert once_patches * copies == plain_patches
+
+
+def test_each_pair_is_scored_by_the_reference_once_per_run(tiny_model_dir, tmp_path):
+    """A LoRA run's reference (adapters off) scores each pair the first time a batch holds it; later batches of
+    other compositions (another epoch) reuse the sums, and the loss equals the one with a reference forward at that
+    step (a trainer that has seen nothing yet), within 1e-6."""
+    from vlmtune.data.prompts import PreferenceCollator
+    from vlmtune.stages import reference as ref
+    from vlmtune.stages.dpo import DPOTrainer
+
+    model, processor, family, budget, plan = setup(tiny_model_dir, "qwen2_vl", "lora")
+    dataset = pairs_dataset(processor, family, budget)
+    collate = PreferenceCollator(processor.tokenizer.pad_token_id)
+
+    def trainer():
+        return DPOTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                              report_to="none"),
+                          train_dataset=dataset, data_collator=collate, processing_class=processor, family=family,
+                          run_info={}, dpo=DPOArguments(beta=0.5),
+                          reference=ref.Reference.adapters_off(model, family, plan, False, "test"))
+
+    warm, fresh = trainer(), trainer()
+    items = [dataset[i] for i in range(len(dataset))]
+    model.train()
+    with mock.patch.object(ref.Reference, "log_probs", autospec=True, side_effect=ref.Reference.log_probs) as scored:
+        for indices in ([0, 1], [2, 3]):  # the first epoch: every pair is new
+            warm.compute_loss(model, collate([items[i] for i in indices]))
+        assert scored.call_count == 2
+        batch = collate([items[i] for i in (3, 1, 2)])  # the next epoch, another order and padding
+        kept = warm.compute_loss(model, dict(batch)).item()
+        assert scored.call_count == 2
+        scored_now = fresh.compute_loss(model, dict(batch)).item()
+        assert scored.call_count == 3
+    assert kept == pytest.approx(scored_now, abs=1e-6)
+
+
+def grpo_trainer(model, processor, family, budget, tmp_path, **grpo):
+    from vlmtune.data.conversation import Conversation
+    from vlmtune.data.prompts import PromptDataset, collate_prompts, stage_lengths
+    from vlmtune.rewards import Reward
+    from vlmtune.stages.grpo import GRPOTrainer
+
+    wanted = ("grpo_red_circle", "grpo_video_right", "grpo_triangle_sides")
+    records = [r for r in read_records(EXAMPLES / "grpo.json", stage="grpo", budget=budget)[0] if r.id in wanted]
+    conversation = Conversation(processor)
+    dataset = PromptDataset(records, processor, family, budget, conversation, None, False,
+                            stage_lengths(records, conversation, budget, family, "grpo")[0])
+    length = Reward("length", lambda completions, **kw: [float(len(c)) for c in completions])
+    trainer = GRPOTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                              report_to="none"),
+                          train_dataset=dataset, data_collator=collate_prompts, processing_class=processor,
+                          family=family, run_info={}, grpo=GRPOArguments(**grpo), rewards=[length])
+    return trainer, collate_prompts([dataset[i] for i in range(len(dataset))])["prompts"]
+
+
+def test_a_batch_of_prompts_is_sampled_in_one_call_as_each_prompt_alone(tiny_model_dir, tmp_path):
+    """Image, video and text prompts of different lengths in one ``generate`` call (padded on the left), greedy
+    (top_k 1): each prompt's completions are the ones ``generate`` gives that prompt alone, cut after the first end
+    token, and the tower runs once per prompt (not once per completion)."""
+    model, processor, family, budget, _ = setup(tiny_model_dir, "qwen2_vl", "lora")
+    n = 3
+    trainer, prompts = grpo_trainer(model, processor, family, budget, tmp_path, num_generations=n,
+                                    max_completion_length=6, top_k=1)
+    model.eval()
+    eos = trainer.eos_ids
+    calls = tower_patches(model)
+    groups = trainer.sampler.sample(model, prompts, trainer)
+    assert [len(g) for g in groups] == [n] * len(prompts)
+    item_patches = sum(int(p[k].prod(-1).sum()) for p in prompts for k in ("image_grid_thw", "video_grid_thw")
+                       if k in p)
+    assert sum(calls) == item_patches
+    for prompt, group in zip(prompts, groups):
+        alone = {k: v[None] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+                 for k, v in prompt.items() if k != "record"}
+        out = model.generate(**alone, do_sample=False, max_new_tokens=6, eos_token_id=eos,
+                             pad_token_id=processor.tokenizer.pad_token_id,
+                             suppress_tokens=trainer.vision_ids)[0, prompt["input_ids"].shape[0]:].tolist()
+        ends = [i for i, t in enumerate(out) if t in eos]
+        want = out[: ends[0] + 1] if ends else out
+        assert all(c.tolist() == want for c in group)
+
+
+class FakeEngine:
+    """What ``VLLMSampler`` calls of TRL's ``VLLMGeneration``: ``sync_weights`` and ``generate`` (which answers
+    each prompt with its last token, an end token and two more)."""
+
+    def __init__(self, eos: int):
+        self.eos, self.syncs, self.calls = eos, 0, []
+
+    def sync_weights(self):
+        self.syncs += 1
+
+    def generate(self, prompts, images, num_generations):
+        self.calls.append((prompts, images, num_generations))
+        return prompts, [[p[-1], self.eos, 7, 8] for p in prompts], None, None
+
+
+def test_vllm_gets_the_generate_prompts_stop_tokens_and_fresh_weights(tiny_model_dir, tmp_path):
+    """The vLLM path (no GPU here, a stand-in engine): one call per batch with each prompt's processor ids (those
+    HF ``generate`` gets) repeated num_generations times and its images, weights synced before the first sampling
+    of each optimizer step only, completions cut after the end token; the engine is built to stop at the run's end
+    tokens, those of the model's generation config."""
+    from vlmtune.stages import grpo as grpo_stage
+
+    model, processor, family, budget, _ = setup(tiny_model_dir, "qwen2_vl", "lora")
+    n = 2
+    trainer, prompts = grpo_trainer(model, processor, family, budget, tmp_path, num_generations=n,
+                                    max_completion_length=4)
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    with mock.patch("trl.generation.vllm_generation.VLLMGeneration") as built:
+        grpo_stage.vllm_engine(trainer.grpo, trainer, trainer.eos_ids)
+    assert built.call_args.kwargs["generation_kwargs"] == {"stop_token_ids": eos}
+    assert built.call_args.kwargs["max_completion_length"] == 4
+
+    engine = FakeEngine(eos[0])
+    trainer.sampler = grpo_stage.VLLMSampler(trainer.grpo, budget, trainer.eos_ids, engine)
+    trainer.state = SimpleNamespace(global_step=0)
+    model.eval()
+    for step in (0, 0, 1):  # two micro-batches of step 0, then step 1
+        trainer.state.global_step = step
+        groups = trainer._sample(model, prompts)
+    assert engine.syncs == 2 and len(engine.calls) == 3
+    ids, images, count = engine.calls[-1]
+    assert count == n and ids == [p["input_ids"].tolist() for p in prompts for _ in range(n)]
+    with_images = [bool(p["record"]["images"]) for p in prompts for _ in range(n)]
+    assert [bool(i) for i in images] == with_images and any(with_images)
+    assert all(len(i) == 1 and i[0].size[0] > 0 for i in images if i)
+    assert [[c.tolist() for c in g] for g in groups] == [[[p["input_ids"][-1].item(), eos[0]]] * n for p in prompts]
