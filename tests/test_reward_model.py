@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -183,7 +184,11 @@ def test_merged_qwen3_5_reward_model_is_a_sequence_classification_folder(tiny_mo
     from vlmtune.run import load_for_inference, run_record, save_run_files
     from vlmtune.scoring import load_reward_model, score_rows
 
-    path = tiny_model_dir("qwen3_5")
+    path = tmp_path / "base"  # the tiny model, its config without pad_token_id (as hub configs may be)
+    shutil.copytree(tiny_model_dir("qwen3_5"), path)
+    base_config = json.loads((path / "config.json").read_text())
+    base_config["text_config"]["pad_token_id"] = None
+    (path / "config.json").write_text(json.dumps(base_config))
     processor, family = load_processor(str(path)), load_family(str(path))
     budget = media.budget_from_processor(processor, family.factor)
     args = ModeArguments(mode="lora", lora_rank=8)
@@ -220,3 +225,7 @@ def test_merged_qwen3_5_reward_model_is_a_sequence_classification_folder(tiny_mo
         assert torch.allclose(run_rewards, want, atol=1e-4), (rid, run_rewards, want)
         assert torch.allclose(merged_rewards, run_rewards, atol=1e-4), (rid, merged_rewards, run_rewards)
     assert abs(float(want)) > 1e-3  # a reward the head actually produces
+    assert config["text_config"]["pad_token_id"] == processor.tokenizer.pad_token_id  # batches of rows score
+    rows = processor.tokenizer(["a red circle", "no"], padding=True, return_tensors="pt")
+    assert rows["attention_mask"].sum() < rows["attention_mask"].numel()  # padded
+    assert torch.allclose(score_rows(from_merged, dict(rows)), score_rows(from_run, dict(rows)), atol=1e-4)

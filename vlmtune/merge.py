@@ -360,7 +360,7 @@ def merge(
         seq_cls = head.is_file() and reward.seq_cls_class(merged.config) is not None
         if seq_cls:  # written in transformers' sequence-classification layout, checked by reloading it there
             diffs["reloaded"] = reward.write_seq_cls(merged, load_file(head)[reward.HEAD_KEY], tmp, batch,
-                                                     max_shard_size=shard_size)
+                                                     processor.tokenizer.pad_token_id, max_shard_size=shard_size)
         else:
             merged.save_pretrained(tmp, max_shard_size=shard_size)
         write_hub_layout(tmp, family)  # the layout vLLM and a ZeRO-3 load read (vlmtune/model/hub_layout.py)

@@ -96,18 +96,21 @@ def is_seq_cls_folder(folder: str | Path) -> bool:
 
 
 def write_seq_cls(merged: nn.Module, head_weight: torch.Tensor, folder: str | Path,
-                  batch: dict[str, torch.Tensor], **save_kwargs) -> float:
+                  batch: dict[str, torch.Tensor], pad_token_id: int | None, **save_kwargs) -> float:
     """Save a merged reward model (``merged``: the family's generation class, without a head) with ``head_weight``
     through the family's sequence-classification class: its body's weights without ``lm_head``, ``score.weight``
-    in the body's dtype, the config that class writes (``num_labels`` 1). Reloads the folder with that class
-    (``MergeError`` unless every key matches) and returns max |reward difference| on ``batch`` between its
-    ``logits`` and ``merged`` + head (``sequence_rewards`` at each row's last real token)."""
+    in the body's dtype, the config that class writes (``num_labels`` 1; the tokenizer's ``pad_token_id`` where the
+    text config has none, without which that class refuses batches of more than one row). Reloads the folder with
+    that class (``MergeError`` unless every key matches) and returns max |reward difference| on ``batch`` between
+    its ``logits`` and ``merged`` + head (``sequence_rewards`` at each row's last real token)."""
     import copy
 
     from vlmtune.errors import MergeError
 
     config = copy.deepcopy(merged.config)
     config.num_labels = 1
+    if config.get_text_config().pad_token_id is None:
+        config.get_text_config().pad_token_id = pad_token_id
     with torch.device("meta"):
         model = seq_cls_class(config)(config)
     state = {k: v for k, v in merged.state_dict().items() if not k.startswith("lm_head.")}
