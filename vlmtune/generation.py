@@ -129,8 +129,8 @@ def sample_group(model, batch: dict[str, torch.Tensor], eos: list[int], pad_id: 
 class Progress:
     """A progress bar with ETA on a terminal; a plain line every tenth of the way otherwise."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True):
-        self.total, self.desc, self.done = total, desc, 0
+    def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "records"):
+        self.total, self.desc, self.done, self.unit = total, desc, 0, unit
         self.start = time.perf_counter()
         self.bar = None
         self.next_line = max(1, total // 10)
@@ -138,7 +138,7 @@ class Progress:
         if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="rec", dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         self.done += n
@@ -147,7 +147,7 @@ class Progress:
         elif self.enabled and (self.done >= self.next_line or self.done == self.total):
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.done * (self.total - self.done)
-            logger.info("%s: %d/%d records, %s elapsed, ETA %s", self.desc, self.done, self.total,
+            logger.info("%s: %d/%d %s, %s elapsed, ETA %s", self.desc, self.done, self.total, self.unit,
                         format_duration(elapsed), format_duration(eta))
             self.next_line = self.done + max(1, self.total // 10)
 
