@@ -315,6 +315,8 @@ class Scores:
     per_record: list[dict[str, float | None]]
     summary: dict[str, dict]
     pred_boxes: list[list[dict]]
+    ref_boxes: list[list[dict]] = dataclasses.field(default_factory=list)
+    """The references' boxes and points, in original pixels too (one list per record, like ``pred_boxes``)."""
 
 
 def score(records: Sequence[Record], predictions: Sequence[str], family: Family, budget: media.MediaBudget,
@@ -323,26 +325,35 @@ def score(records: Sequence[Record], predictions: Sequence[str], family: Family,
     predicted ones read in the family's convention, reference ones in ``reference_format`` (default: the
     family's too). ``metric_names`` None: the metrics that fit the references."""
     ref_fmt = reference_format or family.box_format
-    pred_boxes, samples = [], []
+    pred_boxes, ref_boxes, samples = [], [], []
     for record, prediction in zip(records, predictions):
         box_image = getattr(record, "box_image", None)
         pb = boxes_in_pixels(prediction, family.box_format, record, budget, box_image)  # the reference's image
         rb = boxes_in_pixels(reference_of(record), ref_fmt, record, budget, box_image)
         pred_boxes.append(pb)
+        ref_boxes.append(rb)
         points = [tuple(b["coords"]) for b in rb if b["kind"] == "point"]
         samples.append(M.Sample(prediction, reference_of(record), _bboxes(pb), _bboxes(rb), points))
     names = list(metric_names or M.default_metrics(samples))
     per_record = M.score_records(samples, names)
-    return Scores(samples, per_record, M.summarize(samples, per_record, names), pred_boxes)
+    return Scores(samples, per_record, M.summarize(samples, per_record, names), pred_boxes, ref_boxes)
 
 
 def prediction_lines(records: Sequence[Record], predictions: Sequence[str], scores: Scores) -> list[dict]:
-    """One JSON-able dict per record: id, prompt, reference, prediction, its metrics, its boxes (original pixels)."""
+    """One JSON-able dict per record: id, prompt, reference, prediction, its metrics; for a record with images,
+    their paths (resolved against the image folder, absolute for local files) and, where found, the predicted
+    ``boxes`` and the ``reference_boxes`` (original pixels, ``{"kind", "image", "coords"}``)."""
     lines = []
-    for record, prediction, values, pboxes in zip(records, predictions, scores.per_record, scores.pred_boxes):
+    ref_boxes = scores.ref_boxes or [[] for _ in records]
+    for record, prediction, values, pboxes, rboxes in zip(records, predictions, scores.per_record, scores.pred_boxes,
+                                                          ref_boxes):
         line = {"id": record.id, "prompt": prompt_of(record).messages[-1].text, "reference": reference_of(record),
                 "prediction": prediction, "metrics": {k: v for k, v in values.items() if v is not None}}
+        if record.images:
+            line["images"] = [p if media.is_url(p) else str(Path(p).absolute()) for p in record.images]
         if pboxes:
             line["boxes"] = pboxes
+        if rboxes:
+            line["reference_boxes"] = rboxes
         lines.append(line)
     return lines
