@@ -45,6 +45,7 @@ from vlmtune.data.synthetic import synthetic_batch
 from vlmtune.errors import ConfigError, MergeError
 from vlmtune.families import Family, family_for
 from vlmtune.flags import check_value, need_file, need_folder
+from vlmtune.generation import Progress
 from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.model.load import dtype_name, parse_dtype, saved_dtype
 from vlmtune.model.reward import HEAD_FILE
@@ -63,6 +64,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 """Absolute tolerance on logits, scaled by max(1, largest |logit|) for half precision (see ``tolerance``)."""
 DEFAULT_VERIFY_SAMPLES = 4
+MERGE_STEPS = 6
+"""Steps a merge counts on its progress bar / log lines: base + adapters loaded, their logits, adapters merged,
+merged logits checked, folder written, folder reloaded and checked."""
 _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.msgpack|\.h5|\.ckpt|\.gguf)$|\.index\.json$")
 
 
@@ -309,11 +313,14 @@ def merge(
     out_dtype = parse_dtype(dtype) or work_dtype
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    bar = Progress(MERGE_STEPS, "merge", unit="steps")  # a bar on a terminal, else a line per step
     model, family = load_model_with_adapters(run, base, work_dtype, device)
+    bar.update(1)
     processor = load_run_processor(run, base)
     budget = run_budget(run, processor, family)
     batch, n = verification_batch(processor, family, budget, data_path, image_folder, video_folder, samples)
     reference = logits_of(model, batch)
+    bar.update(1)
     worst = out_dtype if DEFAULT_ATOL[out_dtype] > DEFAULT_ATOL[work_dtype] else work_dtype
     tol = tolerance(worst, reference, atol)
 
@@ -321,6 +328,7 @@ def merge(
     del model
     if out_dtype != work_dtype:
         merged.to(out_dtype)
+    bar.update(1)
     merged_logits = logits_of(merged, batch)
     diffs = {"merged": float((merged_logits - reference).abs().max())}
     agree = float((merged_logits.argmax(-1) == reference.argmax(-1)).float().mean())
@@ -332,6 +340,7 @@ def merge(
                          f"{tol:.3g}); nothing written. Check the adapters, or raise --atol if the dtype explains it")
     if run.info.get("bits") in (4, 8):
         diffs.update(_against_quantized(run, base, work_dtype, device, batch, merged_logits, out_dtype))
+    bar.update(1)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -350,6 +359,7 @@ def merge(
             logger.info("copied from the base folder: %s", ", ".join(copied))
         del merged
         gc.collect()
+        bar.update(1)
 
         reloaded, info = AutoModelForImageTextToText.from_pretrained(str(tmp), dtype="auto",
                                                                      output_loading_info=True)
@@ -369,10 +379,12 @@ def merge(
         if not diffs["reloaded"] <= tol:
             raise MergeError(f"the written model's logits differ from base+adapters by {diffs['reloaded']:.3g} "
                              f"(tolerance {tol:.3g}); nothing written")
+        bar.update(1)
         publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    bar.close()
     same = file_set(out) == file_set(base) if Path(base).is_dir() else None
     if same is False:
         logger.warning("the merged folder's files differ from the base folder's: only in merged %s, only in base %s",
