@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -168,8 +170,13 @@ def test_bf16_in_bf16_out(runs, merged):
     assert result.diffs["reloaded"] <= result.tolerance
 
 
-def test_dtype_flag_overrides_the_training_dtype(runs, tmp_path):
+def test_dtype_flag_overrides_the_training_dtype(runs, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="vlmtune.generation")
     result = merge(runs("lora"), tmp_path / "out", dtype="bfloat16")
+    # not a terminal: the progress helper logs a line per step, counting up to the total
+    counts = [re.match(r"merge: (\d+)/(\d+) steps, ", r.getMessage()).groups() for r in caplog.records
+              if r.getMessage().startswith("merge: ")]
+    assert counts == [(str(i), "6") for i in range(1, 7)]
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     assert _dtypes(tmp_path / "out") == {"BF16"}
     assert result.diffs["merged"] <= result.tolerance

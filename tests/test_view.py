@@ -81,6 +81,14 @@ def _css(driver, selector):
     return driver.find_elements(By.CSS_SELECTOR, selector)
 
 
+def _status(address: str) -> int:
+    try:
+        with urllib.request.urlopen(address) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def _serve(site):
     from vlmtune.view.server import serve_in_thread
 
@@ -198,11 +206,7 @@ def test_only_files_the_data_refers_to_are_served(browser, data_site, data_file,
     _, url = data_site
 
     def status(path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"{url}/file?path={quote(path)}") as answer:
-                return answer.status
-        except urllib.error.HTTPError as exc:
-            return exc.code
+        return _status(f"{url}/file?path={quote(path)}")
 
     assert status(str(Path(RECORDS[0]["image"]).resolve())) == 200
     assert status(str(data_file)) == 403  # the data file itself is no medium of it
@@ -310,6 +314,54 @@ def test_grounding_boxes_are_drawn_in_original_pixels(browser, open_view, tmp_pa
     # the family's convention (norm1000 for the tiny Qwen2-VL) rounds: back in pixels within half a pixel
     assert [x, y, x + w, y + h] == pytest.approx(written, abs=0.5)
     browser.save_screenshot(str(tmp_path / "grounding.png"))
+
+
+def test_a_grounding_prediction_is_drawn_against_its_reference_box(browser, tmp_path, tiny_model_dir):
+    """An eval prediction line as eval writes it (prediction_lines over grounding.json's first record) shows the
+    record's image with the predicted and the reference box at their original pixels."""
+    from urllib.parse import quote
+
+    from vlmtune.data import media
+    from vlmtune.data.records import load_records
+    from vlmtune.generation import prediction_lines, score
+    from vlmtune.model.load import load_family, load_processor
+    from vlmtune.view.run_pages import RunView
+
+    model_dir = str(tiny_model_dir())
+    fam = load_family(model_dir)
+    budget = media.budget_from_processor(load_processor(model_dir), fam.factor)
+    circle = load_records(EXAMPLES / "grounding.json", budget=budget, min_image_side=fam.factor,
+                          box_target=fam.box_format, box_format=None)[0]
+    assert circle.id == "ground_red_circle"  # its box, as grounding.json writes it: [24, 14, 72, 58] on 96 x 72
+    reference, predicted = [24, 14, 72, 58], [36, 14, 84, 58]  # the prediction: moved right by 12 px
+    g = circle.boxes[0].geometry
+    if fam.box_format == "pixel_resized":
+        sx, sy = g.resized_width / 96, g.resized_height / 72
+        reply = f'{{"bbox_2d": [{round(36 * sx)}, {round(14 * sy)}, {round(84 * sx)}, {round(58 * sy)}]}}'
+    else:  # norm1000: x / 96 * 1000, y / 72 * 1000
+        reply = '{"bbox_2d": [375, 194, 875, 806]}'
+    lines = prediction_lines([circle], [reply], score([circle], [reply], fam, budget))
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "eval_predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    server, url = _serve(RunView(folder))
+    try:
+        image = EXAMPLES / "images/red_circle.png"
+        assert _status(url + "/file?path=" + quote(str(image))) == 200  # the image the prediction line names
+        assert _status(url + "/file?path=" + quote(str(EXAMPLES / "images/blue_square.png"))) == 403  # not named
+        _open(browser, url + "/")
+        _wait(browser, lambda d: _css(d, ".grounding svg.boxes rect.pred-box") and _css(d, "rect.ref-box"))
+        assert _css(browser, ".grounding img")[0].get_attribute("naturalWidth") == "96"
+        for selector, expected in (("rect.pred-box", predicted), ("rect.ref-box", reference)):
+            rect = _css(browser, ".grounding svg.boxes " + selector)[0]
+            x, y = float(rect.get_attribute("x")), float(rect.get_attribute("y"))
+            w, h = float(rect.get_attribute("width")), float(rect.get_attribute("height"))
+            assert [x, y, x + w, y + h] == pytest.approx(expected, abs=0.5), selector
+        colours = {_css(browser, "rect." + c)[0].get_attribute("stroke") for c in ("pred-box", "ref-box")}
+        assert len(colours) == 2
+        browser.save_screenshot(str(tmp_path / "grounding-prediction.png"))
+    finally:
+        server.shutdown()
 
 
 def test_eval_compare_folder_shows_both_models_by_name(browser, tmp_path):

@@ -6,7 +6,8 @@ model on the same records and prints both side by side with the difference, and 
 disagree most.
 
 Writes, under ``--output_dir``: ``predictions.jsonl`` (one line per record: id, prompt, reference,
-prediction, each metric, boxes in original-image pixels), ``predictions_compare.jsonl`` with ``--compare``,
+prediction, each metric, the record's image paths, predicted and reference boxes in original-image pixels),
+``predictions_compare.jsonl`` with ``--compare``,
 and ``metrics.json``.
 """
 

@@ -129,8 +129,8 @@ def sample_group(model, batch: dict[str, torch.Tensor], eos: list[int], pad_id: 
 class Progress:
     """A progress bar with ETA on a terminal; a plain line every tenth of the way otherwise."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True):
-        self.total, self.desc, self.done = total, desc, 0
+    def __init__(self, total: int, desc: str, enabled: bool = True, unit: str = "records"):
+        self.total, self.desc, self.done, self.unit = total, desc, 0, unit
         self.start = time.perf_counter()
         self.bar = None
         self.next_line = max(1, total // 10)
@@ -138,7 +138,7 @@ class Progress:
         if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="rec", dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=" " + unit, dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         self.done += n
@@ -147,7 +147,7 @@ class Progress:
         elif self.enabled and (self.done >= self.next_line or self.done == self.total):
             elapsed = time.perf_counter() - self.start
             eta = elapsed / self.done * (self.total - self.done)
-            logger.info("%s: %d/%d records, %s elapsed, ETA %s", self.desc, self.done, self.total,
+            logger.info("%s: %d/%d %s, %s elapsed, ETA %s", self.desc, self.done, self.total, self.unit,
                         format_duration(elapsed), format_duration(eta))
             self.next_line = self.done + max(1, self.total // 10)
 
@@ -315,6 +315,8 @@ class Scores:
     per_record: list[dict[str, float | None]]
     summary: dict[str, dict]
     pred_boxes: list[list[dict]]
+    ref_boxes: list[list[dict]] = dataclasses.field(default_factory=list)
+    """The references' boxes and points, in original pixels too (one list per record, like ``pred_boxes``)."""
 
 
 def score(records: Sequence[Record], predictions: Sequence[str], family: Family, budget: media.MediaBudget,
@@ -323,26 +325,35 @@ def score(records: Sequence[Record], predictions: Sequence[str], family: Family,
     predicted ones read in the family's convention, reference ones in ``reference_format`` (default: the
     family's too). ``metric_names`` None: the metrics that fit the references."""
     ref_fmt = reference_format or family.box_format
-    pred_boxes, samples = [], []
+    pred_boxes, ref_boxes, samples = [], [], []
     for record, prediction in zip(records, predictions):
         box_image = getattr(record, "box_image", None)
         pb = boxes_in_pixels(prediction, family.box_format, record, budget, box_image)  # the reference's image
         rb = boxes_in_pixels(reference_of(record), ref_fmt, record, budget, box_image)
         pred_boxes.append(pb)
+        ref_boxes.append(rb)
         points = [tuple(b["coords"]) for b in rb if b["kind"] == "point"]
         samples.append(M.Sample(prediction, reference_of(record), _bboxes(pb), _bboxes(rb), points))
     names = list(metric_names or M.default_metrics(samples))
     per_record = M.score_records(samples, names)
-    return Scores(samples, per_record, M.summarize(samples, per_record, names), pred_boxes)
+    return Scores(samples, per_record, M.summarize(samples, per_record, names), pred_boxes, ref_boxes)
 
 
 def prediction_lines(records: Sequence[Record], predictions: Sequence[str], scores: Scores) -> list[dict]:
-    """One JSON-able dict per record: id, prompt, reference, prediction, its metrics, its boxes (original pixels)."""
+    """One JSON-able dict per record: id, prompt, reference, prediction, its metrics; for a record with images,
+    their paths (resolved against the image folder, absolute for local files) and, where found, the predicted
+    ``boxes`` and the ``reference_boxes`` (original pixels, ``{"kind", "image", "coords"}``)."""
     lines = []
-    for record, prediction, values, pboxes in zip(records, predictions, scores.per_record, scores.pred_boxes):
+    ref_boxes = scores.ref_boxes or [[] for _ in records]
+    for record, prediction, values, pboxes, rboxes in zip(records, predictions, scores.per_record, scores.pred_boxes,
+                                                          ref_boxes):
         line = {"id": record.id, "prompt": prompt_of(record).messages[-1].text, "reference": reference_of(record),
                 "prediction": prediction, "metrics": {k: v for k, v in values.items() if v is not None}}
+        if record.images:
+            line["images"] = [p if media.is_url(p) else str(Path(p).absolute()) for p in record.images]
         if pboxes:
             line["boxes"] = pboxes
+        if rboxes:
+            line["reference_boxes"] = rboxes
         lines.append(line)
     return lines

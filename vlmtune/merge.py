@@ -45,6 +45,7 @@ from vlmtune.data.synthetic import synthetic_batch
 from vlmtune.errors import ConfigError, MergeError
 from vlmtune.families import Family, family_for
 from vlmtune.flags import check_value, need_file, need_folder
+from vlmtune.generation import Progress
 from vlmtune.model import reward
 from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.model.load import dtype_name, parse_dtype, saved_dtype
@@ -63,6 +64,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 """Absolute tolerance on logits, scaled by max(1, largest |logit|) for half precision (see ``tolerance``)."""
 DEFAULT_VERIFY_SAMPLES = 4
+MERGE_STEPS = 6
+"""Steps a merge counts on its progress bar / log lines: base + adapters loaded, their logits, adapters merged,
+merged logits checked, folder written, folder reloaded and checked."""
 _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.msgpack|\.h5|\.ckpt|\.gguf)$|\.index\.json$")
 
 
@@ -308,7 +312,6 @@ def merge(
     max_shard_size: str | int | None = None,
 ) -> MergeResult:
     """Merge a training output's adapters and trainables into a standalone folder at ``output_dir``."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoProcessor
 
     start = time.perf_counter()
@@ -327,11 +330,14 @@ def merge(
     out_dtype = parse_dtype(dtype) or work_dtype
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    bar = Progress(MERGE_STEPS, "merge", unit="steps")  # a bar on a terminal, else a line per step
     model, family = load_model_with_adapters(run, base, work_dtype, device)
+    bar.update(1)
     processor = load_run_processor(run, base)
     budget = run_budget(run, processor, family)
     batch, n = verification_batch(processor, family, budget, data_path, image_folder, video_folder, samples)
     reference = logits_of(model, batch)
+    bar.update(1)
     worst = out_dtype if DEFAULT_ATOL[out_dtype] > DEFAULT_ATOL[work_dtype] else work_dtype
     tol = tolerance(worst, reference, atol)
 
@@ -339,6 +345,7 @@ def merge(
     del model
     if out_dtype != work_dtype:
         merged.to(out_dtype)
+    bar.update(1)
     merged_logits = logits_of(merged, batch)
     diffs = {"merged": float((merged_logits - reference).abs().max())}
     agree = float((merged_logits.argmax(-1) == reference.argmax(-1)).float().mean())
@@ -350,43 +357,40 @@ def merge(
                          f"{tol:.3g}); nothing written. Check the adapters, or raise --atol if the dtype explains it")
     if run.info.get("bits") in (4, 8):
         diffs.update(_against_quantized(run, base, work_dtype, device, batch, merged_logits, out_dtype))
+    bar.update(1)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shard_size = max_shard_size or _default_shard_size(base, base_dtype, out_dtype)
-        head = run.folder / reward.HEAD_FILE  # a reward model's head (vlmtune/model/reward.py)
-        seq_cls = head.is_file() and reward.seq_cls_class(merged.config) is not None
-        if seq_cls:  # written in transformers' sequence-classification layout, checked by reloading it there
-            diffs["reloaded"] = reward.write_seq_cls(merged, load_file(head)[reward.HEAD_KEY], tmp, batch,
-                                                     processor.tokenizer.pad_token_id, max_shard_size=shard_size)
-        else:
-            merged.save_pretrained(tmp, max_shard_size=shard_size)
+        seq_cls_diff = reward.save_merged(merged, run.folder, tmp, batch, processor.tokenizer.pad_token_id,
+                                          max_shard_size=shard_size)  # a reward model's layout: vlmtune/model/reward.py
         write_hub_layout(tmp, family)  # the layout vLLM and a ZeRO-3 load read (vlmtune/model/hub_layout.py)
         processor.save_pretrained(tmp)
         info = {**run.info, "merged_from": str(run.folder), "merged_dtype": dtype_name(out_dtype)}
         (tmp / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")  # budgets no processor field holds
-        if head.is_file() and not seq_cls:  # a reward model's head travels beside the merged body
-            shutil.copy2(head, tmp / reward.HEAD_FILE)
         copied = _copy_other_files(base, tmp)
         if copied:
             logger.info("copied from the base folder: %s", ", ".join(copied))
         del merged
         gc.collect()
+        bar.update(1)
 
-        if not seq_cls:
-            diffs["reloaded"] = _reloaded_diff(tmp, family, out_dtype, device, batch, reference)
+        diffs["reloaded"] = (_reloaded_diff(tmp, family, out_dtype, device, batch, reference) if seq_cls_diff is None
+                             else seq_cls_diff)
         AutoProcessor.from_pretrained(str(tmp))
-        logger.info("verify: max |%s diff| reloaded folder vs %s = %.3g", "reward" if seq_cls else "logits",
-                    "merged + head" if seq_cls else "base+adapters", diffs["reloaded"])
+        logger.info("verify: max |%s diff| reloaded folder vs %s = %.3g", "logits" if seq_cls_diff is None else
+                    "reward", "base+adapters" if seq_cls_diff is None else "merged + head", diffs["reloaded"])
         if not diffs["reloaded"] <= tol:
             raise MergeError(f"the written model's logits differ from base+adapters by {diffs['reloaded']:.3g} "
                              f"(tolerance {tol:.3g}); nothing written")
+        bar.update(1)
         publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    bar.close()
     same = file_set(out) == file_set(base) if Path(base).is_dir() else None
     if same is False:
         logger.warning("the merged folder's files differ from the base folder's: only in merged %s, only in base %s",

@@ -18,6 +18,7 @@ Other families' merged folders are the merged model plus ``reward_head.safetenso
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -132,6 +133,21 @@ def write_seq_cls(merged: nn.Module, head_weight: torch.Tensor, folder: str | Pa
             raise MergeError(f"the written folder does not load cleanly with {type(reloaded).__name__}: {problems}")
         got = reloaded.to(device).eval()(**{k: v for k, v in inputs.items() if k in MODEL_KEYS}).logits
     return float((got.squeeze(-1).float() - want).abs().max())
+
+
+def save_merged(merged: nn.Module, run_folder: str | Path, folder: str | Path, batch: dict[str, torch.Tensor],
+                pad_token_id: int | None, **save_kwargs) -> float | None:
+    """Save a merged model to ``folder``; for a reward model (``run_folder`` holds its head) in the family's
+    sequence-classification layout where transformers has one (``write_seq_cls``: returns its check's max |reward
+    difference|), else with the head file beside it. None when the folder is a plain model + head file to check as
+    any merged folder."""
+    head = Path(run_folder, HEAD_FILE)
+    if head.is_file() and seq_cls_class(merged.config) is not None:
+        return write_seq_cls(merged, load_file(str(head))[HEAD_KEY], folder, batch, pad_token_id, **save_kwargs)
+    merged.save_pretrained(folder, **save_kwargs)
+    if head.is_file():
+        shutil.copy2(head, Path(folder, HEAD_FILE))  # travels beside the merged body
+    return None
 
 
 def load_seq_cls(folder: str | Path) -> nn.Module:

@@ -1,5 +1,6 @@
 """The run view's answers: a training run's log (read again at every request, so a running job's page follows it),
-its ``vlmtune_run.json``, and eval predictions beside their references, sorted by disagreement.
+its ``vlmtune_run.json``, and eval predictions beside their references, sorted by disagreement (grounding ones
+drawn on their image: the predicted boxes against the reference boxes).
 
 A run folder (``vlmtune train / dpo / grpo --output_dir``) holds ``log_history.jsonl``, ``vlmtune_run.json`` and,
 with ``--eval_generate``, ``eval_predictions.jsonl``; an ``vlmtune eval --output_dir`` folder holds
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import mimetypes
 import os
 from pathlib import Path
 
@@ -103,5 +105,10 @@ class RunView:
         return {"mode": "run", "folder": str(self.folder)}
 
     def allowed_files(self) -> set[str]:
-        """The run's own plot: the only file the server hands out for a run."""
-        return {os.path.realpath(self.folder / PLOT_FILE)}
+        """The run's own plot and the images its prediction lines name (read anew, as the page is): the only
+        files the server hands out for a run."""
+        named = {path for name in (EVAL_PREDICTIONS, PREDICTIONS_FILE, EVAL_COMPARE)
+                 for line in _read_jsonl(self.folder / name) for path in line.get("images") or []
+                 if isinstance(path, str) and "://" not in path
+                 and (mimetypes.guess_type(path)[0] or "").startswith("image/")}
+        return {os.path.realpath(self.folder / PLOT_FILE)} | {os.path.realpath(path) for path in named}

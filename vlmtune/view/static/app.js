@@ -272,12 +272,41 @@ function predictionsNode(pred) {
     const cls = r.agreement === null ? null : r.agreement < 0.5 ? "agree-low" : "agree-high";
     const cells = [el("td", {text: i + 1}), el("td", {text: r.id}), el("td", {class: cls, text: r.agreement === null ? "-" : r.agreement.toFixed(3)}),
       el("td", {class: "pred", text: r.reference ?? ""}), el("td", {class: "pred", text: r.prediction ?? ""}),
-      el("td", {text: metricsText(r.metrics) + (r.boxes ? ` boxes ${JSON.stringify(r.boxes)}` : "")})];
+      el("td", {text: metricsText(r.metrics) + (r.boxes ? ` boxes ${JSON.stringify(r.boxes)}` : "")}, groundingNode(r))];
     if (pred.compare) cells.push(el("td", {class: "pred", text: r.compare ? r.compare.prediction : ""}),
       el("td", {text: r.compare ? metricsText(r.compare.metrics) : ""}));
     return el("tr", {class: "prediction"}, cells);
   });
   return el("table", {id: "predictions"}, el("tr", {}, head.map(h => el("th", {text: h}))), rows);
+}
+
+const PRED_COLOUR = "#d81b60", REF_COLOUR = "#2e7d32";
+
+// A grounding prediction on each of its images: predicted boxes and points against the reference ones, in the
+// image's original pixels (the line's coordinates), scaled with the image as the browser shows it.
+function groundingNode(r) {
+  const found = [...(r.boxes || []).map(b => ({...b, ref: false})), ...(r.reference_boxes || []).map(b => ({...b, ref: true}))];
+  if (!r.images || !found.length) return null;
+  return r.images.map((path, i) => {
+    const mine = found.filter(b => b.image === i);
+    if (!mine.length || path.includes("://")) return null;
+    const img = el("img", {src: "/file?path=" + encodeURIComponent(path), alt: `image ${i + 1}`});
+    const svg = el("svg:svg", {class: "boxes", preserveAspectRatio: "none"});
+    img.addEventListener("load", () => {
+      const w = img.naturalWidth, h = img.naturalHeight, stroke = Math.max(1, w / 100);
+      svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+      svg.setAttribute("width", img.clientWidth);
+      svg.setAttribute("height", img.clientHeight);
+      for (const b of mine) {
+        const colour = b.ref ? REF_COLOUR : PRED_COLOUR, cls = b.ref ? "ref-box" : "pred-box", c = b.coords;
+        svg.append(b.kind === "bbox" ?
+          el("svg:rect", {class: cls, x: c[0], y: c[1], width: c[2] - c[0], height: c[3] - c[1], fill: "none", stroke: colour, "stroke-width": stroke}) :
+          el("svg:circle", {class: cls, cx: c[0], cy: c[1], r: 2 * stroke, fill: "none", stroke: colour, "stroke-width": stroke}));
+      }
+    });
+    return el("div", {class: "medium grounding"}, img, svg,
+      el("div", {}, el("span", {class: "legend-pred", text: "predicted"}), " vs ", el("span", {class: "legend-ref", text: "reference"})));
+  });
 }
 
 let lastRun = null;
