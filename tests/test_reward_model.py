@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -165,3 +166,66 @@ def test_reward_model_bad_input_is_one_line(tiny, tmp_path, capsys):
         assert code == 1 and len(err) == 1 and fragment in err[0], (argv, err)
     with pytest.raises(ConfigError, match="no reward: give --reward_funcs, --reward_model or both"):
         GRPOArguments(reward_funcs=[])
+
+
+@pytest.mark.slow
+def test_merged_qwen3_5_reward_model_is_a_sequence_classification_folder(tiny_model_dir, tmp_path):
+    """A Qwen3.5 reward-model run (adapters + head, written here in-process) merges into transformers'
+    Qwen3_5ForSequenceClassification layout: that class loads it with every key matched, its own forward's
+    ``logits`` equal the run folder's rewards (base + adapters + head, as grpo / sample score), and vlmtune's
+    reward-model loader gives the same rewards on both folders."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from vlmtune.errors import ConfigError
+    from vlmtune.merge import merge
+    from vlmtune.model import modes, reward
+    from vlmtune.model.load import load_family, load_processor
+    from vlmtune.run import load_for_inference, run_record, save_run_files
+    from vlmtune.scoring import load_reward_model, score_rows
+
+    path = tmp_path / "base"  # the tiny model, its config without pad_token_id (as hub configs may be)
+    shutil.copytree(tiny_model_dir("qwen3_5"), path)
+    base_config = json.loads((path / "config.json").read_text())
+    base_config["text_config"]["pad_token_id"] = None
+    (path / "config.json").write_text(json.dumps(base_config))
+    processor, family = load_processor(str(path)), load_family(str(path))
+    budget = media.budget_from_processor(processor, family.factor)
+    args = ModeArguments(mode="lora", lora_rank=8)
+    plan = modes.plan_from_args(args)
+    model = modes.apply_plan(fresh_model(path), family, plan, args)
+    head = reward.attach_head(model, std=1.0, seed=1)
+    perturb(model, "lora_B", 0.05, 1)
+    run_dir, merged = tmp_path / "rm", tmp_path / "merged"
+    model.save_pretrained(run_dir)
+    save_run_files(run_dir, model, run_record(stage="reward_model", base_model=str(path), family=family, plan=plan,
+                                              dtype=torch.float32, bits=16, budget_overrides={}))
+    merge(run_dir, merged, device="cpu", samples=1)
+
+    config = json.loads((merged / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3_5ForSequenceClassification"] and len(config["id2label"]) == 1
+    weights = load_file(str(merged / "model.safetensors"))
+    assert not any(k.startswith("lm_head") for k in weights) and not (merged / reward.HEAD_FILE).exists()
+    assert torch.equal(weights["score.weight"], head.weight.detach())
+    seq_cls, info = transformers.Qwen3_5ForSequenceClassification.from_pretrained(str(merged),
+                                                                                  output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with pytest.raises(ConfigError, match="no LM head.*give it as --reward_model"):  # predict / a teacher
+        load_for_inference(str(merged))
+
+    raw = {r["id"]: r for r in json.loads(PREFS.read_text())}
+    from_run = load_reward_model(str(run_dir), processor, family, "cpu")
+    from_merged = load_reward_model(str(merged), processor, family, "cpu")
+    assert isinstance(from_merged, transformers.Qwen3_5ForSequenceClassification)
+    for rid in ("pref_red_circle", "pref_text"):
+        batch = dict(processor_ids(processor, budget, raw[rid], raw[rid]["chosen"]))
+        with torch.no_grad():
+            want = seq_cls.eval()(**batch).logits.squeeze(-1)
+        run_rewards, merged_rewards = score_rows(from_run, batch), score_rows(from_merged, batch)
+        assert torch.allclose(run_rewards, want, atol=1e-4), (rid, run_rewards, want)
+        assert torch.allclose(merged_rewards, run_rewards, atol=1e-4), (rid, merged_rewards, run_rewards)
+    assert abs(float(want)) > 1e-3  # a reward the head actually produces
+    assert config["text_config"]["pad_token_id"] == processor.tokenizer.pad_token_id  # batches of rows score
+    rows = processor.tokenizer(["a red circle", "no"], padding=True, return_tensors="pt")
+    assert rows["attention_mask"].sum() < rows["attention_mask"].numel()  # padded
+    assert torch.allclose(score_rows(from_merged, dict(rows)), score_rows(from_run, dict(rows)), atol=1e-4)

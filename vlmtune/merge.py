@@ -46,9 +46,9 @@ from vlmtune.errors import ConfigError, MergeError
 from vlmtune.families import Family, family_for
 from vlmtune.flags import check_value, need_file, need_folder
 from vlmtune.generation import Progress
+from vlmtune.model import reward
 from vlmtune.model.hub_layout import write_hub_layout
 from vlmtune.model.load import dtype_name, parse_dtype, saved_dtype
-from vlmtune.model.reward import HEAD_FILE
 from vlmtune.run import (
     RUN_FILE,
     RunInfo,
@@ -249,6 +249,23 @@ def _against_quantized(run: RunInfo, base: str, dtype: torch.dtype, device: str,
     return {}
 
 
+def _reloaded_diff(folder: Path, family: Family, out_dtype: torch.dtype, device: str, batch, reference) -> float:
+    """Reload a written folder with ``AutoModelForImageTextToText``: max |logits - reference|, ``MergeError`` unless
+    it loads cleanly as the family's class in ``out_dtype``."""
+    from transformers import AutoModelForImageTextToText
+
+    reloaded, info = AutoModelForImageTextToText.from_pretrained(str(folder), dtype="auto", output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise MergeError(f"the written folder does not load cleanly: {problems}")
+    if type(reloaded).__name__ != family.model_class:
+        raise MergeError(f"the written folder loads as {type(reloaded).__name__}, not {family.model_class}")
+    reloaded_dtype = next(p.dtype for p in reloaded.parameters() if p.is_floating_point())
+    if reloaded_dtype != out_dtype:
+        raise MergeError(f"the written folder loads as {dtype_name(reloaded_dtype)}, not {dtype_name(out_dtype)}")
+    return float((logits_of(reloaded.to(device).eval(), batch) - reference).abs().max())
+
+
 def file_set(folder: str | Path) -> set[str]:
     """Names of the visible files of a folder (a merged folder's ``vlmtune_run.json`` aside)."""
     return {p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")} - {RUN_FILE}
@@ -295,7 +312,7 @@ def merge(
     max_shard_size: str | int | None = None,
 ) -> MergeResult:
     """Merge a training output's adapters and trainables into a standalone folder at ``output_dir``."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     start = time.perf_counter()
     run = read_run(run_dir)
@@ -347,13 +364,12 @@ def merge(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         shard_size = max_shard_size or _default_shard_size(base, base_dtype, out_dtype)
-        merged.save_pretrained(tmp, max_shard_size=shard_size)
+        seq_cls_diff = reward.save_merged(merged, run.folder, tmp, batch, processor.tokenizer.pad_token_id,
+                                          max_shard_size=shard_size)  # a reward model's layout: vlmtune/model/reward.py
         write_hub_layout(tmp, family)  # the layout vLLM and a ZeRO-3 load read (vlmtune/model/hub_layout.py)
         processor.save_pretrained(tmp)
         info = {**run.info, "merged_from": str(run.folder), "merged_dtype": dtype_name(out_dtype)}
         (tmp / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")  # budgets no processor field holds
-        if (run.folder / HEAD_FILE).is_file():  # a reward model's head travels beside the merged body
-            shutil.copy2(run.folder / HEAD_FILE, tmp / HEAD_FILE)
         copied = _copy_other_files(base, tmp)
         if copied:
             logger.info("copied from the base folder: %s", ", ".join(copied))
@@ -361,21 +377,11 @@ def merge(
         gc.collect()
         bar.update(1)
 
-        reloaded, info = AutoModelForImageTextToText.from_pretrained(str(tmp), dtype="auto",
-                                                                     output_loading_info=True)
-        problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys",
-                                                                    "mismatched_keys")}
-        if problems:
-            raise MergeError(f"the written folder does not load cleanly: {problems}")
-        if type(reloaded).__name__ != family.model_class:
-            raise MergeError(f"the written folder loads as {type(reloaded).__name__}, not {family.model_class}")
-        reloaded_dtype = next(p.dtype for p in reloaded.parameters() if p.is_floating_point())
-        if reloaded_dtype != out_dtype:
-            raise MergeError(f"the written folder loads as {dtype_name(reloaded_dtype)}, not {dtype_name(out_dtype)}")
-        diffs["reloaded"] = float((logits_of(reloaded.to(device).eval(), batch) - reference).abs().max())
-        del reloaded
+        diffs["reloaded"] = (_reloaded_diff(tmp, family, out_dtype, device, batch, reference) if seq_cls_diff is None
+                             else seq_cls_diff)
         AutoProcessor.from_pretrained(str(tmp))
-        logger.info("verify: max |logits diff| reloaded folder vs base+adapters = %.3g", diffs["reloaded"])
+        logger.info("verify: max |%s diff| reloaded folder vs %s = %.3g", "logits" if seq_cls_diff is None else
+                    "reward", "base+adapters" if seq_cls_diff is None else "merged + head", diffs["reloaded"])
         if not diffs["reloaded"] <= tol:
             raise MergeError(f"the written model's logits differ from base+adapters by {diffs['reloaded']:.3g} "
                              f"(tolerance {tol:.3g}); nothing written")

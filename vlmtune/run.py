@@ -350,6 +350,9 @@ def load_for_inference(model: str | None, adapter: str | None = None, *, dtype: 
     from transformers import AutoConfig
 
     check_inference_source(model, adapter)
+    if model and reward.is_seq_cls_folder(model):
+        raise ConfigError(f"{model} is a reward model in the sequence-classification layout (no LM head): it scores "
+                          "replies, it does not generate them; give it as --reward_model")
     if model and not adapter and _is_adapter_run(Path(model)):
         model, adapter = None, model  # a training output: its run file names the base model
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

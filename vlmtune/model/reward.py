@@ -7,12 +7,18 @@ last token of a sampled completion when scoring.
 
 The model body is saved as any run saves it (adapters, non-LoRA trainables or the whole model, which ``merge``,
 ``predict`` and the resume read as usual); the head is left out of those files (``_keys_to_ignore_on_save``) and
-saved on its own as ``reward_head.safetensors`` beside them, in the run folder, its checkpoints and the merged
-folder. ``load_head`` puts it back on a model loaded from any of them.
+saved on its own as ``reward_head.safetensors`` beside them, in the run folder and its checkpoints.
+``load_head`` puts it back on a model loaded from any of them.
+
+The merged folder is written in the layout of transformers' sequence-classification class of the family where
+transformers has one (``Qwen3_5ForSequenceClassification``; ``seq_cls_class``): the body without ``lm_head``, the
+head as ``score.weight``, ``num_labels`` 1, loadable by that class alone (``write_seq_cls``, ``load_seq_cls``).
+Other families' merged folders are the merged model plus ``reward_head.safetensors``.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -69,13 +75,98 @@ def save_head(folder: str | Path, state: dict[str, torch.Tensor]) -> bool:
     return True
 
 
+def seq_cls_class(config):
+    """transformers' sequence-classification class of the model family of ``config`` (``Qwen3_5Config`` ->
+    ``Qwen3_5ForSequenceClassification``), None where transformers has none (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+    Qwen3.5-MoE in 5.22)."""
+    import transformers
+
+    name = type(config).__name__.removesuffix("Config") + "ForSequenceClassification"
+    return getattr(transformers, name, None)
+
+
+def is_seq_cls_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a model saved by a sequence-classification class (its config says so)."""
+    config = Path(folder, "config.json")
+    if not config.is_file():
+        return False
+    import json
+
+    return any(a.endswith("ForSequenceClassification") for a in json.loads(config.read_text()).get("architectures")
+               or ())
+
+
+def write_seq_cls(merged: nn.Module, head_weight: torch.Tensor, folder: str | Path,
+                  batch: dict[str, torch.Tensor], pad_token_id: int | None, **save_kwargs) -> float:
+    """Save a merged reward model (``merged``: the family's generation class, without a head) with ``head_weight``
+    through the family's sequence-classification class: its body's weights without ``lm_head``, ``score.weight``
+    in the body's dtype, the config that class writes (``num_labels`` 1; the tokenizer's ``pad_token_id`` where the
+    text config has none, without which that class refuses batches of more than one row). Reloads the folder with
+    that class (``MergeError`` unless every key matches) and returns max |reward difference| on ``batch`` between
+    its ``logits`` and ``merged`` + head (``sequence_rewards`` at each row's last real token)."""
+    import copy
+
+    from vlmtune.errors import MergeError
+
+    config = copy.deepcopy(merged.config)
+    config.num_labels = 1
+    if config.get_text_config().pad_token_id is None:
+        config.get_text_config().pad_token_id = pad_token_id
+    with torch.device("meta"):
+        model = seq_cls_class(config)(config)
+    state = {k: v for k, v in merged.state_dict().items() if not k.startswith("lm_head.")}
+    dtype = next(v.dtype for v in state.values() if v.is_floating_point())
+    state[HEAD_KEY] = head_weight.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.save_pretrained(folder, **save_kwargs)
+    del model, state
+
+    device = next(merged.parameters()).device
+    inputs = {k: v.to(device).to(dtype) if k.startswith("pixel_values") else v.to(device) for k, v in batch.items()}
+    mask = inputs["attention_mask"]
+    with torch.no_grad():
+        attach_head(merged).to(dtype).weight.copy_(head_weight)
+        want = sequence_rewards(merged, inputs, (mask * torch.arange(mask.shape[1], device=device)).argmax(-1))
+        reloaded, info = seq_cls_class(config).from_pretrained(str(folder), dtype="auto", output_loading_info=True)
+        problems = {k: v for k, v in info.items() if v and k != "error_msgs"}
+        if problems:
+            raise MergeError(f"the written folder does not load cleanly with {type(reloaded).__name__}: {problems}")
+        got = reloaded.to(device).eval()(**{k: v for k, v in inputs.items() if k in MODEL_KEYS}).logits
+    return float((got.squeeze(-1).float() - want).abs().max())
+
+
+def save_merged(merged: nn.Module, run_folder: str | Path, folder: str | Path, batch: dict[str, torch.Tensor],
+                pad_token_id: int | None, **save_kwargs) -> float | None:
+    """Save a merged model to ``folder``; for a reward model (``run_folder`` holds its head) in the family's
+    sequence-classification layout where transformers has one (``write_seq_cls``: returns its check's max |reward
+    difference|), else with the head file beside it. None when the folder is a plain model + head file to check as
+    any merged folder."""
+    head = Path(run_folder, HEAD_FILE)
+    if head.is_file() and seq_cls_class(merged.config) is not None:
+        return write_seq_cls(merged, load_file(str(head))[HEAD_KEY], folder, batch, pad_token_id, **save_kwargs)
+    merged.save_pretrained(folder, **save_kwargs)
+    if head.is_file():
+        shutil.copy2(head, Path(folder, HEAD_FILE))  # travels beside the merged body
+    return None
+
+
+def load_seq_cls(folder: str | Path) -> nn.Module:
+    """A reward model saved by ``write_seq_cls`` (its dtype), with its ``score`` head; eval mode."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(folder))
+    return seq_cls_class(config).from_pretrained(str(folder), dtype="auto").eval()
+
+
 def check_folder(folder: str | Path, flag: str) -> None:
-    """``ConfigError`` naming ``flag`` unless ``folder`` holds a reward model's head."""
+    """``ConfigError`` naming ``flag`` unless ``folder`` holds a reward model's head (its own file, or the
+    sequence-classification layout)."""
     if not Path(folder).is_dir():
         raise ConfigError(f"{flag} {folder} does not exist; give the output folder of `vlmtune reward-model` "
                           "(or its merged folder)")
-    if not Path(folder, HEAD_FILE).is_file():
-        raise ConfigError(f"{flag} {folder} is not a reward model: it has no {HEAD_FILE}; give the output folder of "
+    if not Path(folder, HEAD_FILE).is_file() and not is_seq_cls_folder(folder):
+        raise ConfigError(f"{flag} {folder} is not a reward model: it has no {HEAD_FILE} and is no "
+                          "*ForSequenceClassification folder; give the output folder of "
                           "`vlmtune reward-model` (or its merged folder)")
 
 
