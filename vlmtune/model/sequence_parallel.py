@@ -57,7 +57,7 @@ class Group:
 def check(size: int, world_size: int, config, model_type: str, packing: bool = False, engine: str | None = None,
           attn_implementation: str | None = None) -> None:
     """Stop with one line when ``--sequence_parallel_size size`` cannot run: a size that does not divide the
-    processes or the attention heads, linear-attention layers, packing, an engine without the support (FSDP)."""
+    processes or the attention heads, linear-attention layers, packing, an engine without the support."""
     if size <= 1:
         return
     flag = f"--sequence_parallel_size {size}"
@@ -80,9 +80,8 @@ def check(size: int, world_size: int, config, model_type: str, packing: bool = F
         raise ConfigError(f"{flag} with --packing: Ulysses attention drops the block mask that keeps packed records "
                           "apart, so they would attend to each other; train without --packing")
     if engine:
-        raise ConfigError(f"{flag} with {engine}: sequence parallelism runs under DDP or DeepSpeed ZeRO only (each "
-                          f"group trains its batches in turn, which {engine}'s gradient reduction does not follow "
-                          "here); use --deepspeed for sharding")
+        raise ConfigError(f"{flag} with {engine}: sequence parallelism runs under DDP only (each group trains "
+                          f"its batches in turn, which {engine}'s gradient reduction does not follow); drop {engine}")
     if attn_implementation == "eager":
         raise ConfigError(f"{flag} with --attn_implementation eager: Ulysses needs a kernel that masks causally "
                           "without a 4-D mask; use sdpa or flash_attention_2")

@@ -6,8 +6,7 @@ The Trainer's data loader gives each process its own batch, as in any data-paral
 then trains on its N batches one after the other, each batch split across the whole group (as DeepSpeed's
 ``UlyssesSPDataLoaderAdapter`` does for text models, here with the vision tensors too): every rank receives the
 whole batch (media included), so each optimizer step sees the same batches, in the same number of steps, as
-the plain data-parallel run. For all but the group's last batch, DDP skips its reduction (``no_sync``) and
-DeepSpeed ZeRO-2/3 is told it is off the accumulation boundary (no optimizer step).
+the plain data-parallel run.
 
 The loss weights tokens as the Trainer does without sequence parallelism: by default
 (``average_tokens_across_devices``) every target of the optimizer step, over all processes and accumulation
@@ -44,7 +43,7 @@ def check(size: int, train_args, model_args, data_args, config, model_type: str,
     if train_args.eval_generate:
         raise ConfigError(f"--sequence_parallel_size {size} with --eval_generate: generation runs one token at a "
                           "time, which cannot be split across the group; evaluate with the eval loss only")
-    engine = "--fsdp" if train_args.fsdp else None
+    engine = "--deepspeed" if train_args.deepspeed else "--fsdp" if train_args.fsdp else None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sp.check(size, world, config, model_type, packing=data_args.packing, engine=engine,
              attn_implementation=model_args.attn_implementation)
@@ -93,23 +92,11 @@ def training_step(trainer, model, inputs: dict, records: list[str], num_items_in
         with trainer.compute_loss_context_manager():
             logits = model(**batch, use_cache=False).logits
         loss = sp.chunk_loss(logits, targets, total) * scale
-        backward(trainer, model, loss, last=k == group.size - 1)
-        reported += loss.detach()
-    return reported
-
-
-def backward(trainer, model, loss: torch.Tensor, last: bool) -> None:
-    """Gradients of one of the group's batches; they are reduced across processes only after its last one (DDP's
-    ``no_sync``; DeepSpeed: not a gradient-accumulation boundary, no optimizer step)."""
-    if not trainer.is_deepspeed_enabled:
+        last = k == group.size - 1  # DDP reduces the gradients once, after the last batch of the group
         with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
             trainer.accelerator.backward(loss)
-    elif last:  # the Trainer's own call: a boundary and a step when the accumulation is complete
-        trainer.accelerator.backward(loss, scale_wrt_gas=False)
-    else:
-        engine = trainer.accelerator.deepspeed_engine_wrapped.engine
-        engine.set_gradient_accumulation_boundary(is_boundary=False)
-        engine.backward(loss, scale_wrt_gas=False)
+        reported += loss.detach()
+    return reported
 
 
 def eval_loss(trainer, model, inputs: dict) -> torch.Tensor:
