@@ -223,3 +223,38 @@ def test_convert_round_trip_keeps_the_frames(tmp_path):
     assert cli_main(["convert", str(tmp_path / "out" / "b.json"), str(tmp_path / "c.parquet")]) == 0
     (row,) = pq.read_table(tmp_path / "c.parquet").to_pylist()
     assert [f["bytes"] for f in row["video"][0]["frames"]] == data and row["video"][0]["sample_fps"] == 4
+
+
+def test_view_shows_a_frame_list_video(tiny_model_dir, tmp_path, monkeypatch):
+    """`vlmtune view` on a frame-list record: the medium says it is a list (no video file to play), and each frame
+    is served as the model gets it (resized one by one, then together: 112x56 for 90x60 frames)."""
+    import io
+
+    from vlmtune.view import build_parser, open_site
+
+    monkeypatch.setenv("VLMTUNE_CACHE", str(tmp_path / "cache"))
+    frames = _frames(tmp_path, "f", 3)
+    data = _write(tmp_path / "m.json", [{"id": "clip", "messages": _messages([{"type": "video", "video": frames}])}])
+    site = open_site(build_parser().parse_args([str(data), "--model", str(tiny_model_dir("qwen2_vl"))]))
+    page = site.record(0)
+    assert page["media"] == [{"kind": "video", "url": None, "width": 90, "height": 60, "frames": 3, "fps": 2.0,
+                              "listed": True}]
+    assert [f["index"] for f in page["frames"][0]["frames"]] == [0, 1, 2, 3]  # the last repeated
+    assert "encode_error" not in page and page["sequences"][0]["grids"]["video_grid_thw"] == [[2, 4, 8]]
+    first = Image.open(io.BytesIO(site.frame_png(0, 0, 0)))
+    assert first.size == (112, 56)
+
+
+def test_sample_writes_a_frame_list_as_its_frames(tmp_path):
+    """`vlmtune sample`'s record writer keeps a frame-list video as a list of its frames (relative to the output),
+    which reads back as the same video."""
+    from vlmtune.sample import write_records
+
+    frames = _frames(tmp_path, "f", 2)
+    records, _ = read_records(_write(tmp_path / "m.json", [{"id": "clip", "messages": _messages(
+        [{"type": "video", "video": frames, "sample_fps": 3}])}]), check_media=False)
+    write_records(records, tmp_path / "out.jsonl")
+    row = json.loads((tmp_path / "out.jsonl").read_text())
+    assert row["video"] == [{"frames": frames, "sample_fps": 3.0}]
+    again, problems = read_records(tmp_path / "out.jsonl", check_media=False)
+    assert not problems and again[0].videos == records[0].videos
