@@ -258,3 +258,21 @@ def test_sample_writes_a_frame_list_as_its_frames(tmp_path):
     assert row["video"] == [{"frames": frames, "sample_fps": 3.0}]
     again, problems = read_records(tmp_path / "out.jsonl", check_media=False)
     assert not problems and again[0].videos == records[0].videos
+
+
+def test_the_length_check_reads_only_the_frames_headers(qwen2_vl, tmp_path, monkeypatch):
+    """Checking a frame list decodes no pixel (PIL's decoder is made to fail): its size comes from the image headers,
+    its frame count from the list, and the planned length is what the decoded record then gives."""
+    from PIL import ImageFile
+
+    processor, family, budget = qwen2_vl
+    frames = _frames(tmp_path, "f", 7)
+    data = _write(tmp_path / "m.json", [{"id": "clip", "messages": _messages([{"type": "video", "video": frames}])}])
+    real_load = ImageFile.ImageFile.load
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("a frame was decoded"))
+        records, problems = read_records(data, budget=budget)
+        assert not problems and records[0].video_infos[0].frames == 7
+        dataset = VisionLanguageDataset(records, processor, family, budget, Conversation(processor))
+    assert ImageFile.ImageFile.load is real_load
+    assert len(dataset[0]["input_ids"]) == dataset.lengths[0]
