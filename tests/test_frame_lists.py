@@ -7,6 +7,7 @@ the labels are written by hand; tiny frames are written here at test time.
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -104,9 +105,10 @@ def qwen2_vl(tiny_model_dir):
 
 
 def test_frame_list_in_every_shape_gives_the_same_batches(qwen2_vl, tmp_path, monkeypatch, capsys):
-    """One record with a frame-list video as typed messages, ShareGPT (``videos: [[...]]``), LLaVA, Parquet with the
-    frames' paths, Parquet and a save_to_disk folder with the frames' bytes: through the data store, the same ids,
-    lengths and tensors. check-data accepts it; a frame rewritten after the check is noticed."""
+    """One record with a frame-list video as typed messages (frame files, or data: URIs), ShareGPT (``videos:
+    [[...]]``), LLaVA, Parquet with the frames' paths, Parquet and a save_to_disk folder with the frames' bytes:
+    through the data store, the same ids, lengths and tensors. check-data accepts it; a frame rewritten after the
+    check is noticed."""
     monkeypatch.setenv("VLMTUNE_CACHE", str(tmp_path / "cache"))
     processor, family, budget = qwen2_vl
     frames = _frames(tmp_path, "f", 4)
@@ -117,8 +119,10 @@ def test_frame_list_in_every_shape_gives_the_same_batches(qwen2_vl, tmp_path, mo
                                                                 {"from": "gpt", "value": ANSWER}]}
     as_bytes = {"id": "clip", "messages": _messages([{"type": "video", "video": [
         {"bytes": (tmp_path / f).read_bytes(), "path": Path(f).name} for f in frames]}])}
+    uris = {"id": "clip", "messages": _messages([{"type": "video", "video": [
+        "data:image/png;base64," + base64.b64encode((tmp_path / f).read_bytes()).decode() for f in frames]}])}
     files = {"messages": _write(tmp_path / "m.json", [typed]), "sharegpt": _write(tmp_path / "s.json", [shared]),
-             "llava": _write(tmp_path / "l.json", [llava])}
+             "llava": _write(tmp_path / "l.json", [llava]), "data_uris": _write(tmp_path / "u.json", [uris])}
     for name, row in (("parquet_paths", typed), ("parquet_bytes", as_bytes)):
         pq.write_table(pa.Table.from_pylist([row]), tmp_path / f"{name}.parquet")
         files[name] = tmp_path / f"{name}.parquet"
