@@ -211,8 +211,9 @@ class DataView:
             return out
         out["media"] = [{"kind": "image", "url": file_url(p), "width": w, "height": h}
                         for p, (w, h) in zip(record.images, record.image_sizes)]
-        out["media"] += [{"kind": "video", "url": file_url(p), "width": v.width, "height": v.height, "frames": v.frames,
-                          "fps": v.fps} for p, v in zip(record.videos, record.video_infos)]
+        out["media"] += [{"kind": "video", "url": None if v.listed else file_url(p), "width": v.width,
+                          "height": v.height, "frames": v.frames, "fps": v.fps, "listed": v.listed}
+                         for p, v in zip(record.videos, record.video_infos)]  # a frame list: its frames below
         out["boxes"] = [self._box(b) for b in record.boxes]
         if record.videos:
             out["frames"] = self._frames(index, record)
