@@ -51,7 +51,7 @@ def main(spec_path: str, out_path: str) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         language_model = base.get_submodule(family.language_model)
         sp.install(base, language_model, group, "sdpa")
-        batch = dict(spec["batches"][case["family"]])
+        batch = dict(spec["batches"][case.get("batch", case["family"])])
         labels = batch.pop("labels")
         targets = sp.local_targets(labels, group)
         out = model(**batch, use_cache=False)

@@ -39,13 +39,14 @@ SHORT_RECORD = {"id": "short_text", "messages": [{"role": "user", "content": "Ho
 CASES_2 = [("qwen2_vl", "lora_vision", True), ("qwen2_5_vl", "lora", False), ("qwen3_vl", "full", True),
            ("qwen3_vl_moe", "lora", False)]
 """(family, mode, gradient checkpointing): every family that supports it, every mode, both checkpointing settings."""
+PACKED_2 = [("qwen3_vl", "lora_vision", True)]
+"""Packed: Qwen3-VL (timestamps, deepstack features placed per record) with gradient checkpointing."""
 CASES_4 = [("qwen2_vl", "lora_vision", False), ("qwen3_vl", "full", True)]
 BACKSTOP_S = 900  # a hung collective fails the test (the whole process group is killed) instead of the suite
 
 
-def batch_of(pipeline, family: str, tmp_path, rows: int):
-    """The collated batch of the long record (and, for 2 rows, a short text record padded to its length)."""
-    from vlmtune.data.collator import Collator
+def items_of(pipeline, family: str, tmp_path, rows: int) -> list[dict]:
+    """The dataset items of the long record (and, for 2 rows, a short text record)."""
     from vlmtune.data.dataset import VisionLanguageDataset
     from vlmtune.data.records import load_records
 
@@ -54,20 +55,49 @@ def batch_of(pipeline, family: str, tmp_path, rows: int):
     path.write_text(json.dumps([LONG_RECORD, SHORT_RECORD][:rows]))
     records = load_records(path, EXAMPLES, budget=p.budget, min_image_side=p.family.factor)
     dataset = VisionLanguageDataset(records, p.processor, p.family, p.budget, p.conversation)
-    return Collator(p.processor.tokenizer.pad_token_id)([dataset[i] for i in range(rows)])
+    return [dataset[i] for i in range(rows)]
 
 
-def reference(case: dict, batch: dict) -> dict:
-    """The single-process run: transformers' own forward and loss on the whole batch, in this process."""
+def batch_of(pipeline, family: str, tmp_path, rows: int):
+    """The collated batch of the long record (and, for 2 rows, a short text record padded to its length)."""
+    from vlmtune.data.collator import Collator
+
+    return Collator(pipeline(family).processor.tokenizer.pad_token_id)(items_of(pipeline, family, tmp_path, rows))
+
+
+def packed_of(pipeline, family: str, tmp_path) -> tuple[dict, list[dict]]:
+    """One packed row, the short text record then the long one (``--packing``'s collator), and each record's
+    own unpacked batch (the reference runs those one by one)."""
+    from transformers import AutoConfig
+
+    from vlmtune.data.collator import Collator
+    from vlmtune.data.packing import PackedCollator, RopeIndex
+
+    p = pipeline(family)
+    long, short = items_of(pipeline, family, tmp_path, 2)
+    pad = p.processor.tokenizer.pad_token_id
+    packed = PackedCollator(pad, RopeIndex(AutoConfig.from_pretrained(p.model_dir)))
+    return packed([[short, long]]), [Collator(pad)([item]) for item in (short, long)]
+
+
+def reference(case: dict, batch: dict | list) -> dict:
+    """The single-process run: transformers' own forward and loss on the whole batch, in this process. For a
+    packed case, each record unpacked on its own, their mean losses weighted by their target counts (by hand:
+    the packed row's token mean)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from sp_worker import build
 
     model, _ = build(case)
-    out = model(**batch, use_cache=False)
-    out.loss.backward()
+    if isinstance(batch, list):
+        counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batch]
+        losses = [model(**b, use_cache=False).loss for b in batch]
+        loss = sum(part * n for part, n in zip(losses, counts)) / sum(counts)
+    else:
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()
              if p.requires_grad}
-    return {"loss": float(out.loss.detach()), "grads": grads}
+    return {"loss": float(loss.detach()), "grads": grads}
 
 
 def launch(world: int, spec: dict, tmp_path) -> dict:
@@ -97,14 +127,20 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def check_cases(world: int, cases: list, pipeline, tiny_model_dir, tmp_path, rows: int = 1) -> dict:
-    specs = [{"name": f"{f}-{m}-{'gc' if gc else 'nogc'}", "family": f, "mode": m, "checkpointing": gc,
+def check_cases(world: int, cases: list, pipeline, tiny_model_dir, tmp_path, rows: int = 1, packed=()) -> dict:
+    """Every case (and every ``packed`` case: one packed row against its records unpacked) on ``world`` ranks."""
+    specs = [{"name": f"{f}-{m}-{'gc' if gc else 'nogc'}", "family": f, "batch": f, "mode": m, "checkpointing": gc,
               "model_dir": str(tiny_model_dir(f))} for f, m, gc in cases]
+    specs += [{"name": f"{f}-{m}-{'gc' if gc else 'nogc'}-packed", "family": f, "batch": f"{f}-packed", "mode": m,
+               "checkpointing": gc, "model_dir": str(tiny_model_dir(f))} for f, m, gc in packed]
     batches = {f: batch_of(pipeline, f, tmp_path, rows) for f in {c["family"] for c in specs}}
+    unpacked = {}
+    for f, _, _ in packed:
+        batches[f"{f}-packed"], unpacked[f"{f}-packed"] = packed_of(pipeline, f, tmp_path)
     got = launch(world, {"cases": specs, "batches": batches}, tmp_path)
     worst = {}
     for case in specs:
-        want, sp = reference(case, batches[case["family"]]), got[case["name"]]
+        want, sp = reference(case, unpacked.get(case["batch"], batches[case["batch"]])), got[case["name"]]
         assert set(sp["grads"]) == set(want["grads"]) and want["grads"]
         diffs = {name: relative(sp["grads"][name], g) for name, g in want["grads"].items()}
         loss_diff = abs(sp["loss"] - want["loss"]) / abs(want["loss"])
@@ -119,8 +155,9 @@ def check_cases(world: int, cases: list, pipeline, tiny_model_dir, tmp_path, row
 @pytest.mark.slow
 def test_two_ranks_equal_one_process(pipeline, tiny_model_dir, tmp_path):
     """2 ranks on the long record, Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE in full, lora and
-    lora_vision, with and without gradient checkpointing."""
-    check_cases(2, CASES_2, pipeline, tiny_model_dir, tmp_path)
+    lora_vision, with and without gradient checkpointing; and a packed row (a short text record, then the long
+    one, which spans both ranks) against the two records run unpacked: no token attends across the boundary."""
+    check_cases(2, CASES_2, pipeline, tiny_model_dir, tmp_path, packed=PACKED_2)
 
 
 @pytest.mark.slow
@@ -134,7 +171,7 @@ def test_four_ranks_equal_one_process_on_a_padded_batch(pipeline, tiny_model_dir
     (2, 3, "qwen2_vl", {}, "the 3 processes of this run do not split into groups of 2"),
     (3, 6, "qwen2_vl", {}, "has 4 attention heads, which 3 does not divide"),
     (2, 2, "qwen3_5", {}, "linear-attention (Gated DeltaNet) layers carry a recurrent state"),
-    (2, 2, "qwen2_vl", {"packing": True}, "with --packing"),
+    (2, 2, "qwen2_vl", {"packing": True, "attn_implementation": "flash_attention_2"}, "block mask built for sdpa"),
     (2, 2, "qwen2_vl", {"engine": "--deepspeed"}, "runs under DDP only"),
     (2, 2, "qwen2_vl", {"attn_implementation": "eager"}, "--attn_implementation eager"),
 ])

@@ -137,8 +137,9 @@ class Step:
     @property
     def kv_expanded(self) -> bool:
         """sdpa / eager with a mask (padding or packing) repeat the KV heads to every head."""
-        return (self.setup.attn in ("sdpa", "eager") and (self.setup.batch_size > 1 or self.setup.packing)
-                and self.setup.sequence_parallel_size == 1)  # Ulysses drops the mask: causal kernels
+        # under sequence parallelism only packing keeps a mask (Ulysses drops the padding mask: causal kernels)
+        return self.setup.attn in ("sdpa", "eager") and (
+            self.setup.packing or (self.setup.batch_size > 1 and self.setup.sequence_parallel_size == 1))
 
 
 Notes = list[str]

@@ -368,8 +368,9 @@ class Setup:
         sp = self.sequence_parallel_size
         if sp < 1 or self.gpus % sp:
             raise ConfigError(f"--sequence_parallel_size {sp} must be positive and divide --gpus {self.gpus}")
-        if sp > 1 and (self.packing or self.attn == "eager"):
-            raise ConfigError(f"--sequence_parallel_size {sp} runs without --packing and with sdpa or flash-attn")
+        if sp > 1 and (self.attn == "eager" or self.packing and self.attn != "sdpa"):
+            raise ConfigError(f"--sequence_parallel_size {sp} runs with sdpa or flash-attn, and with --packing on "
+                              "sdpa only")
 
 
 

@@ -22,7 +22,10 @@ image's and video's features at its pad tokens and to compute the 3-D M-RoPE pos
    to the single-process mean and the gradients summed over the group equal its gradients.
 
 Rows of a batch are right-padded, and the decoder attends causally without a mask (Ulysses drops masks), which
-is exact for every real token. Packed rows would attend across records under SDPA: refused (``check``).
+is exact for every real token. Packed rows (``--packing``, sdpa): after Ulysses' all-to-all each rank holds the
+whole sequence for its heads, and Ulysses all-gathers the text positions, which restart at each record; the
+kernel gets the block-diagonal causal mask built from them (``packed_mask``), so records never attend across
+their boundaries.
 """
 
 from __future__ import annotations
@@ -76,9 +79,9 @@ def check(size: int, world_size: int, config, model_type: str, packing: bool = F
         raise ConfigError(f"{flag}: {model_type}'s linear-attention (Gated DeltaNet) layers carry a recurrent state "
                           "along the whole sequence, which a split sequence would cut at each chunk boundary; train "
                           "this family without sequence parallelism")
-    if packing:
-        raise ConfigError(f"{flag} with --packing: Ulysses attention drops the block mask that keeps packed records "
-                          "apart, so they would attend to each other; train without --packing")
+    if packing and attn_implementation not in (None, "sdpa"):
+        raise ConfigError(f"{flag} with --packing and --attn_implementation {attn_implementation}: under sequence "
+                          "parallelism packed records are kept apart by a block mask built for sdpa; use sdpa")
     if engine:
         raise ConfigError(f"{flag} with {engine}: sequence parallelism runs under DDP only (each group trains "
                           f"its batches in turn, which {engine}'s gradient reduction does not follow); drop {engine}")
@@ -112,8 +115,14 @@ def install(model, language_model, group: Group, attn_implementation: str) -> No
     core = ALL_ATTENTION_FUNCTIONS[attn_implementation]
     if getattr(core, SP_MARK, False):  # installed before (a second model in the same process)
         core = core.core
+
+    def whole_sequence(module, query, key, value, attention_mask, *args, **kwargs):
+        """The kernel Ulysses calls on the whole sequence (this rank's heads): causal, or block-causal when
+        the gathered text positions restart (packed records)."""
+        return core(module, query, key, value, packed_mask(kwargs.get("position_ids")), *args, **kwargs)
+
     ulysses = UlyssesSPAttentionHF(
-        attn=core, batch_size=1, attn_head_count=text.num_attention_heads,
+        attn=whole_sequence, batch_size=1, attn_head_count=text.num_attention_heads,
         attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
         kv_head_count=text.num_key_value_heads, num_hidden_layers=text.num_hidden_layers,
         process_group=group.process_group, seq_length_is_variable=True)
@@ -123,7 +132,7 @@ def install(model, language_model, group: Group, attn_implementation: str) -> No
         if not getattr(module, SP_MARK, False):  # the vision tower's attention: whole, on every rank
             return core(module, query, key, value, attention_mask, *args, **kwargs)
         _set_batch_size(ulysses, query.shape[0])
-        return ulysses(module, query, key, value, None, *args, **kwargs)  # causal, as Ulysses' own wrapper does
+        return ulysses(module, query, key, value, None, *args, **kwargs)  # the mask: made in ``whole_sequence``
 
     attention.core = core
     setattr(attention, SP_MARK, True)
@@ -131,6 +140,18 @@ def install(model, language_model, group: Group, attn_implementation: str) -> No
     for layer in language_model.layers:
         setattr(layer.self_attn, SP_MARK, True)
     language_model.register_forward_pre_hook(_splitter(group), with_kwargs=True)
+
+
+def packed_mask(positions: torch.Tensor | None) -> torch.Tensor | None:
+    """The block-diagonal causal mask (batch, 1, L, L) of packed rows, from the whole sequence's text positions
+    (each record's restart at 0, as ``PackedCollator`` writes them); ``None`` (the kernel's own causal mask) when
+    no row restarts. The same boundaries transformers' ``create_causal_mask`` finds without the split."""
+    if positions is None or positions.ndim != 2 or not bool((positions[:, 1:] == 0).any()):
+        return None
+    segment = (positions == 0).cumsum(-1)
+    length = positions.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=positions.device).tril()
+    return ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
 
 
 def _set_batch_size(ulysses, batch: int) -> None:
