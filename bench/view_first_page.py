@@ -1,7 +1,7 @@
 """``vlmtune view`` on a large data file once its store exists: the page's first answers against what a second
 ``check-data`` of the same file spends, measured in the same run, in one process.
 
-    nice -n 5 .venv/bin/python bench/view_first_page.py [--records 100000]
+    nice -n 5 .venv/bin/python bench/view_first_page.py [--records 100000] [--out bench/results/F.json]
 
 Records: data_scale's synthetic single-image records. The store is built first (not timed). Rows, each the median
 of ``--repeats``:
@@ -16,7 +16,9 @@ Ratios are each row over the baseline.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", help="where the file and the cache go (default: a temporary folder)")
+    parser.add_argument("--out", help="also write the figures to this JSON file (e.g. bench/results/...json)")
     args = parser.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="view-bench-"))
     os.environ["VLMTUNE_CACHE"] = str(work / "cache")
@@ -58,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_model_path(None)
     processor, family, config = load_processor(model), load_family(model), load_config(model)
     budget = media.budget_from_processor(processor, family.factor)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     check_data(str(data), processor, family, budget, conversation=Conversation(processor))
-    print(f"{args.records:,} records; store built in {time.perf_counter() - start:.1f}s (not timed below)")
+    build_s, build_cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    print(f"{args.records:,} records; store built in {build_s:.1f}s (not timed below)")
 
     rows = {"check-data, 2nd": lambda: check_data(str(data), processor, family, budget,
                                                    conversation=Conversation(processor))}
@@ -74,7 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'row':<18} {'seconds':>9} {'x baseline':>11}")
     for name, s in seconds.items():
         print(f"{name:<18} {s:>9.3f} {s / base:>11.2f}")
-    print(f"first page shown (open + first page): {seconds['view: open'] + seconds['view: first page']:.3f}s")
+    shown = seconds["view: open"] + seconds["view: first page"]
+    print(f"first page shown (open + first page): {shown:.3f}s")
+    if args.out:
+        results = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+                   "python": platform.python_version(), "records": args.records, "repeats": args.repeats,
+                   "store_build_s": round(build_s, 1), "store_build_cpu_s": round(build_cpu_s, 1),
+                   "load_avg": round(os.getloadavg()[0], 2),
+                   "seconds": {name: round(s, 4) for name, s in seconds.items()},
+                   "x_baseline": {name: round(s / base, 3) for name, s in seconds.items()},
+                   "first_page_shown_s": round(shown, 4)}
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
