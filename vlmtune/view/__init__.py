@@ -60,6 +60,10 @@ def _rewards(args: argparse.Namespace) -> dict:
             raise ConfigError(f"--{given[0]} is a GRPO reward setting: give it with --stage grpo")
         return {}
     grpo = fields_of(args, GRPOArguments, *REWARD_FIELDS)
+    if grpo.reward_model:
+        from vlmtune.model.reward import check_folder
+
+        check_folder(grpo.reward_model, "--reward_model")
     return {"rewards": load_rewards(grpo.reward_funcs, grpo.reward_weights),
             "reward_settings": reward_settings(vars(grpo))}
 
