@@ -5,19 +5,15 @@ Every MLP is ``Qwen3_5MoeSparseMoeBlock``: a top-k router ``mlp.gate``, fused ex
 expert whose output is scaled by ``sigmoid(mlp.shared_expert_gate(x))``.
 """
 
-from vlmtune.families.base import THINK_TOKENS, Family
+from dataclasses import replace
 
-QWEN3_5_MOE = Family(
+from vlmtune.families.qwen3_5 import QWEN3_5
+
+QWEN3_5_MOE = replace(
+    QWEN3_5,  # the same vision stack, processor, template and hybrid layers; the MLPs are sparse MoE blocks
     model_type="qwen3_5_moe",
     model_class="Qwen3_5MoeForConditionalGeneration",
-    processor_class="Qwen3VLProcessor",
-    image_processor_class="Qwen2VLImageProcessor",
-    video_processor_class="Qwen3VLVideoProcessor",
     liger_patch="apply_liger_kernel_to_qwen3_5_moe",
-    box_format="norm1000",  # Qwen3-VL's convention (qwen3_vl.py): Qwen3.5 inherits its vision stack and processor
-    patch_size=16,
-    video_timestamps=True,
     experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     routers=("mlp.gate", "mlp.shared_expert_gate"),
-    extra_tokens=THINK_TOKENS,
 )

@@ -5,19 +5,16 @@ experts as two fused parameters ``mlp.experts.gate_up_proj`` [E, 2I, H] and ``ml
 in memory; the hub checkpoints store both transposed ([E, H, 2I], [E, I, H]), and so does vlmtune.
 """
 
-from vlmtune.families.base import THINK_TOKENS, Family
+from dataclasses import replace
 
-QWEN3_VL_MOE = Family(
+from vlmtune.families.base import THINK_TOKENS
+from vlmtune.families.qwen3_vl import QWEN3_VL
+
+QWEN3_VL_MOE = replace(
+    QWEN3_VL,  # the same vision stack (DeepStack mergers), processor and grounding convention; MoE MLPs
     model_type="qwen3_vl_moe",
     model_class="Qwen3VLMoeForConditionalGeneration",
-    processor_class="Qwen3VLProcessor",
-    image_processor_class="Qwen2VLImageProcessor",
-    video_processor_class="Qwen3VLVideoProcessor",
     liger_patch="apply_liger_kernel_to_qwen3_vl_moe",
-    box_format="norm1000",  # as Qwen3-VL (qwen3_vl.py): the same models' grounding, MoE language model
-    patch_size=16,
-    video_timestamps=True,
-    mergers=("model.visual.merger", "model.visual.deepstack_merger_list"),
     experts=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     hub_transposed=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
     routers=("mlp.gate",),
