@@ -103,6 +103,8 @@ class DataView:
 
     def _reward_problems(self) -> list[Problem]:
         """What ``vlmtune grpo`` checks before its first step: every prompt has the fields its rewards read."""
+        if not self.rewards:  # (no reward: no pass over the records, which a large store would decode one by one)
+            return []
         try:
             check_fields(self.rewards, self.records, self.file)
         except DataError as exc:
