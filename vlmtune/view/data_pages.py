@@ -87,7 +87,8 @@ class DataView:
         for p in [*result.problems, *self._reward_problems()]:
             self.problems[p.index].append(p)
         self.bad_ids = {p.index: p.id for p in result.problems if p.index is not None and p.level == "error"}
-        bad = np.array(sorted(set(self.bad_ids) - set(valid_index.tolist())), dtype=np.int64)
+        bad_ids = np.fromiter(self.bad_ids, dtype=np.int64, count=len(self.bad_ids))
+        bad = np.sort(bad_ids[~np.isin(bad_ids, valid_index, assume_unique=True)])  # not a Python set of 1M ints
         # every row of the list: valid records (position >= 0 in self.records) and records with errors (-1)
         index = np.concatenate([valid_index, bad])
         position = np.concatenate([np.arange(len(valid_index)), np.full(len(bad), -1)])
