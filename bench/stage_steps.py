@@ -18,7 +18,9 @@ busy machine slows all three alike. GRPO's sampling time is measured apart (HF g
 resizes every example image by S on each side first (S = 2: 4x the pixels and about 4x the vision tokens, where
 the vision tower's share of a step grows). ``--clock cpu`` times the steps in this process's CPU time instead of
 wall time (one thread, data loaded in the process): on a machine that others load, wall times swing with their
-load while CPU times hold.
+load while CPU times hold. ``grpo_before`` is GRPO with the policy-step levers of issue 21 switched off
+(``grpo_levers_off``: LoRA merged for sampling, the tower's outputs and the rows' positions kept for a rollout's
+forwards, the LM head on labelled positions only), for a before / after in one run: ``--stages grpo_before grpo``.
 
 Results go to bench/results/stages-<device>-<date>.json, with the ratios to SFT.
 """
@@ -26,6 +28,7 @@ Results go to bench/results/stages-<device>-<date>.json, with the ratios to SFT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -105,8 +109,27 @@ def stage_files(folder: Path) -> dict[str, Path]:
 
 
 STAGES = {"sft": ("sft", "sft"), "cpt": ("sft", "cpt"), "dpo": ("dpo", "dpo"), "grpo": ("grpo", "grpo"),
+          "grpo_before": ("grpo", "grpo"),
           "reward_model": ("reward_model", "dpo"), "distill": ("distill", "sft"), "gkd": ("distill", "sft")}
 """Benchmarked stage -> (the recipe's stage, the data file it reads)."""
+
+
+@contextlib.contextmanager
+def grpo_levers_off():
+    """GRPO as before issue 21's policy-step levers (``grpo_before``): sampling through the LoRA adapters, the
+    tower run again and 3-D positions computed again in every forward of a rollout, the LM head on every
+    position on CPU."""
+    from vlmtune.stages import reference, rollout_positions, vision_once
+
+    @contextlib.contextmanager
+    def through_adapters(model):
+        yield model
+
+    with mock.patch.object(grpo_stage, "merged_for_sampling", through_adapters), \
+            mock.patch.object(vision_once.Encodings, "for_model", lambda model: None), \
+            mock.patch.object(rollout_positions, "row_positions", lambda *a: None), \
+            mock.patch.object(reference, "labelled_positions_only", contextlib.nullcontext):
+        yield
 
 
 def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], float]:
@@ -123,7 +146,7 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
             "--lora_rank", "8", "--logging_steps", str(args.steps), "--seed", "0", "--dataloader_num_workers", "0"]
     if stage == "cpt":
         argv += ["--stage", "cpt"]
-    if stage == "grpo":
+    if stage in ("grpo", "grpo_before"):
         argv += ["--num_generations", str(args.num_generations), "--max_completion_length",
                  str(args.max_completion_length), "--reward_funcs", "exact_match", "--log_completions", "0"]
     if stage in ("distill", "gkd"):
@@ -146,7 +169,8 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
     try:
         recipe = STAGES[stage][0]
         run = {"sft": train, "dpo": dpo, "grpo": grpo_stage.grpo, "reward_model": reward_model, "distill": distill}
-        run[recipe](*parse_train_args(argv, stage=recipe))
+        with grpo_levers_off() if stage == "grpo_before" else contextlib.nullcontext():
+            run[recipe](*parse_train_args(argv, stage=recipe))
     finally:
         hf_trainer.DEFAULT_CALLBACKS.remove(timer)
         grpo_stage.HFSampler.sample = sample
@@ -164,7 +188,7 @@ def main() -> None:
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall time, or this process's CPU time")
     parser.add_argument("--out", type=Path, help="the results file (default: bench/results/stages-cpu-...json)")
     parser.add_argument("--image-scale", type=float, default=1.0, help="resize the images by this on each side")
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
+    parser.add_argument("--stages", nargs="+", default=[s for s in STAGES if s != "grpo_before"], choices=list(STAGES))
     args = parser.parse_args()
     global clock
     clock = CLOCKS[args.clock]
@@ -173,7 +197,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     times: dict[str, list[float]] = {stage: [] for stage in dict.fromkeys(["sft", *args.stages])}
-    sampling_share: list[float] = []
+    sampling_share: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         from vlmtune.testing.tiny import build_tiny_model
 
@@ -185,8 +209,8 @@ def main() -> None:
                 steps, sampled = run_stage(stage, files[STAGES[stage][1]], Path(tmp) / f"{stage}-{round_}", args)
                 kept = steps[2:]
                 times[stage] += kept
-                if stage == "grpo":
-                    sampling_share.append(sampled / sum(steps))
+                if stage.startswith("grpo"):
+                    sampling_share.setdefault(stage, []).append(sampled / sum(steps))
                 print(f"round {round_ + 1} {stage}: {len(kept)} steps, median {statistics.median(kept):.3f} s",
                       flush=True)
 
@@ -201,7 +225,7 @@ def main() -> None:
         "seconds_per_step": {k: round(v, 4) for k, v in median.items()},
         "steps_per_s": {k: round(1 / v, 3) for k, v in median.items()},
         "steps_per_s_vs_sft": {k: round(median["sft"] / v, 3) for k, v in median.items()},
-        "grpo_sampling_share": round(statistics.mean(sampling_share), 3) if sampling_share else None,
+        "grpo_sampling_share": {k: round(statistics.mean(v), 3) for k, v in sampling_share.items()} or None,
     }
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -214,8 +214,8 @@ BAD = [
      "without a source"),
     ({"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
                    {"role": "assistant", "content": "x"}], "images": ["a.png", "b.png"]}, "left over"),
-    ({"messages": [{"role": "user", "content": [{"type": "video", "video": ["f1.jpg", "f2.jpg"]}]},
-                   {"role": "assistant", "content": "x"}]}, "list of frame files"),
+    ({"messages": [{"role": "user", "content": [{"type": "video", "video": []}]},
+                   {"role": "assistant", "content": "x"}]}, "part 0: an empty list of frames"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "image": 7}]},
                    {"role": "assistant", "content": "x"}]}, "must be a path, a URL or a data: URI"),
     ({"messages": [{"role": "user", "content": [{"type": "image", "image": "data:image/png;base64,AAAA"}]},
@@ -322,7 +322,7 @@ def test_bad_tables_name_the_file_row_and_column(tmp_path):
                    tmp_path / "clip.parquet")
     _, problems = read_records(tmp_path / "clip.parquet")
     assert [(p.index, p.message) for p in problems] == [
-        (0, "a video given as bytes in a table is not read (only images are); write it to a file")]
+        (0, "a video given as bytes in a table is not read (only images and frames are); write it to a file")]
 
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     _, problems = read_records(tmp_path / "broken.parquet")

@@ -232,8 +232,8 @@ def test_dynamic_sampling_resamples_then_drops_groups_with_equal_rewards(tiny, t
     trainer, model, prompts = grpo_trainer(tiny, tmp_path, [Reward("rule", rule)], dynamic_sampling=2)
     calls = []
     sample = trainer.sampler.sample
-    trainer.sampler.sample = lambda generator, prompts, t: calls.extend(p["record"]["id"] for p in prompts) or sample(
-        generator, prompts, t)
+    trainer.sampler.sample = lambda generator, prompts, t, **kw: calls.extend(
+        p["record"]["id"] for p in prompts) or sample(generator, prompts, t, **kw)
     batch = trainer._rollout(model, prompts, "train")
     assert sorted(calls) == sorted(["grpo_red_circle"] * 3 + [p["record"]["id"] for p in prompts[1:]])
     assert prompts[0]["record"]["id"] == "grpo_red_circle" and batch["input_ids"].shape[0] == 2 * 3

@@ -13,7 +13,7 @@ from conftest import EXAMPLES, FAMILIES
 from PIL import Image, PngImagePlugin
 from qwen_vl_utils import vision_process as qvu
 
-from vlmtune.data import media
+from vlmtune.data import media, video_readers
 from vlmtune.errors import MediaError
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
@@ -190,7 +190,7 @@ def test_video_frame_pixel_budget():
 ], ids=["fps2", "fps1", "nframes6", "range"])
 def test_pyav_reader_matches_decord(video, ele):
     decord_video, decord_meta, decord_fps = qvu._read_video_decord({"video": str(video), **ele})
-    pyav_video, pyav_meta, pyav_fps = media._read_video_pyav({"video": str(video), **ele})
+    pyav_video, pyav_meta, pyav_fps = video_readers.read_video_pyav({"video": str(video), **ele})
     assert pyav_meta["frames_indices"] == decord_meta["frames_indices"]
     assert pyav_meta["total_num_frames"] == decord_meta["total_num_frames"]
     assert pyav_meta["fps"] == pytest.approx(decord_meta["fps"])

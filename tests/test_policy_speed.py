@@ -233,3 +233,101 @@ def test_vllm_gets_the_generate_prompts_stop_tokens_and_fresh_weights(tiny_model
     assert [bool(i) for i in images] == with_images and any(with_images)
     assert all(len(i) == 1 and i[0].size[0] > 0 for i in images if i)
     assert [[c.tolist() for c in g] for g in groups] == [[[p["input_ids"][-1].item(), eos[0]]] * n for p in prompts]
+
+
+def test_a_rollouts_forwards_keep_the_tower_outputs_and_each_prompts_positions(tiny_model_dir, tmp_path):
+    """lora (the tower frozen), beta > 0 and two iterations (old-policy and reference forwards in the rollout): the
+    tower runs in sampling only, once per prompt's item; the rows' positions are the model's own
+    ``get_rope_index`` on the full rows; the old and reference log-probs equal the model's plain forward (every
+    row's pixels, its own positions, log-softmax of its logits at every position); the loss and gradient equal
+    those of the same batch without the kept outputs and positions."""
+    from vlmtune.stages import reference as ref
+    from vlmtune.stages import vision_once
+
+    model, processor, family, budget, plan = setup(tiny_model_dir, "qwen2_vl", "lora")
+    trainer, prompts = grpo_trainer(model, processor, family, budget, tmp_path, num_generations=2,
+                                    max_completion_length=5, beta=0.1, num_iterations=2)
+    trainer.reference = ref.Reference.adapters_off(model, family, plan, False, "test")
+    calls = tower_patches(model)
+    model.train()
+    torch.manual_seed(0)
+    batch = trainer._rollout(model, prompts, "train")
+    assert sum(calls) == sum(int(p[k].prod(-1).sum()) for p in prompts for k in ("image_grid_thw", "video_grid_thw")
+                             if k in p)
+    assert vision_once.ENCODINGS in batch
+    own, _ = model.get_base_model().model.get_rope_index(
+        input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"], video_grid_thw=batch["video_grid_thw"],
+        attention_mask=batch["attention_mask"])
+    valid = batch["attention_mask"].bool()
+    assert torch.equal(batch["position_ids"][:, valid], own[:, valid])
+
+    plain = {k: v for k, v in batch.items() if k in ref.MODEL_KEYS and k != "position_ids"}
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+
+    def log_softmax_of_logits():
+        logits = model(**plain, use_cache=False).logits[:, :-1]
+        return torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0] * mask
+
+    with torch.no_grad():
+        assert (batch["old_log_probs"] - log_softmax_of_logits()).abs().max() <= 1e-5  # measured: 4.8e-7
+        with model.disable_adapter():
+            assert (batch["ref_log_probs"] - log_softmax_of_logits()).abs().max() <= 1e-5
+
+    batch["advantages"] = torch.linspace(-1, 1, batch["input_ids"].shape[0])
+    results = []
+    for inputs in (batch, {k: v for k, v in batch.items() if k not in (vision_once.ENCODINGS, "position_ids")}):
+        calls.clear()
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(inputs))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), grads, len(calls)))
+    (kept, kept_grads, kept_calls), (again, again_grads, again_calls) = results
+    assert kept_calls == 0 and again_calls == 2 and kept != 0  # images and videos: one tower call each
+    assert kept == pytest.approx(again, abs=1e-6)  # measured: 0.0, and the gradients bit-equal too
+    assert kept_grads.keys() == again_grads.keys() and kept_grads
+    for name, grad in again_grads.items():
+        assert (kept_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+
+
+def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_the_weights_back(
+        tiny_model_dir, tmp_path):
+    """The sampler folds LoRA into the weights (no LoRA product runs while it samples): with the same seed, its
+    sampled completions are those of ``generate`` through the adapters, the logits within float rounding, and
+    afterwards every parameter is bit-equal to before and no layer is left merged."""
+    from vlmtune.data.collator import Collator
+    from vlmtune.generation import left_padded, sample_group
+    from vlmtune.stages.merged_lora import _mergeable, merged_for_sampling
+
+    model, processor, family, budget, _ = setup(tiny_model_dir, "qwen2_vl", "lora")
+    n, length = 3, 8
+    trainer, prompts = grpo_trainer(model, processor, family, budget, tmp_path, num_generations=n,
+                                    max_completion_length=length)
+    model.eval()
+    layers = _mergeable(model)
+    assert layers and len(layers) == sum("lora_A" in name and name.endswith("weight")
+                                         for name, _ in model.named_parameters())
+    lora_calls = []
+    for layer in layers:
+        layer.lora_A["default"].register_forward_hook(lambda *a: lora_calls.append(1))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    pad = processor.tokenizer.pad_token_id
+    batch = left_padded(Collator(pad)([{k: v for k, v in p.items() if k != "record"} for p in prompts]))
+
+    torch.manual_seed(3)
+    got = [c.tolist() for group in trainer.sampler.sample(model, prompts, trainer) for c in group]
+    assert not lora_calls
+    torch.manual_seed(3)
+    want = [c.tolist() for c in sample_group(model, dict(batch), trainer.eos_ids, pad, trainer.vision_ids,
+                                             max_new_tokens=length, repeat=n)]
+    assert lora_calls and got == want and len({tuple(c) for c in got}) > 1
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        adapters = model(**inputs).logits
+        with merged_for_sampling(model):
+            merged = model(**inputs).logits
+    assert (merged - adapters).abs().max() <= 1e-5
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert not any(layer.merged for layer in layers)

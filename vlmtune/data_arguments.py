@@ -28,7 +28,8 @@ class DataArguments:
         default=None, metadata={"help": "Folder that relative image paths start from (default: the data file's)."}
     )
     video_folder: str | None = field(
-        default=None, metadata={"help": "Folder that relative video paths start from (default: image_folder)."}
+        default=None, metadata={"help": "Folder that relative video paths (and a video's frame files) start from "
+                                "(default: image_folder)."}
     )
     data_format: Literal["llava", "sharegpt", "messages"] | None = field(
         default=None, metadata={"help": "Format of the data files (default: detected from each file's first "
@@ -73,9 +74,10 @@ class DataArguments:
     video_min_pixels: int | None = field(default=None, metadata={"help": "Min pixels per video frame.", **within(1)})
     video_max_pixels: int | None = field(default=None, metadata={"help": "Max pixels per video frame.", **within(1)})
     fps: float | None = field(
-        default=None, metadata={"help": "Frames sampled per second of video (e.g. 1.0).", **within(0, low_open=True)})
+        default=None, metadata={"help": "Frames sampled per second of a video file (e.g. 1.0); a video given "
+                                "as a list of frames keeps every frame.", **within(0, low_open=True)})
     nframes: int | None = field(
-        default=None, metadata={"help": "Frames sampled per video (instead of fps).", **within(1)})
+        default=None, metadata={"help": "Frames sampled per video file (instead of fps).", **within(1)})
     video_min_frames: int | None = field(default=None, metadata={"help": "Fewest frames sampled per video.",
                                                                  **within(1)})
     video_max_frames: int | None = field(default=None, metadata={"help": "Most frames sampled per video.",

@@ -30,7 +30,7 @@ import torch
 from vlmtune import rewards as reward_lib
 from vlmtune import run
 from vlmtune.config import INFERENCE_DATA_FIELDS, DataArguments, InferenceArguments
-from vlmtune.data import media
+from vlmtune.data import frames, media
 from vlmtune.data.collator import Collator
 from vlmtune.data.convert import llava_record, write_parquet
 from vlmtune.data.formats import FORMATS
@@ -187,6 +187,14 @@ def _relative(path: str, folder: Path) -> str:
     return str(resolved.relative_to(folder)) if resolved.is_relative_to(folder) else str(resolved)
 
 
+def _video(path: str, folder: Path):
+    """A video as the output file's records name it: a file as ``_relative`` names it; a frame list as a list of
+    its frames so named (``vlmtune.data.frames``)."""
+    if frames.is_frame_list(path):
+        return frames.as_entry(path, [_relative(f, folder) for f in frames.frame_list(path)[0]])
+    return _relative(path, folder)
+
+
 def write_records(records: list[Record], output: Path) -> None:
     """The SFT records, whole, by a rename: Parquet (``.parquet``), JSON lines (``.jsonl``) or a LLaVA JSON
     array."""
@@ -195,7 +203,7 @@ def write_records(records: list[Record], output: Path) -> None:
         write_parquet(records, tmp)
     else:
         folder = output.parent.resolve()
-        rows = [llava_record(r, [_relative(p, folder) for p in r.images], [_relative(p, folder) for p in r.videos])
+        rows = [llava_record(r, [_relative(p, folder) for p in r.images], [_video(p, folder) for p in r.videos])
                 for r in records]
         if output.suffix.lower() == ".jsonl":
             tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

@@ -3,7 +3,8 @@ embedded (the ``datasets`` ``Image`` layout), and back.
 
 Every record is read and checked first (``read_records``); a file with errors is not converted (they are listed),
 so no record is lost on the way. Images keep their bytes: a file's bytes are copied (LLaVA) or embedded (Parquet),
-never re-encoded. Videos stay files (Parquet holds their paths, relative to the output where possible).
+never re-encoded; so do the frames of a video given as a list of frames (``vlmtune.data.frames``). Video files stay
+files (Parquet holds their paths, relative to the output where possible).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from vlmtune.data import inline, media
+from vlmtune.data import frames, inline, media
 from vlmtune.data.formats import FORMATS
 from vlmtune.data.records import Record, load_records
 from vlmtune.data.schema import STAGES
@@ -56,7 +57,7 @@ def llava_record(record: Record, images: list, videos: list) -> dict:
     if images:
         out["image"] = images[0] if len(images) == 1 else images
     if videos:
-        out["video"] = videos[0] if len(videos) == 1 else videos
+        out["video"] = videos[0] if len(videos) == 1 and isinstance(videos[0], str) else videos  # frames: nested
     out["conversations"] = [{"from": _FROM[m.role], "value": m.text} for m in record.messages]
     for key in ("chosen", "rejected", "box_format", "box_image"):
         if getattr(record, key) is not None:
@@ -67,21 +68,25 @@ def llava_record(record: Record, images: list, videos: list) -> dict:
 def _to_llava(records: list[Record], dst: Path) -> int:
     folder = dst.with_name(dst.stem + "_images")
     written: dict[str, str] = {}  # image -> its name in the folder
+
+    def image(path: str) -> str:
+        if path not in written:
+            data = image_bytes(path)
+            name = _name(path, data)
+            stem, n = Path(name), 1
+            while any(v == name for v in written.values()):  # same name, other bytes: number it
+                name, n = f"{stem.stem}-{n}{stem.suffix}", n + 1
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+            written[path] = name
+        return f"{folder.name}/{written[path]}"
+
     rows = []
     for record in records:
-        names = []
-        for path in record.images:
-            if path not in written:
-                data = image_bytes(path)
-                name = _name(path, data)
-                stem, n = Path(name), 1
-                while any(v == name for v in written.values()):  # same name, other bytes: number it
-                    name, n = f"{stem.stem}-{n}{stem.suffix}", n + 1
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / name).write_bytes(data)
-                written[path] = name
-            names.append(f"{folder.name}/{written[path]}")
-        rows.append(llava_record(record, names, [_relative(v, dst.parent) for v in record.videos]))
+        names = [image(path) for path in record.images]
+        videos = [frames.as_entry(v, [image(f) for f in frames.frame_list(v)[0]]) if frames.is_frame_list(v)
+                  else _relative(v, dst.parent) for v in record.videos]
+        rows.append(llava_record(record, names, videos))
     dst.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
     return len(written)
 
@@ -92,11 +97,17 @@ def write_parquet(records: list[Record], dst: Path) -> int:
     import pyarrow.parquet as pq
 
     rows, count = [], 0
+
+    def embedded(path: str) -> dict:
+        nonlocal count
+        count += 1
+        return {"bytes": image_bytes(path), "path": None if media.is_inline(path) else Path(path).name}
+
     for record in records:
-        images = [{"bytes": image_bytes(p), "path": None if media.is_inline(p) else Path(p).name}
-                  for p in record.images]
-        count += len(images)
-        row = llava_record(record, [], [_relative(v, dst.parent) for v in record.videos])
+        images = [embedded(p) for p in record.images]
+        videos = [frames.as_entry(v, [embedded(f) for f in frames.frame_list(v)[0]]) if frames.is_frame_list(v)
+                  else _relative(v, dst.parent) for v in record.videos]
+        row = llava_record(record, [], videos)
         row.pop("image", None)
         row.update(image=images, video=row.pop("video", None))
         if isinstance(row["video"], str):
@@ -128,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmtune convert", description=(
         "Write a data file (LLaVA, ShareGPT or messages JSON / JSON lines, Parquet, Arrow, a save_to_disk folder) "
         "as LLaVA JSON plus an image folder (OUTPUT.json, OUTPUT_images/) or as Parquet with the images' bytes "
-        "embedded (OUTPUT.parquet). Every record is checked first; a file with errors is not converted."))
+        "embedded (OUTPUT.parquet); a video's frames are written as images are. Every record is checked first; a "
+        "file with errors is not converted."))
     parser.add_argument("input")
     parser.add_argument("output", help="OUTPUT.json (LLaVA) or OUTPUT.parquet")
     parser.add_argument("--to", choices=TARGETS, help="output format (default: from the output's suffix)")
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=STAGES, default="sft", help="what the records are for (dpo / grpo "
                         "records keep their replies and reward fields)")
     parser.add_argument("--image_folder", help="folder of relative image paths (default: the input's)")
-    parser.add_argument("--video_folder", help="folder of relative video paths (default: image_folder)")
+    parser.add_argument("--video_folder", help="folder of relative video and frame paths (default: image_folder)")
     parser.add_argument("--allow_urls", action="store_true", help="fetch http(s) images and embed or copy them")
     args = parser.parse_args(argv)
     records, images = convert(args.input, args.output, args.to, image_folder=args.image_folder,

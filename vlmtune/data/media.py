@@ -21,7 +21,10 @@ from PIL import Image, ImageOps
 from qwen_vl_utils import vision_process as qvu
 
 from vlmtune import cache_root
-from vlmtune.data.inline import inline_bytes, is_inline, is_table_ref, shown  # noqa: F401  (re-exported)
+from vlmtune.data import frames as frame_lists
+from vlmtune.data import inline
+from vlmtune.data.inline import inline_bytes, is_inline, is_table_ref  # noqa: F401  (re-exported)
+from vlmtune.data.video_readers import VideoInfo, pyav_header, video_backend  # noqa: F401  (re-exported)
 from vlmtune.errors import MediaError
 
 # EXIF orientations that rotate by 90 or 270 degrees, so width and height swap.
@@ -55,8 +58,10 @@ class MediaBudget:
             ele.update(resized_height=self.image_resized_height, resized_width=self.image_resized_width)
         return ele
 
-    def video_element(self, path: str) -> dict:
-        ele = {"video": str(path), "min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels}
+    def video_element(self, video) -> dict:
+        """qwen-vl-utils' element for a video: a file's path, or a list of decoded frames."""
+        video = video if isinstance(video, list) else str(video)
+        ele = {"video": video, "min_pixels": self.video_min_pixels, "max_pixels": self.video_max_pixels}
         if self.nframes:
             ele["nframes"] = self.nframes
         else:
@@ -65,21 +70,19 @@ class MediaBudget:
         return ele
 
 
-@dataclass(frozen=True)
-class VideoInfo:
-    """What a video's header says: enough to plan frame sampling and count tokens without decoding."""
-
-    frames: int
-    fps: float
-    width: int
-    height: int
-
-
 # ---------------------------------------------------------------- files and URLs
 
 
 def is_url(path: str | Path) -> bool:
     return str(path).startswith(URL_PREFIXES)
+
+
+def shown(path: str | Path) -> str:
+    """How messages name a medium: its path; bytes by their type and size or their table cell; a frame list by its
+    first and last frame."""
+    if frame_lists.is_frame_list(path):
+        return frame_lists.describe(str(path), inline.shown)
+    return inline.shown(path)
 
 
 def _opened(path: str | Path):
@@ -172,6 +175,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 def load_image(path: str | Path, budget: MediaBudget) -> Image.Image:
     """Decode an image, apply EXIF orientation, convert to RGB and resize it under the budget."""
+    return resize_image(_decoded(path), budget)
+
+
+def _decoded(path: str | Path) -> Image.Image:
+    """An image decoded, EXIF orientation applied (not resized)."""
     try:
         with Image.open(_opened(path)) as img:
             img = ImageOps.exif_transpose(img)
@@ -182,7 +190,7 @@ def load_image(path: str | Path, budget: MediaBudget) -> Image.Image:
         raise MediaError(f"image file not found: {path}") from None
     except Exception as exc:
         raise MediaError(f"unreadable image {shown(path)}: {exc}") from None
-    return resize_image(img, budget)
+    return img
 
 
 def resize_image(img: Image.Image, budget: MediaBudget) -> Image.Image:
@@ -208,35 +216,33 @@ def image_tokens(width: int, height: int, budget: MediaBudget) -> int:
 # ---------------------------------------------------------------- videos
 
 
-def video_backend() -> str:
-    """The video reader: decord when installed, else PyAV. Chosen explicitly, since qwen-vl-utils'
-    own fallback (torchvision.io.read_video) no longer exists in torchvision 0.29."""
-    if importlib.util.find_spec("decord") is not None:
-        return "decord"
-    if importlib.util.find_spec("av") is not None:
-        return "pyav"
-    raise MediaError("no video reader is installed: pip install 'vlmtune[video]' (decord, or PyAV)")
-
-
-def _pyav_header(container) -> VideoInfo:
-    """What PyAV reads from an opened container's header; the PyAV reader samples from the same numbers."""
-    stream = container.streams.video[0]
-    fps = float(stream.average_rate or stream.guessed_rate or 0)
-    frames = stream.frames
-    if not frames and fps:  # containers without a frame count (e.g. some WebM / MKV): estimate from duration
-        if stream.duration and stream.time_base:
-            seconds = float(stream.duration * stream.time_base)
-        else:
-            seconds = (container.duration or 0) / 1_000_000
-        frames = round(seconds * fps)
-    return VideoInfo(int(frames), fps, stream.codec_context.width, stream.codec_context.height)
+def _frames_info(name: str) -> VideoInfo:
+    """A frame list's ``VideoInfo`` from its frames' image headers (no frame is decoded): one size for all."""
+    frames, fps = frame_lists.frame_list(name)
+    sizes = {}
+    for i, frame in enumerate(frames):
+        try:
+            size = image_size(frame)
+        except MediaError as exc:
+            raise MediaError(f"{shown(name)}, frame {i}: {exc}") from None
+        sizes.setdefault(size, i)
+        if len(sizes) > 1:
+            (w0, h0), (w, h) = sizes
+            raise MediaError(f"{shown(name)}: frame {i} ({inline.shown(frame)}) is {w}x{h} px, frame 0 {w0}x{h0} px: "
+                             "the frames of a video must have one size (qwen-vl-utils and the processor stack them); "
+                             "resize them")
+    (width, height), = sizes
+    return VideoInfo(len(frames), float(fps), width, height, listed=True)
 
 
 def video_info(path: str | Path) -> VideoInfo:
-    """Frame count, fps and size from the container header (no frame is decoded).
+    """Frame count, fps and size from the container header (no frame is decoded); for a frame list
+    (``vlmtune.data.frames``), from its frames' image headers.
 
     Frame count and fps come from the reader that will decode the video (decord when installed, so the
     sampled frames are the ones its reader picks); the frame size from PyAV's header when it is installed."""
+    if frame_lists.is_frame_list(path):
+        return _frames_info(str(path))
     try:
         local = local_path(path)
         if not Path(local).is_file():
@@ -247,7 +253,7 @@ def video_info(path: str | Path) -> VideoInfo:
             import av
 
             with av.open(local) as container:
-                info = _pyav_header(container)
+                info = pyav_header(container)
             size = (info.width, info.height)
         if backend == "decord":
             import decord
@@ -278,21 +284,29 @@ def _first_error(exc: BaseException) -> BaseException:
 
 
 def sampled_frame_indices(info: VideoInfo, budget: MediaBudget) -> list[int]:
-    """Indices of the frames qwen-vl-utils will sample (the same formula it applies)."""
+    """Indices of the frames qwen-vl-utils will sample (the same formula it applies). A frame list: every frame,
+    the last repeated up to a multiple of the temporal patch (qwen-vl-utils' ``fetch_video`` on a list)."""
+    if info.listed:
+        return list(range(qvu.ceil_by_factor(info.frames, qvu.FRAME_FACTOR)))
     ele = budget.video_element("")
     nframes = qvu.smart_nframes(ele, total_frames=info.frames, video_fps=info.fps)
     return torch.linspace(0, info.frames - 1, nframes).round().long().tolist()
 
 
 def resized_frame_size(info: VideoInfo, nframes: int, budget: MediaBudget) -> tuple[int, int]:
-    """(height, width) of each sampled frame: qwen-vl-utils' per-frame cap (its ``fetch_video``)."""
+    """(height, width) of each sampled frame: qwen-vl-utils' per-frame cap (its ``fetch_video``). A frame list's
+    frames are first resized one by one as images, under the video's pixel bounds and at twice the factor (what
+    ``fetch_video`` asks ``fetch_image`` for), then together as a video's frames."""
     f = budget.factor
+    height, width = info.height, info.width
+    if info.listed:
+        height, width = qvu.smart_resize(height, width, factor=2 * f, min_pixels=budget.video_min_pixels,
+                                         max_pixels=budget.video_max_pixels)
     total_pixels = qvu.MODEL_SEQ_LEN * f * f * 0.9
     cap = max(min(qvu.VIDEO_MAX_TOKEN_NUM * f * f, total_pixels / nframes * qvu.FRAME_FACTOR),
               int(budget.video_min_pixels * 1.05))
     max_pixels = min(budget.video_max_pixels, cap)
-    return qvu.smart_resize(info.height, info.width, factor=f, min_pixels=budget.video_min_pixels,
-                            max_pixels=max_pixels)
+    return qvu.smart_resize(height, width, factor=f, min_pixels=budget.video_min_pixels, max_pixels=max_pixels)
 
 
 def video_grid(info: VideoInfo, budget: MediaBudget) -> tuple[list[int], int, int]:
@@ -308,48 +322,27 @@ def video_tokens(info: VideoInfo, budget: MediaBudget) -> int:
     return math.ceil(len(indices) / qvu.FRAME_FACTOR) * gh * gw
 
 
-def _read_video_pyav(ele: dict):
-    """A qwen-vl-utils reader backend on PyAV, returning what its decord reader returns.
-
-    Frames are decoded in one pass and only the sampled ones are converted to RGB and kept, so memory
-    holds ``nframes`` frames, not the whole video. The frame count is the header's (as ``video_info``
-    reads it), so the sampled indices match the token count computed before decoding."""
-    import av
-    import numpy as np
-
-    path = local_path(ele["video"])
-    with av.open(path) as container:
-        header = _pyav_header(container)
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        total, video_fps = header.frames, header.fps
-        start, end, total_in_range = qvu.calculate_video_frame_range(ele, total, video_fps)
-        nframes = qvu.smart_nframes(ele, total_frames=total_in_range, video_fps=video_fps)
-        idx = torch.linspace(start, end, nframes).round().long().tolist()
-        wanted = set(idx)
-        kept: dict[int, np.ndarray] = {}
-        last = None
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                kept[i] = frame.to_ndarray(format="rgb24")
-            last = frame
-            if i >= idx[-1]:
-                break
-        if not kept and last is None:
-            raise ValueError(f"no frame could be decoded from {path}")
-        if len(kept) < len(wanted):  # the header counted more frames than the stream holds
-            fill = kept[max(kept)] if kept else last.to_ndarray(format="rgb24")
-            kept.update({i: fill for i in wanted if i not in kept})
-    video = torch.from_numpy(np.stack([kept[i] for i in idx])).permute(0, 3, 1, 2)
-    metadata = dict(fps=video_fps, frames_indices=idx, total_num_frames=total_in_range, video_backend="pyav")
-    return video, metadata, nframes / max(total_in_range, 1e-6) * video_fps
-
-
-qvu.VIDEO_READER_BACKENDS.setdefault("pyav", _read_video_pyav)
+def _load_frames(name: str, budget: MediaBudget) -> tuple[torch.Tensor, dict]:
+    """A frame list decoded (EXIF orientation applied) and handed to qwen-vl-utils as a list, as
+    ``process_vision_info`` hands it a list of frame files: every frame kept, resized, timed at ``sample_fps``."""
+    frames, fps = frame_lists.frame_list(name)
+    images = []
+    for i, frame in enumerate(frames):
+        try:
+            images.append(_decoded(frame))
+        except MediaError as exc:
+            raise MediaError(f"{shown(name)}, frame {i}: {exc}") from None
+    try:
+        return qvu.fetch_video({**budget.video_element(images), "sample_fps": fps},
+                               image_patch_size=budget.factor // 2, return_video_metadata=True)
+    except Exception as exc:
+        raise MediaError(f"unreadable video {shown(name)}: {exc}") from None
 
 
 def load_video(path: str | Path, budget: MediaBudget) -> tuple[torch.Tensor, dict]:
     """Decode the sampled frames of a video, resized under the budget: (frames TCHW float, metadata)."""
+    if frame_lists.is_frame_list(path):
+        return _load_frames(str(path), budget)
     if qvu.FORCE_QWENVL_VIDEO_READER is None:  # the user's FORCE_QWENVL_VIDEO_READER wins
         qvu.FORCE_QWENVL_VIDEO_READER = video_backend()
         qvu.get_video_reader_backend.cache_clear()

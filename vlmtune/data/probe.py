@@ -7,14 +7,24 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from vlmtune.data import media
+from vlmtune.data.frames import frame_list, is_frame_list
 from vlmtune.data.schema import Record
 from vlmtune.errors import MediaError, Problem
 
 MAX_ASPECT_RATIO = 200  # the processors' limit
 
 
+def _present(path: str) -> bool:
+    """Whether a medium is there to read: bytes, a URL, an existing file; a frame list's every frame."""
+    if is_frame_list(path):
+        return all(map(_present, frame_list(path)[0]))
+    return media.is_url(path) or media.is_inline(path) or os.path.exists(path)
+
+
 def _advice(exc: MediaError, path: str, folder_flag: str) -> str:
-    if media.is_url(path) or media.is_inline(path) or os.path.exists(path):
+    if is_frame_list(path) and _present(path):  # frames that are there: the message says what to do
+        return str(exc)
+    if _present(path):
         return f"{exc}; replace the file or drop the record"
     return f"{exc}; check the name and {folder_flag} (relative paths are resolved against it)"
 
@@ -40,18 +50,19 @@ def _probe_image(path: str, min_side: int, deep: bool, budget: media.MediaBudget
 
 
 def _probe_video(path: str, deep: bool, budget: media.MediaBudget | None):
-    """The ``VideoInfo`` of a video, or the message of what is wrong with it."""
+    """The ``VideoInfo`` of a video (a file or a frame list), or the message of what is wrong with it."""
+    name = media.shown(path)
     try:
         info = media.video_info(path)
         if max(info.width, info.height) / min(info.width, info.height) > MAX_ASPECT_RATIO:
-            return (f"video {path} is {info.width}x{info.height} px, an aspect ratio over {MAX_ASPECT_RATIO}: "
+            return (f"video {name} is {info.width}x{info.height} px, an aspect ratio over {MAX_ASPECT_RATIO}: "
                     "crop it or drop the record")
         if budget is not None:
             try:
                 media.video_grid(info, budget)
             except ValueError as exc:
                 sampling = f"nframes={budget.nframes}" if budget.nframes else f"fps={budget.fps:g}"
-                return (f"video {path} ({info.frames} frames at {info.fps:g} fps) cannot be sampled with "
+                return (f"video {name} ({info.frames} frames at {info.fps:g} fps) cannot be sampled with "
                         f"{sampling}: {exc}; lower --nframes or drop the record")
         if deep:
             media.load_video(path, budget or media.MediaBudget())

@@ -14,7 +14,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from vlmtune.data import boxes, formats, media
+from vlmtune.data import boxes, formats, frames, media
 from vlmtune.data.formats import scan
 from vlmtune.data.probe import check_media_files, probe_media  # noqa: F401  (re-exported)
 from vlmtune.data.schema import (  # noqa: F401  (re-exported: the names every reader of records uses)
@@ -49,8 +49,25 @@ def _as_list(value, key: str, err) -> list[str] | None:
     return values
 
 
+def _video_list(value, err) -> list | None:
+    """The entries of a ``video`` field (file names, frame lists: ``vlmtune.data.frames``), or None (and an error)."""
+    if value is None:
+        return []
+    values = [value] if isinstance(value, str | dict) else value
+    if not isinstance(values, list):
+        err(f"'video' must be a file name or a list of videos, got {json.dumps(value, default=str)[:80]}")
+        return None
+    for i, v in enumerate(values):
+        problem = frames.check_entry(v)
+        if problem:
+            err(f"'video' entry {i}: {problem}")
+            return None
+    return values
+
+
 class _Resolver:
-    """Media names -> paths (relative to a folder, or absolute), memoised: datasets repeat file names."""
+    """Media names -> paths (relative to a folder, or absolute), memoised: datasets repeat file names. A video's
+    list of frames -> one name (``frames.frames_name``) of its frames resolved as images."""
 
     def __init__(self, folder: Path, allow_urls: bool, kind: str):
         self.folder = str(folder)
@@ -58,11 +75,18 @@ class _Resolver:
         self.kind = kind
         self.cache: dict[str, str] = {}
 
-    def __call__(self, name: str, err) -> str | None:
+    def __call__(self, name, err) -> str | None:
+        if not isinstance(name, str):  # a video's frames (checked by _video_list): each one an image
+            listed, fps = frames.entry(name)
+            paths = [self._one(frame, err, "frame") for frame in listed]
+            return None if None in paths else frames.frames_name(paths, fps)
+        return self._one(name, err, self.kind)
+
+    def _one(self, name: str, err, kind: str) -> str | None:
         if media.is_inline(name):  # bytes in the record or a table's cell: decoded from memory when read
-            if self.kind != "image":
+            if kind == "video":
                 given = "bytes in a table" if media.is_table_ref(name) else "a data: URI"
-                err(f"a {self.kind} given as {given} is not read (only images are); write it to a file")
+                err(f"a video given as {given} is not read (only images and frames are); write it to a file")
                 return None
             if not media.is_table_ref(name):  # a table's bytes are checked with the other media headers
                 try:
@@ -73,7 +97,7 @@ class _Resolver:
             return name
         if name.startswith(URL_PREFIXES):
             if not self.allow_urls:
-                err(f"{self.kind} {name!r} is a URL; download it, or pass --allow_urls to fetch it")
+                err(f"{kind} {name!r} is a URL; download it, or pass --allow_urls to fetch it")
                 return None
             return name
         path = self.cache.get(name)
@@ -96,7 +120,7 @@ def _parse_record(index: int, raw, resolvers: tuple[_Resolver, _Resolver], stage
         problems.append(Problem("error", msg, index, rid))
 
     images = _as_list(raw.get("image"), "image", err)
-    videos = _as_list(raw.get("video"), "video", err)
+    videos = _video_list(raw.get("video"), err)
     if stage == "cpt":  # a document: its text and media, no conversation
         text = document_text(raw, images, videos, err)
         paths = [[resolver(f, err) for f in files or []] for resolver, files in zip(resolvers, (images, videos))]

@@ -48,6 +48,7 @@ import numpy as np
 
 from vlmtune.data import formats, media
 from vlmtune.data.conversation import Conversation
+from vlmtune.data.frames import is_frame_list
 from vlmtune.data.records import Message, Record
 from vlmtune.data.store_build import Builder, default_processes
 from vlmtune.data.store_key import _locked, _stat, content_digest, group_folder, store_settings
@@ -144,7 +145,7 @@ class DataStore:
             images, videos,
             [(int(self.media_width[m]), int(self.media_height[m])) for m in image_ids],
             [media.VideoInfo(int(self.media_frames[m]), float(self.media_fps[m]), int(self.media_width[m]),
-                             int(self.media_height[m])) for m in video_ids],
+                             int(self.media_height[m]), is_frame_list(v)) for v, m in zip(videos, video_ids)],
         )
 
     def valid_positions(self) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 from vlmtune.data import media
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import image_extra_tokens, video_extra_tokens
+from vlmtune.data.frames import is_frame_list
 from vlmtune.data.progress import Progress
 from vlmtune.data.records import (
     NO_RECORDS,
@@ -300,7 +301,7 @@ class Builder:
                 if error is None:
                     result = (int(src.media_width[m]), int(src.media_height[m])) if kind == _IMAGE else media.VideoInfo(
                         int(src.media_frames[m]), float(src.media_fps[m]), int(src.media_width[m]),
-                        int(src.media_height[m]))
+                        int(src.media_height[m]), is_frame_list(p))
                 else:
                     result = error
                 previous[(kind, p)] = (stat, result)

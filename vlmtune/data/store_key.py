@@ -14,10 +14,11 @@ from pathlib import Path
 import vlmtune
 from vlmtune.data import media
 from vlmtune.data.conversation import Conversation
+from vlmtune.data.frames import frame_list, is_frame_list
 from vlmtune.data.records import media_folders
 from vlmtune.families import Family
 
-STORE_VERSION = 2  # bump when the layout or what a store means changes
+STORE_VERSION = 3  # bump when the layout or what a store means changes
 DIGEST_MEMO = "content.json"
 """In a store's group: the data file's content digest and the stat signature it was computed under."""
 SETTLED_S = 2.0
@@ -158,6 +159,12 @@ def _locked(group: Path, exclusive: bool):
 
 
 def _stat(path: str) -> list[int] | None:
+    """``[size, mtime_ns]`` of a media file, None when it cannot be read. A frame list: ``[its frames' total size,
+    a hash of every frame's size and mtime]`` (a frame edited, added or removed changes it)."""
+    if is_frame_list(path):
+        stats = [None if media.is_url(f) or media.is_inline(f) else _stat(f) for f in frame_list(path)[0]]
+        digest = hashlib.blake2b(json.dumps(stats).encode(), digest_size=7).hexdigest()
+        return [sum(st[0] for st in stats if st), int(digest, 16)]
     try:
         st = os.stat(path)
     except OSError:

@@ -44,8 +44,9 @@ from vlmtune.model.reward import check_folder
 from vlmtune.run import COMPLETIONS_FILE
 from vlmtune.scoring import load_reward_model, score_rows
 from vlmtune.stage_config import GRPOArguments
-from vlmtune.stages import losses
+from vlmtune.stages import losses, rollout_positions, vision_once
 from vlmtune.stages import reference as ref
+from vlmtune.stages.merged_lora import merged_for_sampling
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 class HFSampler:
     """Completions through the model's own ``generate``: every prompt of the batch in one call, padded on the left,
-    ``num_generations`` rows each (``num_return_sequences``: transformers runs the vision tower once per prompt and
-    repeats its features); each completion is cut after its first end token."""
+    ``num_generations`` rows each (``num_return_sequences``: the vision tower once per prompt, its features
+    repeated; with the rollout's ``encodings``, kept for its later forwards), LoRA merged into the weights
+    (``merged_for_sampling``); each completion is cut after its first end token."""
 
     def __init__(self, args: GRPOArguments, collator: Collator, eos_ids: list[int], pad_id: int,
                  suppressed: list[int]):
@@ -77,11 +79,14 @@ class HFSampler:
         self.suppressed = suppressed
 
     @torch.no_grad()
-    def sample(self, model, prompts: list[dict], trainer) -> list[list[torch.Tensor]]:
+    def sample(self, model, prompts: list[dict], trainer, encodings=None) -> list[list[torch.Tensor]]:
         n = self.args.num_generations
         batch = left_padded(self.collator([{k: v for k, v in p.items() if k != "record"} for p in prompts]))
-        rows = sample_group(model, batch, self.eos_ids, self.pad_id, self.suppressed, self.args.temperature,
-                            self.args.top_p, self.args.top_k, self.args.max_completion_length, repeat=n)
+        if encodings is not None:
+            batch = vision_once.model_inputs(model, {**batch, vision_once.ENCODINGS: encodings}, batch.keys())
+        with merged_for_sampling(model):
+            rows = sample_group(model, batch, self.eos_ids, self.pad_id, self.suppressed, self.args.temperature,
+                                self.args.top_p, self.args.top_k, self.args.max_completion_length, repeat=n)
         return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
@@ -97,7 +102,7 @@ class VLLMSampler:
         self.args, self.budget, self.eos_ids, self.engine = args, budget, eos_ids, engine
         self.synced_step = -1
 
-    def sample(self, model, prompts: list[dict], trainer) -> list[list[torch.Tensor]]:
+    def sample(self, model, prompts: list[dict], trainer, encodings=None) -> list[list[torch.Tensor]]:
         if trainer.state.global_step != self.synced_step:
             self.engine.sync_weights()
             self.synced_step = trainer.state.global_step
@@ -173,11 +178,17 @@ class GRPOTrainer(PolicyTrainer):
                 self._rollouts[key] = [batch, uses + 1]
             return batch
         prompts = self._prepare_inputs(prompts)
+        encodings = vision_once.Encodings.for_model(model)  # the tower's outputs for every forward of the rollout
         with self._generation_model(model) as generator:
-            completions = self._sample(generator, prompts)
+            completions = self._sample(generator, prompts, encodings)
             if mode == "train" and self.grpo.dynamic_sampling:
-                prompts, completions = self._resample_equal_groups(generator, prompts, completions)
+                prompts, completions = self._resample_equal_groups(generator, prompts, completions, encodings)
         batch = self._score(prompts, completions, mode)
+        positions = rollout_positions.row_positions(model, prompts, completions, batch)
+        if positions is not None:
+            batch["position_ids"] = positions
+        if encodings is not None:
+            batch[vision_once.ENCODINGS] = encodings
         with torch.no_grad():
             if self.grpo.num_iterations > 1:
                 batch["old_log_probs"] = ref.token_log_probs(model, batch)
@@ -187,12 +198,13 @@ class GRPOTrainer(PolicyTrainer):
             self._rollouts[key] = [batch, 1]
         return batch
 
-    def _sample(self, generator, prompts: list[dict]) -> list[list[torch.Tensor]]:
+    def _sample(self, generator, prompts: list[dict], encodings=None) -> list[list[torch.Tensor]]:
         """The completions of each prompt (one group each), from one sampler call for them all."""
-        groups = self.sampler.sample(generator, prompts, self)
+        groups = self.sampler.sample(generator, prompts, self, encodings=encodings)
         return [[cut_before(c, self.vision_ids) for c in group] for group in groups]
 
-    def _resample_equal_groups(self, generator, prompts: list[dict], completions: list[list[torch.Tensor]]):
+    def _resample_equal_groups(self, generator, prompts: list[dict], completions: list[list[torch.Tensor]],
+                               encodings=None):
         """DAPO's dynamic sampling: the groups whose rewards are all equal are sampled again, up to
         ``--dynamic_sampling`` times; those still equal are dropped (unless every group is: then all stay, so that
         the step runs). Logs the share of groups found equal, and of those dropped."""
@@ -203,7 +215,7 @@ class GRPOTrainer(PolicyTrainer):
             if not equal.any():
                 break
             again = equal.nonzero().flatten().tolist()
-            for i, group in zip(again, self._sample(generator, [prompts[i] for i in again])):
+            for i, group in zip(again, self._sample(generator, [prompts[i] for i in again], encodings)):
                 completions[i] = group
             equal = ~losses.varied_groups(self._rewards(prompts, completions)[2], n)
         dropped = equal.float().mean() if not equal.all() else torch.tensor(0.0)

@@ -57,12 +57,33 @@ MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values"
               "pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "position_ids")
 
 
+@contextlib.contextmanager
+def labelled_positions_only():
+    """TRL's fused head projects only the labelled positions on Triton devices (CUDA) and every position
+    elsewhere, for a fixed tile shape on devices that compile per shape (Neuron). A CPU compiles nothing, so within
+    this context it projects only the labelled ones there too: the same log-probs (each position's projection is
+    its own), without the LM head's work and backward on the prompt (in GRPO most of a row)."""
+    from trl.trainer import utils
+
+    triton = getattr(utils, "_use_triton", None)
+    if triton is None:  # another TRL: its own choice
+        yield
+        return
+    utils._use_triton = lambda device: device.type == "cpu" or triton(device)
+    try:
+        yield
+    finally:
+        utils._use_triton = triton
+
+
 def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(rows, length - 1) log-probability of each next token whose label is not -100 (0 elsewhere), from one
     forward of ``model`` (which has the fused head) on the batch's rows and vision tensors; the vision tower runs
-    once per distinct image or video (``vision_once``: DPO's pairs, GRPO's groups)."""
+    once per distinct image or video (``vision_once``: DPO's pairs, GRPO's groups; none where the batch carries
+    a rollout's ``vision_once.ENCODINGS``), and the LM head on the labelled positions only."""
     inputs = vision_once.model_inputs(model, batch, MODEL_KEYS)
-    return model(**inputs, labels=batch["labels"], fused_lm_head=True, use_cache=False).log_probs
+    with labelled_positions_only():
+        return model(**inputs, labels=batch["labels"], fused_lm_head=True, use_cache=False).log_probs
 
 
 class Reference:

@@ -230,8 +230,9 @@ class DataView:
         out["media"] = [{"kind": "image", "width": w, "height": h, "inline": inline.is_inline(p),
                          "url": f"/api/image?index={index}&image={k}" if inline.is_inline(p) else file_url(p)}
                         for k, (p, (w, h)) in enumerate(zip(record.images, record.image_sizes))]
-        out["media"] += [{"kind": "video", "url": file_url(p), "width": v.width, "height": v.height, "frames": v.frames,
-                          "fps": v.fps} for p, v in zip(record.videos, record.video_infos)]
+        out["media"] += [{"kind": "video", "url": None if v.listed else file_url(p), "width": v.width,
+                          "height": v.height, "frames": v.frames, "fps": v.fps, "listed": v.listed}
+                         for p, v in zip(record.videos, record.video_infos)]  # a frame list: its frames below
         out["boxes"] = [self._box(b) for b in record.boxes]
         if record.videos:
             out["frames"] = self._frames(index, record)

@@ -2,17 +2,19 @@
 
 A turn's ``content`` is a string or a list of parts: ``{"type": "text", "text": ...}``, ``{"type": "image",
 "image": X}`` (also ``"url"`` / ``"path"`` instead of ``"image"``), ``{"type": "image_url", "image_url": {"url": X}}``
-as OpenAI writes it, and ``{"type": "video", "video": path}``. ``X`` is a path, a URL (with ``--allow_urls``) or a
-``data:`` URI with base64 bytes (decoded from memory). An image part without a source takes the next entry of the
-record's ``images`` list (TRL's vision datasets). Preference records: TRL's ``prompt`` / ``chosen`` / ``rejected``
-message lists, or ``chosen`` / ``rejected`` strings. Each image part becomes ``<image>`` at its place in the text
-(parts are joined without separators, as the chat templates join them).
+as OpenAI writes it, and ``{"type": "video", "video": path}`` or a list of frame files (with an optional
+``"sample_fps"``, as qwen-vl-utils reads it: ``vlmtune.data.frames``). ``X`` is a path, a URL (with
+``--allow_urls``) or a ``data:`` URI with base64 bytes (decoded from memory). An image part without a source takes
+the next entry of the record's ``images`` list (TRL's vision datasets). Preference records: TRL's ``prompt`` /
+``chosen`` / ``rejected`` message lists, or ``chosen`` / ``rejected`` strings. Each image part becomes ``<image>``
+at its place in the text (parts are joined without separators, as the chat templates join them).
 """
 
 from __future__ import annotations
 
 import json
 
+from vlmtune.data import frames
 from vlmtune.data.formats.sharegpt import media_list, with_media
 from vlmtune.data.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
@@ -66,13 +68,16 @@ def _text(content, where: str, images: list, videos: list, pool: list[str], err)
                 return None
             images.append(source)
             pieces.append(IMAGE_PLACEHOLDER)
-        elif kind == "video" and isinstance(part.get("video"), str):
-            videos.append(part["video"])
-            pieces.append(VIDEO_PLACEHOLDER)
         elif kind == "video":
-            err(f"{at}: a video must be a file path (a list of frame files is not read yet); "
-                "write the frames as a video file")
-            return None
+            video = part.get("video")
+            if isinstance(video, list) and part.get("sample_fps") is not None:  # qwen-vl-utils: the frames' rate
+                video = {"frames": video, "sample_fps": part["sample_fps"]}
+            problem = frames.check_entry(video)
+            if problem:
+                err(f"{at}: {problem}")
+                return None
+            videos.append(video)
+            pieces.append(VIDEO_PLACEHOLDER)
         else:
             err(f"{at}: expected {{\"type\": \"text\", \"text\": ...}} or an image / image_url / video part, got "
                 f"{json.dumps(part, default=str)[:80]}")

@@ -2,7 +2,8 @@
 
 ``messages`` (or ``conversations``) of ``role`` / ``content`` (or ``from`` / ``value``) turns with ``<image>`` /
 ``<video>`` tags in the text, ``images`` / ``videos`` lists, an optional ``system`` key, and ms-swift's preference
-pairs (``rejected_response``: the conversation's last reply is the chosen one). A record with media and no tag in
+pairs (``rejected_response``: the conversation's last reply is the chosen one). A ``videos`` entry is a file or a
+list of frame files (``vlmtune.data.frames``). A record with media and no tag in
 any turn (as LLaMA-Factory's ``mllm_demo.json`` is published at some commits) has its media placed at the start of
 its first user turn, images first.
 """
@@ -10,6 +11,8 @@ its first user turn, images first.
 from __future__ import annotations
 
 import json
+
+from vlmtune.data import frames
 
 KEYS = frozenset({"messages", "images", "videos", "system", "rejected_response"})
 
@@ -20,6 +23,12 @@ def media_list(raw: dict, key: str, err) -> list | None:
     if value is None:
         return []
     values = [value] if isinstance(value, str) else value
+    if key == "videos" and isinstance(values, list):  # a video is a file or a list of frames
+        problem = next((f"entry {i}: {p}" for i, p in enumerate(map(frames.check_entry, values)) if p), None)
+        if problem:
+            err(f"'{key}' {problem}")
+            return None
+        return values
     if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
         err(f"'{key}' must be a list of file names, got {json.dumps(value, default=str)[:80]}")
         return None

@@ -129,9 +129,9 @@ function sequenceNode(seq) {
 
 function mediumNode(m, i, boxes) {
   const caption = m.kind === "image" ? `image ${i + 1}: ${m.width}x${m.height} px` :
-    `video: ${m.width}x${m.height} px, ${m.frames} frames at ${m.fps} fps`;
+    `video: ${m.width}x${m.height} px, ${m.frames} frames` + (m.listed ? " given as a list" : "") + ` at ${m.fps} fps`;
   const media = m.kind === "image" ? el("img", {src: m.url, alt: caption}) :
-    el("video", {src: m.url, controls: true, muted: true});
+    m.url ? el("video", {src: m.url, controls: true, muted: true}) : null;
   const box = el("div", {class: "medium"}, media, el("div", {text: caption}));
   const mine = boxes.filter(b => b.image === i);
   if (m.kind === "image" && mine.length) {
