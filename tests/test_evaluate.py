@@ -4,6 +4,7 @@ and batched generation equal to one prompt at a time."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import DATA_JSON, EXAMPLES, FAMILIES
@@ -91,3 +92,19 @@ def test_batched_generation_equals_one_prompt_at_a_time(family, tiny_model_dir):
     records = load_records(DATA_JSON, EXAMPLES, budget=predictor.budget, min_image_side=predictor.family.factor)
     prompts = [prompt_of(r) for r in records]  # text, image, several images, video, both: lengths differ
     assert predictor.replies(prompts, batch_size=5, progress=False) == [predictor.reply(p) for p in prompts]
+
+
+def test_prediction_lines_name_images_as_the_records_do(tmp_path):
+    """A local image is named by its absolute path; a data: URI and a table cell stay as the record gives them
+    (made absolute, they named files that do not exist)."""
+    import dataclasses
+
+    from vlmtune.generation import Scores, prediction_lines
+
+    record = next(r for r in load_records(DATA_JSON, EXAMPLES) if r.images)
+    uri = "data:image/png;base64,iVBORw0KGgo="
+    cell = "table:" + str(tmp_path / "data.parquet") + "#0/image"
+    record = dataclasses.replace(record, images=[record.images[0], uri, cell])
+    (line,) = prediction_lines([record], ["a reply"], Scores([], [{}], {}, [[]]))
+    assert Path(line["images"][0]).is_absolute() and Path(line["images"][0]).is_file()
+    assert line["images"][1:] == [uri, cell]

@@ -341,7 +341,7 @@ def score(records: Sequence[Record], predictions: Sequence[str], family: Family,
 
 def prediction_lines(records: Sequence[Record], predictions: Sequence[str], scores: Scores) -> list[dict]:
     """One JSON-able dict per record: id, prompt, reference, prediction, its metrics; for a record with images,
-    their paths (resolved against the image folder, absolute for local files) and, where found, the predicted
+    their names (local files absolute; URLs, data: URIs and table cells as given) and, where found, the predicted
     ``boxes`` and the ``reference_boxes`` (original pixels, ``{"kind", "image", "coords"}``)."""
     lines = []
     ref_boxes = scores.ref_boxes or [[] for _ in records]
@@ -350,7 +350,8 @@ def prediction_lines(records: Sequence[Record], predictions: Sequence[str], scor
         line = {"id": record.id, "prompt": prompt_of(record).messages[-1].text, "reference": reference_of(record),
                 "prediction": prediction, "metrics": {k: v for k, v in values.items() if v is not None}}
         if record.images:
-            line["images"] = [p if media.is_url(p) else str(Path(p).absolute()) for p in record.images]
+            line["images"] = [p if media.is_url(p) or media.is_inline(p) else str(Path(p).absolute())
+                              for p in record.images]
         if pboxes:
             line["boxes"] = pboxes
         if rboxes:
