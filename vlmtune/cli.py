@@ -99,13 +99,13 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_check_data(argv: list[str]) -> int:
-    from vlmtune.data import media, mixture
+    from vlmtune.data import mixture
     from vlmtune.data.check import check_data
     from vlmtune.data.conversation import Conversation
     from vlmtune.data.formats import FORMATS
     from vlmtune.data_arguments import DataArguments  # not vlmtune.config: no training imports
     from vlmtune.flags import add_fields, check_value, fields_of, need_file, need_folder
-    from vlmtune.model.load import load_family, load_processor, resolve_model_path
+    from vlmtune.model.load import load_for_data
 
     parser = argparse.ArgumentParser(prog="vlmtune check-data",
                                      description="Validate a data file (LLaVA, ShareGPT or messages records).")
@@ -134,10 +134,7 @@ def cmd_check_data(argv: list[str]) -> int:
         need_file(args.data_path, "data file", "data file (JSON or JSONL)")
     need_folder(args.image_folder, "--image_folder")
     need_folder(args.video_folder, "--video_folder")
-    model_path = resolve_model_path(args.model)
-    family = load_family(model_path, f"--model {model_path}")
-    processor = load_processor(model_path)
-    budget = media.budget_from_processor(processor, family.factor)
+    _, family, processor, budget = load_for_data(args.model)
     if args.stage == "cpt":
         from vlmtune.data.document import Document
 

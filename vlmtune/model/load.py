@@ -61,6 +61,17 @@ def load_family(model_path: str, what: str | None = None) -> Family:
         raise ConfigError(f"{what}: {exc}") from None
 
 
+def load_for_data(model: str | None):
+    """What checking or showing a data file needs of ``--model`` (``check-data``, ``view``): its resolved path,
+    family, processor and the processor's pixel / frame budgets."""
+    from vlmtune.data import media
+
+    model_path = resolve_model_path(model)
+    family = load_family(model_path, f"--model {model_path}")
+    processor = load_processor(model_path)
+    return model_path, family, processor, media.budget_from_processor(processor, family.factor)
+
+
 def load_processor(model_path: str):
     from transformers import AutoProcessor
 

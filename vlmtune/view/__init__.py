@@ -75,10 +75,9 @@ def open_site(args: argparse.Namespace):
     if is_run_folder(args.path):
         return RunView(args.path)
     from vlmtune.config import DataArguments
-    from vlmtune.data import media
     from vlmtune.errors import ConfigError
     from vlmtune.flags import fields_of, need_file, need_folder
-    from vlmtune.model.load import load_config, load_family, load_processor, resolve_model_path
+    from vlmtune.model.load import load_config, load_for_data
     from vlmtune.view.data_pages import DataView
 
     if Path(args.path).is_dir():
@@ -88,10 +87,7 @@ def open_site(args: argparse.Namespace):
     fields_of(args, DataArguments, *DATA_FLAGS)  # ranges, as in training
     need_folder(args.image_folder, "--image_folder")
     need_folder(args.video_folder, "--video_folder")
-    model_path = resolve_model_path(args.model)
-    family = load_family(model_path, f"--model {model_path}")
-    processor = load_processor(model_path)
-    budget = media.budget_from_processor(processor, family.factor)
+    model_path, family, processor, budget = load_for_data(args.model)
     return DataView(args.path, processor, family, load_config(model_path), budget, stage=args.stage,
                     max_seq_length=args.max_seq_length, label_mode=args.label_mode or "assistant",
                     enable_thinking=args.enable_thinking, keep_earlier_reasoning=bool(args.keep_earlier_reasoning),
