@@ -301,8 +301,8 @@ def test_the_cli_refuses_the_flag_where_it_cannot_run(capsys, tiny_model_dir):
         assert lines[-1].startswith(needle) and "unexpected" not in lines[-1], (argv[0], lines[-3:])
 
 
-def train_flags(out, *args: str) -> list[str]:
-    return ["train", "--data_path", str(DATA_JSON), "--image_folder", str(EXAMPLES), "--use_cpu", "True",
+def train_flags(out, *args: str, stage: str = "train", data=DATA_JSON) -> list[str]:
+    return [stage, "--data_path", str(data), "--image_folder", str(EXAMPLES), "--use_cpu", "True",
             "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1", "--output_dir", str(out),
             "--train_sampling_strategy", "sequential", "--learning_rate", "2e-3", "--lr_scheduler_type", "constant",
             "--dataloader_num_workers", "0", "--lora_dropout", "0", "--mode", "lora_vision", "--max_steps", "2",
@@ -321,12 +321,18 @@ def test_training_with_the_flag_gives_the_single_process_losses(tmp_path):
     """``vlmtune train --sequence_parallel_size 2`` on 2 processes (a record per process and micro-step, each
     split across both; 2 accumulation steps) logs the training and eval losses of one process training on both
     records per micro-step (the same 4 records per optimizer step, every target weighted once)."""
+    same_losses(tmp_path, ("loss", "eval_loss"))
+
+
+def same_losses(tmp_path, keys, **flags) -> None:
+    """One process with 2 records per micro-step, then 2 processes with 1 each and ``--sequence_parallel_size
+    2``: each logged ``keys`` equal within 1e-5 relative."""
     from vlmtune.cli import main
 
-    assert main(train_flags(tmp_path / "one", "--per_device_train_batch_size", "2")) == 0
+    assert main(train_flags(tmp_path / "one", "--per_device_train_batch_size", "2", **flags)) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "vlmtune.cli", *train_flags(tmp_path / "sp", "--per_device_train_batch_size", "1",
-                                             "--sequence_parallel_size", "2")]
+                                             "--sequence_parallel_size", "2", **flags)]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     try:
@@ -337,9 +343,20 @@ def test_training_with_the_flag_gives_the_single_process_losses(tmp_path):
             proc.wait()
     assert proc.returncode == 0, log[-4000:]
     assert "sequence parallel: groups of 2 processes" in log
-    for key in ("loss", "eval_loss"):
+    for key in keys:
         one, sp = logged(tmp_path / "one", key), logged(tmp_path / "sp", key)
         assert len(sp) == len(one) > 0 and sp == pytest.approx(one, rel=1e-5), (key, sp, one)
+        print(f"{key}: one process {one}, SP 2 {sp}")
+
+
+@pytest.mark.slow
+def test_dpo_with_the_flag_gives_the_single_process_losses(tmp_path):
+    """``vlmtune dpo --sequence_parallel_size 2`` (lora_vision: the reference is the model with its adapters off
+    and the merger swapped back, split as the policy) on 2 processes, a pair per process and micro-step, logs the
+    DPO loss, eval loss and replies' log-probs of one process training on both pairs per micro-step (the second
+    step's loss: after the first step's update)."""
+    same_losses(tmp_path, ("loss", "eval_loss", "logps/chosen", "eval_logps/rejected"), stage="dpo",
+                data=EXAMPLES / "preference.json")
 
 
 def test_estimate_memory_splits_the_decoder_and_the_logits_not_the_vision_tower():
