@@ -26,4 +26,17 @@ if [[ ",$EXTRAS," == *",test,"* ]] && ! { command -v chromium && command -v chro
         echo "[setup] no chromium / chromedriver (install them as root: apt-get install chromium chromium-driver): the browser tests will skip"
     fi
 fi
+# DeepSpeed compiles its CPU ops (CPU Adam for the offload configs, shared-memory collectives) on first use; the
+# tests' DeepSpeed runs would each wait on that build, so build them here, once per environment, where the tests
+# look for them (tests/conftest.py: TORCH_EXTENSIONS_DIR inside .venv).
+ops=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+if [[ ",$EXTRAS," == *",test,"* ]] && ! { [ -f "$ops/cpu_adam/cpu_adam.so" ] && [ -f "$ops/deepspeed_shm_comm/deepspeed_shm_comm.so" ]; }; then
+    echo "[setup] building DeepSpeed's CPU ops (cpu_adam, shm_comm) once, for the tests (a few minutes)"
+    TORCH_EXTENSIONS_DIR=$ops .venv/bin/python -c "
+from deepspeed.accelerator import get_accelerator
+for name in ('CPUAdamBuilder', 'ShareMemCommBuilder'):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and builder.is_compatible(verbose=False):
+        builder.load(verbose=False)" 2>&1 | grep -v "Setting accelerator to CPU\|No CUDA runtime is found" || true
+fi
 .venv/bin/python -c "import torch, torchvision, transformers, vlmtune; print(f'[setup] torch {torch.__version__}, torchvision {torchvision.__version__}, transformers {transformers.__version__}, vlmtune {vlmtune.__version__}')"

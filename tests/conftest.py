@@ -6,7 +6,6 @@ whichever worker asks first), and every multi-process test takes a port that is 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import sys
@@ -31,10 +30,14 @@ THINKING_TEMPLATE_FAMILIES = ("qwen3_5", "qwen3_5_moe")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # DeepSpeed builds its CPU ops (shm_comm, cpu_adam) on first use into torch's extension folder, and rebuilds them
-# whenever the include paths change: one folder per Python environment, so checkouts that share a machine do not
-# rebuild each other's ops (the tests' subprocesses inherit it).
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / (
-    "vlmtune-" + hashlib.sha256(sys.prefix.encode()).hexdigest()[:12])))
+# whenever the include paths change: one folder per Python environment, inside it, so checkouts that share a machine
+# do not rebuild each other's ops (the tests' subprocesses inherit it). scripts/setup.sh builds both there once.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+
+
+FORKRUN = [sys.executable, str(ROOT / "tests" / "forkrun.py")]
+"""In place of ``python -m torch.distributed.run`` (same arguments): the ranks are forked from one process that
+imported the training stack once (tests/forkrun.py). Tests about the launcher, and one ZeRO-3 run, keep torchrun."""
 
 
 def free_port() -> int:
@@ -137,6 +140,9 @@ def pytest_collection_modifyitems(config, items):
     for item, name in shared.items():
         item.add_marker(pytest.mark.xdist_group(find(name)))
     if getattr(config.option, "loadgroup", False):
+        # The workers take work in collection order: the slow tests first, so that the suite does not end with one
+        # worker on a long test while the other has nothing left (the order within each kind is kept).
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
         # xdist 3.8 tells the scheduler a test's group by renaming `item._nodeid`, which pytest 9 no longer reads
         # (it keeps `_id`): without this every worker built every module fixture (seen: test_resume's chains ran
         # twice). The same suffix, where pytest 9 reads it.

@@ -10,13 +10,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA_JSON, EXAMPLES, ROOT
+from conftest import DATA_JSON, EXAMPLES, FORKRUN, ROOT
 
-PYTHON = sys.executable
 STEPS = 5
 
 KILLED_AT_STEP_4 = """
@@ -47,15 +45,17 @@ def train_args(out: Path, *args: str) -> list[str]:
 
 
 def launch(out: Path, *args: str, nproc: int = 1, script: Path | None = None, check: bool = True):
-    """One process (plain, per-device batch 2) or ``nproc`` FSDP2 processes (per-device batch 2 / nproc)."""
+    """One process (plain, per-device batch 2: in this one, where the stack is imported already) or ``nproc``
+    FSDP2 processes (per-device batch 2 / nproc)."""
     if nproc == 1:
-        cmd = [PYTHON, "-m", "vlmtune.cli", *train_args(out, "--per_device_train_batch_size", "2", *args)]
-    else:
-        entry = [str(script)] if script else ["-m", "vlmtune.cli"]
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), *entry,
-               *train_args(out, "--per_device_train_batch_size", str(2 // nproc), "--fsdp", "full_shard",
-                           "--fsdp_config", "scripts/fsdp2.json", *args)]
+        from vlmtune.cli import main
+
+        assert main(train_args(out, "--per_device_train_batch_size", "2", *args)) == 0
+        return None
+    entry = [str(script)] if script else ["-m", "vlmtune.cli"]
+    cmd = [*FORKRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *entry,
+           *train_args(out, "--per_device_train_batch_size", str(2 // nproc), "--fsdp", "full_shard",
+                       "--fsdp_config", "scripts/fsdp2.json", *args)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if check:

@@ -8,12 +8,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_JSON, EXAMPLES, ROOT
+from conftest import DATA_JSON, EXAMPLES, FORKRUN, ROOT
 from safetensors import safe_open
 
 EXPERTS = "model.language_model.layers.0.mlp.experts"
@@ -74,7 +73,7 @@ def test_a_full_run_ends_in_the_hub_layout_and_a_zero3_run_starts_from_a_merged_
     assert shapes(full) == shapes(result.output_dir)  # the end of a full run is a model folder too
 
     out = tmp_path / "zero3"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    cmd = [*FORKRUN, "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "vlmtune.cli", "train", *[f for f in FLAGS if f not in ("--tiny_family", "qwen3_vl_moe")],
            "--model_name_or_path", str(result.output_dir), "--mode", "lora", "--lora_rank", "4",
            "--per_device_train_batch_size", "1", "--deepspeed", "scripts/zero3.json", "--max_steps", "2",

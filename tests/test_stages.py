@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EXAMPLES, ROOT, free_port
+from conftest import EXAMPLES, FORKRUN, ROOT, free_port
 
 from vlmtune.config import ModeArguments, TrainingArguments
 from vlmtune.data import media
@@ -541,7 +541,7 @@ def test_a_missing_reward_field_stops_before_the_model_loads(tmp_path):
 
 def deepspeed_cmd(stage: str, *args: str) -> list[str]:
     """torchrun of a stage under ZeRO-2, on a port free at run time."""
-    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+    return [*FORKRUN, "--nproc_per_node", "1", "--master_port", str(free_port()),
             *stage_cli(stage, "--deepspeed", "scripts/zero2.json", "--save_strategy", "no", *args)[1:]]
 
 

@@ -206,6 +206,29 @@ def test_a_changed_or_removed_media_file_is_checked_again(setup, tmp_path):
     assert all(f"image file not found: {image}" in p.message for p in gone.errors)
 
 
+def test_an_unchanged_file_opens_its_store_unread_and_an_edit_is_seen_under_an_old_mtime(setup, tmp_path,
+                                                                                        monkeypatch):
+    """The file's content digest is remembered under its stat (device, inode, size, mtime, ctime): a second open
+    does not read the file; an edit of the same size whose mtime is set back is still seen (its ctime moved)."""
+    from vlmtune.data import store_key
+
+    processor, family, budget = setup
+    read, real = [], store_key.file_digest
+    monkeypatch.setattr(store_key, "file_digest", lambda p: read.append(p) or real(p))
+    monkeypatch.setattr(store_key, "SETTLED_S", 0.0)  # the file was written just now: remember its digest anyway
+    path = write_jsonl(tmp_path / "data.jsonl", [record("a", "A red circle."), record("b", image=None)])
+    stat = os.stat(path)
+    first = check(path, processor, family, budget)
+    again = check(path, processor, family, budget)
+    assert first.store.built and not again.store.built and len(read) == 1  # opened without reading the file
+    write_jsonl(path, [record("a", "A big circle."), record("b", image=None)])  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    edited = check(path, processor, family, budget)
+    assert len(read) == 2 and edited.store.built
+    assert [m.text for m in edited.records[0].messages][-1] == "A big circle."
+
+
 def test_worker_processes_build_the_same_store(setup, tmp_path, monkeypatch):
     """Jobs of a few records in two forked workers, merged in file order: the same store as one process."""
     processor, family, budget = setup

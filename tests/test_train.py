@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_JSON, EXAMPLES, ROOT, free_port
+from conftest import DATA_JSON, EXAMPLES, FORKRUN, ROOT, free_port
 
 PYTHON = sys.executable
 
@@ -135,11 +135,14 @@ def test_a_bf16_full_run_trains_fp32_masters_and_writes_a_bf16_model(tmp_path, p
     assert {v for k, v in checkpoint.items() if k.startswith("model.layers.")} == {"BF16" if pure else "F32"}
 
 
-def deepspeed_cmd(nproc: int, *args: str) -> list[str]:
-    """torchrun of `vlmtune train` on a port free at run time."""
+TORCHRUN = [PYTHON, "-m", "torch.distributed.run"]
+
+
+def deepspeed_cmd(nproc: int, *args: str, launcher: list[str] = FORKRUN) -> list[str]:
+    """`vlmtune train` on ``nproc`` ranks, on a port free at run time: forked (tests/forkrun.py) or torchrun."""
     train_args = cli(*args)[3:]  # drop "python -m vlmtune.cli"
-    return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-            "-m", "vlmtune.cli", *train_args]
+    return [*launcher, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "-m", "vlmtune.cli",
+            *train_args]
 
 
 @pytest.mark.slow
@@ -163,9 +166,11 @@ def test_deepspeed_trains_our_parameter_groups(config, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "non_lora_trainables.safetensors").is_file()
 
 
-def mixed_ranks_command(tmp_path: Path, launcher: list[str] | None = None, *extra: str) -> list[str]:
+def mixed_ranks_command(tmp_path: Path, *extra: str, entry: list[str] | None = None,
+                        launcher: list[str] = FORKRUN) -> list[str]:
     """A 2-process ZeRO-3 run in which rank 0 gets only text and rank 1 images and videos: sequential
-    sampling deals the batches round-robin over [text, image, text, image+video, text, video, ...]."""
+    sampling deals the batches round-robin over [text, image, text, image+video, text, video, ...]. ``entry``:
+    a script in place of ``-m vlmtune.cli``."""
     raw = {r["id"]: r for r in json.loads(DATA_JSON.read_text())}
     order = ["text_only", "single_red_circle", "text_multi_turn", "image_and_video",
              "text_only", "video_ball_left", "text_multi_turn", "two_images"]
@@ -173,18 +178,19 @@ def mixed_ranks_command(tmp_path: Path, launcher: list[str] | None = None, *extr
     (tmp_path / "data.json").write_text(json.dumps(data))
     cmd = deepspeed_cmd(2, "--mode", "lora_vision", "--deepspeed", "scripts/zero3.json", "--max_steps", "4",
                         "--per_device_train_batch_size", "1", "--train_sampling_strategy", "sequential",
-                        "--output_dir", str(tmp_path / "out"), "--save_strategy", "no", *extra)
+                        "--output_dir", str(tmp_path / "out"), "--save_strategy", "no", *extra, launcher=launcher)
     cmd[cmd.index(str(DATA_JSON))] = str(tmp_path / "data.json")
-    if launcher:
-        cmd[cmd.index("-m", cmd.index("--master_port")):cmd.index("vlmtune.cli") + 1] = launcher
+    if entry:
+        cmd[cmd.index("-m", cmd.index("--master_port")):cmd.index("vlmtune.cli") + 1] = entry
     return cmd
 
 
 @pytest.mark.slow
 def test_zero3_two_processes_with_text_only_on_one_rank_finishes(tmp_path):
-    """Also starts from an empty cache: both ranks ask for the embedded model at once, inside the job."""
+    """Also starts from an empty cache: both ranks ask for the embedded model at once, inside the job. Launched by
+    torchrun itself, as scripts/launch.sh does (the other multi-process tests fork their ranks: tests/forkrun.py)."""
     out = tmp_path / "out"
-    run(mixed_ranks_command(tmp_path), timeout=420, VLMTUNE_CACHE=str(tmp_path / "cache"))
+    run(mixed_ranks_command(tmp_path, launcher=TORCHRUN), timeout=420, VLMTUNE_CACHE=str(tmp_path / "cache"))
     assert sorted(history(out)) == [1, 2, 3, 4]
     (tiny,) = (tmp_path / "cache").glob("tiny-qwen2_vl-*[0-9]")  # one folder, no leftover build folders
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in tiny.iterdir()}
@@ -204,7 +210,7 @@ def test_zero3_two_processes_train_a_moe_with_text_only_on_one_rank(tmp_path):
     from vlmtune.merge import merge
 
     out = tmp_path / "out"
-    run(mixed_ranks_command(tmp_path, None, "--tiny_family", "qwen3_vl_moe", "--train_router", "True",
+    run(mixed_ranks_command(tmp_path, "--tiny_family", "qwen3_vl_moe", "--train_router", "True",
                             "--lora_rank", "4"), timeout=420)
     assert sorted(history(out)) == [1, 2, 3, 4] and sorted(history(out, "aux_loss")) == [1, 2, 3, 4]
     adapters = load_file(out / "adapter_model.safetensors")
@@ -252,7 +258,7 @@ def test_zero3_mixed_ranks_break_without_the_vision_fillers(tmp_path):
     process group (launcher and ranks) is killed."""
     script = tmp_path / "no_fillers.py"
     script.write_text(NO_FILLERS)
-    launched = subprocess.Popen(mixed_ranks_command(tmp_path, [str(script)]), cwd=ROOT, stdout=subprocess.PIPE,
+    launched = subprocess.Popen(mixed_ranks_command(tmp_path, entry=[str(script)]), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -365,9 +371,9 @@ def test_the_token_count_is_the_whole_jobs_on_two_processes(tiny_model_dir, tmp_
         lengths.append(len(processor.tokenizer(processor.apply_chat_template(messages, tokenize=False))["input_ids"]))
     assert len(set(lengths)) > 1
     out = tmp_path / "out"
-    run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         "-m", "vlmtune.cli", "train", "--model_name_or_path", str(model), "--data_path", str(data), "--use_cpu",
-         "True", "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1", "--num_train_epochs", "1",
+    run([*FORKRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "vlmtune.cli", "train",
+         "--model_name_or_path", str(model), "--data_path", str(data), "--use_cpu", "True", "--report_to", "none",
+         "--disable_tqdm", "True", "--logging_steps", "1", "--num_train_epochs", "1",
          "--per_device_train_batch_size", "1", "--mode", "lora", "--save_strategy", "no", "--output_dir", str(out)],
         timeout=420)
     state = json.loads((out / "trainer_state.json").read_text())

@@ -8,11 +8,16 @@ skip with one line saying why (``scripts/setup.sh`` installs them as root).
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import hashlib
+import io
 import json
 import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from conftest import EXAMPLES
@@ -301,6 +306,51 @@ def test_dpo_pairs_show_chosen_and_rejected_side_by_side(browser, open_view, tmp
     browser.save_screenshot(str(tmp_path / "dpo.png"))
 
 
+def _rewards_shown(driver) -> list[tuple]:
+    return [(r.get_attribute("data-name"), float(r.get_attribute("data-weight")),
+             *[c.text for c in r.find_elements("css selector", "td.call")]) for r in _css(driver, "#rewards tr.reward")]
+
+
+def test_grpo_prompts_and_runs_show_their_reward_settings(browser, open_view, tmp_path):
+    """A GRPO data view takes grpo's reward flags: each prompt lists the functions that will score it, their
+    weights and the arguments they get from this record (its fields and id), and a field one reads that the record
+    lacks is a problem of the record; a GRPO run's page shows the settings its vlmtune_run.json recorded."""
+    from vlmtune.stage_config import GRPOArguments
+    from vlmtune.view.run_pages import RunView
+
+    prompts = json.loads((EXAMPLES / "grpo.json").read_text())
+    (tmp_path / "my_rewards.py").write_text("def near_box(completions, box):\n    return [0.0 for _ in completions]\n")
+    url = open_view(str(EXAMPLES / "grpo.json"), "--stage", "grpo", "--reward_funcs", "exact_match", "similarity",
+                    f"{tmp_path / 'my_rewards.py'}:near_box", "--reward_weights", "2", "0.5", "1",
+                    "--num_generations", "6")
+    _open(browser, url + "/#/record/1")
+    _wait(browser, lambda d: _css(d, "#rewards tr.reward"))
+    # the built-ins take **kwargs: every field of the record, and its id as record_id
+    call = f'(completions, answer={json.dumps(prompts[1]["answer"])}, record_id={json.dumps(prompts[1]["id"])})'
+    mine = f"{tmp_path / 'my_rewards.py'}:near_box"
+    assert _rewards_shown(browser) == [("exact_match", 2.0, "exact_match" + call),
+                                       ("similarity", 0.5, "similarity" + call),
+                                       (mine, 1.0, mine + "(completions, box=<missing>)")]
+    assert "--num_generations 6" in _css(browser, "#reward-settings")[0].text
+    problems = [p.text for p in _css(browser, "#problems .problem")]
+    assert len(problems) == 1 and "'box'" in problems[0] and prompts[1]["id"] in problems[0]
+    browser.save_screenshot(str(tmp_path / "grpo-prompt.png"))
+
+    folder = tmp_path / "grpo-run"  # vlmtune_run.json as a GRPO run writes it: the stage's flags under "grpo"
+    folder.mkdir()
+    flags = GRPOArguments(reward_funcs=["similarity", "exact_match"], reward_weights=[1.0, 3.0], num_generations=6)
+    (folder / "vlmtune_run.json").write_text(json.dumps({"stage": "grpo", "grpo": dataclasses.asdict(flags)}))
+    server, url = _serve(RunView(folder))
+    try:
+        _open(browser, url + "/")
+        _wait(browser, lambda d: _css(d, "#rewards tr.reward"))
+        assert _rewards_shown(browser) == [("similarity", 1.0), ("exact_match", 3.0)]
+        assert "--num_generations 6" in _css(browser, "#reward-settings")[0].text
+        browser.save_screenshot(str(tmp_path / "grpo-run.png"))
+    finally:
+        server.shutdown()
+
+
 def test_grounding_boxes_are_drawn_in_original_pixels(browser, open_view, tmp_path):
     record = json.loads((EXAMPLES / "grounding.json").read_text())[0]
     assert record["box_format"] == "pixel_original"
@@ -388,6 +438,60 @@ def test_eval_compare_folder_shows_both_models_by_name(browser, tmp_path):
         server.shutdown()
 
 
+def _png(size: tuple[int, int], colour: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_images_given_as_bytes_are_shown_from_the_records_own_reference(browser, open_view, tmp_path, _tiny_cache):
+    """An image in a Parquet cell and one in a data: URI: shown at their own size, served from the records'
+    references (decoded in memory, written nowhere); a made-up reference is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cell, uri = _png((60, 44), "green"), _png((52, 40), "blue")
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "Green."}]}]
+    table = tmp_path / "cells.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "cell", "messages": turns,
+                                          "images": [{"bytes": cell, "path": "green.png"}]}]), table)
+    inline = tmp_path / "inline.json"
+    inline.write_text(json.dumps([{"id": "uri", "image": "data:image/png;base64," + base64.b64encode(uri).decode(),
+                                   "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                     {"from": "gpt", "value": "Blue."}]}]))
+    urls = {}
+    for path, image, size in ((table, cell, (60, 44)), (inline, uri, (52, 40))):
+        url = urls[path.suffix] = open_view(str(path))
+        _open(browser, url + "/#/record/0")
+        _wait(browser, lambda d: _css(d, ".medium img") and _css(d, ".medium img")[0].get_attribute("naturalWidth")
+              not in (None, "0"))
+        shown = _css(browser, ".medium img")[0]
+        assert (int(shown.get_attribute("naturalWidth")), int(shown.get_attribute("naturalHeight"))) == size
+        with urllib.request.urlopen(shown.get_attribute("src")) as answer:
+            assert answer.read() == image and answer.headers["Content-Type"] == "image/png"
+        assert _css(browser, ".vision[data-kind=image]")  # and it trains: its pads are in the sequence
+        browser.save_screenshot(str(tmp_path / f"bytes{path.suffix}.png"))
+        assert _status(url + "/api/image?index=0&image=1") == 404  # the record has one image
+        assert _status(url + "/api/image?index=1&image=0") == 404  # the file one record
+    # references to bytes are no files: the cell's own reference, written as the table reader names it, and made-up
+    # ones (another file, a data: URI) are all refused by /file
+    digest = hashlib.blake2b(cell, digest_size=12).hexdigest()
+    for ref in (f"table:{digest}:0:images/#0:{table}", f"table:{digest}:0:images/#0:/etc/passwd",
+                "data:image/png;base64," + base64.b64encode(cell).decode()):
+        assert _status(urls[".parquet"] + "/file?path=" + quote(ref)) == 403
+    # decoded in memory: neither image's bytes are in any file written beside the data or in the cache (the
+    # data stores keep the records' references, not their bytes)
+    for file in [f for folder in (tmp_path, _tiny_cache) for f in folder.rglob("*") if f.suffix != ".safetensors"]:
+        try:
+            found = file.is_file() and file != table and any(image in file.read_bytes() for image in (cell, uri))
+        except FileNotFoundError:  # another test's file, gone meanwhile
+            continue
+        assert not found, file
+
+
 def test_view_binds_this_machine_by_default_and_refuses_a_folder_that_is_no_run(tmp_path, capsys):
     from vlmtune.cli import main
     from vlmtune.view import build_parser
@@ -397,3 +501,7 @@ def test_view_binds_this_machine_by_default_and_refuses_a_folder_that_is_no_run(
     error = capsys.readouterr().err.strip()
     assert error == f"vlmtune view: error: {tmp_path} is a folder without a training log, vlmtune_run.json or " \
                     "predictions: give a data file or a run folder"
+    # GRPO's reward flags belong to GRPO prompts: with another stage they are refused, not ignored
+    assert main(["view", str(EXAMPLES / "data.json"), "--reward_funcs", "similarity"]) == 1
+    assert capsys.readouterr().err.strip() == "vlmtune view: error: --reward_funcs is a GRPO reward setting: give " \
+                                              "it with --stage grpo"

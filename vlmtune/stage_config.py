@@ -168,6 +168,12 @@ class GRPOArguments:
                               f"--max_completion_length {self.max_completion_length}]")
 
 
+REWARD_FIELDS = ("reward_funcs", "reward_weights", "reward_model", "reward_model_weight", "num_generations",
+                 "scale_rewards", "max_completion_length", "overlong_buffer", "overlong_penalty_factor")
+"""``GRPOArguments``' fields that decide how a completion is scored: ``vlmtune view`` takes them as flags for a GRPO
+data file, and shows a GRPO run's from its ``vlmtune_run.json``."""
+
+
 @dataclass
 class DistillArguments:
     """``vlmtune distill``: a student learns a teacher's token distributions on SFT records (and, GKD, on its own

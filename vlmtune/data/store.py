@@ -51,7 +51,7 @@ from vlmtune.data.conversation import Conversation
 from vlmtune.data.frames import is_frame_list
 from vlmtune.data.records import Message, Record
 from vlmtune.data.store_build import Builder, default_processes
-from vlmtune.data.store_key import _locked, _stat, file_digest, group_folder, store_settings
+from vlmtune.data.store_key import _locked, _stat, content_digest, group_folder, store_settings
 from vlmtune.errors import FileError, Problem
 from vlmtune.families import Family
 
@@ -241,7 +241,7 @@ def open_store(
                               stage=stage)
     group = group_folder(settings)
     try:
-        content = file_digest(path)
+        content = content_digest(path, group)
     except FileNotFoundError:
         raise FileError("data file not found; check the path") from None
     except OSError as exc:

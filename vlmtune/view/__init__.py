@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmtune.config import DataArguments
     from vlmtune.data.formats import FORMATS
     from vlmtune.flags import add_fields
+    from vlmtune.stage_config import REWARD_FIELDS, GRPOArguments
 
     parser = argparse.ArgumentParser(
         prog="vlmtune view",
@@ -35,7 +36,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stage", choices=["sft", "dpo", "grpo", "cpt"], default="sft",
                         help="what the records are for, as check-data --stage")
     add_fields(parser, DataArguments, *DATA_FLAGS)
+    grpo = parser.add_argument_group("GRPO prompts (--stage grpo): the reward settings each prompt is shown with, "
+                                     "as vlmtune grpo takes them")
+    add_fields(grpo, GRPOArguments, *REWARD_FIELDS)
     return parser
+
+
+def _rewards(args: argparse.Namespace) -> dict:
+    """``DataView``'s reward arguments: for ``--stage grpo``, the rewards as ``vlmtune grpo`` loads them from its
+    flags (checked as it checks them); reward flags with another stage are an error, not ignored."""
+    import dataclasses
+
+    from vlmtune.errors import ConfigError
+    from vlmtune.flags import fields_of
+    from vlmtune.rewards import load_rewards
+    from vlmtune.stage_config import REWARD_FIELDS, GRPOArguments
+    from vlmtune.view.reward_pages import reward_settings
+
+    if args.stage != "grpo":
+        defaults = {f.name: f.default for f in dataclasses.fields(GRPOArguments)}
+        given = [name for name in REWARD_FIELDS if getattr(args, name) != defaults[name]]
+        if given:
+            raise ConfigError(f"--{given[0]} is a GRPO reward setting: give it with --stage grpo")
+        return {}
+    grpo = fields_of(args, GRPOArguments, *REWARD_FIELDS)
+    if grpo.reward_model:
+        from vlmtune.model.reward import check_folder
+
+        check_folder(grpo.reward_model, "--reward_model")
+    return {"rewards": load_rewards(grpo.reward_funcs, grpo.reward_weights),
+            "reward_settings": reward_settings(vars(grpo))}
 
 
 def open_site(args: argparse.Namespace):
@@ -66,7 +96,7 @@ def open_site(args: argparse.Namespace):
                     max_seq_length=args.max_seq_length, label_mode=args.label_mode or "assistant",
                     enable_thinking=args.enable_thinking, keep_earlier_reasoning=bool(args.keep_earlier_reasoning),
                     image_folder=args.image_folder, video_folder=args.video_folder, allow_urls=args.allow_urls,
-                    box_format=args.box_format, data_format=args.data_format)
+                    box_format=args.box_format, data_format=args.data_format, **_rewards(args))
 
 
 def main(argv: list[str] | None = None) -> int:

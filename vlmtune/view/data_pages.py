@@ -18,14 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from vlmtune.data import boxes as box_math
+from vlmtune.data import inline
 from vlmtune.data.check import check_data
 from vlmtune.data.conversation import IGNORE_INDEX, LABEL_MODES, Conversation
 from vlmtune.data.dataset import VisionLanguageDataset, load_media
 from vlmtune.data.packing import RopeIndex
 from vlmtune.data.prompts import PreferenceDataset, PromptDataset
 from vlmtune.data.store import RecordSequence
-from vlmtune.errors import Problem
+from vlmtune.errors import DataError, Problem
 from vlmtune.families.base import IMAGE_PAD, VIDEO_PAD
+from vlmtune.rewards import check_fields
+from vlmtune.view.reward_pages import prompt_rewards
 
 PAGE_SIZE = 50
 SHAPES = ("text", "image", "multi_image", "video", "image+video")
@@ -56,8 +59,12 @@ class DataView:
 
     def __init__(self, data_path: str, processor, family, config, budget, *, stage: str = "sft",
                  max_seq_length: int | None = None, label_mode: str = "assistant",
-                 enable_thinking: bool | None = None, keep_earlier_reasoning: bool = False, **check_kwargs):
+                 enable_thinking: bool | None = None, keep_earlier_reasoning: bool = False, rewards: list | None = None,
+                 reward_settings: dict | None = None, **check_kwargs):
+        """``rewards`` / ``reward_settings`` (GRPO): the loaded reward functions and ``reward_settings()`` of the
+        flags, shown with every prompt."""
         self.file = str(data_path)
+        self.rewards, self.reward_settings = rewards or [], reward_settings
         self.processor, self.family, self.budget, self.stage = processor, family, budget, stage
         self.max_seq_length = max_seq_length
         self.defaults = {"label_mode": label_mode, "enable_thinking": enable_thinking,
@@ -77,10 +84,11 @@ class DataView:
             valid_index = np.array([r.index for r in self.records], dtype=np.int64)
             code = np.array([SHAPES.index(r.shape) for r in self.records], dtype=np.int64)
         self.problems: dict[int | None, list[Problem]] = defaultdict(list)
-        for p in result.problems:
+        for p in [*result.problems, *self._reward_problems()]:
             self.problems[p.index].append(p)
         self.bad_ids = {p.index: p.id for p in result.problems if p.index is not None and p.level == "error"}
-        bad = np.array(sorted(set(self.bad_ids) - set(valid_index.tolist())), dtype=np.int64)
+        bad_ids = np.fromiter(self.bad_ids, dtype=np.int64, count=len(self.bad_ids))
+        bad = np.sort(bad_ids[~np.isin(bad_ids, valid_index, assume_unique=True)])  # not a Python set of 1M ints
         # every row of the list: valid records (position >= 0 in self.records) and records with errors (-1)
         index = np.concatenate([valid_index, bad])
         position = np.concatenate([np.arange(len(valid_index)), np.full(len(bad), -1)])
@@ -93,6 +101,16 @@ class DataView:
         self._allowed: set[str] | None = None
         self._summary: str | None = None
         self._decoded: tuple[int, object] | None = None  # the last record's decoded media (its frames are asked next)
+
+    def _reward_problems(self) -> list[Problem]:
+        """What ``vlmtune grpo`` checks before its first step: every prompt has the fields its rewards read."""
+        if not self.rewards:  # (no reward: no pass over the records, which a large store would decode one by one)
+            return []
+        try:
+            check_fields(self.rewards, self.records, self.file)
+        except DataError as exc:
+            return exc.problems
+        return []
 
     # ------------------------------------------------------------------ switches
 
@@ -119,7 +137,7 @@ class DataView:
                 "has_thinking_switch": "enable_thinking" in self.conversation(**self.defaults).template_source()
                 if self.stage != "cpt" else False,
                 "file_problems": [problem_line(p, self.file) for p in self.problems.get(None, [])],
-                "shapes": list(SHAPES), "rows": int(len(self.index))}
+                "shapes": list(SHAPES), "rows": int(len(self.index)), "rewards": self.reward_settings}
 
     # ------------------------------------------------------------------ the list
 
@@ -209,8 +227,9 @@ class DataView:
         record = self._record(row)
         if record is None:
             return out
-        out["media"] = [{"kind": "image", "url": file_url(p), "width": w, "height": h}
-                        for p, (w, h) in zip(record.images, record.image_sizes)]
+        out["media"] = [{"kind": "image", "width": w, "height": h, "inline": inline.is_inline(p),
+                         "url": f"/api/image?index={index}&image={k}" if inline.is_inline(p) else file_url(p)}
+                        for k, (p, (w, h)) in enumerate(zip(record.images, record.image_sizes))]
         out["media"] += [{"kind": "video", "url": None if v.listed else file_url(p), "width": v.width,
                           "height": v.height, "frames": v.frames, "fps": v.fps, "listed": v.listed}
                          for p, v in zip(record.videos, record.video_infos)]  # a frame list: its frames below
@@ -219,6 +238,8 @@ class DataView:
             out["frames"] = self._frames(index, record)
         if record.fields:
             out["fields"] = {k: v for k, v in record.fields.items()}
+        if self.reward_settings is not None:
+            out["rewards"] = prompt_rewards(self.rewards, self.reward_settings, record)
         try:
             out["sequences"] = self._sequences(record, self.conversation(**switches))
         except Exception as exc:  # the same failure training would stop on: shown, not raised
@@ -259,6 +280,18 @@ class DataView:
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="PNG")
         return buffer.getvalue()
+
+    def image_bytes(self, index: int, image: int) -> tuple[bytes, str] | None:
+        """The bytes and media type of record ``index``'s image ``image`` when the record gives it as bytes (a
+        ``data:`` URI, a Parquet / Arrow cell): decoded from the record's own name for it, in memory, as training
+        reads it. None: no such record, image, or the image is a file (served by ``/file``)."""
+        rows = np.flatnonzero(self.index == index)
+        record = self._record(int(rows[0])) if len(rows) else None
+        if record is None or not 0 <= image < len(record.images) or not inline.is_inline(record.images[image]):
+            return None
+        name = str(record.images[image])
+        data = inline.inline_bytes(name)
+        return data, inline.media_type(name, data) or "application/octet-stream"
 
     def _box(self, b) -> dict:
         fmt = self.family.box_format
@@ -323,7 +356,8 @@ class DataView:
                 paths = [row[1] for row in self.records.store.media_table()]
             else:
                 paths = [p for r in self.records for p in (*r.images, *r.videos)]
-            self._allowed = {os.path.realpath(p) for p in paths if not str(p).startswith(("http://", "https://"))}
+            self._allowed = {os.path.realpath(p) for p in paths  # bytes (data: URIs, cells) go by /api/image
+                             if not str(p).startswith(("http://", "https://")) and not inline.is_inline(p)}
         return self._allowed
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vlmtune.plots import read_log
 from vlmtune.run import CHECKPOINT_PREFIX, LOG_FILE, PLOT_FILE, PREDICTIONS_FILE, RUN_FILE, TRAINER_STATE
+from vlmtune.view.reward_pages import reward_settings
 
 EVAL_PREDICTIONS = "predictions.jsonl"
 EVAL_COMPARE = "predictions_compare.jsonl"
@@ -97,7 +98,10 @@ class RunView:
     def state(self) -> dict:
         """Everything the run page draws."""
         log_file = self.folder / LOG_FILE
-        return {"mode": "run", "folder": str(self.folder), "facts": self.facts(), "log": self.log(),
+        facts = self.facts()
+        grpo = (facts or {}).get("grpo")  # a GRPO run's flags, as vlmtune grpo recorded them
+        return {"mode": "run", "folder": str(self.folder), "facts": facts, "log": self.log(),
+                "rewards": reward_settings(grpo) if isinstance(grpo, dict) else None,
                 "log_mtime": log_file.stat().st_mtime if log_file.is_file() else None,
                 "predictions": self.predictions(), "plot": (self.folder / PLOT_FILE).is_file()}
 

@@ -1,13 +1,16 @@
 """The view's local server: the standard library's ``ThreadingHTTPServer``, GET only.
 
 Why the standard library: the page needs a handful of JSON answers and a few static files on 127.0.0.1; a web
-framework would be a dependency for routing eight paths. What it answers:
+framework would be a dependency for routing ten paths. What it answers:
 
   /                     the page (``static/index.html``), its script and style: shipped in the package, nothing
                         from the internet
   /api/info             what is shown (a data file or a run folder)
   /api/records?...      data: one page of records (search, filters)
   /api/record?index=N   data: one record as it trains (switches: label_mode, enable_thinking, ...)
+  /api/image?index=N&image=K
+                        data: an image record N gives as bytes (a data: URI, a Parquet / Arrow cell), decoded in
+                        memory from the record's own reference: nothing else can be named, nothing is written
   /api/frame?index=N&video=K&frame=J
                         data: one sampled video frame as the model gets it (PNG, decoded by the training code)
   /api/run              run: log, facts, predictions (read again at each request)
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/static/app.js": ("app.js", "text/javascript"),
           "/static/style.css": ("style.css", "text/css")}
+RASTER = {"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"}
+"""Types an image given as bytes is sent as (a data: URI's own claim of another type, e.g. SVG, is not trusted)."""
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; media-src 'self'; style-src 'self'; "
                                "script-src 'self'; object-src 'none'; frame-ancestors 'none'",
@@ -108,6 +113,12 @@ class Handler(BaseHTTPRequestHandler):
                     index, label_mode=mode, enable_thinking=_flag(query, "enable_thinking"),
                     keep_earlier_reasoning=_flag(query, "keep_earlier_reasoning"))
                 return self._json(answer) if answer else self._error(404, f"no record with index {index}")
+            if url.path == "/api/image" and hasattr(self.site, "image_bytes"):
+                found = self.site.image_bytes(_int(query, "index") or 0, _int(query, "image") or 0)
+                if not found:
+                    return self._error(404, "no image given as bytes there")
+                body, kind = found
+                return self._send(200, body, kind if kind in RASTER else "application/octet-stream")
             if url.path == "/api/frame" and hasattr(self.site, "frame_png"):
                 png = self.site.frame_png(_int(query, "index") or 0, _int(query, "video") or 0,
                                           _int(query, "frame") or 0)

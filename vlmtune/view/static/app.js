@@ -70,6 +70,7 @@ async function showList() {
   show(
     el("pre", {class: "summary", text: INFO.summary}),
     INFO.file_problems.map(p => el("div", {class: "problem", text: p})),
+    rewardsNode(INFO.rewards, "GRPO rewards (each prompt's page shows what they are called with)"),
     form,
     el("div", {class: "pager"}, el("button", {text: "prev", disabled: page <= 0, onclick: () => go(page - 1)}),
       el("span", {id: "count", text: `${data.total} record(s), page ${page + 1} of ${pages}`}),
@@ -147,6 +148,26 @@ function mediumNode(m, i, boxes) {
   return box;
 }
 
+// GRPO's reward settings: each function with its weight and, per prompt, the keyword arguments training calls it
+// with for this record; the reward model; the other settings that shape a completion's reward.
+function rewardsNode(rw, title) {
+  if (!rw) return null;
+  const perPrompt = rw.functions.some(f => f.kwargs);
+  const args = f => ["completions", ...Object.entries(f.kwargs).map(([k, v]) => `${k}=${JSON.stringify(v)}`),
+    ...f.reads.filter(k => !(k in f.kwargs)).map(k => `${k}=<missing>`)].join(", ");
+  const rows = rw.functions.map(f => el("tr", {class: "reward", "data-name": f.name, "data-weight": f.weight},
+    el("td", {text: f.name}), el("td", {text: `\u00d7 ${f.weight}`}),
+    perPrompt ? el("td", {class: "call", text: `${f.name}(${args(f)})`}) : null));
+  if (rw.reward_model) rows.push(el("tr", {class: "reward", "data-name": "reward_model", "data-weight": rw.reward_model.weight},
+    el("td", {text: `--reward_model ${rw.reward_model.name}`}), el("td", {text: `\u00d7 ${rw.reward_model.weight}`}),
+    perPrompt ? el("td", {class: "call", text: "scores the prompt with each completion"}) : null));
+  const head = ["reward", "weight"].concat(perPrompt ? ["called for this prompt with"] : []);
+  return el("div", {class: "rewards", id: "rewards"}, el("h3", {text: title}),
+    el("table", {}, el("tr", {}, head.map(h => el("th", {text: h}))), rows),
+    el("div", {class: "muted", id: "reward-settings",
+      text: Object.entries(rw.settings || {}).map(([k, v]) => `--${k} ${v ?? "-"}`).join("   ")}));
+}
+
 async function showRecord(index) {
   const params = recordQuery(index);
   const r = await getJSON("/api/record?" + params.toString());
@@ -182,7 +203,8 @@ async function showRecord(index) {
         `resized to ${v.width}x${v.height}`}),
       el("div", {class: "media"}, v.frames.map(f => el("div", {class: "medium"}, el("img", {src: f.url, alt: `frame ${f.index}`}),
         el("div", {text: `frame ${f.index}` + (f.time === null ? "" : `, ${f.time} s`)})))))),
-    r.fields ? el("pre", {class: "summary", id: "fields", text: "reward fields: " + JSON.stringify(r.fields, null, 1)}) : null,
+    rewardsNode(r.rewards, "rewards scoring this prompt's completions (summed with their weights)"),
+    r.fields ? el("pre", {class: "summary", id: "fields", text: "record fields: " + JSON.stringify(r.fields, null, 1)}) : null,
     r.sequences ? el("div", {class: "legend"}, el("span", {class: "tok trained", text: "trained (label = id)"}),
       el("span", {class: "tok reply", text: "reply, not trained"}), el("span", {class: "vision", text: "[vision pads]"})) : null,
     seqs.length > 1 ? el("div", {class: "pair"}, seqs) : seqs);
@@ -320,6 +342,7 @@ async function showRun() {
       el("h2", {text: `run ${state.folder}`}),
       el("p", {class: "muted", id: "log-count", text: `${train} training log step(s), ${state.log.filter(e => "eval_loss" in e).length} evaluation(s); refreshes every 3 s`}),
       plotsNode(state.log),
+      rewardsNode(state.rewards, "GRPO rewards (vlmtune_run.json)"),
       el("h2", {text: "facts (vlmtune_run.json)"}), factsNode(state.facts),
       el("h2", {text: "eval predictions, most disagreeing first"}), predictionsNode(state.predictions));
   }
