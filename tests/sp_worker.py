@@ -39,6 +39,36 @@ def build(case: dict):
     return model, family
 
 
+def dpo_step(case: dict, model, family, batch: dict, group) -> dict:
+    """vlmtune's DPO step under sequence parallelism: the policy's and the reference's (adapters off) summed
+    reply log-probs over the group, the sigmoid loss, scaled by 1 / group size as ``policy_training_step``
+    scales it; the group's summed gradients."""
+    from vlmtune.config import ModeArguments
+    from vlmtune.model import modes
+    from vlmtune.stage_config import DPOArguments
+    from vlmtune.stages import reference as ref
+    from vlmtune.stages.dpo import dpo_loss
+
+    plan = modes.plan_from_args(ModeArguments(mode=case["mode"], lora_rank=4, lora_dropout=0.0))
+    reference = ref.Reference.adapters_off(model, family, plan, False, "sp_worker")
+    ref_chosen, ref_rejected = reference.log_prob_sums(model, batch, None, group).chunk(2)
+    chosen, rejected = ref.log_prob_sums(model, batch, group).chunk(2)
+    loss = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, DPOArguments(beta=case["dpo_beta"])).mean()
+    (loss / group.size).backward()
+    return {"loss": float(loss.detach()), "grads": summed_grads(model, group)}
+
+
+def summed_grads(model, group) -> dict:
+    """Every trainable parameter's gradient, summed over the group."""
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            dist.all_reduce(grad, group=group.process_group)
+            grads[name] = grad
+    return grads
+
+
 def main(spec_path: str, out_path: str) -> None:
     from vlmtune.model import sequence_parallel as sp
 
@@ -52,6 +82,10 @@ def main(spec_path: str, out_path: str) -> None:
         language_model = base.get_submodule(family.language_model)
         sp.install(base, language_model, group, "sdpa")
         batch = dict(spec["batches"][case.get("batch", case["family"])])
+        if "dpo_beta" in case:
+            results[case["name"]] = dpo_step(case, model, family, batch, group)
+            del model
+            continue
         labels = batch.pop("labels")
         targets = sp.local_targets(labels, group)
         out = model(**batch, use_cache=False)
@@ -59,13 +93,7 @@ def main(spec_path: str, out_path: str) -> None:
         loss.backward()
         total = loss.detach().clone()
         dist.all_reduce(total, group=group.process_group)
-        grads = {}
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                dist.all_reduce(grad, group=group.process_group)
-                grads[name] = grad
-        results[case["name"]] = {"loss": float(total), "grads": grads}
+        results[case["name"]] = {"loss": float(total), "grads": summed_grads(model, group)}
         del model
     if dist.get_rank() == 0:
         torch.save(results, out_path)

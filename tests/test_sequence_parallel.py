@@ -36,6 +36,13 @@ LONG_RECORD = {
 }
 SHORT_RECORD = {"id": "short_text", "messages": [{"role": "user", "content": "How many sides has a triangle?"},
                                                  {"role": "assistant", "content": "Three."}]}
+PAIR_RECORD = {"id": "long_pair", "images": LONG_RECORD["images"], "videos": LONG_RECORD["videos"],
+               "messages": LONG_RECORD["messages"][:-1], "chosen": "The circle and the ball.",
+               "rejected": "Only the blue square, which has four sides."}
+"""A preference pair on the long record: its prompt (images, video, 3 turns) and two last replies."""
+DPO_2 = [("qwen2_vl", "lora_vision", True)]
+"""DPO (sigmoid loss, reference = adapters off, merger swapped back) on 2 ranks, with gradient checkpointing."""
+DPO_BETA = 0.1
 CASES_2 = [("qwen2_vl", "lora_vision", True), ("qwen2_5_vl", "lora", False), ("qwen3_vl", "full", True),
            ("qwen3_vl_moe", "lora", False)]
 """(family, mode, gradient checkpointing): every family that supports it, every mode, both checkpointing settings."""
@@ -78,6 +85,46 @@ def packed_of(pipeline, family: str, tmp_path) -> tuple[dict, list[dict]]:
     pad = p.processor.tokenizer.pad_token_id
     packed = PackedCollator(pad, RopeIndex(AutoConfig.from_pretrained(p.model_dir)))
     return packed([[short, long]]), [Collator(pad)([item]) for item in (short, long)]
+
+
+def pair_batch(pipeline, family: str, tmp_path) -> dict:
+    """The collated preference batch of ``PAIR_RECORD`` (chosen row, then rejected; the reply labelled)."""
+    from vlmtune.data.prompts import PreferenceCollator, PreferenceDataset, stage_lengths
+    from vlmtune.data.records import load_records
+
+    p = pipeline(family, "last_assistant")
+    path = tmp_path / f"{family}-pair.json"
+    path.write_text(json.dumps([PAIR_RECORD]))
+    records = load_records(path, EXAMPLES, budget=p.budget, min_image_side=p.family.factor, stage="dpo")
+    lengths = stage_lengths(records, p.conversation, p.budget, p.family, "dpo")[0]
+    dataset = PreferenceDataset(records, p.processor, p.family, p.budget, p.conversation, None, False, lengths)
+    return PreferenceCollator(p.processor.tokenizer.pad_token_id)([dataset[0]])
+
+
+def dpo_reference(case: dict, batch: dict) -> dict:
+    """DPO's single-process step by hand: the model's own forward, log-softmax, the labelled next tokens'
+    log-probs gathered and summed per row, under the policy and (no gradient) with PEFT's adapters off; then
+    -log sigmoid(beta * (policy margin - reference margin))."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from sp_worker import build
+
+    model, _ = build(case)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "pair_index")}
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+
+    def sums(logits):
+        picked = logits[:, :-1].float().log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        return (picked * keep).sum(-1)
+
+    with torch.no_grad(), model.disable_adapter():
+        ref_chosen, ref_rejected = sums(model(**inputs, use_cache=False).logits)
+    chosen, rejected = sums(model(**inputs, use_cache=False).logits)
+    loss = -torch.nn.functional.logsigmoid(DPO_BETA * ((chosen - ref_chosen) - (rejected - ref_rejected)))
+    loss.backward()
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()
+             if p.requires_grad}
+    return {"loss": float(loss.detach()), "grads": grads}
 
 
 def reference(case: dict, batch: dict | list) -> dict:
@@ -127,20 +174,27 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def check_cases(world: int, cases: list, pipeline, tiny_model_dir, tmp_path, rows: int = 1, packed=()) -> dict:
-    """Every case (and every ``packed`` case: one packed row against its records unpacked) on ``world`` ranks."""
+def check_cases(world: int, cases: list, pipeline, tiny_model_dir, tmp_path, rows: int = 1, packed=(),
+                dpo=()) -> dict:
+    """Every case (and every ``packed`` case: one packed row against its records unpacked; every ``dpo`` case:
+    a preference pair's DPO loss against ``dpo_reference``) on ``world`` ranks."""
     specs = [{"name": f"{f}-{m}-{'gc' if gc else 'nogc'}", "family": f, "batch": f, "mode": m, "checkpointing": gc,
               "model_dir": str(tiny_model_dir(f))} for f, m, gc in cases]
     specs += [{"name": f"{f}-{m}-{'gc' if gc else 'nogc'}-packed", "family": f, "batch": f"{f}-packed", "mode": m,
                "checkpointing": gc, "model_dir": str(tiny_model_dir(f))} for f, m, gc in packed]
+    specs += [{"name": f"{f}-{m}-{'gc' if gc else 'nogc'}-dpo", "family": f, "batch": f"{f}-dpo", "mode": m,
+               "checkpointing": gc, "model_dir": str(tiny_model_dir(f)), "dpo_beta": DPO_BETA} for f, m, gc in dpo]
     batches = {f: batch_of(pipeline, f, tmp_path, rows) for f in {c["family"] for c in specs}}
+    for f, _, _ in dpo:
+        batches[f"{f}-dpo"] = pair_batch(pipeline, f, tmp_path)
     unpacked = {}
     for f, _, _ in packed:
         batches[f"{f}-packed"], unpacked[f"{f}-packed"] = packed_of(pipeline, f, tmp_path)
     got = launch(world, {"cases": specs, "batches": batches}, tmp_path)
     worst = {}
     for case in specs:
-        want, sp = reference(case, unpacked.get(case["batch"], batches[case["batch"]])), got[case["name"]]
+        batch = unpacked.get(case["batch"], batches[case["batch"]])
+        want, sp = dpo_reference(case, batch) if "dpo_beta" in case else reference(case, batch), got[case["name"]]
         assert set(sp["grads"]) == set(want["grads"]) and want["grads"]
         diffs = {name: relative(sp["grads"][name], g) for name, g in want["grads"].items()}
         loss_diff = abs(sp["loss"] - want["loss"]) / abs(want["loss"])
@@ -156,8 +210,9 @@ def check_cases(world: int, cases: list, pipeline, tiny_model_dir, tmp_path, row
 def test_two_ranks_equal_one_process(pipeline, tiny_model_dir, tmp_path):
     """2 ranks on the long record, Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE in full, lora and
     lora_vision, with and without gradient checkpointing; and a packed row (a short text record, then the long
-    one, which spans both ranks) against the two records run unpacked: no token attends across the boundary."""
-    check_cases(2, CASES_2, pipeline, tiny_model_dir, tmp_path, packed=PACKED_2)
+    one, which spans both ranks) against the two records run unpacked: no token attends across the boundary;
+    and DPO on a preference pair of the long record (policy and reference log-probs summed over the group)."""
+    check_cases(2, CASES_2, pipeline, tiny_model_dir, tmp_path, packed=PACKED_2, dpo=DPO_2)
 
 
 @pytest.mark.slow
@@ -221,22 +276,33 @@ def test_labels_are_shifted_before_the_split():
 
 
 def test_the_cli_refuses_the_flag_where_it_cannot_run(capsys, tiny_model_dir):
-    """One process cannot form a group of 2; DPO refuses the flag; both before a model loads."""
+    """One process cannot form a group of 2 (train, dpo); GRPO, distill and the reward model refuse the flag,
+    and so does DPO's precomputed reference; all before a model loads."""
     from vlmtune.cli import main
 
-    base = ["--data_path", str(DATA_JSON), "--image_folder", str(EXAMPLES), "--use_cpu", "True",
-            "--sequence_parallel_size", "2", "--output_dir"]
-    assert main(["train", *base, "/tmp/never-sp"]) == 1
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("vlmtune train: error: --sequence_parallel_size 2: the 1 processes") and (
-        "unexpected" not in line)
-    assert main(["dpo", *base, "/tmp/never-sp-dpo"]) == 1
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("vlmtune dpo: error: --sequence_parallel_size 2 with dpo: "), line
+    prefs = EXAMPLES / "preference.json"
+    base = ["--image_folder", str(EXAMPLES), "--use_cpu", "True", "--sequence_parallel_size", "2", "--output_dir",
+            "/tmp/never-sp", "--data_path"]
+    for argv, needle in [
+        (["train", *base, str(DATA_JSON)], "vlmtune train: error: --sequence_parallel_size 2: the 1 processes"),
+        (["dpo", *base, str(prefs)], "vlmtune dpo: error: --sequence_parallel_size 2: the 1 processes"),
+        (["dpo", *base, str(prefs), "--precompute_ref_log_probs", "True"],
+         "vlmtune dpo: error: --sequence_parallel_size 2 with --precompute_ref_log_probs: "),
+        (["grpo", *base, str(prefs)], "vlmtune grpo: error: --sequence_parallel_size 2 with grpo: sequence "
+         "parallelism is wired for SFT and DPO only (its sampling"),
+        (["reward-model", *base, str(prefs)], "vlmtune reward-model: error: --sequence_parallel_size 2 with "
+         "reward_model: sequence parallelism is wired for SFT and DPO only (its score head"),
+        (["distill", *base, str(DATA_JSON), "--teacher", str(tiny_model_dir("qwen2_vl"))],
+         "vlmtune distill: error: --sequence_parallel_size 2 with distill: sequence parallelism is wired for SFT "
+         "and DPO only (its teacher"),
+    ]:
+        assert main(argv) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1].startswith(needle) and "unexpected" not in lines[-1], (argv[0], lines[-3:])
 
 
-def train_flags(out, *args: str) -> list[str]:
-    return ["train", "--data_path", str(DATA_JSON), "--image_folder", str(EXAMPLES), "--use_cpu", "True",
+def train_flags(out, *args: str, stage: str = "train", data=DATA_JSON) -> list[str]:
+    return [stage, "--data_path", str(data), "--image_folder", str(EXAMPLES), "--use_cpu", "True",
             "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1", "--output_dir", str(out),
             "--train_sampling_strategy", "sequential", "--learning_rate", "2e-3", "--lr_scheduler_type", "constant",
             "--dataloader_num_workers", "0", "--lora_dropout", "0", "--mode", "lora_vision", "--max_steps", "2",
@@ -255,12 +321,18 @@ def test_training_with_the_flag_gives_the_single_process_losses(tmp_path):
     """``vlmtune train --sequence_parallel_size 2`` on 2 processes (a record per process and micro-step, each
     split across both; 2 accumulation steps) logs the training and eval losses of one process training on both
     records per micro-step (the same 4 records per optimizer step, every target weighted once)."""
+    same_losses(tmp_path, ("loss", "eval_loss"))
+
+
+def same_losses(tmp_path, keys, **flags) -> None:
+    """One process with 2 records per micro-step, then 2 processes with 1 each and ``--sequence_parallel_size
+    2``: each logged ``keys`` equal within 1e-5 relative."""
     from vlmtune.cli import main
 
-    assert main(train_flags(tmp_path / "one", "--per_device_train_batch_size", "2")) == 0
+    assert main(train_flags(tmp_path / "one", "--per_device_train_batch_size", "2", **flags)) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "vlmtune.cli", *train_flags(tmp_path / "sp", "--per_device_train_batch_size", "1",
-                                             "--sequence_parallel_size", "2")]
+                                             "--sequence_parallel_size", "2", **flags)]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     try:
@@ -271,9 +343,20 @@ def test_training_with_the_flag_gives_the_single_process_losses(tmp_path):
             proc.wait()
     assert proc.returncode == 0, log[-4000:]
     assert "sequence parallel: groups of 2 processes" in log
-    for key in ("loss", "eval_loss"):
+    for key in keys:
         one, sp = logged(tmp_path / "one", key), logged(tmp_path / "sp", key)
         assert len(sp) == len(one) > 0 and sp == pytest.approx(one, rel=1e-5), (key, sp, one)
+        print(f"{key}: one process {one}, SP 2 {sp}")
+
+
+@pytest.mark.slow
+def test_dpo_with_the_flag_gives_the_single_process_losses(tmp_path):
+    """``vlmtune dpo --sequence_parallel_size 2`` (lora_vision: the reference is the model with its adapters off
+    and the merger swapped back, split as the policy) on 2 processes, a pair per process and micro-step, logs the
+    DPO loss, eval loss and replies' log-probs of one process training on both pairs per micro-step (the second
+    step's loss: after the first step's update)."""
+    same_losses(tmp_path, ("loss", "eval_loss", "logps/chosen", "eval_logps/rejected"), stage="dpo",
+                data=EXAMPLES / "preference.json")
 
 
 def test_estimate_memory_splits_the_decoder_and_the_logits_not_the_vision_tower():

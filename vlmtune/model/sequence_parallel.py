@@ -19,7 +19,9 @@ image's and video's features at its pad tokens and to compute the 3-D M-RoPE pos
 3. the decoder runs with Ulysses attention (text attention modules only; the vision tower keeps its own);
 4. the labels are shifted on the whole sequence before the split (no target is lost at a chunk boundary), and
    the loss is this chunk's summed token loss over the group's target count, so that the group's losses add up
-   to the single-process mean and the gradients summed over the group equal its gradients.
+   to the single-process mean and the gradients summed over the group equal its gradients. A loss on whole
+   sequences' log-probabilities (DPO) adds up the chunks' sums over the group with autograd first
+   (``group_log_prob_sums``).
 
 Rows of a batch are right-padded, and the decoder attends causally without a mask (Ulysses drops masks), which
 is exact for every real token. Packed rows (``--packing``, sdpa): after Ulysses' all-to-all each rank holds the
@@ -233,3 +235,15 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, total_targets: int |
 def count_targets(labels: torch.Tensor) -> int:
     """How many next-token targets ``labels`` hold (the model's own shift: the first label predicts nothing)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def group_log_prob_sums(logits: torch.Tensor, targets: torch.Tensor, group: Group) -> torch.Tensor:
+    """(rows,) each row's summed log-probability of its next-token targets over the whole sequence: this chunk's
+    sums (``targets`` from ``local_targets``), added up over the group with autograd. The sum's backward hands
+    each rank's chunk the sum of the group's incoming gradients: a loss that every rank of the group computes
+    alike from these sums is to be scaled by 1 / group size before its backward."""
+    from torch.distributed.nn.functional import all_reduce
+
+    keep = targets.to(logits.device) != IGNORE_INDEX
+    picked = logits.float().log_softmax(-1).gather(-1, targets.to(logits.device).clamp(min=0)[..., None])[..., 0]
+    return all_reduce((picked * keep).sum(-1), group=group.process_group)

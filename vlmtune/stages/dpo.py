@@ -10,6 +10,10 @@ pixels (``PreferenceCollator``). The summed log-probability of each reply's toke
 included) under the policy and under the reference gives the implicit rewards ``beta * (logp - ref_logp)``.
 The reference-free losses (``--loss_type orpo|simpo``, ``vlmtune.stages.losses``) use the replies' mean token
 log-probabilities under the policy alone (rewards ``beta * mean logp``, as TRL logs them); no reference is loaded.
+
+Under ``--sequence_parallel_size N`` each rank of a group holds a chunk of every chosen and rejected row (and the
+reference's forward splits alike); the summed log-probs are added up over the group (with autograd) before the
+loss, so the loss and its gradients are the single-process step's (``vlmtune.stages.sequence_parallel``).
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ class DPOTrainer(PolicyTrainer):
             ref_logps = self._reference_table(model, mode)[pair_index.cpu()].T.flatten()
         else:
             ref_logps = self._reference_sums(model, inputs, pair_index, mode)
-        logps = ref.token_log_probs(model, inputs).sum(-1)
+        logps = self.log_prob_sums(model, inputs)
         chosen, rejected = logps.chunk(2)
         ref_chosen, ref_rejected = ref_logps.to(logps).chunk(2)
         tokens_chosen, tokens_rejected = mask.sum(-1).chunk(2)
@@ -83,7 +87,7 @@ class DPOTrainer(PolicyTrainer):
 
     def _reference_free_loss(self, model, inputs, mask, mode: str, return_outputs: bool):
         """ORPO or SimPO from the policy's mean token log-probability of each reply."""
-        logps = ref.token_log_probs(model, inputs).sum(-1)
+        logps = self.log_prob_sums(model, inputs)
         means = logps / mask.sum(-1).clamp(min=1)
         chosen, rejected = means.chunk(2)
         extra = {}
@@ -119,7 +123,7 @@ class DPOTrainer(PolicyTrainer):
         if all(i in seen for i in pairs):
             kept = torch.stack([seen[i] for i in pairs])  # (pairs, 2)
             return kept.T.flatten().to(inputs["input_ids"].device)
-        sums = self.reference_log_probs(model, inputs).sum(-1)
+        sums = self.reference_log_prob_sums(model, inputs)
         for i, pair in zip(pairs, torch.stack(sums.detach().chunk(2), -1).cpu()):
             seen[i] = pair
         return sums
@@ -175,6 +179,11 @@ class DPOTrainer(PolicyTrainer):
 def dpo(model_args: ModelArguments, data_args: DataArguments, mode_args: ModeArguments,
         train_args: TrainingArguments, dpo_args: DPOArguments) -> Path:
     """Run one DPO job; returns the output folder."""
+    if train_args.sequence_parallel_size > 1 and dpo_args.precompute_ref_log_probs:
+        raise ConfigError(f"--sequence_parallel_size {train_args.sequence_parallel_size} with "
+                          "--precompute_ref_log_probs: the precomputing pass scores each process's own batches, "
+                          "which a split sequence cannot; drop --precompute_ref_log_probs (the reference then runs "
+                          "beside the policy, split as it is)")
 
     def dataset(records, lengths, source, start, conversation):
         return PreferenceDataset(records, start.processor, start.family, start.budget, conversation,

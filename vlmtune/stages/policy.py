@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from vlmtune import checkpoints, run
 from vlmtune.config import DataArguments, ModeArguments, ModelArguments, TrainingArguments
@@ -65,12 +66,26 @@ class PolicyTrainer(VisionLanguageTrainer):
         """Per-token log-probs of the batch under the reference policy (``model`` as the Trainer calls it)."""
         return self.reference.log_probs(model, batch, self.accelerator.unwrap_model)
 
+    def log_prob_sums(self, model, batch: dict) -> torch.Tensor:
+        """(rows,) each row's summed log-prob of its labelled tokens under the policy (whole sequences: under
+        ``--sequence_parallel_size`` summed over the group, with autograd)."""
+        return ref.log_prob_sums(model, batch, self.sp_group)
+
+    def reference_log_prob_sums(self, model, batch: dict) -> torch.Tensor:
+        """(rows,) the same under the reference policy, without gradients."""
+        return self.reference.log_prob_sums(model, batch, self.accelerator.unwrap_model, self.sp_group)
+
+    def sequence_parallel_step(self, model, inputs, records: list[str], num_items_in_batch=None) -> torch.Tensor:
+        return sp_stage.policy_training_step(self, model, inputs)
+
     def eval_inputs(self, model, inputs: dict) -> dict:
         """The batch an evaluation step computes the loss on (the collated batch; GRPO samples first)."""
         return inputs
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop(RECORD_IDS, None)
+        if self.sp_group is not None:
+            return sp_stage.policy_eval_loss(self, model, inputs).detach(), None, None
         inputs = self._prepare_inputs(self.eval_inputs(model, inputs))
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
@@ -136,12 +151,15 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
     check_paths(data_args)  # every file and folder named, before anything loads
     if data_args.packing:
         raise ConfigError(f"--packing is for SFT; {stage.no_packing}")
-    if train_args.sequence_parallel_size > 1:
-        sp_stage.check(train_args.sequence_parallel_size, train_args, model_args, data_args, None, "",
-                       stage=stage.name)
+    size = train_args.sequence_parallel_size
+    if size > 1 and stage.name not in sp_stage.STAGES:
+        sp_stage.check(size, train_args, model_args, data_args, None, "", stage=stage.name)
     resume = checkpoints.resolve_resume(train_args.resume_from_checkpoint, train_args.output_dir)
     start = resolve_start(model_args, data_args, plan)
     processor, family = start.processor, start.family
+    if size > 1:
+        sp_stage.check(size, train_args, model_args, data_args, AutoConfig.from_pretrained(start.base_model),
+                       family.model_type, stage=stage.name)
     conversation = Conversation(processor, stage.label_mode, **data_args.template_options())
 
     def make(records, lengths, source):
@@ -162,6 +180,9 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
         model, reference, ref_model = ref.policy_and_reference(
             start, model_args, mode_args, train_args, plan, stage.name, stage.reference_user,
             reference=stage.reference, temperature=stage.temperature)
+        group = None
+        if size > 1 and train_args.device is not None:  # .device starts torch.distributed
+            group = sp_stage.start(model, family, size, reference=ref_model)
         fillers = vision_fillers(processor, family.factor) if is_distributed() else None
         run_info = run.run_record(stage=stage.name, plan=plan, dtype=torch_dtype(train_args.bf16, train_args.fp16),
                                   bits=model_args.bits, template_options=data_args.template_options(),
@@ -169,7 +190,7 @@ def run_policy_stage(stage: PolicyStage, model_args: ModelArguments, data_args: 
         trainer = stage.trainer(
             model=model, args=train_args, train_dataset=train_set, eval_dataset=eval_set,
             data_collator=stage.collator(processor, fillers), processing_class=processor, family=family,
-            run_info=run_info, reference=reference, fillers=fillers, **stage.trainer_kwargs,
+            run_info=run_info, reference=reference, fillers=fillers, sequence_parallel=group, **stage.trainer_kwargs,
         )
         ref.use_reference_copy(trainer, ref_model)
         if stage.prepare is not None:

@@ -25,6 +25,7 @@ from torch import nn
 
 from vlmtune.errors import ConfigError
 from vlmtune.model import modes
+from vlmtune.model import sequence_parallel as sp
 from vlmtune.model.load import torch_dtype
 from vlmtune.stages import vision_once
 from vlmtune.stages.setup import load_policy, load_start_model
@@ -86,6 +87,17 @@ def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
         return model(**inputs, labels=batch["labels"], fused_lm_head=True, use_cache=False).log_probs
 
 
+def log_prob_sums(model: nn.Module, batch: dict[str, torch.Tensor], group: sp.Group | None = None) -> torch.Tensor:
+    """(rows,) each row's summed log-probability of its labelled next tokens. With a sequence-parallel ``group``
+    (``--sequence_parallel_size``): the model's own forward on the whole batch, whose decoder holds this rank's
+    chunk of the sequence (the fused head would need the whole one), the chunk's log-softmax at its targets
+    (labels shifted before the split), summed over the group with autograd (``sp.group_log_prob_sums``)."""
+    if group is None:
+        return token_log_probs(model, batch).sum(-1)
+    logits = model(**vision_once.model_inputs(model, batch, MODEL_KEYS), use_cache=False).logits
+    return sp.group_log_prob_sums(logits, sp.local_targets(batch["labels"], group), group)
+
+
 class Reference:
     """The reference policy's log-probabilities: adapters off (LoRA), a frozen copy (full), or none."""
 
@@ -128,16 +140,32 @@ class Reference:
             for name, data in current.items():
                 params[name].data = data
 
-    @torch.no_grad()
-    def log_probs(self, model: nn.Module, batch: dict[str, torch.Tensor], unwrap=None) -> torch.Tensor:
-        """Per-token reference log-probs of the batch (see ``token_log_probs``); ``model`` is the policy as the
-        Trainer calls it, and ``unwrap`` (the trainer's ``accelerator.unwrap_model``) takes the PeftModel out of
-        the DeepSpeed / DDP wrappers."""
+    @contextlib.contextmanager
+    def active(self, model: nn.Module, unwrap=None):
+        """The model whose forward is the reference's: the frozen copy, or ``model`` (the policy as the Trainer
+        calls it) with its adapters off; ``unwrap`` (the trainer's ``accelerator.unwrap_model``) takes the
+        PeftModel out of the DeepSpeed / DDP wrappers."""
         if self.kind == "copy":
-            return token_log_probs(self.ref_model, batch)
+            yield self.ref_model
+            return
         peft_model = unwrap(model) if unwrap is not None else model
         with peft_model.disable_adapter(), self._swapped(peft_model):
-            return token_log_probs(model, batch)
+            yield model
+
+    @torch.no_grad()
+    def log_probs(self, model: nn.Module, batch: dict[str, torch.Tensor], unwrap=None) -> torch.Tensor:
+        """Per-token reference log-probs of the batch (see ``token_log_probs`` and ``active``)."""
+        with self.active(model, unwrap) as scorer:
+            return token_log_probs(scorer, batch)
+
+    @torch.no_grad()
+    def log_prob_sums(self, model: nn.Module, batch: dict[str, torch.Tensor], unwrap=None,
+                      group: sp.Group | None = None) -> torch.Tensor:
+        """(rows,) summed reference log-probs of the batch (see ``log_prob_sums`` and ``active``)."""
+        if group is None:
+            return self.log_probs(model, batch, unwrap).sum(-1)
+        with self.active(model, unwrap) as scorer:
+            return log_prob_sums(scorer, batch, group)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

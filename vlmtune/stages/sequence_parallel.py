@@ -1,5 +1,5 @@
-"""The training half of sequence parallelism (``--sequence_parallel_size N``, SFT): how a group of N processes
-trains on the batches the Trainer hands them (the model half, the split and Ulysses, is
+"""The training half of sequence parallelism (``--sequence_parallel_size N``, SFT and DPO): how a group of N
+processes trains on the batches the Trainer hands them (the model half, the split and Ulysses, is
 ``vlmtune.model.sequence_parallel``).
 
 The Trainer's data loader gives each process its own batch, as in any data-parallel run. A group of N processes
@@ -14,6 +14,10 @@ steps, counts once (the Trainer's ``num_items_in_batch``): each rank's chunk con
 over that count, times the number of processes, which DDP's mean over processes takes back. Without that
 setting, each micro-step is the token-weighted mean over the group's N batches. Either way the contributions of a
 group's ranks add up to the loss of its batches and their gradients, summed by DDP, to its gradients.
+
+DPO (``policy_training_step``): a pair's loss needs each sequence's whole log-probability, so the chunks'
+per-row sums (policy and reference) are added up over the group before the loss (``sp.group_log_prob_sums``),
+and every rank of the group computes the loss of each of the group's batches.
 """
 
 from __future__ import annotations
@@ -30,16 +34,24 @@ from vlmtune.model import sequence_parallel as sp
 logger = logging.getLogger(__name__)
 
 RECORDS = "_records"
+STAGES = ("sft", "dpo")
+REASONS = {
+    "grpo": "its sampling generates one token at a time, which cannot be split across the group",
+    "distill": "its teacher's forward and its on-policy sampling are not split across the group",
+    "reward_model": "its score head reads the hidden state at each reply's end-of-turn token, held by one rank of "
+                    "the group",
+}
+"""Why the other policy stages refuse ``--sequence_parallel_size`` (one sentence each)."""
 
 
 def check(size: int, train_args, model_args, data_args, config, model_type: str, stage: str = "sft") -> None:
     """Everything ``--sequence_parallel_size`` cannot run with stops here, as one line, before the model loads."""
     if size <= 1:
         return
-    if stage != "sft":
+    if stage not in STAGES:
         raise ConfigError(f"--sequence_parallel_size {size} with {stage}: sequence parallelism is wired for SFT "
-                          "only (a preference pair or a sampled group would need its log-probabilities gathered "
-                          "across the group); train this stage without it")
+                          f"and DPO only ({REASONS[stage] if stage in REASONS else 'not built for this stage'}); "
+                          "train this stage without it")
     if train_args.eval_generate:
         raise ConfigError(f"--sequence_parallel_size {size} with --eval_generate: generation runs one token at a "
                           "time, which cannot be split across the group; evaluate with the eval loss only")
@@ -49,12 +61,14 @@ def check(size: int, train_args, model_args, data_args, config, model_type: str,
              attn_implementation=model_args.attn_implementation)
 
 
-def start(model, family, size: int) -> sp.Group:
-    """Build the groups and route the model's language model through Ulysses (``torch.distributed`` must be
-    started: reading ``TrainingArguments.device`` starts it)."""
+def start(model, family, size: int, reference=None) -> sp.Group:
+    """Build the groups and route the model's language model through Ulysses, and a frozen ``reference`` copy's
+    too (DPO's full runs), so that its forwards split as the policy's (``torch.distributed`` must be started:
+    reading ``TrainingArguments.device`` starts it)."""
     group = sp.init_group(size)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    sp.install(base, base.get_submodule(family.language_model), group, base.config._attn_implementation)
+    for each in (model, reference) if reference is not None else (model,):
+        base = each.get_base_model() if hasattr(each, "get_base_model") else each
+        sp.install(base, base.get_submodule(family.language_model), group, base.config._attn_implementation)
     if family.is_moe:
         logger.warning("--sequence_parallel_size: the MoE routers' load-balancing loss is off (it is not additive "
                        "over chunks of a sequence); only the token loss trains")
@@ -111,6 +125,41 @@ def eval_loss(trainer, model, inputs: dict) -> torch.Tensor:
             logits = model(**trainer._prepare_inputs(batch), use_cache=False).logits
             loss = sp.chunk_loss(logits, targets, sp.count_targets(labels))
             torch.distributed.all_reduce(loss, group=group.process_group)
+            if k == group.rank:
+                own = loss
+    return own
+
+
+def policy_training_step(trainer, model, inputs: dict) -> torch.Tensor:
+    """One micro-step of a policy stage's group (DPO): its N batches forward and backward in turn, each split
+    across the group. Every rank of the group computes the same loss of a batch (from log-probability sums
+    added up over the group, ``sp.group_log_prob_sums``), whose backward hands each chunk the group's N equal
+    gradients summed: each loss is scaled by 1 / N, and by the accumulation steps as the Trainer scales a
+    per-batch mean, so that DDP's mean over processes gives the plain data-parallel step. Returns this rank's
+    share of the logged loss (the group's mean batch loss)."""
+    group = trainer.sp_group
+    model.train()
+    scale = 1 / (group.size * trainer.current_gradient_accumulation_steps)
+    reported = torch.zeros((), device=trainer.args.device)
+    for k, batch in enumerate(exchange(inputs, group)):
+        batch = trainer._prepare_inputs(batch)
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(model, batch) * scale
+        last = k == group.size - 1  # DDP reduces the gradients once, after the last batch of the group
+        with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
+            trainer.accelerator.backward(loss)
+        reported += loss.detach()
+    return reported
+
+
+def policy_eval_loss(trainer, model, inputs: dict) -> torch.Tensor:
+    """A policy stage's eval loss of this rank's own batch, computed by the whole group (every rank takes part
+    in every batch of the group)."""
+    group = trainer.sp_group
+    own = None
+    with torch.no_grad(), trainer.compute_loss_context_manager():
+        for k, batch in enumerate(exchange(inputs, group)):
+            loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))
             if k == group.rank:
                 own = loss
     return own

@@ -212,12 +212,16 @@ class VisionLanguageTrainer(Trainer):
         self._samples_seen += packing.count_samples(inputs, pad_id)
         self._tokens_seen += packing.count_tokens(inputs, pad_id)
         if self.sp_group is not None:
-            loss = sp_stage.training_step(self, model, inputs, records, num_items_in_batch)
+            loss = self.sequence_parallel_step(model, inputs, records, num_items_in_batch)
         else:
             loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             self._nonfinite_loss(float(loss.float().sum()), records)
         return loss
+
+    def sequence_parallel_step(self, model, inputs, records: list[str], num_items_in_batch=None) -> torch.Tensor:
+        """One micro-step of the sequence-parallel group (SFT's token loss; a policy stage has its own)."""
+        return sp_stage.training_step(self, model, inputs, records, num_items_in_batch)
 
     def _nonfinite_loss(self, value: float, records: list[str]) -> None:
         step = self.state.global_step + 1
