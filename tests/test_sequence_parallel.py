@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DATA_JSON, EXAMPLES, ROOT, free_port
+from conftest import DATA_JSON, EXAMPLES, FORKRUN, ROOT, free_port
 
 LONG_RECORD = {
     "id": "long_mixed",
@@ -330,9 +330,9 @@ def same_losses(tmp_path, keys, **flags) -> None:
     from vlmtune.cli import main
 
     assert main(train_flags(tmp_path / "one", "--per_device_train_batch_size", "2", **flags)) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "vlmtune.cli", *train_flags(tmp_path / "sp", "--per_device_train_batch_size", "1",
-                                             "--sequence_parallel_size", "2", **flags)]
+    cmd = [*FORKRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "vlmtune.cli",
+           *train_flags(tmp_path / "sp", "--per_device_train_batch_size", "1", "--sequence_parallel_size", "2",
+                        **flags)]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     try:
