@@ -24,7 +24,6 @@ from vlmtune.data.check import check_data
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.dataset import VisionLanguageDataset
 from vlmtune.data.records import read_records
-from vlmtune.model.load import load_family, load_processor
 
 FIXTURES = ROOT / "tests" / "fixtures"
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -92,11 +91,10 @@ def write(path: Path, records: list, lines: bool = False) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qwen2_vl(tiny_model_dir):
-    model_dir = tiny_model_dir("qwen2_vl")
-    processor = load_processor(str(model_dir))
-    family = load_family(str(model_dir))
-    return processor, family, media.budget_from_processor(processor, family.factor)
+def qwen2_vl(pipeline):
+    """The tiny Qwen2-VL's processor, family and budgets (conftest's shared pipeline)."""
+    tiny = pipeline("qwen2_vl")
+    return tiny.processor, tiny.family, tiny.budget
 
 
 @pytest.mark.slow

@@ -97,11 +97,10 @@ def test_frame_list_gives_the_inputs_of_the_model_recipe(tiny_model_dir, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def qwen2_vl(tiny_model_dir):
-    model_dir = tiny_model_dir("qwen2_vl")
-    processor = load_processor(str(model_dir))
-    family = load_family(str(model_dir))
-    return processor, family, media.budget_from_processor(processor, family.factor)
+def qwen2_vl(pipeline):
+    """The tiny Qwen2-VL's processor, family and budgets (conftest's shared pipeline)."""
+    tiny = pipeline("qwen2_vl")
+    return tiny.processor, tiny.family, tiny.budget
 
 
 def test_frame_list_in_every_shape_gives_the_same_batches(qwen2_vl, tmp_path, monkeypatch, capsys):
