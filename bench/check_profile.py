@@ -67,7 +67,8 @@ STAGES = {
     "template (render)": [("data/conversation.py", "render"), ("data/conversation.py", "render_many")],
     "tokenize": [("data/conversation.py", "_token_ids"), ("data/tokens.py", "token_ids")],
     "label check": [("data/conversation.py", name) for name in ("labels", "problem", "_spans_to_decode",
-                                                                "_decode_problem")] + [("data/tokens.py", "decoded")],
+                                                                "_spans_of_pieces", "_decode_problem")]
+    + [("data/tokens.py", "decoded")],
     "media headers": [("data/store_build.py", "_media")],
     "store writes": [("data/store_build.py", "_encode"), ("data/store_build.py", "_merge")],
 }
