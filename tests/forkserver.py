@@ -59,6 +59,8 @@ RUN_TIME_KEYS = frozenset({
     # torch.distributed's rendezvous variables, likewise left by an in-process distributed set-up; read when a
     # process group starts (forkrun sets its ranks' own)
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    # set by torch's inductor when something in the pytest process asked for its cache folder; read per call
+    "TORCHINDUCTOR_CACHE_DIR",
 })
 """Environment keys in which a command may differ from the server: each is read at run time, not at import (any
 other difference, e.g. OMP_NUM_THREADS, HF_HOME, TORCH_EXTENSIONS_DIR, makes the command a real subprocess)."""
