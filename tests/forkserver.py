@@ -52,6 +52,15 @@ RUN_TIME_KEYS = frozenset({
     "PYTHONUNBUFFERED",  # read by the interpreter at start: the child sets its stdout / stderr up as it says
     "PYTEST_CURRENT_TEST",  # pytest's own, changes with every test; nothing in the stack reads it
     LOG_KEY,  # this module's own (the client reads it)
+    # set in os.environ by transformers / accelerate when a test trains in the pytest process itself (DeepSpeed,
+    # FSDP), so inherited by every later command, as by a subprocess; read in functions only (TrainingArguments,
+    # Accelerator, AcceleratorState), never at import
+    "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_MIXED_PRECISION",
+    # torch.distributed's rendezvous variables, likewise left by an in-process distributed set-up; read when a
+    # process group starts (forkrun sets its ranks' own)
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    # set by torch's inductor when something in the pytest process asked for its cache folder; read per call
+    "TORCHINDUCTOR_CACHE_DIR",
 })
 """Environment keys in which a command may differ from the server: each is read at run time, not at import (any
 other difference, e.g. OMP_NUM_THREADS, HF_HOME, TORCH_EXTENSIONS_DIR, makes the command a real subprocess)."""
@@ -316,6 +325,9 @@ def _request(cmd, cwd, env) -> dict | None:
         return None
     differ = {key for key in env.keys() | server.env.keys() if env.get(key) != server.env.get(key)}
     if differ - RUN_TIME_KEYS:
+        if os.environ.get(LOG_KEY):
+            with open(os.environ[LOG_KEY], "a") as log:
+                log.write(f"subprocess (env differs: {sorted(differ - RUN_TIME_KEYS)}) {' '.join(cmd)[:200]}\n")
         return None
     return {"module": module, "script": script, "args": args, "cwd": str(cwd or os.getcwd()), "env": env}
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import forkserver
 import pytest
 import torch
 from conftest import EXAMPLES, ROOT
@@ -213,7 +214,7 @@ def test_cpt_script_on_a_base_model_with_packing_then_merge(tmp_path, tiny_model
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]) - 0.5, losses
     info = json.loads((out / "vlmtune_run.json").read_text())
     assert info["stage"] == "cpt" and info["base_model"] == str(base)
-    merged = subprocess.run([PYTHON, "-m", "vlmtune.cli", "merge", str(out), str(tmp_path / "merged")], cwd=ROOT,
+    merged = forkserver.run([PYTHON, "-m", "vlmtune.cli", "merge", str(out), str(tmp_path / "merged")], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)
     assert merged.returncode == 0, merged.stderr[-3000:]
     assert (tmp_path / "merged" / "model.safetensors").is_file()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 from pathlib import Path
 
+import forkserver
 import pytest
 from conftest import DATA_JSON, EXAMPLES, FORKRUN, ROOT
 
@@ -56,7 +56,7 @@ def launch(out: Path, *args: str, nproc: int = 1, script: Path | None = None, ch
     cmd = [*FORKRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), *entry,
            *train_args(out, "--per_device_train_batch_size", str(2 // nproc), "--fsdp", "full_shard",
                        "--fsdp_config", "scripts/fsdp2.json", *args)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    result = forkserver.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]

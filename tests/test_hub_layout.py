@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 from pathlib import Path
 
+import forkserver
 import pytest
 import torch
 from conftest import DATA_JSON, EXAMPLES, FORKRUN, ROOT
@@ -78,7 +78,7 @@ def test_a_full_run_ends_in_the_hub_layout_and_a_zero3_run_starts_from_a_merged_
            "--model_name_or_path", str(result.output_dir), "--mode", "lora", "--lora_rank", "4",
            "--per_device_train_batch_size", "1", "--deepspeed", "scripts/zero3.json", "--max_steps", "2",
            "--output_dir", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+    proc = forkserver.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import pytest
 import torch
 from conftest import DATA_JSON, EXAMPLES, FORKRUN, ROOT, free_port
@@ -18,7 +19,7 @@ PYTHON = sys.executable
 
 def run(cmd: list[str], timeout: int = 600, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-    result = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    result = forkserver.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -258,7 +259,7 @@ def test_zero3_mixed_ranks_break_without_the_vision_fillers(tmp_path):
     process group (launcher and ranks) is killed."""
     script = tmp_path / "no_fillers.py"
     script.write_text(NO_FILLERS)
-    launched = subprocess.Popen(mixed_ranks_command(tmp_path, entry=[str(script)]), cwd=ROOT, stdout=subprocess.PIPE,
+    launched = forkserver.Popen(mixed_ranks_command(tmp_path, entry=[str(script)]), cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -334,7 +335,7 @@ def test_a_deepspeed_checkpoint_is_published_only_when_every_rank_wrote_its_part
             "--per_device_train_batch_size", "1", "--learning_rate", "5e-3", "--output_dir", str(out))
     killed = deepspeed_cmd(2, *args)
     killed[killed.index("-m", killed.index("--master_port")):killed.index("vlmtune.cli") + 1] = [str(script)]
-    result = subprocess.run(killed, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    result = forkserver.run(killed, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode != 0
     assert not (out / "checkpoint-2").exists() and (out / "tmp-checkpoint-2").is_dir()
