@@ -35,9 +35,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
+def pytest_sessionfinish(session):
+    """Stop this pytest process's fork server (tests/forkserver.py), if a test started it, and what still runs."""
+    import forkserver
+
+    forkserver.stop()
+
+
 FORKRUN = [sys.executable, str(ROOT / "tests" / "forkrun.py")]
 """In place of ``python -m torch.distributed.run`` (same arguments): the ranks are forked from one process that
-imported the training stack once (tests/forkrun.py). Tests about the launcher, and one ZeRO-3 run, keep torchrun."""
+imported the training stack once (tests/forkrun.py). Tests about the launcher, and one ZeRO-3 run, keep torchrun.
+The tests launch it, and ``python -m vlmtune.cli``, through tests/forkserver.py: forked from one process that
+imported the stack once, so that no launch imports it again."""
 
 
 def free_port() -> int:

@@ -6,11 +6,11 @@ import functools
 import http.server
 import json
 import shutil
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import forkserver
 import pytest
 from conftest import DATA_JSON, EXAMPLES
 from PIL import Image
@@ -239,7 +239,7 @@ def test_a_file_that_breaks_only_when_decoded_stops_training_in_one_line(tmp_pat
     data = (tmp_path / "full.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     path = write(tmp_path, [{"id": "x", "image": "cut.png", "conversations": turns()}])
-    result = subprocess.run([sys.executable, "-m", "vlmtune.cli", "train", "--data_path", str(path), "--image_folder",
+    result = forkserver.run([sys.executable, "-m", "vlmtune.cli", "train", "--data_path", str(path), "--image_folder",
                              str(tmp_path), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
                              "--dataloader_num_workers", workers], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
@@ -424,7 +424,7 @@ def test_train_stops_on_bad_data_naming_each_problem_once(tmp_path):
     bad = {"id": "b", "image": "images/gone.png", "conversations": turns()}
     late = {"id": "c", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gtp", "value": "Yo"}]}
     path = write(tmp_path, [good("a"), bad, late])
-    result = subprocess.run([sys.executable, "-m", "vlmtune.cli", "train", "--data_path", str(path), "--image_folder",
+    result = forkserver.run([sys.executable, "-m", "vlmtune.cli", "train", "--data_path", str(path), "--image_folder",
                              str(EXAMPLES), "--output_dir", str(tmp_path / "out")], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 1

@@ -64,6 +64,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from vlmtune.data.processor_call import ProcessorCall, mm_token_types
 from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
 from vlmtune.data.template_fill import Skeleton, shape_of, texts_of, writes_text_verbatim
 from vlmtune.data.tokens import decoded as _decoded
@@ -184,6 +185,7 @@ class Conversation:
         """Whether the processor returns ``mm_token_type_ids`` (Qwen-VL processors: by default)."""
         self._fills: bool | None = None  # whether the template may be filled per shape (data/template_fill.py)
         self._skeletons: dict[tuple, Skeleton | None] = {}
+        self._calls: dict[tuple, ProcessorCall] = {}  # the processor's call per set of switches (processor_call.py)
 
     # ------------------------------------------------------------------ rendering
 
@@ -412,23 +414,21 @@ class Conversation:
         """Model inputs of a record with its decoded media: the processor's tensors, ids tokenized piece by piece,
         ``labels``; raises ``LabelError`` when the labels are not exactly the replies that train."""
         rendered = self.render(record)
-        # no padding and no tensors for the per-token lists (one row per piece, joined here; the vision tensors
-        # come as tensors either way), and the modality of each token found once on the joined ids
+        # the per-token lists come one row per piece (no padding, no tensors), joined here; the vision tensors come as
+        # tensors either way; the modality of each token is found once, on the joined ids
         types = processor_kwargs.pop("return_mm_token_type_ids", None)
-        types = self._mm_types if types is None else types
-        encoded = self.processor(
-            text=list(rendered.pieces), images=images or None, videos=videos or None,
-            video_metadata=video_metadata or None, return_mm_token_type_ids=False, **processor_kwargs,
-        )
+        key = tuple(sorted(processor_kwargs.items()))
+        if key not in self._calls:
+            self._calls[key] = ProcessorCall(self.processor, return_mm_token_type_ids=False, **processor_kwargs)
+        encoded = self._calls[key](list(rendered.pieces), images or None, videos or None, video_metadata or None)
         rows = encoded["input_ids"]
         item = {k: v if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in encoded.items()
                 if k not in _PER_TOKEN}
         ids, lengths = [t for row in rows for t in row], [len(row) for row in rows]
         item["input_ids"] = input_ids = torch.tensor(ids, dtype=torch.long)
         item["attention_mask"] = torch.ones_like(input_ids)
-        if types:  # the processor's own per-row function, on the joined row: the same value for every token
-            item["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([ids])[0],
-                                                     dtype=torch.long)
+        if self._mm_types if types is None else types:
+            item["mm_token_type_ids"] = mm_token_types(self.processor, input_ids)
         labels = self.labels(ids, lengths, rendered)
         message = self.problem(ids, labels, lengths, rendered)
         if message:
