@@ -20,7 +20,9 @@ the vision tower's share of a step grows). ``--clock cpu`` times the steps in th
 wall time (one thread, data loaded in the process): on a machine that others load, wall times swing with their
 load while CPU times hold. ``grpo_before`` is GRPO with the policy-step levers of issue 21 switched off
 (``grpo_levers_off``: LoRA merged for sampling, the tower's outputs and the rows' positions kept for a rollout's
-forwards, the LM head on labelled positions only), for a before / after in one run: ``--stages grpo_before grpo``.
+forwards, the LM head on labelled positions only, and the group decoding loop), for a before / after in one run:
+``--stages grpo_before grpo``; ``grpo_generate`` is GRPO with only the group decoding loop off (sampling through HF
+``generate``, as before its second round).
 
 Results go to bench/results/stages-<device>-<date>.json, with the ratios to SFT.
 """
@@ -109,7 +111,7 @@ def stage_files(folder: Path) -> dict[str, Path]:
 
 
 STAGES = {"sft": ("sft", "sft"), "cpt": ("sft", "cpt"), "dpo": ("dpo", "dpo"), "grpo": ("grpo", "grpo"),
-          "grpo_before": ("grpo", "grpo"),
+          "grpo_before": ("grpo", "grpo"), "grpo_generate": ("grpo", "grpo"),
           "reward_model": ("reward_model", "dpo"), "distill": ("distill", "sft"), "gkd": ("distill", "sft")}
 """Benchmarked stage -> (the recipe's stage, the data file it reads)."""
 
@@ -125,10 +127,19 @@ def grpo_levers_off():
     def through_adapters(model):
         yield model
 
-    with mock.patch.object(grpo_stage, "merged_for_sampling", through_adapters), \
+    with grpo_through_generate(), mock.patch.object(grpo_stage, "merged_for_sampling", through_adapters), \
             mock.patch.object(vision_once.Encodings, "for_model", lambda model: None), \
             mock.patch.object(rollout_positions, "row_positions", lambda *a: None), \
             mock.patch.object(reference, "labelled_positions_only", contextlib.nullcontext):
+        yield
+
+
+@contextlib.contextmanager
+def grpo_through_generate():
+    """GRPO sampling through HF ``generate`` (``grpo_generate``): ``group_decoding``'s loop off, the rest on."""
+    from vlmtune.stages import group_decoding
+
+    with mock.patch.object(group_decoding, "applies", lambda model: False):
         yield
 
 
@@ -146,7 +157,7 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
             "--lora_rank", "8", "--logging_steps", str(args.steps), "--seed", "0", "--dataloader_num_workers", "0"]
     if stage == "cpt":
         argv += ["--stage", "cpt"]
-    if stage in ("grpo", "grpo_before"):
+    if stage.startswith("grpo"):
         argv += ["--num_generations", str(args.num_generations), "--max_completion_length",
                  str(args.max_completion_length), "--reward_funcs", "exact_match", "--log_completions", "0"]
     if stage in ("distill", "gkd"):
@@ -169,7 +180,8 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
     try:
         recipe = STAGES[stage][0]
         run = {"sft": train, "dpo": dpo, "grpo": grpo_stage.grpo, "reward_model": reward_model, "distill": distill}
-        with grpo_levers_off() if stage == "grpo_before" else contextlib.nullcontext():
+        levers = {"grpo_before": grpo_levers_off, "grpo_generate": grpo_through_generate}
+        with levers.get(stage, contextlib.nullcontext)():
             run[recipe](*parse_train_args(argv, stage=recipe))
     finally:
         hf_trainer.DEFAULT_CALLBACKS.remove(timer)

@@ -42,11 +42,16 @@ TESTS = ROOT / "tests"
 SCRIPTS = (str(TESTS / "forkrun.py"), str(TESTS / "segments.py"))
 """Test scripts that may be forked: they import nothing the server has not imported."""
 
+LOG_KEY = "VLMTUNE_FORKSERVER_LOG"
+"""Where set, the path of a file that gets one line per forked command: its CPU time (user + system, of the
+command and everything it forked and waited for) and its argv. To measure the suite's launches."""
+
 RUN_TIME_KEYS = frozenset({
     "VLMTUNE_CACHE",  # vlmtune.cache_dir(), read at each call
     "VLMTUNE_DEBUG",  # vlmtune.cli.main, read at each call
     "PYTHONUNBUFFERED",  # read by the interpreter at start: the child sets its stdout / stderr up as it says
     "PYTEST_CURRENT_TEST",  # pytest's own, changes with every test; nothing in the stack reads it
+    LOG_KEY,  # this module's own (the client reads it)
 })
 """Environment keys in which a command may differ from the server: each is read at run time, not at import (any
 other difference, e.g. OMP_NUM_THREADS, HF_HOME, TORCH_EXTENSIONS_DIR, makes the command a real subprocess)."""
@@ -125,6 +130,10 @@ def _command(request: dict) -> int:
     os.environ.clear()
     os.environ.update(request["env"])
     unbuffered = bool(request["env"].get("PYTHONUNBUFFERED"))
+    imported = (sys.stdout, sys.stderr)  # what logging handlers made at import hold (on the same fds 1 and 2)
+    if unbuffered:
+        for stream in imported:
+            stream.reconfigure(line_buffering=True, write_through=True)
     sys.stdout = sys.__stdout__ = _std_stream(1, unbuffered, "strict", os.isatty(1))
     sys.stderr = sys.__stderr__ = _std_stream(2, unbuffered, "backslashreplace", True)
     sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)))
@@ -149,7 +158,7 @@ def _command(request: dict) -> int:
         code = 1
     threading._shutdown()  # as the interpreter does at exit: wait for the threads that are not daemons
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr, *imported):
         try:
             stream.flush()
         except (OSError, ValueError):
@@ -185,9 +194,9 @@ def _waiter(conn: socket.socket, listener: socket.socket) -> None:
         conn.sendall(f"{pid}\n".encode())
     except OSError:
         pass
-    _, status = os.waitpid(pid, 0)
+    _, status, usage = os.wait4(pid, 0)
     try:
-        conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
+        conn.sendall(f"{os.waitstatus_to_exitcode(status)} {usage.ru_utime + usage.ru_stime:.2f}\n".encode())
     except OSError:
         pass
     os._exit(0)
@@ -368,9 +377,13 @@ class Forked:
                 line = self._readline(timeout)
             except TimeoutError:
                 raise subprocess.TimeoutExpired(self.args, timeout) from None
-            self.returncode = int(line)
+            code, cpu = line.split()
+            self.returncode, self.cpu_s = int(code), float(cpu)
             _live.pop(self.pid, None)
             self._conn.close()
+            if os.environ.get(LOG_KEY):  # one line per command: its CPU seconds (with all it forked), its argv
+                with open(os.environ[LOG_KEY], "a") as log:
+                    log.write(f"{self.cpu_s:.2f} {' '.join(map(str, self.args))[:300]}\n")
         return self.returncode
 
     def kill(self) -> None:

@@ -331,3 +331,62 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
     assert (merged - adapters).abs().max() <= 1e-5
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert not any(layer.merged for layer in layers)
+
+
+def test_the_group_decoding_loop_samples_generates_completions_from_one_prefill_per_prompt(tiny_model_dir, tmp_path):
+    """``group_decoding.sample_groups`` (each prompt prefilled once, its cache repeated, one-token forwards) against
+    HF ``generate`` with ``num_return_sequences`` through the same model, seeded alike: image, video and text
+    prompts padded on the left, the video's temporal positions past the text after it (where a prefix's
+    ``rope_deltas`` would move the completion's positions), top-k, top-p, a sequence bias, suppressed vision tokens
+    (each a processor of generate's own): the same
+    sampled ids, end tokens and padding after them included, the logits of every step within 1e-5, the prompts'
+    prefill on one row each."""
+    from vlmtune.data.collator import Collator
+    from vlmtune.generation import left_padded
+    from vlmtune.stages import group_decoding
+
+    model, processor, family, budget, _ = setup(tiny_model_dir, "qwen2_vl", "lora")
+    n, length = 3, 10
+    trainer, prompts = grpo_trainer(model, processor, family, budget, tmp_path, num_generations=n,
+                                    max_completion_length=length)
+    # and a prompt ending in a 32-frame video of small frames: its temporal positions outrun the text after it
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Where to?"},
+                                                                       {"type": "video"}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    video = processor(text=[text], videos=[torch.rand(32, 3, 56, 56, generator=torch.Generator().manual_seed(0))],
+                      return_tensors="pt", return_mm_token_type_ids=True, videos_kwargs={"do_sample_frames": False})
+    video = {k: v[0] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v for k, v in video.items()}
+    prompts = [{k: v for k, v in p.items() if k != "record"} for p in prompts] + [video]
+    model.eval()
+    base = model.get_base_model()
+    own, _ = base.model.get_rope_index(input_ids=video["input_ids"][None],
+                                       mm_token_type_ids=video["mm_token_type_ids"][None],
+                                       video_grid_thw=video["video_grid_thw"], attention_mask=None)
+    assert own.max() > own[:, 0, -1].max()  # generate continues from the last position, not from max + 1
+    assert group_decoding.applies(model)
+    pad = processor.tokenizer.pad_token_id
+    batch = left_padded(Collator(pad)(prompts))
+    batch.pop("labels", None)
+    kwargs = {"temperature": 0.9, "top_k": 200, "top_p": 0.98, "max_new_tokens": length, "pad_token_id": pad,
+              "eos_token_id": trainer.eos_ids, "suppress_tokens": trainer.vision_ids,
+              "sequence_bias": {(trainer.eos_ids[0],): 3.0}}  # a processor more, and rows that end early
+    logits: list[torch.Tensor] = []
+    base.register_forward_hook(lambda module, args, out: logits.append(out.logits[:, -1].clone()))
+    rows: list[int] = []
+    base.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape),
+                                   with_kwargs=True)
+    torch.manual_seed(5)
+    want = model.generate(**batch, do_sample=True, num_return_sequences=n, **kwargs)[:, batch["input_ids"].shape[1]:]
+    want_logits, logits[:] = list(logits), []
+    rows.clear()
+    torch.manual_seed(5)
+    got = group_decoding.sample_groups(model, dict(batch), n, **kwargs)
+    assert rows[0] == batch["input_ids"].shape and all(r[1] == 1 for r in rows[1:])  # one prefill row per prompt
+    assert torch.equal(got, want) and len({tuple(r) for r in got.tolist()}) > n
+    eos = torch.isin(want, torch.tensor(trainer.eos_ids))
+    ends = [int(flags.nonzero()[0]) if flags.any() else length for flags in eos]
+    assert min(ends) < length - 1  # some rows end early: what follows their end token is padding
+    assert all((row[end + 1:] == pad).all() for row, end in zip(want, ends))
+    assert len(logits) == len(want_logits)
+    assert (logits[0].repeat_interleave(n, 0) - want_logits[0]).abs().max() <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(logits[1:], want_logits[1:])) <= 1e-5

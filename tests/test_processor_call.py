@@ -35,11 +35,15 @@ def _media(f: int = 28):
 def test_merged_once_gives_the_processor_call(pipeline, family):
     processor, f = pipeline(family).processor, pipeline(family).family.factor
     call = ProcessorCall(processor, **SWITCHES)
-    assert call.lean
+    assert call.lean and call._plain_ids  # ids from the tokenizer's batch call alone
     images, videos, metadata = _media(f)
     want = processor(text=list(PIECES), images=images, videos=videos, video_metadata=[dict(m) for m in metadata],
                      **SWITCHES)
     _same(call(list(PIECES), images, videos, metadata), want)
+    padded = ProcessorCall(processor, padding="longest", **SWITCHES)
+    assert padded.lean and not padded._plain_ids  # ids through the tokenizer's own call
+    _same(padded(list(PIECES), images, videos, metadata), processor(
+        text=list(PIECES), images=images, videos=videos, video_metadata=metadata, padding="longest", **SWITCHES))
     assert metadata == _media(f)[2]  # the caller's metadata unchanged (a DPO pair encodes the same media twice)
     text = ["<|im_start|>user\nHello<|im_end|>\n", "<|im_start|>assistant\nHi<|im_end|>\n"]
     _same(call(list(text)), processor(text=list(text), **SWITCHES))

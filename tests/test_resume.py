@@ -12,10 +12,10 @@ import json
 import os
 import random
 import re
-import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import pytest
 from conftest import DATA_JSON, EXAMPLES, ROOT
 from safetensors.torch import load_file
@@ -86,7 +86,7 @@ def killed_runs(tmp_path_factory, tiny_model_dir):
                 segment["mkdir"] = [str(out / f"checkpoint-{OLD_STYLE_INCOMPLETE}")]
             segments.append(segment)
     (root / "spec.json").write_text(json.dumps(segments))
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "segments.py"), str(root / "spec.json"),
+    result = forkserver.run([sys.executable, str(ROOT / "tests" / "segments.py"), str(root / "spec.json"),
                              str(root / "codes.json")], cwd=ROOT, capture_output=True, text=True, timeout=1200,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -344,7 +344,7 @@ def family_runs(tmp_path_factory, tiny_model_dir):
                              "kill": {"at": kill[0], "step": kill[1]} if kill else None,
                              "log": str(root / f"{family}-{i}.log")})
     (root / "spec.json").write_text(json.dumps(segments))
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "segments.py"), str(root / "spec.json"),
+    result = forkserver.run([sys.executable, str(ROOT / "tests" / "segments.py"), str(root / "spec.json"),
                              str(root / "codes.json")], cwd=ROOT, capture_output=True, text=True, timeout=1500,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import forkserver
 import pytest
 import torch
 from conftest import EXAMPLES, FORKRUN, ROOT, free_port
@@ -421,7 +422,7 @@ def test_reward_builtins_and_failures(tmp_path):
 
 
 def run(cmd: list[str], timeout: int = 900, **env) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, capture_output=True,
+    result = forkserver.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
@@ -513,7 +514,7 @@ def test_grpo_learns_a_first_token_task_on_mixed_prompts(tiny, tmp_path):
 @pytest.mark.slow
 def test_a_reward_that_raises_stops_the_run_with_one_line(tmp_path):
     (tmp_path / "rewards.py").write_text("def broken(completions, answer):\n    raise KeyError(answer)\n")
-    result = subprocess.run(stage_cli("grpo", "--data_path", str(GRPO_JSON), "--output_dir", str(tmp_path / "out"),
+    result = forkserver.run(stage_cli("grpo", "--data_path", str(GRPO_JSON), "--output_dir", str(tmp_path / "out"),
                                       "--max_steps", "1", "--per_device_train_batch_size", "1",
                                       "--train_sampling_strategy", "sequential", "--num_generations", "2",
                                       "--max_completion_length", "1", "--reward_funcs",
@@ -530,7 +531,7 @@ def test_a_reward_that_raises_stops_the_run_with_one_line(tmp_path):
 def test_a_missing_reward_field_stops_before_the_model_loads(tmp_path):
     data = [{"id": "q1", "conversations": [{"from": "human", "value": "Say hi."}]}]
     (tmp_path / "data.json").write_text(json.dumps(data))
-    result = subprocess.run(stage_cli("grpo", "--data_path", str(tmp_path / "data.json"), "--output_dir",
+    result = forkserver.run(stage_cli("grpo", "--data_path", str(tmp_path / "data.json"), "--output_dir",
                                       str(tmp_path / "out"), "--reward_funcs", "exact_match", "format"),
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1

@@ -112,18 +112,24 @@ def cut_at_eos(row: torch.Tensor, eos: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def sample_group(model, batch: dict[str, torch.Tensor], eos: list[int], pad_id: int, suppressed: list[int],
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, repeat: int = 1) -> list[torch.Tensor]:
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, repeat: int = 1,
+                 decode: Callable | None = None) -> list[torch.Tensor]:
     """``repeat`` sampled completions per row of ``batch`` (a row's consecutive, row by row), in one ``generate``
     call, each cut after its first token of ``eos``; the tokens ``suppressed`` are never sampled. Rows of several
     lengths go padded on the left (``left_padded``); a prompt repeated by ``repeat`` rather than by rows of the
     batch has its images and videos encoded once (transformers repeats their features). The random draws are
-    torch's global generator's (seed it for repeatable samples)."""
+    torch's global generator's (seed it for repeatable samples). ``decode(model, batch, repeat, **generate_kwargs)``:
+    a stand-in for ``generate`` that returns the tokens after the prompt (GRPO's ``group_decoding.sample_groups``)."""
     batch = {k: v for k, v in batch.items() if k != "labels"}
     prompt_length = batch["input_ids"].shape[1]
-    out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                         max_new_tokens=max_new_tokens, use_cache=True, eos_token_id=eos, pad_token_id=pad_id,
-                         suppress_tokens=suppressed, num_return_sequences=repeat)
-    return [cut_at_eos(row, eos) for row in out[:, prompt_length:]]
+    kwargs = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+              "eos_token_id": eos, "pad_token_id": pad_id, "suppress_tokens": suppressed}
+    if decode is not None:
+        new = decode(model, batch, repeat, **kwargs)
+    else:
+        new = model.generate(**batch, do_sample=True, use_cache=True, num_return_sequences=repeat,
+                             **kwargs)[:, prompt_length:]
+    return [cut_at_eos(row, eos) for row in new]
 
 
 class Progress:

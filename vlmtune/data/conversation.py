@@ -68,6 +68,7 @@ from vlmtune.data.processor_call import ProcessorCall, mm_token_types
 from vlmtune.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
 from vlmtune.data.template_fill import Skeleton, shape_of, texts_of, writes_text_verbatim
 from vlmtune.data.tokens import decoded as _decoded
+from vlmtune.data.tokens import normalizer as _normalizer_of
 from vlmtune.data.tokens import token_ids as _token_ids
 from vlmtune.errors import LabelError, Problem
 from vlmtune.families.base import ASSISTANT_HEADER, IM_END, IMAGE_PAD, VIDEO_PAD
@@ -185,6 +186,7 @@ class Conversation:
         """Whether the processor returns ``mm_token_type_ids`` (Qwen-VL processors: by default)."""
         self._fills: bool | None = None  # whether the template may be filled per shape (data/template_fill.py)
         self._skeletons: dict[tuple, Skeleton | None] = {}
+        self._normalizer = None  # text -> as the tokenizer normalizes it (data/tokens.py)
         self._calls: dict[tuple, ProcessorCall] = {}  # the processor's call per set of switches (processor_call.py)
 
     # ------------------------------------------------------------------ rendering
@@ -326,12 +328,6 @@ class Conversation:
             pos += n
         return spans
 
-    def _normalize(self, text: str) -> str:
-        """The text as the tokenizer normalizes it (e.g. NFC), which is what its tokens decode to."""
-        backend = getattr(self.processor.tokenizer, "backend_tokenizer", None)
-        normalizer = getattr(backend, "normalizer", None)
-        return normalizer.normalize_str(text) if normalizer is not None else text
-
     def problem(self, ids: Sequence[int], labels: Sequence[int], piece_lengths: Sequence[int],
                 rendered: Rendered) -> str | None:
         """What is wrong with a record's labels, naming the turn (None: the labels are exactly the replies)."""
@@ -363,9 +359,10 @@ class Conversation:
         return [(list(ids[start:end]), i) for (start, end), i in zip(spans, trained)]
 
     def _decode_problem(self, spans: list[tuple[list[int], int]], decoded: list[str], rendered: Rendered) -> str | None:
-        """The first labelled span whose decoding is not its reply (after the tokenizer's normalization)."""
+        """The first labelled span whose decoding is not its reply as the tokenizer normalizes it (e.g. NFC)."""
+        normalize = self._normalizer = self._normalizer or _normalizer_of(self.processor.tokenizer)
         for (_, i), got in zip(spans, decoded):
-            want = self._normalize(rendered.replies[i])
+            want = normalize(rendered.replies[i])
             if got != want:
                 return f"turn {rendered.turns[i]}: the labelled tokens decode to {_short(got)}, not to the reply " \
                        f"{_short(want)}"
@@ -387,8 +384,7 @@ class Conversation:
             lengths = [len(p) for p in pieces]
             counts.append(sum(lengths))
             if check:
-                ids = [t for p in pieces for t in p]
-                found = self._spans_to_decode(ids, self.labels(ids, lengths, rd), lengths, rd)
+                found = self._spans_of_pieces(pieces, lengths, rd)
                 if isinstance(found, str):
                     problems.append((at, Problem("error", found, record.index, record.id)))
                 else:
@@ -399,6 +395,16 @@ class Conversation:
             if message:
                 problems.append((at, Problem("error", message, record.index, record.id)))
         return counts, [problem for _, problem in sorted(problems, key=lambda found: found[0])]
+
+    def _spans_of_pieces(self, pieces: list[list[int]], lengths: list[int], rendered: Rendered):
+        """``_spans_to_decode`` of pieces; no labels built where each trained reply is a run (not empty, then prompt)"""
+        trained = self.trained(rendered)
+        ends = [2 * j + 1 for j in trained[1:]] + [len(lengths)]
+        if self.label_mode == "all" or len(rendered.replies) != len(rendered.turns) or not all(
+                lengths[2 * i + 1] and any(lengths[2 * i + 2: end]) for i, end in zip(trained, ends)):
+            ids = [t for p in pieces for t in p]
+            return self._spans_to_decode(ids, self.labels(ids, lengths, rendered), lengths, rendered)
+        return [(pieces[2 * i + 1], i) for i in trained]
 
     def token_counts(self, records: Sequence[Record]) -> list[int]:
         """Text tokens of each record (one pad per image / video), exactly as ``encode`` tokenizes them."""

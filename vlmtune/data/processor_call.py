@@ -6,7 +6,8 @@ same result for every item, as training passes the same switches each time (``do
 ``do_sample_frames=False``). ``ProcessorCall`` merges them once and then runs the steps that ``__call__`` runs, with
 the processor's own methods: ``prepare_inputs_layout``, the image and video processors with their pad expansions
 (``_process_images`` / ``_process_videos``), ``get_text_with_replacements``, the tokenizer with the merged text
-arguments and ``_check_special_mm_tokens``. A processor whose class has its own ``__call__`` (or lacks one of
+arguments (through its own batch call, ``data.tokens.token_ids``, where those add nothing to the ids: half the
+wrapper's cost) and ``_check_special_mm_tokens``. A processor whose class has its own ``__call__`` (or lacks one of
 those methods), or switches that ask for tensors, offsets or metadata back, get the processor's call itself.
 ``tests/test_processor_call.py`` compares both on images, videos and text alone.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import copy
 
 import torch
+
+from vlmtune.data.tokens import token_ids
 
 _STEPS = ("prepare_inputs_layout", "_merge_kwargs", "_process_images", "_process_videos",
           "get_text_with_replacements", "_check_special_mm_tokens", "valid_processor_kwargs")
@@ -42,10 +45,14 @@ class ProcessorCall:
         self.kwargs = kwargs
         self._merged: dict | None = None
         self.lean = _stock_call(processor) and not any(kwargs.get(k) for k in _NOT_LEAN)
+        self._text_kwargs: dict = {}
+        self._plain_ids = False
         if self.lean:
             merged = self._merge()
             self.lean = not any(merged[kind].get(k) for kind in ("text_kwargs", "images_kwargs", "videos_kwargs")
                                 for k in _NOT_LEAN if k != "return_metadata")
+            self._text_kwargs = {k: v for k, v in merged["text_kwargs"].items() if k not in _NOT_LEAN}
+            self._plain_ids = self.lean and _plain_ids(processor.tokenizer, self._text_kwargs)
 
     def _merge(self) -> dict:
         if self._merged is None:
@@ -68,13 +75,29 @@ class ProcessorCall:
             if video_metadata is not None:  # the call deep-copies its arguments: a processor may write into them
                 videos_kwargs["video_metadata"] = copy.deepcopy(video_metadata)
             processed_videos, video_repl = p._process_videos(videos, **videos_kwargs)
-        text_kwargs = {k: v for k, v in merged["text_kwargs"].items() if k not in _NOT_LEAN}
         text, _ = p.get_text_with_replacements(text, image_repl, video_repl)
-        text_inputs = p.tokenizer(text, **text_kwargs)
+        if self._plain_ids:  # what the tokenizer returns for these switches, from its batch call alone
+            ids = token_ids(p.tokenizer, text)
+            text_inputs = {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
+        else:
+            text_inputs = p.tokenizer(text, **self._text_kwargs)
         p._check_special_mm_tokens(text, text_inputs, modalities=["image", "video", "audio"])
         data = {**text_inputs, **processed_images, **processed_videos}
         data.pop("video_metadata", None)
         return {k: v for k, v in data.items() if k not in p.unused_input_names}
+
+
+def _plain_ids(tokenizer, text_kwargs: dict) -> bool:
+    """Whether ``tokenizer(texts, **text_kwargs)`` is ``input_ids`` as ``token_ids`` gives them and an attention
+    mask of ones: no padding or truncation, no token type ids, no special tokens added around a text."""
+    returns = {"input_ids", "attention_mask"}
+    if text_kwargs.get("return_token_type_ids") is False:
+        returns.add("token_type_ids")
+    if set(text_kwargs) - {"padding", "return_token_type_ids"} or text_kwargs.get("padding") not in (None, False) \
+            or not set(getattr(tokenizer, "model_input_names", ())) <= returns:
+        return False
+    probe = ["a b", "<|im_start|>"]
+    return tokenizer(probe)["input_ids"] == token_ids(tokenizer, probe)
 
 
 def mm_token_types(processor, ids: torch.Tensor) -> torch.Tensor:

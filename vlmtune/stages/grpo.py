@@ -44,7 +44,7 @@ from vlmtune.model.reward import check_folder
 from vlmtune.run import COMPLETIONS_FILE
 from vlmtune.scoring import load_reward_model, score_rows
 from vlmtune.stage_config import GRPOArguments
-from vlmtune.stages import losses, rollout_positions, vision_once
+from vlmtune.stages import group_decoding, losses, rollout_positions, vision_once
 from vlmtune.stages import reference as ref
 from vlmtune.stages.merged_lora import merged_for_sampling
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
@@ -68,10 +68,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 
 class HFSampler:
-    """Completions through the model's own ``generate``: every prompt of the batch in one call, padded on the left,
-    ``num_generations`` rows each (``num_return_sequences``: the vision tower once per prompt, its features
-    repeated; with the rollout's ``encodings``, kept for its later forwards), LoRA merged into the weights
-    (``merged_for_sampling``); each completion is cut after its first end token."""
+    """Completions through the model's own ``generate`` (or, where it applies, ``group_decoding.sample_groups``:
+    its sampling loop with one prefill per prompt): every prompt of the batch in one call, padded on the left,
+    ``num_generations`` rows each (the vision tower once per prompt, its features repeated; with the rollout's
+    ``encodings``, kept for its later forwards), LoRA merged into the weights (``merged_for_sampling``); each
+    completion is cut after its first end token."""
 
     def __init__(self, args: GRPOArguments, collator: Collator, eos_ids: list[int], pad_id: int,
                  suppressed: list[int]):
@@ -84,9 +85,11 @@ class HFSampler:
         batch = left_padded(self.collator([{k: v for k, v in p.items() if k != "record"} for p in prompts]))
         if encodings is not None:
             batch = vision_once.model_inputs(model, {**batch, vision_once.ENCODINGS: encodings}, batch.keys())
+        decode = group_decoding.sample_groups if group_decoding.applies(model) else None
         with merged_for_sampling(model):
             rows = sample_group(model, batch, self.eos_ids, self.pad_id, self.suppressed, self.args.temperature,
-                                self.args.top_p, self.args.top_k, self.args.max_completion_length, repeat=n)
+                                self.args.top_p, self.args.top_k, self.args.max_completion_length, repeat=n,
+                                decode=decode)
         return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
