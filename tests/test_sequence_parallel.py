@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 from conftest import DATA_JSON, EXAMPLES, FORKRUN, ROOT, free_port
+from safetensors.torch import load_file
 
 LONG_RECORD = {
     "id": "long_mixed",
@@ -148,26 +149,28 @@ def reference(case: dict, batch: dict | list) -> dict:
 
 
 def launch(world: int, spec: dict, tmp_path) -> dict:
-    """``world`` worker processes on one spec; their process group is killed at the backstop."""
+    """``world`` worker ranks (forked by tests/forkrun.py) on one spec; their process group is killed at the
+    backstop."""
     spec_path, out_path = tmp_path / f"spec{world}.pt", tmp_path / f"out{world}.pt"
     torch.save(spec, spec_path)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/te-vlmtune")}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "sp_worker.py"), str(spec_path), str(out_path)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=ROOT, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=BACKSTOP_S)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    assert all(proc.returncode == 0 for proc in procs), "\n".join(log[-3000:] for log in logs)
+    cmd = [*FORKRUN, "--nproc_per_node", str(world), "--master_port", str(free_port()),
+           str(ROOT / "tests" / "sp_worker.py"), str(spec_path), str(out_path)]
+    run_launch(cmd)
     return torch.load(out_path, weights_only=False)
+
+
+def run_launch(cmd: list[str]) -> str:
+    """Run a launch command in its own process group (killed at the backstop); its output, checked for exit 0."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    try:
+        log = proc.communicate(timeout=BACKSTOP_S)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, log[-4000:]
+    return log
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -227,7 +230,7 @@ def test_four_ranks_equal_one_process_on_a_padded_batch(pipeline, tiny_model_dir
     (3, 6, "qwen2_vl", {}, "has 4 attention heads, which 3 does not divide"),
     (2, 2, "qwen3_5", {}, "linear-attention (Gated DeltaNet) layers carry a recurrent state"),
     (2, 2, "qwen2_vl", {"packing": True, "attn_implementation": "flash_attention_2"}, "block mask built for sdpa"),
-    (2, 2, "qwen2_vl", {"engine": "--deepspeed"}, "runs under DDP only"),
+    (2, 2, "qwen2_vl", {"engine": "--fsdp"}, "runs under DDP or DeepSpeed"),
     (2, 2, "qwen2_vl", {"attn_implementation": "eager"}, "--attn_implementation eager"),
 ])
 def test_sizes_and_setups_it_cannot_run_stop_in_one_line(tiny_model_dir, size, world, family, flags, needle):
@@ -317,31 +320,33 @@ def logged(out, key: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_training_with_the_flag_gives_the_single_process_losses(tmp_path):
-    """``vlmtune train --sequence_parallel_size 2`` on 2 processes (a record per process and micro-step, each
-    split across both; 2 accumulation steps) logs the training and eval losses of one process training on both
-    records per micro-step (the same 4 records per optimizer step, every target weighted once)."""
-    same_losses(tmp_path, ("loss", "eval_loss"))
+def test_training_with_the_flag_under_zero3_gives_the_single_process_step(tmp_path):
+    """``vlmtune train --sequence_parallel_size 2 --deepspeed scripts/zero3.json`` on 2 processes (a record per
+    process and micro-step, each split across both; 2 accumulation steps) logs the training and eval losses and
+    the gradient norm of one process without DeepSpeed training on both records per micro-step (the same 4
+    records per optimizer step, every target weighted once), and saves the same trained weights (SGD: the step
+    is linear in the gradients). ZeRO-3 averages the gradients over both processes, which the group's loss
+    scale counts on: a wrong scale changes the gradient norm, a wrong gradient the weights."""
+    same_losses(tmp_path, ("loss", "eval_loss", "grad_norm"), "--optim", "sgd",
+                engine=("--deepspeed", str(ROOT / "scripts" / "zero3.json")))
+    for name in ("adapter_model.safetensors", "non_lora_trainables.safetensors"):
+        one, sp = load_file(tmp_path / "one" / name), load_file(tmp_path / "sp" / name)
+        assert set(sp) == set(one) and one
+        diffs = {key: relative(sp[key], value) for key, value in one.items()}
+        print(f"{name}: worst relative weight difference {max(diffs.values()):.2e}")
+        assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda item: -item[1])[:3]
 
 
-def same_losses(tmp_path, keys, **flags) -> None:
+def same_losses(tmp_path, keys, *args: str, engine: tuple[str, ...] = (), **flags) -> None:
     """One process with 2 records per micro-step, then 2 processes with 1 each and ``--sequence_parallel_size
-    2``: each logged ``keys`` equal within 1e-5 relative."""
+    2`` (and ``engine``'s flags): each logged ``keys`` equal within 1e-5 relative."""
     from vlmtune.cli import main
 
-    assert main(train_flags(tmp_path / "one", "--per_device_train_batch_size", "2", **flags)) == 0
+    assert main(train_flags(tmp_path / "one", "--per_device_train_batch_size", "2", *args, **flags)) == 0
     cmd = [*FORKRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "vlmtune.cli",
            *train_flags(tmp_path / "sp", "--per_device_train_batch_size", "1", "--sequence_parallel_size", "2",
-                        **flags)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    try:
-        log = proc.communicate(timeout=BACKSTOP_S)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, log[-4000:]
+                        *args, *engine, **flags)]
+    log = run_launch(cmd)
     assert "sequence parallel: groups of 2 processes" in log
     for key in keys:
         one, sp = logged(tmp_path / "one", key), logged(tmp_path / "sp", key)

@@ -155,8 +155,9 @@ class TrainingArguments(HfTrainingArguments):
     sequence_parallel_size: int = field(
         default=1,
         metadata={"help": "Split each record's tokens across groups of this many processes (DeepSpeed's Ulysses "
-                  "attention; SFT and DPO, not with --precompute_ref_log_probs): for records too long for one "
-                  "device's activations. Divides the number of processes and of attention heads; 1: off.",
+                  "attention; SFT and DPO, not with --precompute_ref_log_probs; under DDP or --deepspeed ZeRO-2/3, "
+                  "not --fsdp): for records too long for one device's activations. Divides the number of "
+                  "processes and of attention heads; 1: off.",
                   **within(1)},
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every column (vision tensors)."})

@@ -62,7 +62,8 @@ class Group:
 def check(size: int, world_size: int, config, model_type: str, packing: bool = False, engine: str | None = None,
           attn_implementation: str | None = None) -> None:
     """Stop with one line when ``--sequence_parallel_size size`` cannot run: a size that does not divide the
-    processes or the attention heads, linear-attention layers, packing, an engine without the support."""
+    processes or the attention heads, linear-attention layers, packing off sdpa, FSDP (``engine``: the flag of
+    the run's engine, ``--deepspeed`` or ``--fsdp``)."""
     if size <= 1:
         return
     flag = f"--sequence_parallel_size {size}"
@@ -84,9 +85,10 @@ def check(size: int, world_size: int, config, model_type: str, packing: bool = F
     if packing and attn_implementation not in (None, "sdpa"):
         raise ConfigError(f"{flag} with --packing and --attn_implementation {attn_implementation}: under sequence "
                           "parallelism packed records are kept apart by a block mask built for sdpa; use sdpa")
-    if engine:
-        raise ConfigError(f"{flag} with {engine}: sequence parallelism runs under DDP only (each group trains "
-                          f"its batches in turn, which {engine}'s gradient reduction does not follow); drop {engine}")
+    if engine == "--fsdp":
+        raise ConfigError(f"{flag} with --fsdp: sequence parallelism runs under DDP or DeepSpeed (each group trains "
+                          "its batches in turn, which FSDP's gradient reduction is not wired to follow); use "
+                          "--deepspeed (ZeRO-2/3) or drop --fsdp")
     if attn_implementation == "eager":
         raise ConfigError(f"{flag} with --attn_implementation eager: Ulysses needs a kernel that masks causally "
                           "without a 4-D mask; use sdpa or flash_attention_2")
@@ -142,6 +144,17 @@ def install(model, language_model, group: Group, attn_implementation: str) -> No
     for layer in language_model.layers:
         setattr(layer.self_attn, SP_MARK, True)
     language_model.register_forward_pre_hook(_splitter(group), with_kwargs=True)
+
+
+def uninstall(group: Group) -> None:
+    """Undo ``install`` where it lasts beyond the run: transformers' attention table gets its plain kernels back
+    (which drops Ulysses and the process group it holds), and ``group`` lets go of its process group."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for name in list(ALL_ATTENTION_FUNCTIONS):
+        if getattr(ALL_ATTENTION_FUNCTIONS[name], SP_MARK, False):
+            ALL_ATTENTION_FUNCTIONS[name] = ALL_ATTENTION_FUNCTIONS[name].core
+    group.process_group = None
 
 
 def packed_mask(positions: torch.Tensor | None) -> torch.Tensor | None:

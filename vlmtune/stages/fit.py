@@ -3,9 +3,11 @@ plot, summarise, and leave the process groups together."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,6 +18,7 @@ from vlmtune import checkpoints
 from vlmtune.config import TrainingArguments
 from vlmtune.errors import Stopped
 from vlmtune.stages import callbacks
+from vlmtune.stages import sequence_parallel as sp_stage
 from vlmtune.stages.saving import save_failed
 from vlmtune.stages.trainer import VisionLanguageTrainer
 
@@ -36,7 +39,7 @@ def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set,
     started = started or time.time()
     trainer.train(resume_from_checkpoint=resume)
     if trainer.stopped:
-        _leave_together()
+        _leave_together(trainer)
         signum, step = trainer.stopped
         raise Stopped(f"stopped by {signal.Signals(signum).name} after step {step}, saved in "
                       f"{checkpoints.checkpoint_dir(train_args.output_dir, step)}; run the same command with "
@@ -62,13 +65,31 @@ def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set,
             plot = None
         logger.info("%s", callbacks.summary(trainer, started, train_args.output_dir, lora=trainer.run_info.get("lora"),
                                             plot=plot, predictions=predictions))
-    _leave_together()
+    _leave_together(trainer)
     return Path(train_args.output_dir)
 
 
-def _leave_together() -> None:
-    if torch.distributed.is_initialized():
-        # Leave together and take the process groups down: a rank that exits with them alive can abort in
-        # their destructors ("terminate called without an active exception"), failing a finished run.
-        torch.distributed.barrier()
+def _leave_together(trainer: VisionLanguageTrainer) -> None:
+    """Leave together and take the process groups down, deterministically: a gloo group that outlives
+    ``destroy_process_group`` (still held from Python) keeps its threads until interpreter finalization frees it,
+    in a different order on each rank, and a rank can then abort ("terminate called without an active
+    exception"), failing a finished run. So, after a barrier, every reference this run made is dropped first:
+    the trainer's DeepSpeed engine and optimizer, the sequence-parallel group and Ulysses' attention kernel
+    (``sp_stage.stop``); then DeepSpeed's ``destroy_process_group`` (torch's, and the references DeepSpeed keeps:
+    its world group, its sequence-parallel groups) or torch's where DeepSpeed never started."""
+    if not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    sp_stage.stop(trainer)
+    if trainer.is_deepspeed_enabled:  # the engine (its groups, ZeRO-3's hooks) and what refers to it
+        trainer.accelerator.free_memory()
+        trainer.model_wrapped = trainer.deepspeed = trainer.optimizer = trainer.lr_scheduler = None
+        for param in trainer.model.parameters():  # ZeRO-3 keeps the group each parameter is partitioned over
+            if hasattr(param, "ds_process_group"):
+                param.ds_process_group = None
+    gc.collect()
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         torch.distributed.destroy_process_group()

@@ -76,6 +76,14 @@ def start(model, family, size: int, reference=None) -> sp.Group:
     return group
 
 
+def stop(trainer) -> None:
+    """Release the sequence-parallel group (before the process groups are destroyed): Ulysses' kernel out of
+    transformers' attention table, the group's process group out of the trainer's ``Group``."""
+    if trainer.sp_group is not None:
+        sp.uninstall(trainer.sp_group)
+        trainer.sp_group = None
+
+
 def exchange(inputs: dict, group: sp.Group) -> list[dict]:
     """The N batches of the group, in group-rank order: each rank's whole batch, sent to every other rank."""
     dist = torch.distributed
@@ -106,11 +114,29 @@ def training_step(trainer, model, inputs: dict, records: list[str], num_items_in
         with trainer.compute_loss_context_manager():
             logits = model(**batch, use_cache=False).logits
         loss = sp.chunk_loss(logits, targets, total) * scale
-        last = k == group.size - 1  # DDP reduces the gradients once, after the last batch of the group
-        with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
-            trainer.accelerator.backward(loss)
+        backward(trainer, model, loss, last=k == group.size - 1)
         reported += loss.detach()
     return reported
+
+
+def backward(trainer, model, loss: torch.Tensor, last: bool) -> None:
+    """The backward of one of the group's batches; ``last``: the group's last batch of this micro-step. The
+    gradients are averaged over every process of the run, the engine's data-parallel group (the loss scales
+    above count on that mean): DDP reduces once, after the last batch (``no_sync`` before it). DeepSpeed's ZeRO
+    reduces at every backward and steps at the accumulation boundary, which the Trainer set for the micro-step:
+    only the group's last batch may reach it; the loss is already scaled for accumulation, as the Trainer's own
+    DeepSpeed step does (``scale_wrt_gas=False``)."""
+    accelerator = trainer.accelerator
+    if not trainer.is_deepspeed_enabled:
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            accelerator.backward(loss)
+        return
+    boundary = accelerator.sync_gradients
+    accelerator.sync_gradients = boundary and last
+    try:
+        accelerator.backward(loss, scale_wrt_gas=False)
+    finally:
+        accelerator.sync_gradients = boundary
 
 
 def eval_loss(trainer, model, inputs: dict) -> torch.Tensor:
@@ -145,9 +171,7 @@ def policy_training_step(trainer, model, inputs: dict) -> torch.Tensor:
         batch = trainer._prepare_inputs(batch)
         with trainer.compute_loss_context_manager():
             loss = trainer.compute_loss(model, batch) * scale
-        last = k == group.size - 1  # DDP reduces the gradients once, after the last batch of the group
-        with contextlib.nullcontext() if last else trainer.accelerator.no_sync(model):
-            trainer.accelerator.backward(loss)
+        backward(trainer, model, loss, last=k == group.size - 1)
         reported += loss.detach()
     return reported
 
