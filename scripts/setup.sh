@@ -7,14 +7,35 @@ cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-video,deepspeed,rl,test}
 TORCH_PAIR=${TORCH_PAIR:-"torch==2.14.1 torchvision==0.29.1"}
 PY=${PYTHON:-python3}
+# --no-compile: pip would byte-compile every module of torch, transformers, DeepSpeed... (minutes of CPU), most of
+# which nothing imports; Python compiles what is imported, once, on first import.
+PIP=(.venv/bin/pip install -q --no-compile)
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
     echo "[setup] installing $TORCH_PAIR"
     # shellcheck disable=SC2086
-    .venv/bin/pip install -q $TORCH_PAIR
+    "${PIP[@]}" $TORCH_PAIR
 fi
-.venv/bin/pip install -q -e ".[${EXTRAS}]"
+"${PIP[@]}" -e ".[${EXTRAS}]"
+# DeepSpeed compiles its CPU ops (CPU Adam for the offload configs, shared-memory collectives) on first use; the
+# tests' DeepSpeed runs would each wait on that build, so build them here, once per environment, where the tests
+# look for them (tests/conftest.py: TORCH_EXTENSIONS_DIR inside .venv), with the compiler they name (CXX: c++ without
+# DeepSpeed's -g, tests/cxx_without_debug_info.sh). The build (minutes of compiling, on every
+# core) runs beside the rest of the set-up (the browser's install, the import check) and is waited for at the end.
+ops=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
+build=
+if [[ ",$EXTRAS," == *",test,"* ]] && ! { [ -f "$ops/cpu_adam/cpu_adam.so" ] && [ -f "$ops/deepspeed_shm_comm/deepspeed_shm_comm.so" ]; }; then
+    echo "[setup] building DeepSpeed's CPU ops (cpu_adam, shm_comm) once, for the tests (a few minutes)"
+    mkdir -p "$ops"
+    CXX=${CXX:-$(pwd -P)/tests/cxx_without_debug_info.sh} TORCH_EXTENSIONS_DIR=$ops .venv/bin/python -c "
+from deepspeed.accelerator import get_accelerator
+for name in ('ShareMemCommBuilder', 'CPUAdamBuilder'):
+    builder = get_accelerator().create_op_builder(name)
+    if builder is not None and builder.is_compatible(verbose=False):
+        builder.load(verbose=False)" > "$ops/build.log" 2>&1 &
+    build=$!
+fi
 # The browser tests (tests/test_view.py) drive Debian's headless Chromium; as root, install it when missing. Where apt
 # cannot (not root, no Debian, offline), those tests skip with one line saying why.
 if [[ ",$EXTRAS," == *",test,"* ]] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
@@ -26,17 +47,8 @@ if [[ ",$EXTRAS," == *",test,"* ]] && ! { command -v chromium && command -v chro
         echo "[setup] no chromium / chromedriver (install them as root: apt-get install chromium chromium-driver): the browser tests will skip"
     fi
 fi
-# DeepSpeed compiles its CPU ops (CPU Adam for the offload configs, shared-memory collectives) on first use; the
-# tests' DeepSpeed runs would each wait on that build, so build them here, once per environment, where the tests
-# look for them (tests/conftest.py: TORCH_EXTENSIONS_DIR inside .venv).
-ops=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
-if [[ ",$EXTRAS," == *",test,"* ]] && ! { [ -f "$ops/cpu_adam/cpu_adam.so" ] && [ -f "$ops/deepspeed_shm_comm/deepspeed_shm_comm.so" ]; }; then
-    echo "[setup] building DeepSpeed's CPU ops (cpu_adam, shm_comm) once, for the tests (a few minutes)"
-    TORCH_EXTENSIONS_DIR=$ops .venv/bin/python -c "
-from deepspeed.accelerator import get_accelerator
-for name in ('CPUAdamBuilder', 'ShareMemCommBuilder'):
-    builder = get_accelerator().create_op_builder(name)
-    if builder is not None and builder.is_compatible(verbose=False):
-        builder.load(verbose=False)" 2>&1 | grep -v "Setting accelerator to CPU\|No CUDA runtime is found" || true
-fi
 .venv/bin/python -c "import torch, torchvision, transformers, vlmtune; print(f'[setup] torch {torch.__version__}, torchvision {torchvision.__version__}, transformers {transformers.__version__}, vlmtune {vlmtune.__version__}')"
+if [ -n "$build" ] && ! wait "$build"; then
+    echo "[setup] DeepSpeed's CPU ops did not build (the offload tests will fail); the build's last lines ($ops/build.log):"
+    tail -n 5 "$ops/build.log"
+fi
