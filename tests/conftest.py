@@ -33,7 +33,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 # whenever the include paths change: one folder per Python environment, inside it, so checkouts that share a machine
 # do not rebuild each other's ops (the tests' subprocesses inherit it). scripts/setup.sh builds both there once.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-# ... compiled as scripts/setup.sh compiles them (the same command, or ninja rebuilds): c++ without the debug information.
+# ... compiled as scripts/setup.sh compiles them (the same command, or ninja rebuilds): c++ without debug info.
 os.environ.setdefault("CXX", str(ROOT / "tests" / "cxx_without_debug_info.sh"))
 
 
