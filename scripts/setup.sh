@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 EXTRAS=${EXTRAS:-video,deepspeed,rl,test}
 TORCH_PAIR=${TORCH_PAIR:-"torch==2.14.1 torchvision==0.29.1"}
 PY=${PYTHON:-python3}
-# --no-compile: pip would byte-compile every module of torch, transformers, DeepSpeed... (minutes of CPU), most of
-# which nothing imports; Python compiles what is imported, once, on first import.
-PIP=(.venv/bin/pip install -q --no-compile)
+# pip byte-compiles what it installs: keep it (no --no-compile), or every process compiles torch and transformers
+# again at import wherever PYTHONDONTWRITEBYTECODE is set (it is on CI's machines: the suite took 1.5x as long).
+PIP=(.venv/bin/pip install -q)
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
