@@ -8,7 +8,7 @@ EXTRAS=${EXTRAS:-video,deepspeed,rl,test}
 TORCH_PAIR=${TORCH_PAIR:-"torch==2.14.1 torchvision==0.29.1"}
 PY=${PYTHON:-python3}
 # pip byte-compiles what it installs: keep it (no --no-compile), or every process compiles torch and transformers
-# again at import wherever PYTHONDONTWRITEBYTECODE is set (it is on CI's machines: the suite took 1.5x as long).
+# again at import wherever PYTHONDONTWRITEBYTECODE is set (it is on this machine: the suite took 1.5x as long).
 PIP=(.venv/bin/pip install -q)
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
