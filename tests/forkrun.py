@@ -17,6 +17,7 @@ or the signal that ended it, e.g. ``exitcode -9 (SIGKILL)``).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import runpy
 import signal
@@ -24,6 +25,7 @@ import sys
 import time
 import traceback
 
+import matplotlib
 import torch  # noqa: F401  (imported before forking: the point of this launcher)
 import transformers  # noqa: F401
 
@@ -34,6 +36,9 @@ try:
     import deepspeed  # noqa: F401
 except ImportError:  # the deepspeed extra is not installed
     pass
+
+matplotlib.use("Agg")  # as vlmtune.plots does, at the end of every run
+import matplotlib.pyplot  # noqa: E402, F401
 
 GRACE_S = 30
 CHECK_GROUPS = "FORKRUN_CHECK_GROUPS"
@@ -98,6 +103,7 @@ def describe(status: int) -> str:
 def main(argv: list[str]) -> int:
     args, rest = parse(argv)
     children: dict[int, int] = {}  # pid -> rank
+    gc.freeze()  # what the ranks inherit is never garbage: no collection in them walks it (nor copies its pages)
     for rank in range(args.nproc_per_node):
         pid = os.fork()
         if pid == 0:
