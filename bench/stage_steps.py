@@ -20,9 +20,11 @@ the vision tower's share of a step grows). ``--clock cpu`` times the steps in th
 wall time (one thread, data loaded in the process): on a machine that others load, wall times swing with their
 load while CPU times hold. ``grpo_before`` is GRPO with the policy-step levers of issue 21 switched off
 (``grpo_levers_off``: LoRA merged for sampling, the tower's outputs and the rows' positions kept for a rollout's
-forwards, the LM head on labelled positions only, and the group decoding loop), for a before / after in one run:
-``--stages grpo_before grpo``; ``grpo_generate`` is GRPO with only the group decoding loop off (sampling through HF
-``generate``, as before its second round).
+forwards, the LM head on labelled positions only, the group decoding loop, and the shared prompt prefix), for a
+before / after in one run: ``--stages grpo_before grpo``; ``grpo_generate`` is GRPO with only the group decoding
+loop off (sampling through HF ``generate``, as before its second round); ``grpo_unshared`` is GRPO with only the
+shared prompt prefix off (``shared_prefix``: the training and scoring forwards on the full rows, each prompt once per
+completion, as before its third round).
 
 Results go to bench/results/stages-<device>-<date>.json, with the ratios to SFT.
 """
@@ -111,7 +113,7 @@ def stage_files(folder: Path) -> dict[str, Path]:
 
 
 STAGES = {"sft": ("sft", "sft"), "cpt": ("sft", "cpt"), "dpo": ("dpo", "dpo"), "grpo": ("grpo", "grpo"),
-          "grpo_before": ("grpo", "grpo"), "grpo_generate": ("grpo", "grpo"),
+          "grpo_before": ("grpo", "grpo"), "grpo_generate": ("grpo", "grpo"), "grpo_unshared": ("grpo", "grpo"),
           "reward_model": ("reward_model", "dpo"), "distill": ("distill", "sft"), "gkd": ("distill", "sft")}
 """Benchmarked stage -> (the recipe's stage, the data file it reads)."""
 
@@ -127,7 +129,8 @@ def grpo_levers_off():
     def through_adapters(model):
         yield model
 
-    with grpo_through_generate(), mock.patch.object(grpo_stage, "merged_for_sampling", through_adapters), \
+    with grpo_through_generate(), grpo_unshared(), \
+            mock.patch.object(grpo_stage, "merged_for_sampling", through_adapters), \
             mock.patch.object(vision_once.Encodings, "for_model", lambda model: None), \
             mock.patch.object(rollout_positions, "row_positions", lambda *a: None), \
             mock.patch.object(reference, "labelled_positions_only", contextlib.nullcontext):
@@ -140,6 +143,16 @@ def grpo_through_generate():
     from vlmtune.stages import group_decoding
 
     with mock.patch.object(group_decoding, "applies", lambda model: False):
+        yield
+
+
+@contextlib.contextmanager
+def grpo_unshared():
+    """GRPO's training and scoring forwards on the full rows (``grpo_unshared``): ``shared_prefix`` off (each
+    prompt run once per completion), the rest on."""
+    from vlmtune.stages import shared_prefix
+
+    with mock.patch.object(shared_prefix, "applies", lambda model, batch: False):
         yield
 
 
@@ -180,7 +193,8 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
     try:
         recipe = STAGES[stage][0]
         run = {"sft": train, "dpo": dpo, "grpo": grpo_stage.grpo, "reward_model": reward_model, "distill": distill}
-        levers = {"grpo_before": grpo_levers_off, "grpo_generate": grpo_through_generate}
+        levers = {"grpo_before": grpo_levers_off, "grpo_generate": grpo_through_generate,
+                  "grpo_unshared": grpo_unshared}
         with levers.get(stage, contextlib.nullcontext)():
             run[recipe](*parse_train_args(argv, stage=recipe))
     finally:

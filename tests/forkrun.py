@@ -41,6 +41,9 @@ matplotlib.use("Agg")  # as vlmtune.plots does, at the end of every run
 import matplotlib.pyplot  # noqa: E402, F401
 
 GRACE_S = 30
+CHECK_GROUPS = "FORKRUN_CHECK_GROUPS"
+"""Set (to anything) in the environment: a rank whose ``vlmtune.cli`` command succeeded fails if a gloo process
+group is still alive after it (``vlmtune.stages.fit.close_process_groups``)."""
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -65,13 +68,31 @@ def rank_main(rank: int, world: int, port: int, module: str | None, rest: list[s
                        "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": "forkrun"})
     if module:
         sys.argv = [vlmtune.cli.__file__, *rest]
-        return vlmtune.cli.main(rest)
+        code = vlmtune.cli.main(rest)
+        left = gloo_threads() if code == 0 and os.environ.get(CHECK_GROUPS) else 0
+        if left:  # the command is done: a group still alive would be freed at interpreter exit, in any order
+            print(f"[forkrun] rank {rank}: {left} gloo threads still alive after the command: a process group "
+                  "outlived it", file=sys.stderr)
+            return 1
+        return code
     sys.argv = rest
     try:
         runpy.run_path(rest[0], run_name="__main__")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
+
+
+def gloo_threads() -> int:
+    """The threads of this process's gloo process groups (2 run loops and a transport loop each), by name."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                count += "gloo" in comm.read()
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count
 
 
 def describe(status: int) -> str:

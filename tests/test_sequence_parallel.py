@@ -161,14 +161,14 @@ def launch(world: int, spec: dict, tmp_path) -> dict:
     return torch.load(out_path, weights_only=False)
 
 
-def run_launch(cmd: list[str]) -> str:
-    """Run a launch command in its own process group (killed at the backstop); its output, checked for exit 0.
-    The launcher is forked from the tests' fork server (tests/forkserver.py) where its environment allows: one
-    thread per rank, and the ranks import the vlmtune this test imported (PYTHONPATH is added only where the
-    installed one is another)."""
+def run_launch(cmd: list[str], env: dict | None = None) -> str:
+    """Run a launch command in its own process group (killed at the backstop), with ``env`` added to the
+    environment; its output, checked for exit 0. The launcher is forked from the tests' fork server
+    (tests/forkserver.py) where its environment allows: one thread per rank, and the ranks import the vlmtune this
+    test imported (PYTHONPATH is added only where the installed one is another)."""
     import vlmtune
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     if Path(vlmtune.__file__).resolve().parent != ROOT / "vlmtune":
         env["PYTHONPATH"] = str(ROOT)
     proc = forkserver.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -356,7 +356,7 @@ def same_losses(tmp_path, keys, *args: str, engine: tuple[str, ...] = (), **flag
     cmd = [*FORKRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "vlmtune.cli",
            *train_flags(tmp_path / "sp", "--per_device_train_batch_size", "1", "--sequence_parallel_size", "2",
                         *args, *engine, **flags)]
-    log = run_launch(cmd)
+    log = run_launch(cmd, {"FORKRUN_CHECK_GROUPS": "1"})  # and no process group left after the command
     assert "sequence parallel: groups of 2 processes" in log
     for key in keys:
         one, sp = logged(tmp_path / "one", key), logged(tmp_path / "sp", key)

@@ -44,7 +44,7 @@ from vlmtune.model.reward import check_folder
 from vlmtune.run import COMPLETIONS_FILE
 from vlmtune.scoring import load_reward_model, score_rows
 from vlmtune.stage_config import GRPOArguments
-from vlmtune.stages import group_decoding, losses, rollout_positions, vision_once
+from vlmtune.stages import group_decoding, losses, rollout_positions, shared_prefix, vision_once
 from vlmtune.stages import reference as ref
 from vlmtune.stages.merged_lora import merged_for_sampling
 from vlmtune.stages.policy import PolicyStage, PolicyTrainer, run_policy_stage
@@ -192,6 +192,7 @@ class GRPOTrainer(PolicyTrainer):
             batch["position_ids"] = positions
         if encodings is not None:
             batch[vision_once.ENCODINGS] = encodings
+        batch[shared_prefix.PROMPTS] = shared_prefix.prompt_inputs(prompts, self.grpo.num_generations)
         with torch.no_grad():
             if self.grpo.num_iterations > 1:
                 batch["old_log_probs"] = ref.token_log_probs(model, batch)

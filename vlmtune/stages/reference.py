@@ -27,7 +27,7 @@ from vlmtune.errors import ConfigError
 from vlmtune.model import modes
 from vlmtune.model import sequence_parallel as sp
 from vlmtune.model.load import torch_dtype
-from vlmtune.stages import vision_once
+from vlmtune.stages import shared_prefix, vision_once
 from vlmtune.stages.setup import load_policy, load_start_model
 
 logger = logging.getLogger(__name__)
@@ -81,9 +81,12 @@ def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     """(rows, length - 1) log-probability of each next token whose label is not -100 (0 elsewhere), from one
     forward of ``model`` (which has the fused head) on the batch's rows and vision tensors; the vision tower runs
     once per distinct image or video (``vision_once``: DPO's pairs, GRPO's groups; none where the batch carries
-    a rollout's ``vision_once.ENCODINGS``), and the LM head on the labelled positions only."""
-    inputs = vision_once.model_inputs(model, batch, MODEL_KEYS)
+    a rollout's ``vision_once.ENCODINGS``), the LM head on the labelled positions only, and (GRPO's batches, where
+    ``shared_prefix`` applies) each prompt's tokens once for all its rows."""
     with labelled_positions_only():
+        if shared_prefix.applies(model, batch):  # GRPO: each prompt once, its rows' completions after it
+            return shared_prefix.token_log_probs(model, batch)
+        inputs = vision_once.model_inputs(model, batch, MODEL_KEYS)
         return model(**inputs, labels=batch["labels"], fused_lm_head=True, use_cache=False).log_probs
 
 
