@@ -22,9 +22,10 @@ load while CPU times hold. ``grpo_before`` is GRPO with the policy-step levers o
 (``grpo_levers_off``: LoRA merged for sampling, the tower's outputs and the rows' positions kept for a rollout's
 forwards, the LM head on labelled positions only, the group decoding loop, and the shared prompt prefix), for a
 before / after in one run: ``--stages grpo_before grpo``; ``grpo_generate`` is GRPO with only the group decoding
-loop off (sampling through HF ``generate``, as before its second round); ``grpo_unshared`` is GRPO with only the
-shared prompt prefix off (``shared_prefix``: the training and scoring forwards on the full rows, each prompt once per
-completion, as before its third round).
+loop off (sampling through HF ``generate``, as before its second round); ``grpo_unshared`` is GRPO with the third
+round's levers off (``shared_prefix``: the training and scoring forwards on the full rows, each prompt once per
+completion; and ``merged_lora.base_layers_in_place``: the LoRA wrappers called around the merged weights while
+sampling).
 
 Results go to bench/results/stages-<device>-<date>.json, with the ratios to SFT.
 """
@@ -148,11 +149,13 @@ def grpo_through_generate():
 
 @contextlib.contextmanager
 def grpo_unshared():
-    """GRPO's training and scoring forwards on the full rows (``grpo_unshared``): ``shared_prefix`` off (each
-    prompt run once per completion), the rest on."""
-    from vlmtune.stages import shared_prefix
+    """GRPO as its third round found it (``grpo_unshared``): the training and scoring forwards on the full rows
+    (``shared_prefix`` off: each prompt run once per completion), and the LoRA wrappers left in place around the
+    merged weights while sampling; the rest on."""
+    from vlmtune.stages import merged_lora, shared_prefix
 
-    with mock.patch.object(shared_prefix, "applies", lambda model, batch: False):
+    with mock.patch.object(shared_prefix, "applies", lambda model, batch: False), \
+            mock.patch.object(merged_lora, "base_layers_in_place", lambda model, named: contextlib.nullcontext()):
         yield
 
 

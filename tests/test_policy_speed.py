@@ -296,7 +296,7 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
         tiny_model_dir, tmp_path):
     """The sampler folds LoRA into the weights (no LoRA product runs while it samples): with the same seed, its
     sampled completions are those of ``generate`` through the adapters, the logits within float rounding, and
-    afterwards every parameter is bit-equal to before and no layer is left merged."""
+    afterwards every parameter is bit-equal to before, no layer is left merged and every module is in its place."""
     from vlmtune.data.collator import Collator
     from vlmtune.generation import left_padded, sample_group
     from vlmtune.stages.merged_lora import _mergeable, merged_for_sampling
@@ -313,6 +313,7 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
     for layer in layers:
         layer.lora_A["default"].register_forward_hook(lambda *a: lora_calls.append(1))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    modules = list(model.named_modules())
     pad = processor.tokenizer.pad_token_id
     batch = left_padded(Collator(pad)([{k: v for k, v in p.items() if k != "record"} for p in prompts]))
 
@@ -331,6 +332,7 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
     assert (merged - adapters).abs().max() <= 1e-5
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert not any(layer.merged for layer in layers)
+    assert list(model.named_modules()) == modules  # every LoRA layer back in its place
 
 
 def test_the_group_decoding_loop_samples_generates_completions_from_one_prefill_per_prompt(tiny_model_dir, tmp_path):
@@ -400,8 +402,8 @@ def test_grpo_rows_share_their_prompts_forward_with_the_plain_forwards_log_probs
     the model's own ``get_rope_index`` on the full rows. Against the model's plain forward on the full rows (every
     row's pixels, the model's own positions): per-token log-probs within 1e-6 and the gradient of every trained
     tensor (LoRA; the tower too in lora_vision; every weight in full) within 1e-5 of its largest entry; the prefix
-    forward runs on one row per prompt. Fails with the suffix's positions one off (0.2) or no gradient through the
-    prefix."""
+    forward runs on one row per prompt; not under gradient checkpointing. Fails with the suffix's positions one off
+    (0.2) or no gradient through the prefix."""
     from vlmtune.data.collator import Collator
     from vlmtune.data.prompts import completion_row
     from vlmtune.generation import left_padded
@@ -452,3 +454,5 @@ def test_grpo_rows_share_their_prompts_forward_with_the_plain_forwards_log_probs
         assert any("visual" in k for k in plain_grads) == (mode != "lora")
         for name, grad in plain_grads.items():
             assert (shared_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name  # measured: 1.5e-7
+    base.gradient_checkpointing_enable()
+    assert not shared_prefix.applies(model, batch)  # checkpointed layers drop the cache: the plain forward runs

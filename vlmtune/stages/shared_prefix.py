@@ -26,6 +26,8 @@ checkpointing (its layers drop the cache), and batches that carry their prompts 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -70,9 +72,8 @@ def applies(model: nn.Module, batch: dict) -> bool:
         return False
     if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ["full_attention"]):
         return False
-    if getattr(base, "is_gradient_checkpointing", False):  # checkpointed layers run without the cache
-        return False
-    if any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in base.parameters()):
+    sharded, checkpointable = _walked(base)
+    if sharded or any(m.gradient_checkpointing for m in checkpointable):  # checkpointed layers drop the cache
         return False
     if not bool((prompts["lengths"] >= 2).all()) or int(prompts["rows"].sum()) != batch["input_ids"].shape[0]:
         return False
@@ -83,6 +84,18 @@ def applies(model: nn.Module, batch: dict) -> bool:
     if "mm_token_type_ids" in batch and bool(batch["mm_token_type_ids"].gather(1, last[:, None]).any()):
         return False  # a prompt ending in an image or video token
     return not bool((batch["labels"][columns <= last[:, None]] != -100).any())  # labels only after the prompt
+
+
+_WALKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _walked(base: nn.Module) -> tuple[bool, list[nn.Module]]:
+    """(whether any parameter is a ZeRO-3 or FSDP shard, the modules that can checkpoint), from one walk over
+    ``base`` per model (GRPO asks at every forward; its modules and their placement stay, their flags may not)."""
+    if base not in _WALKS:
+        _WALKS[base] = (any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in base.parameters()),
+                        [m for m in base.modules() if hasattr(m, "gradient_checkpointing")])
+    return _WALKS[base]
 
 
 def _layout(batch: dict) -> tuple[torch.Tensor, ...]:
