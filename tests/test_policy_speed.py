@@ -297,6 +297,8 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
     """The sampler folds LoRA into the weights (no LoRA product runs while it samples): with the same seed, its
     sampled completions are those of ``generate`` through the adapters, the logits within float rounding, and
     afterwards every parameter is bit-equal to before, no layer is left merged and every module is in its place."""
+    from trl.models.utils import unwrap_model_for_generation
+
     from vlmtune.data.collator import Collator
     from vlmtune.generation import left_padded, sample_group
     from vlmtune.stages.merged_lora import _mergeable, merged_for_sampling
@@ -305,6 +307,9 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
     n, length = 3, 8
     trainer, prompts = grpo_trainer(model, processor, family, budget, tmp_path, num_generations=n,
                                     max_completion_length=length)
+    with trainer._generation_model(model) as generator:  # TRL's unwrap skipped: the model it would give
+        with unwrap_model_for_generation(model, trainer.accelerator) as unwrapped:
+            assert generator is unwrapped is model and not model.training
     model.eval()
     layers = _mergeable(model)
     assert layers and len(layers) == sum("lora_A" in name and name.endswith("weight")
