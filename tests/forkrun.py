@@ -17,6 +17,7 @@ or the signal that ended it, e.g. ``exitcode -9 (SIGKILL)``).
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import runpy
 import signal
@@ -24,6 +25,7 @@ import sys
 import time
 import traceback
 
+import matplotlib
 import torch  # noqa: F401  (imported before forking: the point of this launcher)
 import transformers  # noqa: F401
 
@@ -35,7 +37,13 @@ try:
 except ImportError:  # the deepspeed extra is not installed
     pass
 
+matplotlib.use("Agg")  # as vlmtune.plots does, at the end of every run
+import matplotlib.pyplot  # noqa: E402, F401
+
 GRACE_S = 30
+CHECK_GROUPS = "FORKRUN_CHECK_GROUPS"
+"""Set (to anything) in the environment: a rank whose ``vlmtune.cli`` command succeeded fails if a gloo process
+group is still alive after it (``vlmtune.stages.fit.close_process_groups``)."""
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -60,13 +68,31 @@ def rank_main(rank: int, world: int, port: int, module: str | None, rest: list[s
                        "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": "forkrun"})
     if module:
         sys.argv = [vlmtune.cli.__file__, *rest]
-        return vlmtune.cli.main(rest)
+        code = vlmtune.cli.main(rest)
+        left = gloo_threads() if code == 0 and os.environ.get(CHECK_GROUPS) else 0
+        if left:  # the command is done: a group still alive would be freed at interpreter exit, in any order
+            print(f"[forkrun] rank {rank}: {left} gloo threads still alive after the command: a process group "
+                  "outlived it", file=sys.stderr)
+            return 1
+        return code
     sys.argv = rest
     try:
         runpy.run_path(rest[0], run_name="__main__")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return 0
+
+
+def gloo_threads() -> int:
+    """The threads of this process's gloo process groups (2 run loops and a transport loop each), by name."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                count += "gloo" in comm.read()
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count
 
 
 def describe(status: int) -> str:
@@ -77,6 +103,7 @@ def describe(status: int) -> str:
 def main(argv: list[str]) -> int:
     args, rest = parse(argv)
     children: dict[int, int] = {}  # pid -> rank
+    gc.freeze()  # what the ranks inherit is never garbage: no collection in them walks it (nor copies its pages)
     for rank in range(args.nproc_per_node):
         pid = os.fork()
         if pid == 0:

@@ -8,9 +8,12 @@ scripts/*.sh, torchrun, ``python -c``), or a command whose environment differs f
 at import time, runs as a real subprocess, unchanged.
 
 The server (``python tests/forkserver.py SOCKET``, one per pytest process, started on first use, stopped at the
-end of the session or when the pytest process goes) imports torch, transformers, PEFT, TRL, DeepSpeed and vlmtune's
-stages, and then runs nothing: it checks that the imports started no thread (no OpenMP pool, no tokenizers pool;
-only jemalloc's background thread, which is fork-safe) before it serves. Each command is a child forked from it
+end of the session or when the pytest process goes) imports torch, transformers, PEFT, TRL, DeepSpeed, vlmtune's
+stages and matplotlib (the plot at the end of each run), and then runs nothing: it checks that the imports started
+no thread (no OpenMP pool, no tokenizers pool; only jemalloc's background thread, which is fork-safe) before it
+serves, and freezes what it imported out of the garbage collector's reach (``gc.freeze``, as Python's documentation
+advises before forking: a full collection in a child would otherwise walk the whole imported stack, about 0.7 s of
+CPU each, and copy every page it touches). Each command is a child forked from it
 with the caller's argv, working folder and environment, its stdin on /dev/null and its stdout / stderr on the
 caller's files; it runs the module or script as ``__main__`` (``runpy``, as ``python -m`` / ``python SCRIPT`` do),
 then, as the interpreter does at exit, joins its threads, runs the exit handlers, flushes, and exits with the code
@@ -22,6 +25,7 @@ The returncode is subprocess's: the exit code, or minus the signal that ended it
 from __future__ import annotations
 
 import atexit
+import gc
 import io
 import json
 import locale
@@ -72,6 +76,7 @@ _HEADER = struct.Struct("!I")
 
 def _import_stack() -> None:
     """Everything a command would import, imported once here before any fork (nothing of it is run)."""
+    import matplotlib
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
@@ -80,6 +85,9 @@ def _import_stack() -> None:
     import vlmtune.merge  # noqa: F401
     import vlmtune.predict  # noqa: F401
     import vlmtune.stages.sft  # noqa: F401
+
+    matplotlib.use("Agg")  # as vlmtune.plots does before it imports pyplot, at the end of every training run
+    import matplotlib.pyplot  # noqa: F401
 
     for optional in ("deepspeed", "trl", "vlmtune.stages.dpo", "vlmtune.stages.grpo", "vlmtune.stages.distill",
                      "vlmtune.stages.reward_model", "vlmtune.sample"):
@@ -223,6 +231,7 @@ def serve(path: str) -> None:
         return
     import vlmtune
 
+    gc.freeze()  # what the children inherit is never garbage: no collection in them walks it (nor copies its pages)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(16)

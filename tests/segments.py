@@ -24,6 +24,7 @@ RESULTS.json gets the exit status of each segment; each segment's stdout and std
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import matplotlib
 import torch
 from transformers import Trainer
 
@@ -38,6 +40,9 @@ import vlmtune.cli
 import vlmtune.stages.sft  # noqa: F401  (imported before forking)
 from vlmtune import checkpoints
 from vlmtune.stages import trainer
+
+matplotlib.use("Agg")  # as vlmtune.plots does, at the end of every run
+import matplotlib.pyplot  # noqa: E402, F401  (imported before forking)
 
 KILLED = 17
 
@@ -122,6 +127,7 @@ def run_segment(segment: dict) -> int:
 
 def main(spec_path: str, results_path: str) -> None:
     segments = json.loads(Path(spec_path).read_text())
+    gc.freeze()  # what the children inherit is never garbage: no collection in them walks it (nor copies its pages)
     codes = [run_segment(segment) for segment in segments]
     Path(results_path).write_text(json.dumps(codes))
 

@@ -177,3 +177,37 @@ def test_qwen3_vl_video_size_is_a_total_over_frames_and_qwen2_vl_per_frame():
         else:
             assert cap / 2 < per_frame <= cap  # each frame fits the cap on its own
         assert t == 4
+
+
+class _Loaded(Exception):
+    """Raised by a stand-in for ``load_predictor``: the command got as far as loading the model."""
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "sample"])
+def test_inference_commands_pass_the_budget_flags_to_the_model_loader(command, tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
+    """predict, eval and sample take train's budget flags and hand every one of them (None where not given) to the
+    loader, which applies them over the model's saved budgets."""
+    import importlib
+
+    module = importlib.import_module(f"vlmtune.{command}")
+    seen = {}
+
+    def loader(*args, budget_overrides, **kwargs):
+        seen.update(budget_overrides)
+        raise _Loaded
+
+    monkeypatch.setattr(module, "load_predictor", loader)
+    model = str(tiny_model_dir("qwen2_vl"))
+    argv = {"predict": ["--model", model, "--prompt", "Say hello."],
+            "evaluate": ["--model", model, "--data", str(DATA_JSON), "--image_folder", str(EXAMPLES),
+                         "--video_folder", str(EXAMPLES), "--output_dir", str(tmp_path / "eval")],
+            "sample": ["--model", model, "--data", str(DATA_JSON), "--image_folder", str(EXAMPLES),
+                       "--video_folder", str(EXAMPLES), "--reward_funcs", "exact_match",
+                       "--output", str(tmp_path / "sampled.json")]}[command]
+    with pytest.raises(_Loaded):
+        module.main(argv + budget_flags("qwen2_vl"))
+    f2 = FAMILIES["qwen2_vl"].factor ** 2
+    assert seen == {"image_min_pixels": 2 * f2, "image_max_pixels": 4 * f2, "video_min_pixels": f2,
+                    "video_max_pixels": 2 * f2, "nframes": 6, "fps": None, "image_resized_height": None,
+                    "image_resized_width": None, "video_min_frames": None, "video_max_frames": None}

@@ -159,10 +159,12 @@ def launch(world: int, spec: dict, tmp_path) -> dict:
     return torch.load(out_path, weights_only=False)
 
 
-def run_launch(cmd: list[str]) -> str:
-    """Run a launch command in its own process group (killed at the backstop); its output, checked for exit 0."""
+def run_launch(cmd: list[str], env: dict | None = None) -> str:
+    """Run a launch command in its own process group (killed at the backstop), with ``env`` added to the
+    environment; its output, checked for exit 0."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                            text=True, env=env)
     try:
         log = proc.communicate(timeout=BACKSTOP_S)[0]
     finally:
@@ -346,7 +348,7 @@ def same_losses(tmp_path, keys, *args: str, engine: tuple[str, ...] = (), **flag
     cmd = [*FORKRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "vlmtune.cli",
            *train_flags(tmp_path / "sp", "--per_device_train_batch_size", "1", "--sequence_parallel_size", "2",
                         *args, *engine, **flags)]
-    log = run_launch(cmd)
+    log = run_launch(cmd, {"FORKRUN_CHECK_GROUPS": "1"})  # and no process group left after the command
     assert "sequence parallel: groups of 2 processes" in log
     for key in keys:
         one, sp = logged(tmp_path / "one", key), logged(tmp_path / "sp", key)

@@ -17,6 +17,11 @@ shapes build models with ``_from_config``; the stages override the Trainer's pri
 ``_save_checkpoint``, ``_get_output_dir``, ``_load_from_checkpoint``, ``_get_train_sampler`` and
 ``_get_eval_sampler`` (an override of a renamed method would silently never run); cli.py closes
 ``tqdm._instances``. (argparse's ``parser._actions``, read by config.py, is the standard library's.)
+
+From DeepSpeed, what the end of a distributed run empties so that no process group outlives it
+(vlmtune/stages/fit.py, vlmtune/model/sequence_parallel.py): ZeRO-3's ``FWD_MODULE_STACK``, the class-wide cache of
+``PartitionedParameterCoordinator.__params_to_release``, and Ulysses' table
+``deepspeed.sequence.layer._all_to_all_groups``.
 """
 
 from __future__ import annotations
@@ -237,3 +242,19 @@ def test_the_trainer_and_trl_internals_the_stages_build_on():
     model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.3), nn.Sequential(nn.Dropout(0.1)))
     utils.disable_dropout_in_model(model)
     assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0, 0]
+
+
+def test_the_deepspeed_holders_the_end_of_a_run_empties_are_there():
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.sequence import layer
+
+    assert isinstance(parameter_offload.FWD_MODULE_STACK, list), (
+        "deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK is gone or no list: vlmtune/stages/fit.py "
+        "empties it")
+    cached = parameter_offload.PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    assert any(hasattr(cell.cell_contents, "cache_clear") for cell in cached.__closure__ or ()), (
+        "PartitionedParameterCoordinator.__params_to_release has no lru_cache under its wrapper any more: "
+        "vlmtune/stages/fit.py clears it")
+    assert isinstance(layer._all_to_all_groups, dict), (
+        "deepspeed.sequence.layer._all_to_all_groups is gone: vlmtune/model/sequence_parallel.py forgets its "
+        "group there")

@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     _setup_logging()
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        code = COMMANDS[argv[0]](argv[1:])
     except KeyboardInterrupt:
         if debug:
             raise
@@ -240,18 +240,29 @@ def main(argv: list[str] | None = None) -> int:
         from vlmtune.errors import USER_ERRORS, Stopped
 
         _close_progress_bars()
-        if isinstance(exc, Stopped):  # a clean stop (SIGTERM): a checkpoint was saved
-            print(f"vlmtune {argv[0]}: {exc}", file=sys.stderr)
-            return exc.exit_code
-        if debug:
-            raise
-        if isinstance(exc, USER_ERRORS):
-            print(f"vlmtune {argv[0]}: error: {exc}", file=sys.stderr)
-        else:  # a fault vlmtune did not foresee: one line still, the traceback on request
-            message = " ".join(str(exc).split())[:500]
-            print(f"vlmtune {argv[0]}: error: {type(exc).__name__}: {message} (unexpected: run again with "
-                  "`vlmtune --debug ...` for the traceback, and report it)", file=sys.stderr)
-        return 1
+        if not isinstance(exc, Stopped):
+            if debug:
+                raise
+            if isinstance(exc, USER_ERRORS):
+                print(f"vlmtune {argv[0]}: error: {exc}", file=sys.stderr)
+            else:  # a fault vlmtune did not foresee: one line still, the traceback on request
+                message = " ".join(str(exc).split())[:500]
+                print(f"vlmtune {argv[0]}: error: {type(exc).__name__}: {message} (unexpected: run again with "
+                      "`vlmtune --debug ...` for the traceback, and report it)", file=sys.stderr)
+            return 1
+        print(f"vlmtune {argv[0]}: {exc}", file=sys.stderr)  # a clean stop (SIGTERM): a checkpoint was saved
+        code = exc.exit_code
+    _close_process_groups()  # here, where nothing of the command is left to hold them
+    return code
+
+
+def _close_process_groups() -> None:
+    """A distributed run's process groups end here, once the command has returned (``stages.fit``)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from vlmtune.stages.fit import close_process_groups
+
+        close_process_groups()
 
 
 if __name__ == "__main__":

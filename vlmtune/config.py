@@ -179,6 +179,11 @@ class TrainingArguments(HfTrainingArguments):
             import torch
 
             self.dataloader_pin_memory = torch.cuda.is_available()
+        if self.deepspeed or self.sequence_parallel_size > 1:
+            # Before the parent starts torch.distributed (on CPU accelerate starts it without DeepSpeed): DeepSpeed's
+            # TorchBackend.barrier takes the world group as a default argument when first imported, and a group
+            # imported after would then outlive destroy_process_group, until interpreter exit.
+            import deepspeed.comm  # noqa: F401
         super().__post_init__()
 
 

@@ -40,7 +40,6 @@ from vlmtune.generation import (
 
 logger = logging.getLogger(__name__)
 
-BUDGET_FIELDS = tuple(DataArguments().budget_overrides())
 DISAGREEMENTS_SHOWN = 5
 
 
@@ -73,7 +72,7 @@ def evaluate_predictions(records: list[Record], predictions: list[str], predicto
 def run_model(model: str | None, adapter: str | None, records_path: str, args, label: str,
               metric_names: list[str] | None, box_format: str | None) -> tuple[Evaluation, list[Record]]:
     """Load a model, generate for every record, score; the model is freed before returning."""
-    budget = {name: getattr(args, name) for name in BUDGET_FIELDS}
+    budget = fields_of(args, DataArguments, *INFERENCE_DATA_FIELDS).budget_overrides()
     predictor = load_predictor(model, adapter, dtype=args.dtype, device=args.device, budget_overrides=budget,
                                max_new_tokens=args.max_new_tokens, enable_thinking=args.enable_thinking)
     records = load_records(records_path, args.image_folder, args.video_folder, budget=predictor.budget,

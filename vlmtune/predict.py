@@ -36,9 +36,6 @@ from vlmtune.generation import (  # noqa: F401  (re-exported: the names predict 
 
 logger = logging.getLogger(__name__)
 
-BUDGET_FIELDS = tuple(DataArguments().budget_overrides())
-"""Pixel / frame budget options shared with ``vlmtune train`` (same names, same help)."""
-
 
 def predict_file(predictor: Predictor, data_path: str, output, *, image_folder: str | None = None,
                  video_folder: str | None = None, limit: int | None = None, batch_size: int = 8,
@@ -114,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data and (args.image or args.video):
         parser.error("--image / --video go with --prompt; --data records name their own media")
     fields_of(args, InferenceArguments)  # the same checks as training: ranges, cross-checks
-    fields_of(args, DataArguments, *INFERENCE_DATA_FIELDS)
+    budget = fields_of(args, DataArguments, *INFERENCE_DATA_FIELDS).budget_overrides()
     check_value("--temperature", args.temperature, (0, None, False, False))
     check_inputs(args)  # before any model loads
-    budget = {name: getattr(args, name) for name in BUDGET_FIELDS}
     predictor = load_predictor(args.model, args.adapter, dtype=args.dtype, device=args.device,
                                budget_overrides=budget, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, enable_thinking=args.enable_thinking)

@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sample_args = fields_of(args, SampleArguments)
     inference = fields_of(args, InferenceArguments, *INFERENCE_FIELDS)
-    fields_of(args, DataArguments, *INFERENCE_DATA_FIELDS)
+    budget = fields_of(args, DataArguments, *INFERENCE_DATA_FIELDS).budget_overrides()
     if args.reward_funcs is None and args.reward_model is None:
         raise ConfigError("no reward: give --reward_funcs (e.g. exact_match), --reward_model, or both; sample keeps "
                           "the replies they score best")
@@ -330,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(args)
     rewards = reward_lib.load_rewards(grpo.reward_funcs, grpo.reward_weights)
 
-    budget = {name: getattr(args, name) for name in DataArguments().budget_overrides()}
     predictor = load_predictor(args.model, args.adapter, dtype=args.dtype, device=args.device,
                                budget_overrides=budget, max_new_tokens=inference.max_new_tokens,
                                enable_thinking=args.enable_thinking)

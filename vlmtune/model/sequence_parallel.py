@@ -148,12 +148,16 @@ def install(model, language_model, group: Group, attn_implementation: str) -> No
 
 def uninstall(group: Group) -> None:
     """Undo ``install`` where it lasts beyond the run: transformers' attention table gets its plain kernels back
-    (which drops Ulysses and the process group it holds), and ``group`` lets go of its process group."""
+    (which drops Ulysses), DeepSpeed's table of all-to-all groups by name (which ``UlyssesSPAttentionHF`` fills
+    and nothing in DeepSpeed empties) forgets the group, and ``group`` lets go of its process group."""
+    from deepspeed.sequence import layer
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     for name in list(ALL_ATTENTION_FUNCTIONS):
         if getattr(ALL_ATTENTION_FUNCTIONS[name], SP_MARK, False):
             ALL_ATTENTION_FUNCTIONS[name] = ALL_ATTENTION_FUNCTIONS[name].core
+    if group.process_group is not None:
+        layer._all_to_all_groups.pop(group.process_group.group_name, None)
     group.process_group = None
 
 

@@ -1,5 +1,5 @@
 """The end every stage shares: one run per output folder (``output_lock``), and ``fit``: train, evaluate, save,
-plot, summarise, and leave the process groups together."""
+plot, summarise, and leave together; ``close_process_groups``: the process groups' end, after the command."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set,
         started: float | None = None, predictions: Path | None = None) -> Path:
     """Train (from the checkpoint ``resume``, resolved by ``checkpoints.resolve_resume``), then evaluate a held-out
     split that has not reported yet, save the result and the state, draw the plots, log the end-of-run summary (time
-    from ``started``) and take the process groups down. A run stopped by SIGTERM raises ``Stopped`` saying how to
-    resume."""
+    from ``started``) and leave together (``_leave_together``). A run stopped by SIGTERM raises ``Stopped`` saying
+    how to resume."""
     started = started or time.time()
     trainer.train(resume_from_checkpoint=resume)
     if trainer.stopped:
@@ -70,13 +70,10 @@ def fit(trainer: VisionLanguageTrainer, train_args: TrainingArguments, eval_set,
 
 
 def _leave_together(trainer: VisionLanguageTrainer) -> None:
-    """Leave together and take the process groups down, deterministically: a gloo group that outlives
-    ``destroy_process_group`` (still held from Python) keeps its threads until interpreter finalization frees it,
-    in a different order on each rank, and a rank can then abort ("terminate called without an active
-    exception"), failing a finished run. So, after a barrier, every reference this run made is dropped first:
-    the trainer's DeepSpeed engine and optimizer, the sequence-parallel group and Ulysses' attention kernel
-    (``sp_stage.stop``); then DeepSpeed's ``destroy_process_group`` (torch's, and the references DeepSpeed keeps:
-    its world group, its sequence-parallel groups) or torch's where DeepSpeed never started."""
+    """Leave together: a barrier, then every reference this run keeps to its process groups is dropped, so that
+    ``close_process_groups`` (once the stage has returned and the model is unreachable) frees them all: the
+    sequence-parallel group and Ulysses' attention kernel (``sp_stage.stop``), the trainer's DeepSpeed engine and
+    optimizer, and what DeepSpeed keeps of a ZeRO-3 model after its engine is gone (``_forget_zero3_models``)."""
     if not torch.distributed.is_initialized():
         return
     torch.distributed.barrier()
@@ -84,9 +81,35 @@ def _leave_together(trainer: VisionLanguageTrainer) -> None:
     if trainer.is_deepspeed_enabled:  # the engine (its groups, ZeRO-3's hooks) and what refers to it
         trainer.accelerator.free_memory()
         trainer.model_wrapped = trainer.deepspeed = trainer.optimizer = trainer.lr_scheduler = None
-        for param in trainer.model.parameters():  # ZeRO-3 keeps the group each parameter is partitioned over
-            if hasattr(param, "ds_process_group"):
-                param.ds_process_group = None
+        _forget_zero3_models()
+
+
+def _forget_zero3_models() -> None:
+    """DeepSpeed (0.19.8) keeps every model it wrapped for ZeRO-3, with its parameters' partitioning groups, for
+    the life of the process, beyond ``engine.destroy()``: the top module in ``FWD_MODULE_STACK`` (its list of
+    modules in forward: appended at wrap, never removed) and each parameter coordinator with its modules, in the
+    class-wide cache of its ``__params_to_release`` (an ``lru_cache`` on a method, under an NVTX wrapper). Both
+    are emptied: nothing runs a forward any more."""
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is None:
+        return
+    offload.FWD_MODULE_STACK.clear()
+    cached = offload.PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    for cell in cached.__closure__ or ():
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+
+
+def close_process_groups() -> None:
+    """Take the process groups down, deterministically, after a command has returned (``vlmtune.cli``): a gloo
+    group still held when the interpreter exits is freed during finalization, in a different order on each rank,
+    and a rank can then abort ("terminate called without an active exception"), failing a finished run. The
+    stage's objects are unreachable by then (``_leave_together`` dropped what outlives them), so after a
+    ``gc.collect`` (ZeRO-3's hooks hold the model in cycles) destroying the groups frees the last of them:
+    DeepSpeed's ``destroy_process_group`` (torch's, and the references DeepSpeed keeps: its world group, its
+    sequence-parallel groups) where DeepSpeed's comm started, else torch's."""
+    if not torch.distributed.is_initialized():
+        return
     gc.collect()
     ds_comm = sys.modules.get("deepspeed.comm")
     if ds_comm is not None and ds_comm.is_initialized():
