@@ -399,23 +399,26 @@ def test_the_group_decoding_loop_samples_generates_completions_from_one_prefill_
     assert max((a - b).abs().max().item() for a, b in zip(logits[1:], want_logits[1:])) <= 1e-5
 
 
-@pytest.mark.parametrize("mode", ["lora", "lora_vision", "full"])
+@pytest.mark.parametrize("family_name, mode", [
+    ("qwen2_vl", "lora"), ("qwen2_vl", "lora_vision"), ("qwen2_vl", "full"),
+    pytest.param("qwen2_5_vl", "lora_vision", marks=pytest.mark.slow),
+    pytest.param("qwen3_vl", "lora_vision", marks=pytest.mark.slow)])
 def test_grpo_rows_share_their_prompts_forward_with_the_plain_forwards_log_probs_and_gradients(
-        tiny_model_dir, tmp_path, mode):
+        tiny_model_dir, tmp_path, family_name, mode):
     """``shared_prefix``: image, video and text prompts of different lengths, 3 completions each of different
     lengths (0 to 6 tokens), padded on the right (as GRPO's rows; lora_vision: and on the left), positions from
     the model's own ``get_rope_index`` on the full rows. Against the model's plain forward on the full rows (every
     row's pixels, the model's own positions): per-token log-probs within 1e-6 and the gradient of every trained
     tensor (LoRA; the tower too in lora_vision; every weight in full) within 1e-5 of its largest entry; the prefix
-    forward runs on one row per prompt; not under gradient checkpointing. Fails with the suffix's positions one off
-    (0.2) or no gradient through the prefix."""
+    forward runs on one row per prompt; not under gradient checkpointing. Qwen2.5-VL and Qwen3-VL (DeepStack) in
+    lora_vision. Fails with the suffix's positions one off (0.2) or no gradient through the prefix."""
     from vlmtune.data.collator import Collator
     from vlmtune.data.prompts import completion_row
     from vlmtune.generation import left_padded
     from vlmtune.stages import reference as ref
     from vlmtune.stages import shared_prefix
 
-    model, processor, family, budget, _ = setup(tiny_model_dir, "qwen2_vl", mode)
+    model, processor, family, budget, _ = setup(tiny_model_dir, family_name, mode)
     _, prompts = grpo_trainer(model, processor, family, budget, tmp_path, num_generations=3)
     model.double()  # float64: rounding far below the bounds (float32 measured 9.5e-7 and 1.2e-6 of them)
     prompts = [{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in p.items()}
@@ -435,7 +438,7 @@ def test_grpo_rows_share_their_prompts_forward_with_the_plain_forwards_log_probs
         batch["position_ids"], _ = base.model.get_rope_index(
             input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
             image_grid_thw=batch["image_grid_thw"], video_grid_thw=batch["video_grid_thw"],
-            attention_mask=batch["attention_mask"])
+            second_per_grid_ts=batch.get("second_per_grid_ts"), attention_mask=batch["attention_mask"])
         batch[shared_prefix.PROMPTS] = shared_prefix.prompt_inputs(prompts, n)
         assert shared_prefix.applies(model, batch)
         weights = torch.linspace(0.5, 1.5, batch["input_ids"].shape[1] - 1)

@@ -18,7 +18,7 @@ position by position for both parts, never recomputed from ``rope_deltas``. Each
 earlier tokens with the same positions as in the full row, each completion token to its whole prompt and its
 completion so far: the same attention up to the order of floating-point sums.
 
-It applies to the families its exactness test covers (``FAMILIES``), SDPA or eager attention, every decoder
+It applies to the families its exactness test covers (``FAMILIES``), with SDPA attention (as tested), every decoder
 layer full attention, one process (no DDP / DeepSpeed / FSDP wrapper, no ZeRO-3 shards), no gradient
 checkpointing (its layers drop the cache), and batches that carry their prompts (``PROMPTS``, from GRPO) and their
 3-D positions (a text-only batch has none: the plain forward runs); elsewhere the plain forward runs.
@@ -39,7 +39,8 @@ PROMPTS = "shared_prompts"
 continue it), and the prompts' vision tensors (each prompt's media once)."""
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-"""Model types the exactness test covers (MoE and Qwen3.5's linear attention are not among them)."""
+"""Model types the exactness test covers (MoE and Qwen3.5's linear attention would need more: a router loss,
+recurrent states)."""
 
 
 def prompt_inputs(prompts: list[dict], rows_per_prompt: int) -> dict[str, torch.Tensor]:
@@ -68,7 +69,7 @@ def applies(model: nn.Module, batch: dict) -> bool:
     base = _base(model)
     config = base.config
     text = config.get_text_config(decoder=True)
-    if config.model_type not in FAMILIES or text._attn_implementation not in ("sdpa", "eager"):
+    if config.model_type not in FAMILIES or text._attn_implementation != "sdpa":
         return False
     if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ["full_attention"]):
         return False
