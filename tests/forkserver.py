@@ -68,6 +68,7 @@ RUN_TIME_KEYS = frozenset({
     # set by `import deepspeed` (os.environ.setdefault) when the pytest process imports it after the server
     # started; read by torch.cuda.is_available() at each call
     "PYTORCH_NVML_BASED_CUDA_CHECK",
+    "FORKRUN_CHECK_GROUPS",  # tests/forkrun.py's own, read by each rank after its command
 })
 """Environment keys in which a command may differ from the server: each is read at run time, not at import (any
 other difference, e.g. OMP_NUM_THREADS, HF_HOME, TORCH_EXTENSIONS_DIR, makes the command a real subprocess)."""

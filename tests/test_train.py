@@ -38,11 +38,18 @@ def cli(*args: str) -> list[str]:
             "--use_cpu", "True", "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1", *args]
 
 
+SCRIPTS = ["finetune_lora_vision.sh", "finetune_lora.sh", "finetune.sh", "finetune_video.sh"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["finetune_lora_vision.sh", "finetune_lora.sh", "finetune.sh",
-                                    "finetune_video.sh"])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_each_script_runs_as_is_on_this_machine_and_halves_the_loss(script, tmp_path):
-    result = run(["bash", f"scripts/{script}", "--disable_tqdm", "True"], OUTPUT_DIR=str(tmp_path / "out"))
+    """The script with its demo defaults but 10 of the demo's 20 epochs: 30 steps, after which the mean of the last
+    three losses is 0.34 (finetune.sh) to 0.45 (finetune_lora_vision.sh) of the first one, measured. The first
+    script starts the real interpreter, as a user does; the others fork their `python -m vlmtune.cli` from the
+    tests' fork server (the same interpreter, its imports done)."""
+    result = run(["bash", f"scripts/{script}", "--disable_tqdm", "True"], forked_python=script != SCRIPTS[0],
+                 OUTPUT_DIR=str(tmp_path / "out"), EPOCHS="10")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = f"{gpus} CUDA device(s) on 1 node(s), bf16" if gpus else "CPU (no CUDA found)"
     assert f"[launch] device: {device}" in result.stdout
