@@ -65,9 +65,23 @@ RUN_TIME_KEYS = frozenset({
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
     # set by torch's inductor when something in the pytest process asked for its cache folder; read per call
     "TORCHINDUCTOR_CACHE_DIR",
+    # set by `import deepspeed` (os.environ.setdefault) when the pytest process imports it after the server
+    # started; read by torch.cuda.is_available() at each call
+    "PYTORCH_NVML_BASED_CUDA_CHECK",
+    "FORKRUN_CHECK_GROUPS",  # tests/forkrun.py's own, read by each rank after its command
 })
 """Environment keys in which a command may differ from the server: each is read at run time, not at import (any
 other difference, e.g. OMP_NUM_THREADS, HF_HOME, TORCH_EXTENSIONS_DIR, makes the command a real subprocess)."""
+
+SCRIPT_KEYS = frozenset({
+    "PYTHON", "VLMTUNE_FORKSERVER_SOCKET", "VLMTUNE_FORKSERVER_REAL_PYTHON",  # script_env's own
+    "PWD", "OLDPWD", "SHLVL", "_",  # set by bash for what it runs
+    # the knobs of scripts/launch.sh that the tests set: read by bash (no module of vlmtune, torch, transformers,
+    # accelerate, DeepSpeed, TRL, PEFT, datasets or huggingface_hub reads them from the environment)
+    "MODEL_NAME", "DATA_PATH", "IMAGE_FOLDER", "OUTPUT_DIR", "LR", "GLOBAL_BATCH_SIZE", "BATCH_PER_DEVICE",
+    "LOGGING_STEPS", "MAX_SEQ_LENGTH", "GRADIENT_CHECKPOINTING", "LORA_RANK", "EPOCHS",
+})
+"""Further keys in which the ``vlmtune`` command of a script (``script_env``) may differ from the server."""
 
 _HEADER = struct.Struct("!I")
 
@@ -273,6 +287,11 @@ class _Server:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
         line = self.proc.stdout.readline().decode().split()
         self.vlmtune = Path(line[1]) if line[:1] == ["ready"] else None
+        Path(self.folder, "env.json").write_text(json.dumps(self.env))  # what python_main compares with
+        self.python = Path(self.folder, "python")  # script_env's stand-in interpreter
+        self.python.write_text(f"#!{sys.executable} -S\nimport sys\nsys.path.insert(0, {str(TESTS)!r})\n"
+                               "import forkserver\nforkserver.python_main()\n")
+        self.python.chmod(0o755)
         if self.vlmtune is None:
             self.log.seek(0)
             warnings.warn(f"the tests' fork server did not start ({' '.join(line)}); commands run as subprocesses:"
@@ -349,7 +368,8 @@ def _decode(data: bytes) -> str:
 class Forked:
     """A command forked from the server, with the parts of ``subprocess.Popen`` the tests use."""
 
-    def __init__(self, cmd: list, request: dict, stdout: int | None, stderr: int | None, text: bool):
+    def __init__(self, cmd: list, request: dict, stdout: int | None, stderr: int | None, text: bool,
+                 path: str | None = None):
         self.args, self.returncode, self._text = cmd, None, text
         self._files, self._buffer = {}, b""
         opened = [os.open(os.devnull, os.O_RDONLY)]
@@ -368,7 +388,7 @@ class Forked:
         payload = json.dumps(request).encode()
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._conn.connect(_get_server().path)
+            self._conn.connect(path or _get_server().path)
             socket.send_fds(self._conn, [_HEADER.pack(len(payload))], fds)
             self._conn.sendall(payload)
         finally:
@@ -407,11 +427,11 @@ class Forked:
                     log.write(f"{self.cpu_s:.2f} {' '.join(map(str, self.args))[:300]}\n")
         return self.returncode
 
-    def kill(self) -> None:
-        """SIGKILL to the command and everything it forked (its process group)."""
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        """SIGKILL (or ``signum``) to the command and everything it forked (its process group)."""
         if self.returncode is None:
             try:
-                os.killpg(self.pid, signal.SIGKILL)
+                os.killpg(self.pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -469,6 +489,50 @@ def run(cmd, *, cwd=None, env=None, capture_output=False, text=False, timeout=No
     if check and forked.returncode:
         raise subprocess.CalledProcessError(forked.returncode, cmd, out, err)
     return subprocess.CompletedProcess(cmd, forked.returncode, out, err)
+
+
+def script_env(env: dict) -> dict:
+    """``env`` for ``bash scripts/NAME.sh``, with ``PYTHON`` (the interpreter scripts/launch.sh runs) set to a
+    stand-in (``python_main``): the script's ``python -m vlmtune.cli ...`` is then forked from this process's
+    server, and its other commands (``python -c ...``) run the real interpreter. ``env`` unchanged where it sets
+    ``PYTHON`` itself or the server does not serve this checkout's vlmtune."""
+    server = _get_server()
+    if "PYTHON" in env or server.vlmtune != ROOT / "vlmtune":
+        return env
+    return {**env, "PYTHON": str(server.python), "VLMTUNE_FORKSERVER_SOCKET": server.path,
+            "VLMTUNE_FORKSERVER_REAL_PYTHON": sys.executable}
+
+
+def python_main() -> None:
+    """The stand-in interpreter of ``script_env`` (run with ``python -S``: nothing imported but the standard
+    library): ``-m vlmtune.cli ARGS`` from the repository root, with an environment that differs from the
+    server's only in keys read at run time (``RUN_TIME_KEYS``, ``SCRIPT_KEYS``), is forked from the server with
+    this process's argv, working folder, environment, stdout and stderr; SIGTERM / SIGINT go on to it, and this
+    process exits as it did. Anything else execs the real interpreter, unchanged."""
+    real, args = os.environ["VLMTUNE_FORKSERVER_REAL_PYTHON"], sys.argv[1:]
+    socket_path = os.environ["VLMTUNE_FORKSERVER_SOCKET"]
+    request = None
+    if args[:2] == ["-m", "vlmtune.cli"] and Path.cwd().resolve() == ROOT:
+        env = dict(os.environ)
+        server_env = json.loads(Path(socket_path).with_name("env.json").read_text())
+        differ = {key for key in env.keys() | server_env.keys() if env.get(key) != server_env.get(key)}
+        if differ - RUN_TIME_KEYS - SCRIPT_KEYS:
+            if env.get(LOG_KEY):
+                with open(env[LOG_KEY], "a") as log:
+                    log.write(f"subprocess (env differs: {sorted(differ - RUN_TIME_KEYS - SCRIPT_KEYS)}) "
+                              f"{' '.join(args)[:200]}\n")
+        else:
+            request = {"module": "vlmtune.cli", "script": None, "args": args[2:], "cwd": os.getcwd(), "env": env}
+    if request is None:
+        os.execv(real, [real, *args])
+    forked = Forked([real, *args], request, None, None, False, path=socket_path)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: forked.kill(signum))
+    code = forked.wait()
+    if code < 0:  # ended by a signal: end the same way
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def test_cpt_script_on_a_base_model_with_packing_then_merge(tmp_path, tiny_model
            "BATCH_PER_DEVICE": "4", "LOGGING_STEPS": "1", "MAX_SEQ_LENGTH": "256", "GRADIENT_CHECKPOINTING": "0"}
     result = subprocess.run(["bash", "scripts/finetune_cpt.sh", "--max_steps", "6", "--disable_tqdm", "True",
                              "--save_strategy", "no", "--lora_rank", "16", "--lr_scheduler_type", "constant"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                            cwd=ROOT, env=forkserver.script_env(env), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "packing:" in result.stderr and "no BOS" in result.stderr
     state = json.loads((out / "trainer_state.json").read_text())

@@ -13,7 +13,9 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
+import forkserver
 import pytest
 import torch
 from conftest import DATA_JSON, EXAMPLES, FORKRUN, ROOT, free_port
@@ -161,9 +163,15 @@ def launch(world: int, spec: dict, tmp_path) -> dict:
 
 def run_launch(cmd: list[str], env: dict | None = None) -> str:
     """Run a launch command in its own process group (killed at the backstop), with ``env`` added to the
-    environment; its output, checked for exit 0."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    environment; its output, checked for exit 0. The launcher is forked from the tests' fork server
+    (tests/forkserver.py) where its environment allows: one thread per rank, and the ranks import the vlmtune this
+    test imported (PYTHONPATH is added only where the installed one is another)."""
+    import vlmtune
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if Path(vlmtune.__file__).resolve().parent != ROOT / "vlmtune":
+        env["PYTHONPATH"] = str(ROOT)
+    proc = forkserver.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     try:
         log = proc.communicate(timeout=BACKSTOP_S)[0]

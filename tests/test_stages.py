@@ -421,9 +421,12 @@ def test_reward_builtins_and_failures(tmp_path):
 # ---------------------------------------------------------------- end to end (subprocesses, as users run them)
 
 
-def run(cmd: list[str], timeout: int = 900, **env) -> subprocess.CompletedProcess:
-    result = forkserver.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, capture_output=True,
-                            text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 900, forked_python: bool = False, **env) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (forked from the tests' fork server where it can be); with ``forked_python``, a script's
+    ``python -m vlmtune.cli`` is too (``forkserver.script_env``)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    result = forkserver.run(cmd, cwd=ROOT, env=forkserver.script_env(env) if forked_python else env,
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -589,7 +592,7 @@ def test_sft_then_dpo_script_then_merge(tiny, tmp_path):
          "--lora_rank", "8", "--max_steps", "3", "--learning_rate", "1e-2", "--output_dir", str(sft),
          "--save_strategy", "no"])
     run(["bash", "scripts/finetune_dpo.sh", "--max_steps", "2", "--disable_tqdm", "True", "--save_strategy", "no"],
-        MODEL_NAME=str(sft), DATA_PATH=str(PREFS), IMAGE_FOLDER=str(EXAMPLES), OUTPUT_DIR=str(out),
+        forked_python=True, MODEL_NAME=str(sft), DATA_PATH=str(PREFS), IMAGE_FOLDER=str(EXAMPLES), OUTPUT_DIR=str(out),
         LORA_RANK="8", LR="1e-2", GLOBAL_BATCH_SIZE="4", LOGGING_STEPS="1", GRADIENT_CHECKPOINTING="0")
     info = json.loads((out / "vlmtune_run.json").read_text())
     assert info["stage"] == "dpo" and info["init_run"] == str(sft.resolve()) and info["base_model"] == str(path)

@@ -17,8 +17,12 @@ from conftest import DATA_JSON, EXAMPLES, FORKRUN, ROOT, free_port
 PYTHON = sys.executable
 
 
-def run(cmd: list[str], timeout: int = 600, **env) -> subprocess.CompletedProcess:
+def run(cmd: list[str], timeout: int = 600, forked_python: bool = False, **env) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (forked from the tests' fork server where it can be); with ``forked_python``, a script's
+    ``python -m vlmtune.cli`` is too (``forkserver.script_env``)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    if forked_python:
+        full_env = forkserver.script_env(full_env)
     result = forkserver.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
@@ -34,11 +38,18 @@ def cli(*args: str) -> list[str]:
             "--use_cpu", "True", "--report_to", "none", "--disable_tqdm", "True", "--logging_steps", "1", *args]
 
 
+SCRIPTS = ["finetune_lora_vision.sh", "finetune_lora.sh", "finetune.sh", "finetune_video.sh"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["finetune_lora_vision.sh", "finetune_lora.sh", "finetune.sh",
-                                    "finetune_video.sh"])
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_each_script_runs_as_is_on_this_machine_and_halves_the_loss(script, tmp_path):
-    result = run(["bash", f"scripts/{script}", "--disable_tqdm", "True"], OUTPUT_DIR=str(tmp_path / "out"))
+    """The script with its demo defaults but 10 of the demo's 20 epochs: 30 steps, after which the mean of the last
+    three losses is 0.34 (finetune.sh) to 0.45 (finetune_lora_vision.sh) of the first one, measured. The first
+    script starts the real interpreter, as a user does; the others fork their `python -m vlmtune.cli` from the
+    tests' fork server (the same interpreter, its imports done)."""
+    result = run(["bash", f"scripts/{script}", "--disable_tqdm", "True"], forked_python=script != SCRIPTS[0],
+                 OUTPUT_DIR=str(tmp_path / "out"), EPOCHS="10")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = f"{gpus} CUDA device(s) on 1 node(s), bf16" if gpus else "CPU (no CUDA found)"
     assert f"[launch] device: {device}" in result.stdout
@@ -61,7 +72,7 @@ def test_each_new_family_runs_a_script_then_merges_and_predicts(family, script, 
 
     out = tmp_path / "out"
     run(["bash", f"scripts/{script}", "--tiny_family", family, "--max_steps", "4", "--disable_tqdm", "True"],
-        OUTPUT_DIR=str(out))
+        forked_python=True, OUTPUT_DIR=str(out))  # the scripts' own run with the real interpreter is the test above
     losses = history(out)
     assert sorted(losses) == [1, 2, 3, 4] and all(0 < v < 20 for v in losses.values())
     assert json.loads((out / "vlmtune_run.json").read_text())["model_type"] == family
