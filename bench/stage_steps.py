@@ -22,9 +22,10 @@ load while CPU times hold. ``grpo_before`` is GRPO with the policy-step levers o
 (``grpo_levers_off``: LoRA merged for sampling, the tower's outputs and the rows' positions kept for a rollout's
 forwards, the LM head on labelled positions only, the group decoding loop, and the shared prompt prefix), for a
 before / after in one run: ``--stages grpo_before grpo``; ``grpo_generate`` is GRPO with only the group decoding
-loop off (sampling through HF ``generate``, as before its second round); ``grpo_unshared`` is GRPO with only the
-shared prompt prefix off (``shared_prefix``: the training and scoring forwards on the full rows, each prompt once per
-completion, as before its third round).
+loop off (sampling through HF ``generate``, as before its second round); ``grpo_third`` is GRPO with the third
+round's levers off (``shared_prefix``: the training and scoring forwards on the full rows, each prompt once per
+completion; ``merged_lora.base_layers_in_place``: the LoRA wrappers called around the merged weights while
+sampling; TRL's unwrap called around sampling where it gives the model back).
 
 Results go to bench/results/stages-<device>-<date>.json, with the ratios to SFT.
 """
@@ -113,7 +114,7 @@ def stage_files(folder: Path) -> dict[str, Path]:
 
 
 STAGES = {"sft": ("sft", "sft"), "cpt": ("sft", "cpt"), "dpo": ("dpo", "dpo"), "grpo": ("grpo", "grpo"),
-          "grpo_before": ("grpo", "grpo"), "grpo_generate": ("grpo", "grpo"), "grpo_unshared": ("grpo", "grpo"),
+          "grpo_before": ("grpo", "grpo"), "grpo_generate": ("grpo", "grpo"), "grpo_third": ("grpo", "grpo"),
           "reward_model": ("reward_model", "dpo"), "distill": ("distill", "sft"), "gkd": ("distill", "sft")}
 """Benchmarked stage -> (the recipe's stage, the data file it reads)."""
 
@@ -129,7 +130,7 @@ def grpo_levers_off():
     def through_adapters(model):
         yield model
 
-    with grpo_through_generate(), grpo_unshared(), \
+    with grpo_through_generate(), grpo_third_off(), \
             mock.patch.object(grpo_stage, "merged_for_sampling", through_adapters), \
             mock.patch.object(vision_once.Encodings, "for_model", lambda model: None), \
             mock.patch.object(rollout_positions, "row_positions", lambda *a: None), \
@@ -147,12 +148,15 @@ def grpo_through_generate():
 
 
 @contextlib.contextmanager
-def grpo_unshared():
-    """GRPO's training and scoring forwards on the full rows (``grpo_unshared``): ``shared_prefix`` off (each
-    prompt run once per completion), the rest on."""
-    from vlmtune.stages import shared_prefix
+def grpo_third_off():
+    """GRPO as its third round found it (``grpo_third``): the training and scoring forwards on the full rows
+    (``shared_prefix`` off: each prompt run once per completion), the LoRA wrappers left in place around the
+    merged weights while sampling, and TRL's unwrap called for sampling; the rest on."""
+    from vlmtune.stages import merged_lora, shared_prefix
 
-    with mock.patch.object(shared_prefix, "applies", lambda model, batch: False):
+    with mock.patch.object(shared_prefix, "applies", lambda model, batch: False), \
+            mock.patch.object(merged_lora, "base_layers_in_place", lambda model, named: contextlib.nullcontext()), \
+            mock.patch.object(grpo_stage.GRPOTrainer, "_needs_unwrap", lambda self, model: True):
         yield
 
 
@@ -194,7 +198,7 @@ def run_stage(stage: str, data: Path, out: Path, args) -> tuple[list[float], flo
         recipe = STAGES[stage][0]
         run = {"sft": train, "dpo": dpo, "grpo": grpo_stage.grpo, "reward_model": reward_model, "distill": distill}
         levers = {"grpo_before": grpo_levers_off, "grpo_generate": grpo_through_generate,
-                  "grpo_unshared": grpo_unshared}
+                  "grpo_third": grpo_third_off}
         with levers.get(stage, contextlib.nullcontext)():
             run[recipe](*parse_train_args(argv, stage=recipe))
     finally:

@@ -296,7 +296,9 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
         tiny_model_dir, tmp_path):
     """The sampler folds LoRA into the weights (no LoRA product runs while it samples): with the same seed, its
     sampled completions are those of ``generate`` through the adapters, the logits within float rounding, and
-    afterwards every parameter is bit-equal to before and no layer is left merged."""
+    afterwards every parameter is bit-equal to before, no layer is left merged and every module is in its place."""
+    from trl.models.utils import unwrap_model_for_generation
+
     from vlmtune.data.collator import Collator
     from vlmtune.generation import left_padded, sample_group
     from vlmtune.stages.merged_lora import _mergeable, merged_for_sampling
@@ -305,6 +307,9 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
     n, length = 3, 8
     trainer, prompts = grpo_trainer(model, processor, family, budget, tmp_path, num_generations=n,
                                     max_completion_length=length)
+    with trainer._generation_model(model) as generator:  # TRL's unwrap skipped: the model it would give
+        with unwrap_model_for_generation(model, trainer.accelerator) as unwrapped:
+            assert generator is unwrapped is model and not model.training
     model.eval()
     layers = _mergeable(model)
     assert layers and len(layers) == sum("lora_A" in name and name.endswith("weight")
@@ -313,6 +318,7 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
     for layer in layers:
         layer.lora_A["default"].register_forward_hook(lambda *a: lora_calls.append(1))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    modules = list(model.named_modules())
     pad = processor.tokenizer.pad_token_id
     batch = left_padded(Collator(pad)([{k: v for k, v in p.items() if k != "record"} for p in prompts]))
 
@@ -331,6 +337,7 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
     assert (merged - adapters).abs().max() <= 1e-5
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert not any(layer.merged for layer in layers)
+    assert list(model.named_modules()) == modules  # every LoRA layer back in its place
 
 
 def test_the_group_decoding_loop_samples_generates_completions_from_one_prefill_per_prompt(tiny_model_dir, tmp_path):
@@ -392,23 +399,26 @@ def test_the_group_decoding_loop_samples_generates_completions_from_one_prefill_
     assert max((a - b).abs().max().item() for a, b in zip(logits[1:], want_logits[1:])) <= 1e-5
 
 
-@pytest.mark.parametrize("mode", ["lora", "lora_vision", "full"])
+@pytest.mark.parametrize("family_name, mode", [
+    ("qwen2_vl", "lora"), ("qwen2_vl", "lora_vision"), ("qwen2_vl", "full"),
+    pytest.param("qwen2_5_vl", "lora_vision", marks=pytest.mark.slow),
+    pytest.param("qwen3_vl", "lora_vision", marks=pytest.mark.slow)])
 def test_grpo_rows_share_their_prompts_forward_with_the_plain_forwards_log_probs_and_gradients(
-        tiny_model_dir, tmp_path, mode):
+        tiny_model_dir, tmp_path, family_name, mode):
     """``shared_prefix``: image, video and text prompts of different lengths, 3 completions each of different
     lengths (0 to 6 tokens), padded on the right (as GRPO's rows; lora_vision: and on the left), positions from
     the model's own ``get_rope_index`` on the full rows. Against the model's plain forward on the full rows (every
     row's pixels, the model's own positions): per-token log-probs within 1e-6 and the gradient of every trained
     tensor (LoRA; the tower too in lora_vision; every weight in full) within 1e-5 of its largest entry; the prefix
-    forward runs on one row per prompt. Fails with the suffix's positions one off (0.2) or no gradient through the
-    prefix."""
+    forward runs on one row per prompt; not under gradient checkpointing. Qwen2.5-VL and Qwen3-VL (DeepStack) in
+    lora_vision. Fails with the suffix's positions one off (0.2) or no gradient through the prefix."""
     from vlmtune.data.collator import Collator
     from vlmtune.data.prompts import completion_row
     from vlmtune.generation import left_padded
     from vlmtune.stages import reference as ref
     from vlmtune.stages import shared_prefix
 
-    model, processor, family, budget, _ = setup(tiny_model_dir, "qwen2_vl", mode)
+    model, processor, family, budget, _ = setup(tiny_model_dir, family_name, mode)
     _, prompts = grpo_trainer(model, processor, family, budget, tmp_path, num_generations=3)
     model.double()  # float64: rounding far below the bounds (float32 measured 9.5e-7 and 1.2e-6 of them)
     prompts = [{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in p.items()}
@@ -428,7 +438,7 @@ def test_grpo_rows_share_their_prompts_forward_with_the_plain_forwards_log_probs
         batch["position_ids"], _ = base.model.get_rope_index(
             input_ids=batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
             image_grid_thw=batch["image_grid_thw"], video_grid_thw=batch["video_grid_thw"],
-            attention_mask=batch["attention_mask"])
+            second_per_grid_ts=batch.get("second_per_grid_ts"), attention_mask=batch["attention_mask"])
         batch[shared_prefix.PROMPTS] = shared_prefix.prompt_inputs(prompts, n)
         assert shared_prefix.applies(model, batch)
         weights = torch.linspace(0.5, 1.5, batch["input_ids"].shape[1] - 1)
@@ -452,3 +462,5 @@ def test_grpo_rows_share_their_prompts_forward_with_the_plain_forwards_log_probs
         assert any("visual" in k for k in plain_grads) == (mode != "lora")
         for name, grad in plain_grads.items():
             assert (shared_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name  # measured: 1.5e-7
+    base.gradient_checkpointing_enable()
+    assert not shared_prefix.applies(model, batch)  # checkpointed layers drop the cache: the plain forward runs

@@ -263,12 +263,21 @@ class GRPOTrainer(PolicyTrainer):
         was_training = model.training
         model.eval()
         try:
+            if not self._needs_unwrap(model):
+                yield model
+                return
             with unwrap_model_for_generation(model, self.accelerator,
                                              gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
                                              ) as unwrapped:
                 yield unwrapped
         finally:
             model.train(was_training)
+
+    def _needs_unwrap(self, model) -> bool:
+        """Whether TRL's unwrap does more than give ``model`` back (after a walk over its modules): where a wrapper,
+        ZeRO-3 / FSDP shards or gradient checkpointing (switched off for sampling) are in play."""
+        return (hasattr(model, "module") or "_orig_mod" in vars(model) or self.is_deepspeed_enabled
+                or self.is_fsdp_enabled or bool(self.args.gradient_checkpointing))
 
     def _score(self, prompts: list[dict], completions: list[list[torch.Tensor]], mode: str) -> dict:
         """Rewards, advantages and the training rows of one batch of prompts and their completions."""

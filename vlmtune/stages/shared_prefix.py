@@ -18,13 +18,15 @@ position by position for both parts, never recomputed from ``rope_deltas``. Each
 earlier tokens with the same positions as in the full row, each completion token to its whole prompt and its
 completion so far: the same attention up to the order of floating-point sums.
 
-It applies to the families its exactness test covers (``FAMILIES``), SDPA or eager attention, every decoder
+It applies to the families its exactness test covers (``FAMILIES``), with SDPA attention (as tested), every decoder
 layer full attention, one process (no DDP / DeepSpeed / FSDP wrapper, no ZeRO-3 shards), no gradient
 checkpointing (its layers drop the cache), and batches that carry their prompts (``PROMPTS``, from GRPO) and their
 3-D positions (a text-only batch has none: the plain forward runs); elsewhere the plain forward runs.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -37,7 +39,8 @@ PROMPTS = "shared_prompts"
 continue it), and the prompts' vision tensors (each prompt's media once)."""
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-"""Model types the exactness test covers (MoE and Qwen3.5's linear attention are not among them)."""
+"""Model types the exactness test covers (MoE and Qwen3.5's linear attention would need more: a router loss,
+recurrent states)."""
 
 
 def prompt_inputs(prompts: list[dict], rows_per_prompt: int) -> dict[str, torch.Tensor]:
@@ -66,13 +69,12 @@ def applies(model: nn.Module, batch: dict) -> bool:
     base = _base(model)
     config = base.config
     text = config.get_text_config(decoder=True)
-    if config.model_type not in FAMILIES or text._attn_implementation not in ("sdpa", "eager"):
+    if config.model_type not in FAMILIES or text._attn_implementation != "sdpa":
         return False
     if any(kind != "full_attention" for kind in getattr(text, "layer_types", None) or ["full_attention"]):
         return False
-    if getattr(base, "is_gradient_checkpointing", False):  # checkpointed layers run without the cache
-        return False
-    if any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in base.parameters()):
+    sharded, checkpointable = _walked(base)
+    if sharded or any(m.gradient_checkpointing for m in checkpointable):  # checkpointed layers drop the cache
         return False
     if not bool((prompts["lengths"] >= 2).all()) or int(prompts["rows"].sum()) != batch["input_ids"].shape[0]:
         return False
@@ -83,6 +85,18 @@ def applies(model: nn.Module, batch: dict) -> bool:
     if "mm_token_type_ids" in batch and bool(batch["mm_token_type_ids"].gather(1, last[:, None]).any()):
         return False  # a prompt ending in an image or video token
     return not bool((batch["labels"][columns <= last[:, None]] != -100).any())  # labels only after the prompt
+
+
+_WALKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _walked(base: nn.Module) -> tuple[bool, list[nn.Module]]:
+    """(whether any parameter is a ZeRO-3 or FSDP shard, the modules that can checkpoint), from one walk over
+    ``base`` per model (GRPO asks at every forward; its modules and their placement stay, their flags may not)."""
+    if base not in _WALKS:
+        _WALKS[base] = (any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in base.parameters()),
+                        [m for m in base.modules() if hasattr(m, "gradient_checkpointing")])
+    return _WALKS[base]
 
 
 def _layout(batch: dict) -> tuple[torch.Tensor, ...]:
