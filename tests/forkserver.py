@@ -334,6 +334,16 @@ def stop() -> None:
         _server = None
 
 
+def _differing_keys(env: dict, server_env: dict) -> set[str]:
+    """The keys in which a command's environment differs from the server's. A PATH that is the server's with
+    folders appended counts as the same (importing decord in the pytest process appends its library's folder):
+    whatever a module found on the PATH at import in the server, it finds first on the longer one too."""
+    differ = {key for key in env.keys() | server_env.keys() if env.get(key) != server_env.get(key)}
+    if "PATH" in differ and server_env.get("PATH") and env.get("PATH", "").startswith(server_env["PATH"] + os.pathsep):
+        differ.discard("PATH")
+    return differ
+
+
 def _request(cmd, cwd, env) -> dict | None:
     """What the server needs to fork ``cmd``, or None where it must run as a real subprocess."""
     cmd = [str(part) for part in cmd]
@@ -351,7 +361,7 @@ def _request(cmd, cwd, env) -> dict | None:
     server = _get_server()
     if server.vlmtune is None or (module and server.vlmtune != ROOT / "vlmtune"):
         return None
-    differ = {key for key in env.keys() | server.env.keys() if env.get(key) != server.env.get(key)}
+    differ = _differing_keys(env, server.env)
     if differ - RUN_TIME_KEYS:
         if os.environ.get(LOG_KEY):
             with open(os.environ[LOG_KEY], "a") as log:
@@ -515,7 +525,7 @@ def python_main() -> None:
     if args[:2] == ["-m", "vlmtune.cli"] and Path.cwd().resolve() == ROOT:
         env = dict(os.environ)
         server_env = json.loads(Path(socket_path).with_name("env.json").read_text())
-        differ = {key for key in env.keys() | server_env.keys() if env.get(key) != server_env.get(key)}
+        differ = _differing_keys(env, server_env)
         if differ - RUN_TIME_KEYS - SCRIPT_KEYS:
             if env.get(LOG_KEY):
                 with open(env[LOG_KEY], "a") as log:
