@@ -6,6 +6,7 @@ flags override: ``vlmtune train config.yaml --learning_rate 1e-4``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,8 +183,10 @@ class TrainingArguments(HfTrainingArguments):
         if self.deepspeed or self.sequence_parallel_size > 1:
             # Before the parent starts torch.distributed (on CPU accelerate starts it without DeepSpeed): DeepSpeed's
             # TorchBackend.barrier takes the world group as a default argument when first imported, and a group
-            # imported after would then outlive destroy_process_group, until interpreter exit.
-            import deepspeed.comm  # noqa: F401
+            # imported after would then outlive destroy_process_group, until interpreter exit. (Not installed:
+            # what needs it says so later.)
+            with contextlib.suppress(ImportError):
+                import deepspeed.comm  # noqa: F401
         super().__post_init__()
 
 
