@@ -311,7 +311,7 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
         with unwrap_model_for_generation(model, trainer.accelerator) as unwrapped:
             assert generator is unwrapped is model and not model.training
     model.eval()
-    layers = _mergeable(model)
+    layers = [layer for _, layer in _mergeable(model) or ()]
     assert layers and len(layers) == sum("lora_A" in name and name.endswith("weight")
                                          for name, _ in model.named_parameters())
     lora_calls = []

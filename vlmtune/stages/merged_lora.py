@@ -23,14 +23,9 @@ import torch
 from torch import nn
 
 
-def _mergeable(model: nn.Module) -> list[nn.Module] | None:
-    """The LoRA layers to merge, or None where the model is not one ``merged_for_sampling`` handles."""
-    named = _mergeable_named(model)
-    return None if named is None else [module for _, module in named]
-
-
-def _mergeable_named(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """``_mergeable``'s layers with their names in ``model``."""
+def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The LoRA layers to merge, with their names in ``model``, or None where the model is not one
+    ``merged_for_sampling`` handles."""
     if not hasattr(model, "peft_config"):
         return None
     from peft.tuners.lora import Linear as LoraLinear
@@ -57,7 +52,7 @@ def _mergeable_named(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
 def merged_for_sampling(model: nn.Module):
     """Within the context, ``model`` (a PEFT model, unwrapped) runs its LoRA layers as merged weights; afterwards
     its weights and adapters are as before. Does nothing where merging does not apply."""
-    named = _mergeable_named(model)
+    named = _mergeable(model)
     if named is not None and torch.cuda.is_available():
         weight = named[0][1].base_layer.weight
         need = sum(m.base_layer.weight.numel() * m.base_layer.weight.element_size() for _, m in named)
