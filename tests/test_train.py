@@ -321,6 +321,31 @@ def test_a_deepspeed_config_with_an_optimizer_block_stops_the_run(capsys, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("optim", ["sgd", "adafactor"])
+def test_an_optimizer_deepspeed_would_swap_for_cpu_adam_under_offload_stops_the_run(capsys, tmp_path, optim):
+    """With ``offload_optimizer`` accelerate replaces any optimizer but torch's AdamW by DeepSpeed's CPU Adam
+    (tests/test_upstream.py): the run stops in one line before anything loads; AdamW and a config without offload
+    pass the check."""
+    from vlmtune.cli import main
+    from vlmtune.config import parse_train_args
+    from vlmtune.model.modes import plan_from_args
+    from vlmtune.stages.setup import check_environment
+
+    code = main(["train", "--data_path", str(DATA_JSON), "--output_dir", str(tmp_path / "out"), "--use_cpu", "True",
+                 "--optim", optim, "--deepspeed", "scripts/zero2_offload.json"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"vlmtune train: error: --optim {optim} cannot run with the DeepSpeed config "
+                          "scripts/zero2_offload.json, which offloads the optimizer to cpu: accelerate would swap it "
+                          "for one of DeepSpeed's CPU optimizers"), err
+    assert not (tmp_path / "out").exists()
+    passing = (["--deepspeed", "scripts/zero3_offload.json"], ["--optim", optim, "--deepspeed", "scripts/zero2.json"])
+    for flags in passing:
+        model, _, mode, train = parse_train_args(["--data_path", str(DATA_JSON), "--output_dir", str(tmp_path),
+                                                  "--use_cpu", "True", *flags])
+        check_environment(model, train, plan_from_args(mode))
+
+
 RANK1_DIES_IN_SAVE = """
 import os, sys
 from transformers import Trainer

@@ -258,3 +258,33 @@ def test_the_deepspeed_holders_the_end_of_a_run_empties_are_there():
     assert isinstance(layer._all_to_all_groups, dict), (
         "deepspeed.sequence.layer._all_to_all_groups is gone: vlmtune/model/sequence_parallel.py forgets its "
         "group there")
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused", "adagrad", "sgd", "adafactor", "rmsprop"])
+def test_which_optimizers_survive_deepspeeds_optimizer_offload(monkeypatch, tmp_path, optim):
+    """With ``offload_optimizer``, accelerate swaps the Trainer's optimizer for a DeepSpeed CPU optimizer
+    (``map_pytorch_optim_to_deepspeed``). vlmtune/stages/setup.py lets through only ``OFFLOAD_OPTIMIZERS``: those
+    accelerate maps to their own CPU twin with arguments the twin takes (AdamW: CPU Adam in AdamW mode). The rest
+    become CPU Adam, or (Adagrad) fail with an argument CPU Adagrad does not take. The CPU optimizers are stood in
+    for (building their ops takes minutes)."""
+    from accelerate.utils.deepspeed import map_pytorch_optim_to_deepspeed
+    from deepspeed.ops import adagrad, adam
+    from transformers import Trainer, TrainingArguments
+
+    from vlmtune.stages.setup import OFFLOAD_OPTIMIZERS
+
+    real = {"DeepSpeedCPUAdam": adam.DeepSpeedCPUAdam, "DeepSpeedCPUAdagrad": adagrad.DeepSpeedCPUAdagrad}
+    made = []
+    for module, name in ((adam, "DeepSpeedCPUAdam"), (adagrad, "DeepSpeedCPUAdagrad")):
+        monkeypatch.setattr(module, name, lambda groups, _name=name, **kw: made.append((_name, kw)))
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(tmp_path, optim=optim, use_cpu=True))
+    map_pytorch_optim_to_deepspeed(cls([torch.nn.Parameter(torch.zeros(2))], **kwargs))
+    (name, kw), = made
+    try:
+        inspect.signature(real[name]).bind([], **kw)
+        takes = True
+    except TypeError:
+        takes = False
+    twin = {torch.optim.AdamW: ("DeepSpeedCPUAdam", True), torch.optim.Adagrad: ("DeepSpeedCPUAdagrad", None)}
+    faithful = takes and twin.get(cls) == (name, kw.get("adamw_mode") if name == "DeepSpeedCPUAdam" else None)
+    assert faithful == (optim in OFFLOAD_OPTIMIZERS), (optim, cls, name, kw, takes)

@@ -67,6 +67,8 @@ def check_environment(model_args: ModelArguments, train_args: TrainingArguments,
                           "vlmtune's rates per part (--vision_lr, --merger_lr) and the groups without weight decay "
                           "(biases, norms). Remove the block; --learning_rate, --weight_decay, --adam_beta1, "
                           "--adam_beta2 and --adam_epsilon set what it held")
+    if train_args.deepspeed:
+        _check_offloaded_optimizer(train_args)
     if train_args.on_nan_loss == "skip" and train_args.deepspeed:
         raise ConfigError("--on_nan_loss skip does not work with DeepSpeed (its engine steps the optimizer inside "
                           "the backward pass, where vlmtune cannot drop the step); use --on_nan_loss stop")
@@ -75,6 +77,23 @@ def check_environment(model_args: ModelArguments, train_args: TrainingArguments,
                           "in the scripts drops DEEPSPEED)")
 
 
+OFFLOAD_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused")
+"""The ``--optim`` values that survive DeepSpeed's optimizer offload as they are: accelerate swaps the optimizer for
+a DeepSpeed CPU optimizer (``map_pytorch_optim_to_deepspeed``), torch's AdamW for CPU Adam in AdamW mode; any other
+optimizer silently becomes CPU Adam, and Adagrad's twin fails on an argument it does not take
+(tests/test_upstream.py)."""
+
+
+def _check_offloaded_optimizer(train_args: TrainingArguments) -> None:
+    config = deepspeed_config(train_args.deepspeed)
+    device = (config.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device", "none")
+    optim = getattr(train_args.optim, "value", train_args.optim)
+    if device not in (None, "none") and config.get("zero_force_ds_cpu_optimizer", True) \
+            and optim not in OFFLOAD_OPTIMIZERS:
+        raise ConfigError(f"--optim {optim} cannot run with the DeepSpeed config {train_args.deepspeed}, which "
+                          f"offloads the optimizer to {device}: accelerate would swap it for one of DeepSpeed's "
+                          f"CPU optimizers, which is not {optim}. Use --optim {', '.join(OFFLOAD_OPTIMIZERS)}, or "
+                          "a config without offload_optimizer")
 
 
 @dataclass
