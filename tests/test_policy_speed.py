@@ -340,19 +340,23 @@ def test_sampling_through_merged_lora_draws_the_adapters_completions_and_puts_th
     assert list(model.named_modules()) == modules  # every LoRA layer back in its place
 
 
-def test_the_group_decoding_loop_samples_generates_completions_from_one_prefill_per_prompt(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family_name", ["qwen2_vl", pytest.param("qwen2_5_vl", marks=pytest.mark.slow),
+                                         pytest.param("qwen3_vl", marks=pytest.mark.slow),
+                                         pytest.param("qwen3_vl_moe", marks=pytest.mark.slow)])
+def test_the_group_decoding_loop_samples_generates_completions_from_one_prefill_per_prompt(tiny_model_dir, tmp_path,
+                                                                                         family_name):
     """``group_decoding.sample_groups`` (each prompt prefilled once, its cache repeated, one-token forwards) against
     HF ``generate`` with ``num_return_sequences`` through the same model, seeded alike: image, video and text
-    prompts padded on the left, the video's temporal positions past the text after it (where a prefix's
-    ``rope_deltas`` would move the completion's positions), top-k, top-p, a sequence bias, suppressed vision tokens
-    (each a processor of generate's own): the same
+    prompts padded on the left, the video's temporal positions past the text after it (Qwen2-VL and Qwen2.5-VL,
+    where a prefix's ``rope_deltas`` would move the completion's positions), top-k, top-p, a sequence bias,
+    suppressed vision tokens (each a processor of generate's own); a prompt alone too (nothing padded): the same
     sampled ids, end tokens and padding after them included, the logits of every step within 1e-5, the prompts'
-    prefill on one row each."""
+    prefill on one row each. Qwen2-VL here; Qwen2.5-VL, Qwen3-VL (DeepStack) and Qwen3-VL-MoE marked slow."""
     from vlmtune.data.collator import Collator
     from vlmtune.generation import left_padded
     from vlmtune.stages import group_decoding
 
-    model, processor, family, budget, _ = setup(tiny_model_dir, "qwen2_vl", "lora")
+    model, processor, family, budget, _ = setup(tiny_model_dir, family_name, "lora")
     n, length = 3, 10
     trainer, prompts = grpo_trainer(model, processor, family, budget, tmp_path, num_generations=n,
                                     max_completion_length=length)
@@ -369,7 +373,8 @@ def test_the_group_decoding_loop_samples_generates_completions_from_one_prefill_
     own, _ = base.model.get_rope_index(input_ids=video["input_ids"][None],
                                        mm_token_type_ids=video["mm_token_type_ids"][None],
                                        video_grid_thw=video["video_grid_thw"], attention_mask=None)
-    assert own.max() > own[:, 0, -1].max()  # generate continues from the last position, not from max + 1
+    if family_name.startswith("qwen2"):  # (Qwen3-VL gives each frame a timestamp and its own temporal position 0)
+        assert own.max() > own[:, 0, -1].max()  # generate continues from the last position, not from max + 1
     assert group_decoding.applies(model)
     pad = processor.tokenizer.pad_token_id
     batch = left_padded(Collator(pad)(prompts))
@@ -377,18 +382,35 @@ def test_the_group_decoding_loop_samples_generates_completions_from_one_prefill_
     kwargs = {"temperature": 0.9, "top_k": 200, "top_p": 0.98, "max_new_tokens": length, "pad_token_id": pad,
               "eos_token_id": trainer.eos_ids, "suppress_tokens": trainer.vision_ids,
               "sequence_bias": {(trainer.eos_ids[0],): 3.0}}  # a processor more, and rows that end early
-    logits: list[torch.Tensor] = []
-    base.register_forward_hook(lambda module, args, out: logits.append(out.logits[:, -1].clone()))
-    rows: list[int] = []
-    base.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape),
-                                   with_kwargs=True)
-    torch.manual_seed(5)
-    want = model.generate(**batch, do_sample=True, num_return_sequences=n, **kwargs)[:, batch["input_ids"].shape[1]:]
-    want_logits, logits[:] = list(logits), []
-    rows.clear()
-    torch.manual_seed(5)
-    got = group_decoding.sample_groups(model, dict(batch), n, **kwargs)
-    assert rows[0] == batch["input_ids"].shape and all(r[1] == 1 for r in rows[1:])  # one prefill row per prompt
+    logits: list[torch.Tensor] = []  # what the LM head gives at every step (the decoding loop calls it directly)
+    base.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: logits.append(out.reshape(out.shape[0], -1, out.shape[-1])[:, -1].clone()))
+    rows: list[int] = []  # the language model's (rows, tokens) at every step
+
+    def decoder_rows(module, args, kwargs):
+        rows.append((kwargs["inputs_embeds"] if kwargs.get("input_ids") is None else kwargs["input_ids"]).shape[:2])
+
+    base.get_decoder().register_forward_pre_hook(decoder_rows, with_kwargs=True)
+
+    def both(batch):
+        """(generate's ids and logits, sample_groups' ids and logits) for ``batch``, seeded alike."""
+        logits.clear()
+        torch.manual_seed(5)
+        want = model.generate(**batch, do_sample=True, num_return_sequences=n, **kwargs)
+        want_logits, logits[:] = list(logits), []
+        rows.clear()
+        torch.manual_seed(5)
+        got = group_decoding.sample_groups(model, dict(batch), n, **kwargs)
+        assert rows[0] == batch["input_ids"].shape and all(r == (len(got), 1) for r in rows[1:])  # a prefill each
+        return want[:, batch["input_ids"].shape[1]:], want_logits, got, list(logits)
+
+    # one prompt alone (no row padded: the mask the model would skip), then all of them
+    first = left_padded(Collator(pad)(prompts[:1]))
+    first.pop("labels", None)
+    want, want_logits, got, logits_got = both(first)
+    assert bool(first["attention_mask"].all()) and torch.equal(got, want)
+    assert max((a - b).abs().max().item() for a, b in zip(logits_got[1:], want_logits[1:])) <= 1e-5
+    want, want_logits, got, logits[:] = both(batch)
     assert torch.equal(got, want) and len({tuple(r) for r in got.tolist()}) > n
     eos = torch.isin(want, torch.tensor(trainer.eos_ids))
     ends = [int(flags.nonzero()[0]) if flags.any() else length for flags in eos]

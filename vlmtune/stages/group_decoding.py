@@ -15,8 +15,13 @@ loop does, in the same order and with the same random draws, with less around it
   ``_get_stopping_criteria`` from the generation config ``generate`` would build (temperature, top-k, top-p, the
   suppressed tokens, and whatever the model's ``generation_config`` adds), softmax and ``torch.multinomial``,
   finished rows padded;
-- under SDPA, each step's mask given as the model's own mask mapping (the key's padding row; ``None`` where no row
-  pads, as ``sdpa_mask`` skips it), instead of building it in ``create_causal_mask``.
+- each one-token step through the language model itself (``get_decoder()``) and its head
+  (``get_output_embeddings()``), as the model's forward does after the prompt: no vision inputs to place, no
+  positions to compute, none of the PEFT, TRL and output wrappers around it;
+- the loop in ``torch.inference_mode`` (its tensors stay in it; the ids it returns are a plain copy);
+- under SDPA, where a prompt is padded, each step's mask given as the 4-D key mask ``create_causal_mask`` would
+  build for one query (the padding row; every family's language model takes a 4-D mask as it is), instead of
+  building it at every step; where none is, no mask (as ``sdpa_mask`` skips it: SDPA is faster without one).
 
 It applies where every decoder layer is full attention (no sliding window, no Qwen3.5 linear-attention states),
 the weights are whole (not ZeRO-3 / FSDP shards: those ranks must stay in step, as ``generate``'s ``synced_gpus``
@@ -38,7 +43,8 @@ def applies(model: nn.Module) -> bool:
     """Whether ``sample_groups`` can stand in for ``generate`` on ``model`` (a PEFT or transformers model)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     needed = ("_prepare_generation_config", "_get_logits_processor", "_get_stopping_criteria",
-              "_prepare_special_tokens", "_prepare_position_ids_for_generation", "_supports_logits_to_keep")
+              "_prepare_special_tokens", "_prepare_position_ids_for_generation", "_supports_logits_to_keep",
+              "get_decoder", "get_output_embeddings")
     if not all(hasattr(base, name) for name in needed) or not base._supports_logits_to_keep():
         return False
     layer_types = getattr(_text_config(base), "layer_types", None) or ["full_attention"]
@@ -81,22 +87,23 @@ def sample_groups(model: nn.Module, batch: dict[str, torch.Tensor], repeat: int,
     mask = batch["attention_mask"].repeat_interleave(repeat, dim=0)
     position = positions.repeat_interleave(repeat, dim=positions.ndim - 2)[..., -1:]
     sdpa = _text_config(base)._attn_implementation == "sdpa"
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
     pad = config._pad_token_tensor.to(ids.device)
+    padded = not bool(mask.all())  # (what the steps append is never padding)
     unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=ids.device)
-    while True:
-        scores = processors(ids, logits)
-        tokens = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        tokens = tokens * unfinished + pad * (1 - unfinished)
-        ids = torch.cat([ids, tokens[:, None]], dim=-1)
-        unfinished = unfinished & ~stopping(ids, None)
-        if unfinished.max() == 0:
-            break
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        position = position + 1
-        step_mask = ({"full_attention": None if bool(mask.all()) else mask[:, None, None, :].bool()}
-                     if sdpa else mask)
-        out = model(input_ids=tokens[:, None], attention_mask=step_mask, position_ids=position,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].to(torch.float32)
-        del out
-    return ids[:, input_ids.shape[1]:]
+    with torch.inference_mode():  # what the loop makes, nothing outside it keeps: no autograd records per op
+        while True:
+            scores = processors(ids, logits)
+            tokens = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            tokens = tokens * unfinished + pad * (1 - unfinished)
+            ids = torch.cat([ids, tokens[:, None]], dim=-1)
+            unfinished = unfinished & ~stopping(ids, None)
+            if unfinished.max() == 0:
+                break
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            position = position + 1
+            step_mask = (mask[:, None, None, :].bool() if padded else None) if sdpa else mask
+            hidden = decoder(input_ids=tokens[:, None], attention_mask=step_mask, position_ids=position,
+                             past_key_values=cache, use_cache=True).last_hidden_state
+            logits = head(hidden[:, -1]).to(torch.float32)
+    return ids[:, input_ids.shape[1]:].clone()  # a plain tensor again (training rows are built from it)
