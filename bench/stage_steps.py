@@ -20,12 +20,13 @@ the vision tower's share of a step grows). ``--clock cpu`` times the steps in th
 wall time (one thread, data loaded in the process): on a machine that others load, wall times swing with their
 load while CPU times hold. ``grpo_before`` is GRPO with the policy-step levers of issue 21 switched off
 (``grpo_levers_off``: LoRA merged for sampling, the tower's outputs and the rows' positions kept for a rollout's
-forwards, the LM head on labelled positions only, the group decoding loop, and the shared prompt prefix), for a
-before / after in one run: ``--stages grpo_before grpo``; ``grpo_generate`` is GRPO with only the group decoding
-loop off (sampling through HF ``generate``, as before its second round); ``grpo_third`` is GRPO with the third
-round's levers off (``shared_prefix``: the training and scoring forwards on the full rows, each prompt once per
-completion; ``merged_lora.base_layers_in_place``: the LoRA wrappers called around the merged weights while
-sampling; TRL's unwrap called around sampling where it gives the model back).
+forwards, TRL's fused head fitted to the CPU (labelled positions only, a tile no wider than the vocabulary), the
+group decoding loop, and the shared prompt prefix), for a before / after in one run: ``--stages grpo_before grpo``;
+``grpo_generate`` is GRPO with only the group decoding loop off (sampling through HF ``generate``, as before its
+second round); ``grpo_third`` is GRPO with the third round's levers off (``shared_prefix``: the training and scoring
+forwards on the full rows, each prompt once per completion; ``merged_lora.base_layers_in_place``: the LoRA wrappers
+called around the merged weights while sampling; TRL's unwrap called around sampling where it gives the model
+back).
 
 Results go to bench/results/stages-<device>-<date>.json, with the ratios to SFT.
 """
@@ -123,7 +124,7 @@ STAGES = {"sft": ("sft", "sft"), "cpt": ("sft", "cpt"), "dpo": ("dpo", "dpo"), "
 def grpo_levers_off():
     """GRPO as before issue 21's policy-step levers (``grpo_before``): sampling through the LoRA adapters, the
     tower run again and 3-D positions computed again in every forward of a rollout, the LM head on every
-    position on CPU."""
+    position on CPU in tiles of 32,768 columns."""
     from vlmtune.stages import reference, rollout_positions, vision_once
 
     @contextlib.contextmanager
@@ -134,7 +135,7 @@ def grpo_levers_off():
             mock.patch.object(grpo_stage, "merged_for_sampling", through_adapters), \
             mock.patch.object(vision_once.Encodings, "for_model", lambda model: None), \
             mock.patch.object(rollout_positions, "row_positions", lambda *a: None), \
-            mock.patch.object(reference, "labelled_positions_only", contextlib.nullcontext):
+            mock.patch.object(reference, "fitted_fused_head", lambda model: contextlib.nullcontext()):
         yield
 
 

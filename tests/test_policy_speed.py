@@ -106,6 +106,23 @@ def test_the_tower_runs_once_per_distinct_item_with_the_plain_forwards_log_probs
         assert once_patches * copies == plain_patches
 
 
+def test_the_fused_head_is_fitted_to_the_cpu_and_the_vocabulary_only_within_the_context(tiny_model_dir):
+    """Within ``fitted_fused_head`` TRL's fused head projects only labelled positions on a CPU and its tile is the
+    tiny vocabulary's width (TRL's 32,768 before and after); the log-probs and gradients it gives are checked
+    against TRL's own head in the tests around this one (float32 here, float64 for the shared prefix)."""
+    from trl.trainer import utils
+
+    from vlmtune.stages import reference as ref
+
+    model, *_ = setup(tiny_model_dir, "qwen2_vl", "lora")
+    vocab = model.config.get_text_config().vocab_size
+    cpu = torch.device("cpu")
+    assert vocab < 32768 and utils._CHUNKED_LOGPROB_CHUNK_SIZE == 32768 and not utils._use_triton(cpu)
+    with ref.fitted_fused_head(model):
+        assert utils._CHUNKED_LOGPROB_CHUNK_SIZE == vocab and utils._use_triton(cpu)
+    assert utils._CHUNKED_LOGPROB_CHUNK_SIZE == 32768 and not utils._use_triton(cpu)
+
+
 def test_each_pair_is_scored_by_the_reference_once_per_run(tiny_model_dir, tmp_path):
     """A LoRA run's reference (adapters off) scores each pair the first time a batch holds it; later batches of
     other compositions (another epoch) reuse the sums, and the loss equals the one with a reference forward at that

@@ -59,22 +59,30 @@ MODEL_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values"
 
 
 @contextlib.contextmanager
-def labelled_positions_only():
-    """TRL's fused head projects only the labelled positions on Triton devices (CUDA) and every position
-    elsewhere, for a fixed tile shape on devices that compile per shape (Neuron). A CPU compiles nothing, so within
-    this context it projects only the labelled ones there too: the same log-probs (each position's projection is
-    its own), without the LM head's work and backward on the prompt (in GRPO most of a row)."""
+def fitted_fused_head(model: nn.Module):
+    """TRL's fused head fitted to this device and to ``model``'s vocabulary, within the context:
+
+    - TRL projects only the labelled positions on Triton devices (CUDA) and every position elsewhere, for a fixed
+      tile shape on devices that compile per shape (Neuron). A CPU compiles nothing, so here it projects only the
+      labelled ones there too: the same log-probs (each position's projection is its own), without the LM head's
+      work and backward on the prompt (in GRPO most of a row).
+    - TRL's projection tile is 32,768 columns wide (a tokens x 32,768 buffer in the forward and again in the
+      backward), sized for real vocabularies (Qwen's 151,936: five tiles, unchanged here). A narrower vocabulary
+      (the embedded tiny model's few hundred tokens) gets one tile of its own width: the same products, without
+      filling a buffer 50 times wider than the logits."""
     from trl.trainer import utils
 
-    triton = getattr(utils, "_use_triton", None)
-    if triton is None:  # another TRL: its own choice
+    triton, width = getattr(utils, "_use_triton", None), getattr(utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
+    if triton is None or width is None:  # another TRL: its own choice
         yield
         return
+    head = transformers_model(getattr(model, "module", model)).get_output_embeddings().weight
     utils._use_triton = lambda device: device.type == "cpu" or triton(device)
+    utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(width, getattr(head, "ds_shape", head.shape)[0])
     try:
         yield
     finally:
-        utils._use_triton = triton
+        utils._use_triton, utils._CHUNKED_LOGPROB_CHUNK_SIZE = triton, width
 
 
 def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -83,7 +91,7 @@ def token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     once per distinct image or video (``vision_once``: DPO's pairs, GRPO's groups; none where the batch carries
     a rollout's ``vision_once.ENCODINGS``), the LM head on the labelled positions only, and (GRPO's batches, where
     ``shared_prefix`` applies) each prompt's tokens once for all its rows."""
-    with labelled_positions_only():
+    with fitted_fused_head(model):
         if shared_prefix.applies(model, batch):  # GRPO: each prompt once, its rows' completions after it
             return shared_prefix.token_log_probs(model, batch)
         inputs = vision_once.model_inputs(model, batch, MODEL_KEYS)
