@@ -61,14 +61,14 @@ def check_environment(model_args: ModelArguments, train_args: TrainingArguments,
         raise ConfigError(f"--bits {model_args.bits} (QLoRA through bitsandbytes) needs a CUDA device; none is here")
     if train_args.fp16 and not torch.cuda.is_available():
         raise ConfigError("--fp16 needs a CUDA device; use --bf16 or fp32 on CPU")
-    if train_args.deepspeed and "optimizer" in deepspeed_config(train_args.deepspeed):
+    config = deepspeed_config(train_args.deepspeed) if train_args.deepspeed else {}
+    if "optimizer" in config:
         raise ConfigError(f"the DeepSpeed config {train_args.deepspeed} has an \"optimizer\" block: DeepSpeed would "
                           "build its own optimizer over every trainable weight at one learning rate, dropping "
                           "vlmtune's rates per part (--vision_lr, --merger_lr) and the groups without weight decay "
                           "(biases, norms). Remove the block; --learning_rate, --weight_decay, --adam_beta1, "
                           "--adam_beta2 and --adam_epsilon set what it held")
-    if train_args.deepspeed:
-        _check_offloaded_optimizer(train_args)
+    _check_offloaded_optimizer(train_args, config)
     if train_args.on_nan_loss == "skip" and train_args.deepspeed:
         raise ConfigError("--on_nan_loss skip does not work with DeepSpeed (its engine steps the optimizer inside "
                           "the backward pass, where vlmtune cannot drop the step); use --on_nan_loss stop")
@@ -84,9 +84,9 @@ optimizer silently becomes CPU Adam, and Adagrad's twin fails on an argument it 
 (tests/test_upstream.py)."""
 
 
-def _check_offloaded_optimizer(train_args: TrainingArguments) -> None:
-    config = deepspeed_config(train_args.deepspeed)
-    device = (config.get("zero_optimization") or {}).get("offload_optimizer", {}).get("device", "none")
+def _check_offloaded_optimizer(train_args: TrainingArguments, config: dict) -> None:
+    """``--optim`` against the DeepSpeed ``config``'s optimizer offload (see ``OFFLOAD_OPTIMIZERS``)."""
+    device = ((config.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device", "none")
     optim = getattr(train_args.optim, "value", train_args.optim)
     if device not in (None, "none") and config.get("zero_force_ds_cpu_optimizer", True) \
             and optim not in OFFLOAD_OPTIMIZERS:
