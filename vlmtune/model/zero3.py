@@ -1,4 +1,5 @@
-"""ZeRO-3 and model construction: transformers partitions every model it builds inside a ZeRO-3 run."""
+"""ZeRO-3 and model construction: transformers partitions every model it builds inside a ZeRO-3 run; and whether a
+weight is whole or a shard."""
 
 from __future__ import annotations
 
@@ -18,3 +19,9 @@ def whole_weights():
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def is_shard(param) -> bool:
+    """Whether ``param`` holds a piece of its weight (a DeepSpeed ZeRO-3 partition, or an FSDP2 ``DTensor``), not
+    the whole: the levers that call parts of a model directly or copy its weights need whole ones."""
+    return hasattr(param, "ds_id") or type(param).__name__ == "DTensor"

@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmtune.model.zero3 import is_shard
+
 
 def _text_config(model: nn.Module):
     config = model.config
@@ -53,7 +55,7 @@ def applies(model: nn.Module) -> bool:
     if base.device.type != "cpu" and any(v == "grouped_mm" for v in getattr(
             base, "get_experts_implementation", dict)().values()):
         return False  # generate switches MoE experts to batched_mm for decoding on accelerators
-    return not any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in base.parameters())
+    return not any(map(is_shard, base.parameters()))
 
 
 @torch.no_grad()

@@ -22,6 +22,8 @@ import contextlib
 import torch
 from torch import nn
 
+from vlmtune.model.zero3 import is_shard
+
 
 def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
     """The LoRA layers to merge, with their names in ``model``, or None where the model is not one
@@ -42,7 +44,7 @@ def _mergeable(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
         if type(module) is not LoraLinear or type(base) is not nn.Linear or module.merged or any(
                 a in module.lora_variant or module.lora_bias.get(a, False) for a in module.active_adapters):
             return None
-        if any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in base.parameters()):
+        if any(map(is_shard, base.parameters())):
             return None
         layers.append((name, module))
     return layers or None

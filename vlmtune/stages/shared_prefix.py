@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from vlmtune.data.collator import VISION_KEYS
+from vlmtune.model.zero3 import is_shard
 from vlmtune.stages import vision_once
 
 PROMPTS = "shared_prompts"
@@ -94,7 +95,7 @@ def _walked(base: nn.Module) -> tuple[bool, list[nn.Module]]:
     """(whether any parameter is a ZeRO-3 or FSDP shard, the modules that can checkpoint), from one walk over
     ``base`` per model (GRPO asks at every forward; its modules and their placement stay, their flags may not)."""
     if base not in _WALKS:
-        _WALKS[base] = (any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in base.parameters()),
+        _WALKS[base] = (any(map(is_shard, base.parameters())),
                         [m for m in base.modules() if hasattr(m, "gradient_checkpointing")])
     return _WALKS[base]
 
